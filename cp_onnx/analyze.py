@@ -1,0 +1,128 @@
+"""`cp-onnx analyze`: the paper's statistics over calibration texts, and its ranked blocks."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cp_onnx import calibration, scores
+from cp_onnx.activations import ActivationReader
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.model import ModelFolder
+from cp_onnx.stats import LayerStatistics
+
+# The paper's two kinds of circuit and the method that predicts each.
+KINDS = {"stability": "stability", "magnitude": "anomaly"}
+SINGLE_SET_METHODS = ("stability", "anomaly", "composite", "boundary")
+
+
+@dataclass
+class Settings:
+    calibration: str | None = None  # shipped set name or a user file; None = shipped reasoning texts
+    n: int | None = 10
+    max_length: int = 128
+    language: str = "en"
+    methods: tuple[str, ...] = SINGLE_SET_METHODS
+    block_sizes: tuple[int, ...] = (3, 4, 5)
+    batch_size: int = 8
+    threads: int | None = None
+
+    def identity_settings(self) -> dict:
+        """The settings that change the numbers (not batch size or threads: results do not depend on them)."""
+        return {"max_length": self.max_length, "block_sizes": list(self.block_sizes), "language": self.language}
+
+
+@dataclass
+class Analysis:
+    model: ModelFolder
+    num_layers: int
+    family: str
+    stats: dict[str, np.ndarray]
+    methods: dict[str, list[scores.Block]]
+    calibration: dict
+    timings: dict[str, float] = field(default_factory=dict)
+    languages: dict | None = None
+
+
+def collect_statistics(reader: ActivationReader, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Stream the texts through the model and return the seven per-layer statistics."""
+    accumulator = LayerStatistics(reader.num_layers)
+    for batch in reader.batches(token_lists, batch_size=batch_size, progress=progress):
+        accumulator.add_batch(batch.resid_in, batch.resid_out, batch.attention_mask, batch.patterns)
+    return accumulator.result()
+
+
+def _encode(model: ModelFolder, texts: list[str], settings: Settings, log: Callable[[str], None]) -> list[list[int]]:
+    if not texts:
+        raise CpOnnxError("no calibration texts; give a file with at least one non-empty line")
+    token_lists, truncated = model.encode(texts, max_length=settings.max_length)
+    if truncated:
+        log(f"note: {truncated} of {len(texts)} calibration texts were longer than {settings.max_length} tokens and were truncated (--max-length)")
+    return token_lists
+
+
+def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> Analysis:
+    """Run the paper's statistics and every requested method on one model."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    texts = calibration.load_calibration(settings.calibration, n=settings.n, language=settings.language)
+    token_lists = _encode(model, texts, settings, log)
+    reader = ActivationReader(model, threads=settings.threads)
+    scores.candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
+    timings["load_and_rewrite_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    stats = collect_statistics(reader, token_lists, batch_size=settings.batch_size, progress=progress)
+    timings["statistics_s"] = time.perf_counter() - t1
+
+    methods: dict[str, list[scores.Block]] = {}
+    for method in settings.methods:
+        if method == "contrastive":
+            methods[method] = _contrastive(model, reader, settings, log)
+        else:
+            methods[method] = scores.rank_blocks(stats, method, settings.block_sizes)
+    timings["total_s"] = time.perf_counter() - t0
+
+    identity = calibration.calibration_identity(texts, settings.identity_settings())
+    calib = {
+        "source": settings.calibration or "reasoning",
+        "language": settings.language,
+        "n": len(texts),
+        "max_length": settings.max_length,
+        "tokens": int(sum(len(t) for t in token_lists)),
+        "identity": identity,
+    }
+    return Analysis(model, reader.num_layers, reader.layer_map.family, stats, methods, calib, timings)
+
+
+def _contrastive(model: ModelFolder, reader: ActivationReader, settings: Settings, log) -> list[scores.Block]:
+    """Statistics on reasoning and on general texts separately, and on both together."""
+    reasoning = _encode(model, calibration.load_calibration("reasoning", n=settings.n, language=settings.language), settings, log)
+    general = _encode(model, calibration.load_calibration("general", n=settings.n), settings, log)
+    per_set = [collect_statistics(reader, ids, batch_size=settings.batch_size) for ids in (reasoning, general, reasoning + general)]
+    return scores.rank_blocks(per_set[2], "contrastive", settings.block_sizes, contrast_stats=(per_set[0], per_set[1]))
+
+
+def language_check(model: ModelFolder, settings: Settings, languages: Sequence[str], *, top: int = 3, log: Callable[[str], None] = print) -> dict:
+    """Top blocks per language for each method, and how far the top-1 blocks spread across languages."""
+    per_language: dict[str, dict[str, list[dict]]] = {}
+    reader = ActivationReader(model, threads=settings.threads)
+    for language in languages:
+        texts = calibration.load_calibration("reasoning", n=settings.n, language=language)
+        stats = collect_statistics(reader, _encode(model, texts, settings, log), batch_size=settings.batch_size)
+        per_language[language] = {
+            m: [b.as_dict() for b in scores.rank_blocks(stats, m, settings.block_sizes)[:top]] for m in settings.methods if m != "contrastive"
+        }
+    spread = {}
+    for method in next(iter(per_language.values())):
+        tops = [(blocks[0]["start"], blocks[0]["end"]) for blocks in (per_language[lang][method] for lang in languages)]
+        starts, ends = np.array([t[0] for t in tops]), np.array([t[1] for t in tops])
+        spread[method] = {
+            "top1": {lang: list(t) for lang, t in zip(languages, tops)},
+            "start_range": int(starts.max() - starts.min()),
+            "end_range": int(ends.max() - ends.min()),
+            "all_agree": len(set(tops)) == 1,
+        }
+    return {"languages": list(languages), "top": per_language, "spread": spread}

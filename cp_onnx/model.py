@@ -1,0 +1,116 @@
+"""An exported model as the analysis sees it: the ONNX graph, its tokenizer and its manifest."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cp_onnx.errors import CpOnnxError
+
+MANIFEST = "cp_onnx.json"
+DEFAULT_SOURCE = "smollm2"
+ONNX_MAGIC_HINT = "re-export it with `cp-onnx export SOURCE`"
+
+
+@dataclass
+class ModelFolder:
+    """A folder written by ``cp-onnx export`` (or any folder holding an .onnx file and tokenizer.json)."""
+
+    path: Path
+    onnx_path: Path
+    manifest: dict = field(default_factory=dict)
+    _tokenizer: object = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("source") or self.path.name
+
+    @property
+    def tokenizer(self):
+        """The `tokenizers` tokenizer saved beside the model (no transformers, no torch)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    def encode(self, texts: Sequence[str], *, max_length: int | None = None) -> tuple[list[list[int]], int]:
+        """Token ids per text (BOS as the exported tokenizer adds it), and how many texts were truncated."""
+        token_lists, truncated = [], 0
+        for text in texts:
+            ids = self.tokenizer.encode(text).ids
+            if max_length is not None and len(ids) > max_length:
+                ids, truncated = ids[:max_length], truncated + 1
+            token_lists.append(ids)
+        return token_lists, truncated
+
+
+def load_tokenizer(folder: Path):
+    """Load ``tokenizer.json`` from a model folder, or say how to get one."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise CpOnnxError(f"no tokenizer.json in {folder}; export the model with `cp-onnx export` or pass --tokenizer DIR")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise CpOnnxError(f"{path} is not a valid tokenizers file ({type(exc).__name__}); re-export the model") from exc
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """Resolve a manifest path, refusing anything that leaves the model folder."""
+    target = (folder / relative).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise CpOnnxError(f"the manifest in {folder} points outside the model folder ({relative!r}); re-export the model")
+    return target
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CpOnnxError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); re-export the model") from exc
+    if not isinstance(manifest, dict):
+        raise CpOnnxError(f"{path} is not a cp-onnx manifest; re-export the model")
+    return manifest
+
+
+def open_folder(folder: Path, *, tokenizer_dir: Path | None = None) -> ModelFolder:
+    """Open an exported folder: model.onnx (or the manifest's model path) plus tokenizer."""
+    manifest = read_manifest(folder)
+    relative = (manifest.get("onnx") or {}).get("model", "model.onnx")
+    onnx_path = _inside(folder, relative)
+    if not onnx_path.is_file():
+        raise CpOnnxError(f"no {relative} in {folder}; export a model there with `cp-onnx export SOURCE --out {folder}`")
+    model = ModelFolder(folder, onnx_path, manifest)
+    if tokenizer_dir is not None:
+        model._tokenizer = load_tokenizer(tokenizer_dir)
+    return model
+
+
+def open_model(source: str | Path | None = None, *, tokenizer_dir: str | Path | None = None, log: Callable[[str], None] = print) -> ModelFolder:
+    """Anything a user may name: an exported folder, an .onnx file (tokenizer beside it or in
+    ``tokenizer_dir``), or a source ``cp-onnx export`` accepts (exported on first use, then cached)."""
+    source = DEFAULT_SOURCE if source is None else source
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    path = Path(source)
+    if path.is_file() and path.suffix == ".onnx":
+        model = ModelFolder(path.parent, path, read_manifest(path.parent))
+        if tok_dir is not None:
+            model._tokenizer = load_tokenizer(tok_dir)
+        return model
+    if path.is_dir() and ((path / MANIFEST).is_file() or (path / "model.onnx").is_file()):
+        return open_folder(path, tokenizer_dir=tok_dir)
+    if path.suffix == ".onnx":
+        raise CpOnnxError(f"{source} does not exist; give the path of an exported model.onnx")
+    from exporters import export  # torch is imported only inside the Optimum call
+    from exporters.errors import ExportError
+
+    try:
+        folder = export(str(source), log=log)
+    except ExportError as exc:
+        raise CpOnnxError(str(exc)) from exc
+    return open_folder(Path(folder), tokenizer_dir=tok_dir)

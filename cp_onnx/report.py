@@ -1,0 +1,138 @@
+"""report.json: a versioned, schema-checked record of one analysis, readable from C++ as plain JSON.
+
+Every field except ``timings`` is a function of the model and calibration inputs alone, so the same
+inputs give the same report. Non-finite numbers are written as null (JSON has no NaN).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cp_onnx import __version__
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.stats import STAT_NAMES
+
+REPORT_FORMAT = "cp-onnx-report"
+REPORT_VERSION = 1
+
+
+def schema() -> dict:
+    """The JSON Schema shipped with the package (cp_onnx/data/report.schema.json)."""
+    return json.loads(resources.files("cp_onnx").joinpath("data/report.schema.json").read_text())
+
+
+def _finite(value: Any) -> Any:
+    """Plain JSON values: numpy scalars to Python, NaN/Inf to None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import networkx
+    import onnx
+    import onnxruntime
+    import scipy
+
+    return {
+        "cp_onnx": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "networkx": networkx.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def layers_table(stats: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(stats.values())))
+    return [{"layer": i, **{name: stats[name][i] for name in STAT_NAMES if name in stats}} for i in range(n)]
+
+
+def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
+    """The report dictionary for an ``analyze.Analysis``."""
+    model = analysis.model
+    manifest = model.manifest
+    report = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "model": {
+            "name": model.name,
+            "family": manifest.get("family") or analysis.family,
+            "discovered_as": analysis.family,
+            "num_layers": analysis.num_layers,
+            "weights_sha256": manifest.get("weights_sha256"),
+            "onnx_sha256": onnx_sha256 or file_sha256(model.onnx_path),
+            "manifest": manifest,
+        },
+        "calibration": analysis.calibration,
+        "layers": layers_table(analysis.stats),
+        "methods": {
+            name: {"blocks": [b.as_dict() for b in blocks]} for name, blocks in analysis.methods.items()
+        },
+        "versions": versions(),
+        "timings": analysis.timings,
+    }
+    if analysis.languages is not None:
+        report["languages"] = analysis.languages
+    return _finite(report)
+
+
+def write_json(data: dict, path: Path) -> Path:
+    """Write JSON atomically: a temporary file in the same folder, renamed when complete."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise CpOnnxError(f"cannot write to {path.parent} ({exc.strerror}); choose another --out folder") from exc
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_report(path: Path) -> dict:
+    """Load a report and check its format and version."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CpOnnxError(f"{path} does not exist; run `cp-onnx analyze --out DIR` to make a report") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CpOnnxError(f"{path} is not valid JSON; give a report.json written by `cp-onnx analyze`") from exc
+    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+        raise CpOnnxError(f"{path} is not a cp-onnx report; give a report.json written by `cp-onnx analyze`")
+    if data.get("version") != REPORT_VERSION:
+        raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
+    return data

@@ -1,0 +1,112 @@
+"""onnxruntime on the CPU: tokenized batches in, named numpy activations out."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from cp_onnx.errors import CpOnnxError
+
+# A ModelProto above this size cannot be handed to onnxruntime as bytes (protobuf's 2 GB limit).
+_PROTO_LIMIT = 2**31 - 2**20
+
+
+def pad_batch(token_lists: Sequence[Sequence[int]], *, side: str = "right", pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stack token lists into ``input_ids`` and ``attention_mask`` arrays [batch, max_len]."""
+    if not token_lists or any(len(t) == 0 for t in token_lists):
+        raise CpOnnxError("cannot run an empty text: every text must tokenize to at least one token")
+    if side not in ("left", "right"):
+        raise CpOnnxError(f"padding side must be 'left' or 'right', not {side!r}")
+    width = max(len(t) for t in token_lists)
+    ids = np.full((len(token_lists), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(token_lists), width), dtype=np.int64)
+    for row, tokens in enumerate(token_lists):
+        span = slice(width - len(tokens), width) if side == "left" else slice(0, len(tokens))
+        ids[row, span] = tokens
+        mask[row, span] = 1
+    return ids, mask
+
+
+def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
+    """Positions counted over real tokens only, so a left-padded text sees the positions it would alone."""
+    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+class Runner:
+    """One onnxruntime CPU session over a model file or an in-memory ModelProto."""
+
+    def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int | None = None):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0 lets onnxruntime use every core
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        self._tmpdir = None
+        if isinstance(model, onnx.ModelProto):
+            model = self._as_loadable(model)
+        try:
+            self.session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CpOnnxError(f"onnxruntime cannot load the model: {first_line}; re-export it with `cp-onnx export`") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _as_loadable(self, model: onnx.ModelProto) -> bytes | Path:
+        if model.ByteSize() < _PROTO_LIMIT:
+            return model.SerializeToString()
+        # Too big for bytes: onnxruntime needs a file, with the weights as external data beside it.
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="cp-onnx-")
+        path = Path(self._tmpdir.name) / "model.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return path
+
+    @property
+    def pads_left_safely(self) -> bool:
+        """Left padding keeps results equal to unpadded runs only if positions can be supplied."""
+        return "position_ids" in self.input_names
+
+    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph inputs for a padded batch: position_ids and token_type_ids where the graph takes them."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = position_ids_for(attention_mask)
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise CpOnnxError(
+                f"the model needs inputs {', '.join(missing)} that a plain text batch cannot supply; "
+                "export it without KV cache (cp-onnx export, the default)"
+            )
+        return feeds
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, outputs: Iterable[str] | None = None, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run one padded batch; returns the requested graph outputs (all of them by default) by name."""
+        names = list(outputs) if outputs is not None else self.output_names
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise CpOnnxError(f"the model has no output named {unknown[0]!r}; expose it first (graph_passes.expose)")
+        feeds = self.feeds(input_ids, attention_mask)
+        feeds.update(extra or {})
+        values = self.session.run(names, feeds)
+        return dict(zip(names, values))
+
+    def run_texts(self, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, outputs: Iterable[str] | None = None, side: str = "right") -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Run token lists in order, ``batch_size`` at a time; yields (outputs, attention_mask) per batch."""
+        if side == "left" and not self.pads_left_safely:
+            side = "right"  # without position_ids the graph counts pads as positions
+        names = list(outputs) if outputs is not None else None
+        for start in range(0, len(token_lists), batch_size):
+            ids, mask = pad_batch(token_lists[start : start + batch_size], side=side)
+            yield self.run(ids, mask, names), mask
+
+
+def default_threads() -> int:
+    """Threads for onnxruntime: CP_ONNX_THREADS, or every core."""
+    value = os.environ.get("CP_ONNX_THREADS")
+    return int(value) if value else (os.cpu_count() or 1)

@@ -1,0 +1,40 @@
+"""The ranked table `cp-onnx analyze` prints: predicted circuits of both kinds, with depth."""
+from __future__ import annotations
+
+# Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
+KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
+
+
+def depth(block: dict, num_layers: int) -> str:
+    return f"{100 * block['start'] / num_layers:3.0f}-{100 * block['end'] / num_layers:3.0f}%"
+
+
+def format_summary(report: dict, top: int = 5) -> str:
+    """Text table of the top blocks of each circuit kind found in a report."""
+    n = report["model"]["num_layers"]
+    lines = [f"{report['model']['name']}: {n} layers, {report['calibration']['n']} calibration texts ({report['calibration']['tokens']} tokens)"]
+    for kind, method, where in KIND_METHODS:
+        blocks = report["methods"].get(method, {}).get("blocks")
+        if not blocks:
+            continue
+        lines.append(f"\n{kind} circuits (method {method}; the paper expects them {where})")
+        lines.append(f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'score':>8}")
+        for rank, block in enumerate(blocks[:top], 1):
+            span = f"[{block['start']}, {block['end']})"
+            score = "n/a" if block["score"] is None else f"{block['score']:8.3f}"
+            lines.append(f"  {rank:>4}  {span:>9}  {depth(block, n):>9}  {score:>8}")
+    others = [m for m in report["methods"] if m not in {method for _, method, _ in KIND_METHODS}]
+    for method in others:
+        best = report["methods"][method]["blocks"][:1]
+        if best:
+            lines.append(f"\n{method}: top block [{best[0]['start']}, {best[0]['end']}) ({depth(best[0], n)}), score {best[0]['score']:.3f}")
+    if "languages" in report:
+        lines.append("\nlanguage check (top-1 per language)")
+        for method, spread in report["languages"]["spread"].items():
+            tops = ", ".join(f"{lang} [{s}, {e})" for lang, (s, e) in spread["top1"].items())
+            lines.append(f"  {method:>10}: {tops}; start spread {spread['start_range']}, end spread {spread['end_range']}")
+    return "\n".join(lines)
+
+
+def print_summary(report: dict, top: int = 5) -> None:
+    print(format_summary(report, top))

@@ -1,0 +1,31 @@
+"""The README's two set-up commands are the ones the project actually runs."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands():
+    commands = _setup_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    assert commands[0].endswith("cp-onnx analyze")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]
+    assert ci_lines == [_setup_commands()[1]]
+
+
+def test_every_readme_subcommand_exists():
+    from cp_onnx.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"`cp-onnx (\w+)", readme))
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert documented and documented <= set(choices)
