@@ -43,12 +43,12 @@ class ActivationReader:
     def num_layers(self) -> int:
         return self.layer_map.num_layers
 
-    def batches(self, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Iterator[Batch]:
-        """Run the texts in order and yield one Batch per ``batch_size`` texts."""
+    def batches(self, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, side: str = "right", progress: Callable[[int, int], None] | None = None) -> Iterator[Batch]:
+        """Run the texts in order and yield one Batch per ``batch_size`` texts (padded on ``side``)."""
         n = self.num_layers
         done = 0
         wanted = [name if name != "logits" else self.logits_name for name in self.outputs]
-        for out, mask in self.runner.run_texts(token_lists, batch_size=batch_size, outputs=wanted):
+        for out, mask in self.runner.run_texts(token_lists, batch_size=batch_size, outputs=wanted, side=side):
             resid = [out["embed"]] + [out[block_name(l, "resid_out")] for l in range(n)]
             patterns = [out[block_name(l, "attn.pattern")] for l in range(n)] if self.with_patterns else None
             done += len(mask)

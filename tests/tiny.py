@@ -35,3 +35,16 @@ def build_hf_model(family: str, out_dir: Path, seed: int = 0):
     model = getattr(transformers, model_cls)(config).eval()
     model.save_pretrained(out_dir)
     return model
+
+
+def write_byte_tokenizer(folder: Path) -> Path:
+    """A byte-level tokenizer.json whose 256 ids cover the tiny models' vocabulary (no merges, no BOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    path = Path(folder) / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path

@@ -1,0 +1,128 @@
+"""Calibration texts: the sets cp-onnx ships, a user's own .txt or .jsonl file, and an identity hash.
+
+Shipped files live in ``cp_onnx/data/calibration/{set}_{language}.jsonl``, one ``{"text": ...}`` per
+line; the reasoning set has the same texts, in the same order, in every language.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePath
+from typing import Any, Iterable, Iterator
+
+from cp_onnx.errors import CpOnnxError
+
+DATA_DIR = Path(__file__).with_name("data")
+# Set name -> languages it ships in (the first is the default).
+SHIPPED_SETS: dict[str, tuple[str, ...]] = {
+    "reasoning": ("en", "hi", "zh", "fr"),
+    "general": ("en",),
+}
+MIXED = "mixed"  # reasoning and general texts interleaved, reasoning first
+TEXT_LINE = '{"text": "..."}'
+_SOURCES_HINT = "reasoning, general, mixed, or a path to a .txt or .jsonl file"
+
+
+def load_calibration(source: str | Path | None = None, *, n: int | None = 10, language: str = "en") -> list[str]:
+    """The first ``n`` texts (all if None) of a shipped set ("reasoning" when None, "general", "mixed") or a user file.
+
+    ``language`` picks the language of a shipped set; it is ignored for a user file.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise CpOnnxError(f"n must be a positive number of texts, or None for all of them; got {n!r}")
+    texts = _resolve(source, language)
+    return texts if n is None else texts[:n]
+
+
+def shipped_texts(name: str, language: str = "en") -> list[str]:
+    """All texts of one shipped set in one language."""
+    if name not in SHIPPED_SETS:
+        raise CpOnnxError(f"unknown calibration set '{name}'; use {_SOURCES_HINT}")
+    languages = SHIPPED_SETS[name]
+    if language not in languages:
+        raise CpOnnxError(f"the shipped {name} set has no language '{language}'; use one of {', '.join(languages)}, or pass your own file")
+    return read_texts(DATA_DIR / "calibration" / f"{name}_{language}.jsonl")
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts of a .txt file (one per line, blank lines skipped) or a .jsonl file (a "text" field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CpOnnxError(f"no calibration file at {path}; pass an existing .txt or .jsonl file, or one of the shipped sets (reasoning, general, mixed)")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        texts = [line.strip() for line in read_lines(path)]
+    elif suffix == ".jsonl":
+        texts = [_text_field(record, number, path) for number, record in iter_jsonl(path, TEXT_LINE)]
+    else:
+        raise CpOnnxError(f"calibration file {path} is neither .txt nor .jsonl; use .txt (one text per line) or .jsonl (one {TEXT_LINE} per line)")
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise CpOnnxError(f"no calibration texts in {path}; the file needs at least one non-empty line")
+    return texts
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is tolerated)."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise CpOnnxError(f"{path} is not UTF-8 text; save it with UTF-8 encoding") from None
+
+
+def iter_jsonl(path: Path, example: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; ``example`` shows a good line in errors."""
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CpOnnxError(f"line {number} of {path} is not valid JSON ({err.msg}); write one object per line, like {example}") from None
+        if not isinstance(record, dict):
+            raise CpOnnxError(f"line {number} of {path} is not a JSON object; write one object per line, like {example}")
+        yield number, record
+
+
+def calibration_identity(texts: Iterable[str], settings: dict[str, Any]) -> str:
+    """sha256 hex of the canonical JSON ``{"settings": ..., "texts": [...]}`` (sorted keys, no spaces, UTF-8)."""
+    if isinstance(texts, str):
+        raise CpOnnxError("calibration_identity needs a list of texts, not a single string; wrap it in a list")
+    canonical = json.dumps({"settings": settings, "texts": list(texts)}, sort_keys=True, ensure_ascii=False,
+                           separators=(",", ":"), default=_plain)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _resolve(source: str | Path | None, language: str) -> list[str]:
+    name = "reasoning" if source is None else source
+    if name == MIXED:
+        return _interleave(shipped_texts("reasoning", language), shipped_texts("general", language))
+    if isinstance(name, str) and name in SHIPPED_SETS:
+        return shipped_texts(name, language)
+    path = Path(name)
+    if not path.suffix and not path.exists():
+        raise CpOnnxError(f"unknown calibration set '{name}'; use {_SOURCES_HINT}")
+    return read_texts(path)
+
+
+def _interleave(first: list[str], second: list[str]) -> list[str]:
+    """first[0], second[0], first[1], ...; what is left of the longer list comes last."""
+    merged = [text for pair in zip(first, second) for text in pair]
+    shorter = min(len(first), len(second))
+    return merged + first[shorter:] + second[shorter:]
+
+
+def _text_field(record: dict, number: int, path: Path) -> str:
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise CpOnnxError(f'line {number} of {path} has no "text" string; write one object per line, like {TEXT_LINE}')
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of the few non-JSON setting values worth accepting (paths, numpy values)."""
+    if isinstance(value, PurePath):
+        return value.as_posix()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise CpOnnxError(f"setting value {value!r} cannot go into the calibration identity; use strings, numbers, booleans, lists or dicts")

@@ -1,0 +1,92 @@
+"""The Optimum call and the transformers loading around it: the only place in cp-onnx that imports torch
+(lazily, inside the functions)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .errors import ExportError
+from .tokenizer_files import first_line
+
+# The task Optimum is asked for, by whether the model is a decoder (causal LM) or an encoder.
+TASK_NO_PAST = {"decoder": "text-generation", "encoder": "fill-mask"}
+TASK_WITH_PAST = "text-generation-with-past"
+# Model class name suffix -> kind of model (config.architectures names the class the weights were saved from).
+KIND_BY_CLASS_SUFFIX = {"ForCausalLM": "decoder", "LMHeadModel": "decoder", "ForMaskedLM": "encoder"}
+OPSET = 18
+
+
+def export_hf_folder(model_dir: Path, out_dir: Path, *, with_past: bool = False, kind: str = "decoder") -> Path:
+    """Export a Hugging Face model folder to ``out_dir/model.onnx`` with Optimum (opset 18, fp32, CPU)."""
+    from optimum.exporters.onnx import main_export  # imports torch
+
+    task = TASK_WITH_PAST if with_past else TASK_NO_PAST[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow: expected for these models
+        main_export(
+            str(model_dir),
+            output=str(out_dir),
+            task=task,
+            opset=OPSET,
+            device="cpu",
+            dtype="fp32",
+            do_validation=False,
+            no_post_process=True,
+            local_files_only=True,
+        )
+    return Path(out_dir) / "model.onnx"
+
+
+def load_config(model_dir: Path):
+    """The transformers config of a model folder."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"transformers cannot read {Path(model_dir) / 'config.json'} ({first_line(err)}); is it a supported model?") from err
+
+
+def model_kind(config) -> str:
+    """'decoder' or 'encoder', after checking Optimum can export this architecture for that task."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with the TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    family = config.model_type
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(family, "onnx", library_name="transformers")
+    except KeyError as err:
+        raise ExportError(f"Optimum cannot export {family} models to ONNX ({first_line(err)[:120]}...); "
+                          "use a supported architecture") from None
+    classes = config.architectures or []
+    kinds = [kind for name in classes for suffix, kind in KIND_BY_CLASS_SUFFIX.items() if name.endswith(suffix)]
+    kind = kinds[0] if kinds else ("decoder" if TASK_NO_PAST["decoder"] in tasks else "encoder")
+    if TASK_NO_PAST[kind] not in tasks:
+        raise ExportError(f"Optimum cannot export {family} models for {TASK_NO_PAST[kind]} (only {', '.join(tasks)}); "
+                          "use a causal or masked LM")
+    return kind
+
+
+def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Load a GGUF with transformers (dequantized to float32) and save it as a Hugging Face folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        )
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise ExportError(f"transformers cannot load {gguf_path} ({first_line(err)}); use a GGUF of a supported architecture") from err
+    model.save_pretrained(out_dir)
+
+
+def run_optimum(model_dir: Path, out_dir: Path, *, with_past: bool, kind: str, family: str) -> Path:
+    """export_hf_folder with Optimum's failures turned into one-line ExportErrors."""
+    try:
+        return export_hf_folder(model_dir, out_dir, with_past=with_past, kind=kind)
+    except ExportError:
+        raise
+    except Exception as err:  # Optimum and torch.onnx raise many kinds; the cause stays chained for debugging
+        raise ExportError(f"Optimum failed to export this {family} model ({type(err).__name__}: {first_line(err)}); "
+                          "report it with the model") from err

@@ -1,0 +1,163 @@
+"""export(): a source (HF folder, GGUF file, packaged model) -> a cached cp-onnx model folder."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from . import folders
+from .errors import ExportError
+from .manifest import build_manifest, is_export, read_manifest, write_manifest
+from .runtime_env import hub_offline
+from .sources import Source, resolve_source
+
+Log = Callable[[str], None]
+# Bump when what an export writes changes: cache entries of older versions are then ignored.
+EXPORT_VERSION = 2
+CACHE_ENV = "CP_ONNX_CACHE"
+COPIED_CONFIG_FILES = ("config.json", "generation_config.json")
+SCRATCH_PREFIX = "_"  # staging sub-folders (dequantized weights, Optimum's raw output) removed before the rename
+
+
+def export(source: str | Path, out: Path | None = None, *, with_past: bool = False,
+           cache_dir: Path | None = None, log: Log = print) -> Path:
+    """Export ``source`` to a cp-onnx model folder (reused from the cache when already exported); return it.
+
+    With ``out``, the folder is (also) placed there; an existing ``out`` must be a cp-onnx export.
+    """
+    out = None if out is None else Path(out).expanduser()
+    with hub_offline():
+        src = resolve_source(source, log)
+        if out is not None:
+            check_out(out)
+        if src.kind == "export":
+            return reuse_export(src, out, with_past, log)
+        root = cache_root(cache_dir)
+        weights_sha = folders.sha256_files(src.weights)
+        if src.expected_sha256 and weights_sha != src.expected_sha256:
+            raise ExportError(
+                f"{src.path} has sha256 {weights_sha}, expected {src.expected_sha256}; reinstall its package with --force-reinstall"
+            )
+        key = cache_key(weights_sha, folders.sha256_files(src.extras), with_past)
+        entry = root / key
+        if cached(entry, key):
+            log(f"reusing the cached export {entry} (same weights and settings)")
+        else:
+            folders.writable_parent(entry, "cache folder", f"set ${CACHE_ENV} or pass cache_dir")
+            folders.remove_stale_staging(root)
+            build(src, entry, weights_sha=weights_sha, key=key, with_past=with_past, log=log)
+        return entry if out is None else place(entry, out, src.label, log)
+
+
+def cache_root(cache_dir: Path | None) -> Path:
+    """``cache_dir``, else $CP_ONNX_CACHE, else the user cache folder (~/.cache/cp-onnx)."""
+    if cache_dir is not None:
+        root = Path(cache_dir)
+    elif os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cp-onnx"
+    return root.expanduser().resolve()
+
+
+def cache_key(weights_sha: str, extras_sha: str, with_past: bool) -> str:
+    """Name of the cache entry for these weights (+ config/tokenizer files) and settings."""
+    text = f"cp-onnx-export/{EXPORT_VERSION}|{weights_sha}|{extras_sha}|with_past={with_past}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached(entry: Path, key: str) -> bool:
+    """Whether ``entry`` holds a complete export made with ``key``."""
+    return entry.is_dir() and is_export(entry) and read_manifest(entry)["cache_key"] == key
+
+
+def check_out(out: Path) -> None:
+    """ExportError unless ``out`` can receive an export: absent, empty, or a previous cp-onnx export."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise ExportError(f"{out} exists and is not a cp-onnx export; choose another output folder or empty it")
+    folders.writable_parent(out, "output folder")
+
+
+def reuse_export(src: Source, out: Path | None, with_past: bool, log: Log) -> Path:
+    """An existing cp-onnx model folder given as source: returned as is, or copied to ``out``."""
+    manifest = read_manifest(src.path)
+    if with_past and not manifest["onnx"]["with_past"]:
+        raise ExportError(f"{src.path} was exported without with_past; export {manifest['source']} again with --with-past")
+    log(f"{src.path} is already a cp-onnx model folder")
+    if out is None or out.resolve() == src.path:
+        return src.path
+    return place(src.path, out, manifest["source"], log)
+
+
+def place(entry: Path, out: Path, label: str, log: Log) -> Path:
+    """Copy the export ``entry`` to ``out`` (replacing a previous export there), recording ``label`` as source."""
+    if is_export(out):
+        previous = read_manifest(out)
+        if previous["cache_key"] == read_manifest(entry)["cache_key"] and previous["source"] == label:
+            log(f"{out} already holds this export")
+            return out
+    with folders.staging_folder(out) as stage:
+        folders.copy_folder(entry, stage)
+        write_manifest(stage, {**read_manifest(stage), "source": label})
+    log(f"wrote {out}")
+    return out
+
+
+def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bool, log: Log) -> None:
+    """Export ``src`` into the cache entry ``entry`` (built in a staging folder, renamed when complete)."""
+    from . import optimum_export as opt
+    from .runtime_env import quiet_transformers
+    from .tokenizer_files import load_tokenizer, save_tokenizer
+
+    with folders.staging_folder(entry) as stage, quiet_transformers():
+        hf_dir = src.path
+        if src.is_gguf:  # transformers reads the GGUF's config and weights in one go
+            hf_dir = stage / f"{SCRATCH_PREFIX}dequantized"
+            log(f"loading {src.path.name} with transformers (dequantizing to float32, about {dequantize_seconds(src.path)} s)")
+            opt.dequantize_gguf(src.path, hf_dir)
+        config = opt.load_config(hf_dir)
+        kind = opt.model_kind(config)
+        if with_past and kind != "decoder":
+            raise ExportError(f"with_past applies to decoders only, and this {config.model_type} model is an encoder; drop --with-past")
+        tokenizer = load_tokenizer(src, config.model_type)
+        onnx = export_graphs(hf_dir, stage, config, kind, with_past, log)
+        for name in COPIED_CONFIG_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, stage / name)
+        bos = save_tokenizer(tokenizer, stage, config.model_type, config.bos_token_id, log)
+        for scratch in stage.glob(f"{SCRATCH_PREFIX}*"):
+            shutil.rmtree(scratch)
+        write_manifest(stage, build_manifest(source=src.label, source_kind=src.kind, weights_sha256=weights_sha, config=config,
+                                             kind=kind, tokenizer=bos, onnx=onnx, cache_key=key))
+    log(f"exported to {entry}")
+
+
+def export_graphs(hf_dir: Path, stage: Path, config, kind: str, with_past: bool, log: Log) -> dict:
+    """Run Optimum for the analysis graph (and the generation graph); return the manifest's "onnx" entry."""
+    from .graph_files import move_graph
+    from .optimum_export import run_optimum
+
+    onnx = {"model": None, "with_past": None, "model_data": None, "with_past_data": None}
+    for slot, rel, past in [("model", "model.onnx", False), ("with_past", "with_past/model.onnx", True)][: 1 + with_past]:
+        graph = "generation graph (with past_key_values)" if past else "graph"
+        log(f"exporting {config.model_type} ({config.num_hidden_layers} layers) {graph} with Optimum "
+            f"(about {optimum_seconds(hf_dir)} s)")
+        raw_dir = stage / f"{SCRATCH_PREFIX}optimum_{slot}"
+        produced = run_optimum(hf_dir, raw_dir, with_past=past, kind=kind, family=config.model_type)
+        onnx[slot], onnx[f"{slot}_data"] = move_graph(produced, stage, rel)
+    return onnx
+
+
+def optimum_seconds(hf_dir: Path) -> int:
+    """Rough Optimum export time: start-up plus about 27 MB of float32 weights a second (SmolLM2: 25 s)."""
+    size = sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin") for path in hf_dir.glob(pattern))
+    return max(5, 5 * round((5 + size / 27e6) / 5))
+
+
+def dequantize_seconds(gguf_file: Path) -> int:
+    """Rough time for transformers to load and dequantize a GGUF: about 8 MB of file a second (SmolLM2: 12 s)."""
+    return max(5, 5 * round(gguf_file.stat().st_size / 8e6 / 5))

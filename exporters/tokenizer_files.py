@@ -1,0 +1,112 @@
+"""Tokenizer files of a model folder: loaded with transformers, saved with save_pretrained, and checked so
+that plain ``tokenizers.Tokenizer.from_file(tokenizer.json)`` (what cp_onnx uses) gives the same ids,
+with exactly one BOS for the families that need it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .errors import ExportError
+from .gguf_tokenizer import REBUILD_FAMILIES, rebuild_gemma_tokenizer
+from .sources import Source
+
+# Families trained with a BOS token in front of every text: without it their outputs degrade.
+NEEDS_BOS = frozenset({"llama", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text"})
+# Texts on which the saved tokenizer.json must agree with transformers (spaces, digits, punctuation, newline).
+PROBE_TEXTS = (
+    "The capital of France is",
+    "If 4y - 9 = 23, what is y?",
+    "  two leading spaces,\nand a new line.",
+)
+SAVED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_tokenizer(source: Source, family: str):
+    """The source's fast tokenizer (from the GGUF itself for GGUF sources); ExportError if there is none."""
+    from transformers import AutoTokenizer
+
+    if source.is_gguf and family in REBUILD_FAMILIES:
+        return rebuild_gemma_tokenizer(source.path)
+    try:
+        if source.is_gguf:
+            tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, use_fast=True, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ExportError(
+            f"{source.path} has no usable tokenizer ({first_line(err)}); add tokenizer.json or tokenizer.model"
+        ) from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{source.path}: transformers gives no fast tokenizer, so no tokenizer.json; add a tokenizer.json")
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, folder: Path, family: str, config_bos_id: int | None, log: Callable[[str], None]) -> dict:
+    """Save the tokenizer files into ``folder`` (adding BOS where the family needs it) and check them.
+
+    Returns the manifest fields ``bos_token_id`` and ``add_bos``.
+    """
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config_bos_id
+    if family in NEEDS_BOS:
+        if bos_id is None:
+            raise ExportError(f"{family} models need a BOS token but neither the tokenizer nor config.json names one; "
+                              "add bos_token_id to config.json")
+        if not starts_with_bos(tokenizer(PROBE_TEXTS[0]).input_ids, bos_id):
+            log(f"the tokenizer does not prepend BOS (id {bos_id}), which {family} models need: adding it")
+            prepend_bos(tokenizer, bos_id)
+    tokenizer.save_pretrained(folder)
+    missing = [name for name in SAVED_FILES if not (Path(folder) / name).is_file()]
+    if missing:
+        raise ExportError(f"transformers did not write {', '.join(missing)} for this tokenizer; the model cannot be exported")
+    return check_saved_tokenizer(folder, family, bos_id)
+
+
+def check_saved_tokenizer(folder: Path, family: str, bos_id: int | None) -> dict:
+    """Check tokenizer.json alone encodes like transformers reloading the folder, with BOS at most once."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    plain = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    reloaded = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for text in PROBE_TEXTS:
+        ids, expected = plain.encode(text).ids, reloaded(text).input_ids
+        if ids != expected:
+            raise ExportError(f"tokenizer.json encodes {text!r} as {ids[:8]}... but transformers as {expected[:8]}...; report this model")
+        if bos_id is not None and ids[:2] == [bos_id, bos_id]:
+            raise ExportError(f"the tokenizer prepends BOS (id {bos_id}) twice; "
+                              "fix add_bos_token / the post-processor in its tokenizer files")
+    add_bos = bos_id is not None and starts_with_bos(plain.encode(PROBE_TEXTS[0]).ids, bos_id)
+    if family in NEEDS_BOS and not add_bos:
+        raise ExportError(f"the saved tokenizer does not prepend BOS (id {bos_id}), which {family} models need; report this model")
+    return {"bos_token_id": bos_id, "add_bos": add_bos}
+
+
+def starts_with_bos(ids: list[int], bos_id: int) -> bool:
+    """Whether ``ids`` start with exactly one BOS."""
+    return ids[:1] == [bos_id] and ids[1:2] != [bos_id]
+
+
+def prepend_bos(tokenizer, bos_id: int) -> None:
+    """Make the tokenizer (and the tokenizer.json it saves) put one BOS in front of every text."""
+    from tokenizers import processors
+
+    if isinstance(getattr(type(tokenizer), "add_bos_token", None), property):
+        tokenizer.add_bos_token = True  # Llama/Gemma fast tokenizers rebuild their post-processor from this flag
+    else:
+        bos = tokenizer.convert_ids_to_tokens(bos_id)
+        if tokenizer.bos_token is None:
+            tokenizer.bos_token = bos  # so that special_tokens_map.json names it
+        template = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+        backend = tokenizer.backend_tokenizer
+        existing = backend.post_processor
+        backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    if not starts_with_bos(tokenizer(PROBE_TEXTS[0]).input_ids, bos_id):
+        raise ExportError(f"could not make this {type(tokenizer).__name__} prepend BOS; add a BOS post-processor to tokenizer.json")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors are often long)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]

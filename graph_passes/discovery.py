@@ -1,0 +1,208 @@
+"""Discovery: find a transformer's layers, residual stream and attention tensors in an ONNX graph."""
+from __future__ import annotations
+
+import onnx
+
+from graph_passes import structural
+from graph_passes.errors import GraphPassError
+from graph_passes.families import BY_NAME, FAMILIES, Family, scopes_looked_for
+from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types, name_nodes, static_dims
+from graph_passes.layer_map import Layer, LayerMap
+from graph_passes.located import LayerTensors, Located, adds_to
+from graph_passes.route import PATH_KEY as ROUTED_KEY
+
+# Graph inputs get these sizes for shape inference: batch 1, every other free dim 7 (an odd size
+# no head count or hidden size of a real model is likely to share).
+_BATCH, _OTHER = 1, 7
+
+
+def discover(model: onnx.ModelProto, family: str | None = None) -> LayerMap:
+    """Find where the layers are: by the family tables, else by topology (``family="structural"`` forces it).
+
+    Names unnamed nodes in place first (deterministically, see ``graph_utils.name_nodes``), since
+    ``Layer.nodes`` refers to nodes by name.
+    """
+    if family is not None and family != structural.FAMILY and family not in BY_NAME:
+        raise GraphPassError(f"unknown model family {family!r}; expected one of {', '.join([*BY_NAME, structural.FAMILY])}")
+    if not model.graph.output:
+        raise GraphPassError("the graph has no outputs; give a complete exported model")
+    if family is None and any(p.key == ROUTED_KEY for p in model.metadata_props):
+        family = structural.FAMILY  # a routed graph repeats layer scopes in node names: only topology tells the layers apart
+    name_nodes(model)
+    index = GraphIndex(model.graph)
+    types = infer_types(model, _concrete_input_dims(model.graph))
+    if family == structural.FAMILY:
+        located = structural.locate(index, types)
+    elif family is not None:
+        located = match_family(index, BY_NAME[family], by_name=True)
+        if located is None:
+            raise GraphPassError(f"the graph does not look like a {family} export (no layer nodes under {BY_NAME[family].scope}); leave the family out to detect it")
+    else:
+        located = next((found for f in FAMILIES if f.auto and (found := match_family(index, f)) is not None), None)
+        located = located or structural.locate(index, types)
+    if located is None:
+        raise GraphPassError(
+            f"no transformer layers found: looked for node scopes {scopes_looked_for()} and for a residual "
+            "chain of Add nodes; is this a transformer exported with Optimum?"
+        )
+    return _complete(model.graph, index, types, located)
+
+
+def match_family(index: GraphIndex, family: Family, *, by_name: bool = False) -> Located | None:
+    """The family's layer tensors if the graph has its node scopes and residual adds, else None."""
+    scopes: dict[int, str] = {}
+    roots = set()
+    for node in index.nodes:
+        found = family.compiled.match(node.name)
+        if found:
+            scopes.setdefault(int(found["index"]), found.group(0))
+            roots.add(found["root"])
+    if not scopes or sorted(scopes) != list(range(len(scopes))) or len(roots) != 1:
+        return None
+    by_node = {node.name: node for node in index.nodes}
+    if family.marker and not by_name and not any(name.startswith(scopes[0] + family.marker) for name in by_node):
+        return None
+
+    def output(name: str) -> str | None:
+        node = by_node.get(name)
+        return node.output[0] if node is not None else None
+
+    root = roots.pop()
+    embed = next((t for t in map(output, (f"{root}/{p}" for p in family.embed)) if t), None)
+    if embed is None:
+        return None
+    layers, resid_in = [], embed
+    for i in range(len(scopes)):
+        scope = scopes[i]
+        resid_out = output(scope + family.resid_out)
+        mid = output(scope + family.resid_mid) if family.resid_mid else None
+        mid = mid if mid and adds_to(index, mid, {resid_in}) else None  # GPT-NeoX parallel residual: no mid
+        if resid_out is None or not adds_to(index, resid_out, {resid_in, mid} - {None}):
+            return None
+        layers.append(LayerTensors(resid_out, mid, output(scope + family.head_ctx), output(scope + family.pattern)))
+        resid_in = resid_out
+    final_norm = next((t for t in map(output, (f"{root}/{p}" for p in family.final_norm)) if t), None)
+    return Located(family.name, tuple(layers), embed, final_norm)
+
+
+def _complete(graph: onnx.GraphProto, index: GraphIndex, types: dict, located: Located) -> LayerMap:
+    """Add node lists, shared inputs and sizes to the located tensors."""
+    layers, member_sets, resid_in = [], [], located.embed
+    for i, tensors in enumerate(located.layers):
+        members = layer_nodes(index, resid_in, tensors.resid_out)
+        roles = [t for t in (tensors.resid_mid, tensors.head_ctx, tensors.pattern, tensors.resid_out) if t]
+        if any(index.producer.get(t) not in members for t in roles):
+            raise GraphPassError(f"layer {i}'s tensors are also computed for other layers, so its nodes cannot be delimited; re-export the model without graph optimisation")
+        member_sets.append(members)
+        nodes = tuple(index.nodes[j].name for j in sorted(members))
+        layers.append(Layer(i, resid_in, tensors.resid_out, tensors.resid_mid, tensors.head_ctx, tensors.pattern, nodes))
+        resid_in = tensors.resid_out
+    hidden, heads, head_dim = _sizes(index, types, layers[0])
+    return LayerMap(
+        family=located.family,
+        layers=tuple(layers),
+        embed=located.embed,
+        logits=graph.output[0].name,
+        final_norm=located.final_norm,
+        num_heads=heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        shared_inputs=_shared_inputs(index, layers, member_sets),
+    )
+
+
+def layer_nodes(index: GraphIndex, resid_in: str, resid_out: str) -> set[int]:
+    """Positions of the nodes that compute one layer: what a pass may clone or remove.
+
+    A node belongs to the layer if it depends on ``resid_in``, feeds ``resid_out`` and nothing outside
+    the layer reads it (so a mask built from the embedding's shape stays shared), or if it only
+    feeds the layer (its Constants, per-layer weight Identities). Rotary tables built under layer
+    0's scope but read by every layer are not layer 0's.
+    """
+    end = index.producer[resid_out]
+    upstream = index.ancestors(resid_out, stop=frozenset({resid_in}))
+    members = index.descendants_within(resid_in, upstream)
+
+    def read_outside(i: int) -> bool:
+        return any(j not in members and not index.is_dead_end(j) for out in index.nodes[i].output for j in index.consumers.get(out, ()))
+
+    todo = sorted(members)
+    while todo:
+        i = todo.pop()
+        if i in members and i != end and read_outside(i):
+            members.discard(i)
+            todo.extend(index.producer[n] for n in index.nodes[i].input if index.producer.get(n) in members)
+    entry = index.producer.get(resid_in)
+    todo = [index.producer[n] for i in members for n in index.nodes[i].input if n in index.producer]
+    while todo:
+        i = todo.pop()
+        if i in members or i == entry or read_outside(i):
+            continue
+        members.add(i)
+        todo.extend(index.producer[n] for n in index.nodes[i].input if n in index.producer)
+    return members
+
+
+def _shared_inputs(index: GraphIndex, layers: list[Layer], member_sets: list[set[int]]) -> tuple[str, ...]:
+    """Tensors made outside the layers that layers read (rotary tables, masks, graph inputs), graph order."""
+    shared: set[str] = set()
+    for layer, members in zip(layers, member_sets):
+        made = {out for i in members for out in index.nodes[i].output}
+        for i in members:
+            shared.update(n for n in index.nodes[i].input if n and n not in made and n != layer.resid_in and n not in index.initializers)
+    return tuple(sorted(shared, key=lambda n: (index.position(n), n)))
+
+
+def _sizes(index: GraphIndex, types: dict, layer: Layer) -> tuple[int | None, int | None, int | None]:
+    """hidden_size, num_heads, head_dim from inferred shapes and the output projection's weight."""
+    resid = static_dims(types.get(layer.resid_out)) or [None]
+    ctx = static_dims(types.get(layer.head_ctx)) if layer.head_ctx else None
+    heads, head_dim = (ctx[1], ctx[3]) if ctx and len(ctx) == 4 else (None, None)
+    width = _projection_width(index, types, layer.head_ctx) if layer.head_ctx else None
+    if width and heads is None and head_dim is None:
+        heads = _value_heads(index, types, layer.head_ctx)
+    if width and heads and head_dim is None and width % heads == 0:
+        head_dim = width // heads
+    if width and head_dim and heads is None and width % head_dim == 0:
+        heads = width // head_dim
+    return resid[-1], heads, head_dim
+
+
+def _projection_width(index: GraphIndex, types: dict, head_ctx: str) -> int | None:
+    """Input width (heads * head_dim) of the first weight matmul after the head context (o_proj)."""
+    seen, todo = set(), [head_ctx]
+    while todo:
+        for j in sorted(index.consumers.get(todo.pop(0), ())):
+            node = index.nodes[j]
+            weight = node.input[1] if len(node.input) > 1 and node.input[1] in index.constants else None
+            if node.op_type in MATMUL_OPS and weight:
+                dims = index.initializer_dims.get(weight) or static_dims(types.get(weight))
+                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+                return (dims[-1] if trans_b else dims[0]) if dims else None
+            if j not in seen:
+                seen.add(j)
+                todo.extend(node.output)
+    return None
+
+
+def _value_heads(index: GraphIndex, types: dict, head_ctx: str) -> int | None:
+    """Head count read from the values' [batch, heads, seq, dim] shape, when the context's is unknown."""
+    tensor = index.nodes[index.producer[head_ctx]].input[1]
+    for _ in range(8):
+        dims = static_dims(types.get(tensor))
+        if dims and len(dims) == 4 and dims[1]:
+            return dims[1]
+        i = index.producer.get(tensor)
+        if i is None:
+            return None
+        tensor = index.nodes[i].input[0]
+    return None
+
+
+def _concrete_input_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Sizes for every graph input: free dims set to batch 1 / 7, fixed dims kept."""
+    sizes = {}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        sizes[value.name] = [d.dim_value if d.HasField("dim_value") else (_BATCH if k == 0 else _OTHER) for k, d in enumerate(dims)]
+    return sizes

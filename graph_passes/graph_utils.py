@@ -1,0 +1,193 @@
+"""Small helpers over an ONNX graph: node names, producers and consumers, order, extra outputs, types."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict, deque
+from typing import Iterable, Mapping
+
+import onnx
+from onnx import shape_inference
+
+from graph_passes.errors import GraphPassError
+from graph_passes.graph_io import weightless_copy
+
+# Ops that pass a tensor through unchanged in value (fp32 exports wrap the residual in Cast to fp32).
+PASS_THROUGH = frozenset({"Cast", "Identity"})
+# Ops that multiply by a weight matrix: what marks a branch as a sublayer rather than an activation.
+MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+
+
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give unnamed or duplicate-named nodes deterministic names (``{op}_{position}``), in place; returns how many."""
+    taken = Counter(node.name for node in model.graph.node if node.name)
+    seen: set[str] = set()
+    renamed = 0
+    for position, node in enumerate(model.graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}_{position}" if not node.name else f"{node.name}_{position}"
+        name, k = base, 0
+        while name in taken or name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        seen.add(name)
+        renamed += 1
+    return renamed
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that computes it."""
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            if name:
+                readers[name].append(node)
+    return dict(readers)
+
+
+def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in an order where every node comes after the producers of its inputs (stable)."""
+    nodes = list(graph.node)
+    made_by = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting_on = [sum(1 for name in set(node.input) if name in made_by) for node in nodes]
+    readers: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        for name in set(node.input):
+            if name in made_by:
+                readers[made_by[name]].append(i)
+    ready = deque(i for i, count in enumerate(waiting_on) if count == 0)
+    order: list[int] = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for j in sorted(readers[i]):
+            waiting_on[j] -= 1
+            if waiting_on[j] == 0:
+                ready.append(j)
+    if len(order) != len(nodes):
+        raise GraphPassError("the graph has a cycle: no topological order exists; re-export the model")
+    return [nodes[i] for i in order]
+
+
+def add_outputs(model: onnx.ModelProto, outputs: Mapping[str, str], types: Mapping[str, onnx.TypeProto]) -> None:
+    """Append graph outputs named by ``outputs`` keys, each an Identity of the tensor it maps to (in place)."""
+    graph = model.graph
+    for new_name, tensor in outputs.items():
+        if new_name != tensor:
+            graph.node.append(onnx.helper.make_node("Identity", [tensor], [new_name], name=f"/expose/{new_name}"))
+        value = onnx.ValueInfoProto(name=new_name)
+        value.type.CopyFrom(types[new_name])
+        graph.output.append(value)
+
+
+def infer_types(model: onnx.ModelProto, fixed_dims: Mapping[str, list[int]] | None = None) -> dict[str, onnx.TypeProto]:
+    """Tensor name -> inferred type, by ONNX shape inference on a weightless copy (fast, safe over 2 GB).
+
+    ``fixed_dims`` replaces the dims of named graph inputs first, so that data propagation can turn
+    computed shapes (Reshape targets built from Shape/Gather/Concat) into numbers.
+    """
+    light = weightless_copy(model)
+    for value in light.graph.input:
+        if fixed_dims and value.name in fixed_dims:
+            for dim, size in zip(value.type.tensor_type.shape.dim, fixed_dims[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = shape_inference.infer_shapes(light, data_prop=fixed_dims is not None)
+    except Exception:  # inference is a help, not a requirement: fall back to what the graph declares
+        inferred = light
+    graph = inferred.graph
+    return {value.name: value.type for value in (*graph.input, *graph.value_info, *graph.output)}
+
+
+def static_dims(value_type: onnx.TypeProto | None) -> list[int | None] | None:
+    """Dims of a tensor type as ints (None where unknown or symbolic); None when the rank is unknown."""
+    if value_type is None or not value_type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_type.tensor_type.shape.dim]
+
+
+class GraphIndex:
+    """Positions, producers and consumers of one graph's nodes, for the searches discovery makes."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.nodes = list(graph.node)
+        self.initializer_dims = {t.name: list(t.dims) for t in graph.initializer}
+        self.initializers = set(self.initializer_dims)
+        self.graph_inputs = [v.name for v in graph.input if v.name not in self.initializers]
+        self.graph_outputs = {v.name for v in graph.output}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(self.nodes):
+            for name in node.output:
+                if name:
+                    self.producer[name] = i
+            for name in dict.fromkeys(node.input):
+                if name:
+                    self.consumers[name].append(i)
+        # Tensors computed from weights and constants alone (an Identity or Transpose of a weight counts).
+        self.constants = set(self.initializers)
+        for node in self.nodes:
+            if all(name in self.constants for name in node.input if name):
+                self.constants.update(node.output)
+
+    def position(self, tensor: str) -> int:
+        """Position of a tensor's producer (-1 for graph inputs and initializers)."""
+        return self.producer.get(tensor, -1)
+
+    def data_inputs(self, i: int) -> list[str]:
+        """Inputs of node i that are computed (not weights or constants)."""
+        return [name for name in self.nodes[i].input if name and name not in self.constants]
+
+    def source(self, tensor: str) -> str:
+        """The tensor behind any chain of Cast/Identity nodes."""
+        while tensor in self.producer and self.nodes[self.producer[tensor]].op_type in PASS_THROUGH:
+            tensor = self.nodes[self.producer[tensor]].input[0]
+        return tensor
+
+    def ancestors(self, tensor: str, *, after: int = -1, stop: frozenset[str] = frozenset()) -> set[int]:
+        """Nodes that ``tensor`` depends on, at positions > ``after``, not looking past ``stop`` tensors."""
+        found: set[int] = set()
+        todo = [tensor]
+        while todo:
+            name = todo.pop()
+            if name in stop:
+                continue
+            i = self.producer.get(name)
+            if i is None or i <= after or i in found:
+                continue
+            found.add(i)
+            todo.extend(n for n in self.nodes[i].input if n)
+        return found
+
+    def descendants_within(self, tensor: str, allowed: set[int]) -> set[int]:
+        """Nodes in ``allowed`` that depend on ``tensor``."""
+        found: set[int] = set()
+        todo = [tensor]
+        while todo:
+            for j in self.consumers.get(todo.pop(), ()):
+                if j in allowed and j not in found:
+                    found.add(j)
+                    todo.extend(n for n in self.nodes[j].output if n)
+        return found
+
+    def between(self, start: str, end: str) -> set[int] | None:
+        """Nodes on some path from ``start`` to ``end`` (end's producer included); None if ``end`` does not depend on ``start``."""
+        if start == end:
+            return set()
+        upstream = self.ancestors(end, after=self.position(start))
+        path = self.descendants_within(start, upstream)
+        return path if self.producer.get(end) in path else None
+
+    def is_dead_end(self, i: int) -> bool:
+        """Whether nothing reads node i's outputs (e.g. an Identity that only feeds a graph output)."""
+        return not any(self.consumers.get(name) for name in self.nodes[i].output)
+
+    def ops(self, nodes: Iterable[int]) -> set[str]:
+        return {self.nodes[i].op_type for i in nodes}

