@@ -1,0 +1,143 @@
+"""Greedy generation with an exported or applied model folder: KV-cached through with_past/model.onnx when the
+folder has it, otherwise by re-running the whole sequence for every new token."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.model import ModelFolder
+from cp_onnx.runner import Runner
+from graph_passes.route import PAST
+
+# onnxruntime's element type names -> numpy dtypes, for the empty cache of the first step.
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32, "tensor(double)": np.float64}
+# Where a model folder may name its end-of-sequence token, most specific first (the manifest may carry it in future).
+_EOS_FILES = ("generation_config.json", "config.json")
+
+
+def generate(model: ModelFolder, prompt: str, max_new_tokens: int = 32, use_cache: bool = True, *,
+             threads: int | None = None, log: Callable[[str], None] = print) -> tuple[str, list[int]]:
+    """Greedy continuation of ``prompt``: (decoded new text, new token ids, EOS included if reached)."""
+    ids = model.encode([prompt])[0][0]
+    if not ids:
+        raise CpOnnxError("the prompt tokenizes to nothing; give some text")
+    new = generate_ids(model, ids, max_new_tokens, use_cache, threads=threads, log=log)
+    return model.tokenizer.decode(new, skip_special_tokens=True), new
+
+
+def generate_ids(model: ModelFolder, prompt_ids: Sequence[int], max_new_tokens: int = 32, use_cache: bool = True, *,
+                 threads: int | None = None, log: Callable[[str], None] = print) -> list[int]:
+    """Greedy continuation of token ids; stops after ``max_new_tokens`` or at an EOS token (kept in the result)."""
+    if max_new_tokens < 1:
+        raise CpOnnxError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    cached = with_past_graph(model) if use_cache else None
+    if use_cache and cached is None:
+        log(f"{model.path} has no with_past graph: re-running the whole sequence for each token (export with --with-past for a KV cache)")
+    decoder = CachedDecoder(cached, model.manifest, threads) if cached else FullDecoder(model.onnx_path, threads)
+    eos = eos_token_ids(model)
+    new: list[int] = []
+    logits = decoder.start(list(prompt_ids))
+    while True:
+        token = int(np.argmax(logits))
+        new.append(token)
+        if token in eos or len(new) == max_new_tokens:
+            return new
+        logits = decoder.step(token)
+
+
+class FullDecoder:
+    """Next-token logits from the no-cache graph, re-running the whole sequence each time."""
+
+    def __init__(self, onnx_path: Path, threads: int | None):
+        self.runner = Runner(onnx_path, threads=threads)
+        self.ids: list[int] = []
+
+    def start(self, ids: list[int]) -> np.ndarray:
+        self.ids = list(ids)
+        return self._last_logits()
+
+    def step(self, token: int) -> np.ndarray:
+        self.ids.append(token)
+        return self._last_logits()
+
+    def _last_logits(self) -> np.ndarray:
+        ids = np.array([self.ids], dtype=np.int64)
+        return self.runner.run(ids, np.ones_like(ids), ["logits"])["logits"][0, -1]
+
+
+class CachedDecoder:
+    """Next-token logits from the with_past graph: each step feeds the new token and the previous step's present."""
+
+    def __init__(self, onnx_path: Path, manifest: dict, threads: int | None):
+        session = Runner(onnx_path, threads=threads).session
+        self.session = session
+        self.past = {i.name: _empty_cache(i, manifest) for i in session.get_inputs() if PAST.match(i.name)}
+        known = {"input_ids", "attention_mask", "position_ids", *self.past}
+        unknown = [i.name for i in session.get_inputs() if i.name not in known]
+        if unknown or not self.past:
+            raise CpOnnxError(f"{onnx_path} is not a text-generation-with-past graph (inputs {', '.join(unknown) or 'without past_key_values'}); re-export with --with-past")
+        self.inputs = {i.name for i in session.get_inputs()}
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.length = 0  # tokens already in the cache
+
+    def start(self, ids: list[int]) -> np.ndarray:
+        return self._run(ids)
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        total = self.length + len(ids)
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, total), dtype=np.int64), **self.past}
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(self.length, total, dtype=np.int64)[None]
+        values = dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        self.past = {name: values[name.replace("past_key_values.", "present.", 1)] for name in self.past}
+        self.length = total
+        return values["logits"][0, -1]
+
+
+def _empty_cache(value, manifest: dict) -> np.ndarray:
+    """A [1, kv_heads, 0, head_dim] cache for the first step, sized from the graph input (or the manifest)."""
+    dims = list(value.shape)
+    if len(dims) != 4:
+        raise CpOnnxError(f"the KV-cache input {value.name} has shape {dims}, expected [batch, kv_heads, past, head_dim]; re-export with --with-past")
+    heads = dims[1] if isinstance(dims[1], int) else manifest.get("num_kv_heads")
+    head_dim = dims[3] if isinstance(dims[3], int) else manifest.get("head_dim")
+    if not heads or not head_dim:
+        raise CpOnnxError(f"cannot tell the KV-cache size of {value.name} (shape {dims}) and the manifest lacks num_kv_heads/head_dim; re-export the model")
+    return np.zeros((1, heads, 0, head_dim), dtype=_DTYPES.get(value.type, np.float32))
+
+
+def with_past_graph(model: ModelFolder) -> Path | None:
+    """The folder's KV-cache graph, if it has one."""
+    relative = (model.manifest.get("onnx") or {}).get("with_past")
+    path = model.path / relative if relative else None
+    return path if path is not None and path.is_file() else None
+
+
+def eos_token_ids(model: ModelFolder) -> set[int]:
+    """End-of-sequence ids: the manifest's, else generation_config.json's, config.json's, else tokenizer_config.json's token."""
+    found = model.manifest.get("eos_token_id")
+    for name in _EOS_FILES:
+        if found is None:
+            found = _read_json(model.path / name).get("eos_token_id")
+    if found is None:
+        token = _read_json(model.path / "tokenizer_config.json").get("eos_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        found = model.tokenizer.token_to_id(token) if isinstance(token, str) else None
+    if found is None:
+        return set()
+    return {int(i) for i in found} if isinstance(found, list) else {int(found)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent or unreadable: the next source is tried
+    return data if isinstance(data, dict) else {}
