@@ -47,10 +47,18 @@ class Analysis:
 
 
 def collect_statistics(reader: ActivationReader, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Stream the texts through the model and return the seven per-layer statistics."""
+    """Stream the texts through the model and return the seven per-layer statistics.
+
+    Texts run longest first, so that a batch holds texts of similar lengths and pads little; the
+    statistics still see them in the given order (``positions``).
+    """
     accumulator = LayerStatistics(reader.num_layers)
-    for batch in reader.batches(token_lists, batch_size=batch_size, progress=progress):
-        accumulator.add_batch(batch.resid_in, batch.resid_out, batch.attention_mask, batch.patterns)
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    done = 0
+    for batch in reader.batches([token_lists[i] for i in order], batch_size=batch_size, progress=progress):
+        count = len(batch.attention_mask)
+        accumulator.add_batch(batch.resid_in, batch.resid_out, batch.attention_mask, batch.patterns, positions=order[done : done + count])
+        done += count
     return accumulator.result()
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from cp_onnx.errors import CpOnnxError
-
-# A ModelProto above this size cannot be handed to onnxruntime as bytes (protobuf's 2 GB limit).
-_PROTO_LIMIT = 2**31 - 2**20
+from graph_passes import graph_io
 
 
 def pad_batch(token_lists: Sequence[Sequence[int]], *, side: str = "right", pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,28 +36,73 @@ def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
-class Runner:
-    """One onnxruntime CPU session over a model file or an in-memory ModelProto."""
+def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` with its big initializers as stubs (``graph_io.weightless_copy``), and their values by name.
 
-    def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int | None = None):
+    Passes then work on a graph of a few MB, and onnxruntime takes the weights from memory
+    (``Runner(light, weights=...)``) instead of serialising, parsing and copying hundreds of MB.
+    Returns ``(model, {})`` if a weight has no plain numpy type (bfloat16, float8, ...).
+    """
+    light = graph_io.weightless_copy(model)
+    weights = {}
+    for original, stub in zip(model.graph.initializer, light.graph.initializer):
+        if original.data_location != onnx.TensorProto.EXTERNAL and stub.data_location == onnx.TensorProto.EXTERNAL:
+            array = numpy_helper.to_array(original)
+            if array.dtype.type.__module__ != "numpy":  # ml_dtypes: onnxruntime cannot wrap it as it is
+                return model, {}
+            weights[original.name] = array
+    return light, weights
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Tensor names that the graph's nodes (subgraphs included) or outputs read."""
+    names = {value.name for value in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []:
+                names |= _names_read(subgraph)
+    return names
+
+
+class Runner:
+    """One onnxruntime CPU session over a model file or an in-memory ModelProto.
+
+    ``weights`` supplies initializers that the model holds as stubs (see ``detach_weights``); a
+    ModelProto with its weights inline is detached here rather than serialised whole.
+    """
+
+    def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0 lets onnxruntime use every core
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
         self._tmpdir = None
+        weights = dict(weights or {})
         if isinstance(model, onnx.ModelProto):
+            model, detached = detach_weights(model)
+            # onnxruntime drops initializers nothing reads before it looks for the ones supplied here.
+            used = _names_read(model.graph)
+            weights = {name: value for name, value in {**weights, **detached}.items() if name in used}
             model = self._as_loadable(model)
+        # onnxruntime reads these buffers for as long as the session lives, so the session keeps them.
+        self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
+        if weights:
+            options.add_external_initializers(list(weights), self._weights)
         try:
             self.session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CpOnnxError(f"onnxruntime cannot load the model: {first_line}; re-export it with `cp-onnx export`") from exc
+        self.session.cp_onnx_weights = self._weights  # callers may keep only the session (sweep, perturbation)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _as_loadable(self, model: onnx.ModelProto) -> bytes | Path:
-        if model.ByteSize() < _PROTO_LIMIT:
+        try:
             return model.SerializeToString()
+        except ValueError:  # over protobuf's 2 GB even without the big weights (huge Constant nodes)
+            pass
         # Too big for bytes: onnxruntime needs a file, with the weights as external data beside it.
         self._tmpdir = tempfile.TemporaryDirectory(prefix="cp-onnx-")
         path = Path(self._tmpdir.name) / "model.onnx"

@@ -5,6 +5,8 @@ as running each text alone, as the paper's reference implementation does (METHOD
 Memory stays bounded: running sums per layer, the pooled outputs' running mean and squared
 deviations (for the cross-example variance), the first text's pooled outputs (for the forward
 similarity) and the change vectors of the first ``RANK_TEXTS`` texts (for the rank).
+"First" means first in the calibration order, which batches may state (``positions``) when they
+arrive in another order (sorted by length, to pad less).
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ class LayerStatistics:
         self._with_patterns: bool | None = None  # whether batches carry attention patterns
         self._out_mean: np.ndarray | None = None  # [layers, hidden], running mean of pooled outputs
         self._out_m2: np.ndarray | None = None  # [layers, hidden], running sum of squared deviations
-        self._first_out: np.ndarray | None = None  # [layers, hidden], first text's pooled outputs
-        self._rank_changes: list[np.ndarray] = []  # [layers, hidden] per text, first RANK_TEXTS texts
+        self._first_out: tuple[int, np.ndarray] | None = None  # (position, [layers, hidden]) of the first text
+        self._rank_changes: dict[int, np.ndarray] = {}  # position -> [layers, hidden], first RANK_TEXTS texts
 
     def add_batch(
         self,
@@ -61,9 +63,16 @@ class LayerStatistics:
         resid_out: Sequence[np.ndarray],
         attention_mask: np.ndarray,
         patterns: Sequence[np.ndarray] | None = None,
+        positions: Sequence[int] | None = None,
     ) -> None:
-        """Add a padded batch: per layer [batch, seq, hidden] residuals and [batch, heads, seq, seq] patterns."""
+        """Add a padded batch: per layer [batch, seq, hidden] residuals and [batch, heads, seq, seq] patterns.
+
+        ``positions``: each text's place in the calibration order (default: after the texts added so far).
+        """
         mask = self._check_batch(resid_in, resid_out, attention_mask, patterns)
+        positions = list(range(self.num_texts, self.num_texts + mask.shape[0]) if positions is None else positions)
+        if len(positions) != mask.shape[0]:
+            raise CpOnnxError(f"got {len(positions)} positions for a batch of {mask.shape[0]} texts; give one per text")
         # Everything is computed before any state changes, so a rejected batch leaves no trace.
         # Layer by layer, input before output, so a NaN is blamed on the layer that produced it.
         pooled_in, pooled_out = [], []
@@ -82,10 +91,12 @@ class LayerStatistics:
         self._growth_sum += np.where(usable, np.linalg.norm(pooled_out, axis=-1) / np.where(usable, in_norm, 1.0), 0.0).sum(axis=0)
         self._growth_count += usable.sum(axis=0)
         self._merge_outputs(pooled_out)
-        if self._first_out is None:
-            self._first_out = pooled_out[0].copy()
-        room = RANK_TEXTS - len(self._rank_changes)
-        self._rank_changes.extend(change[:room].copy())
+        first = int(np.argmin(positions))
+        if self._first_out is None or positions[first] < self._first_out[0]:
+            self._first_out = (positions[first], pooled_out[first].copy())
+        self._rank_changes.update(zip(positions, change))  # rows of a fresh array: no copy needed
+        for late in sorted(self._rank_changes)[RANK_TEXTS:]:
+            del self._rank_changes[late]
         self.num_texts += mask.shape[0]
 
     def result(self) -> dict[str, np.ndarray]:
@@ -95,7 +106,8 @@ class LayerStatistics:
         n = self.num_texts
         growth = np.divide(self._growth_sum, self._growth_count, out=np.zeros(self.num_layers), where=self._growth_count > 0)
         forward = np.zeros(self.num_layers)  # the last layer has no successor: 0, as in the reference
-        forward[:-1] = cosine(self._first_out[:-1], self._first_out[1:])
+        first_out = self._first_out[1]
+        forward[:-1] = cosine(first_out[:-1], first_out[1:])
         return {
             "representation_change": self._change_sum / n,
             "self_similarity": self._self_sim_sum / n,
@@ -178,7 +190,7 @@ class LayerStatistics:
         """Effective rank (exp of the entropy of normalised singular values) of the stacked change vectors."""
         if len(self._rank_changes) < MIN_RANK_TEXTS:
             return np.zeros(self.num_layers)  # the reference leaves the rank at its default, 0.0
-        changes = np.stack(self._rank_changes, axis=1)  # [layers, texts, hidden]
+        changes = np.stack([self._rank_changes[p] for p in sorted(self._rank_changes)], axis=1)  # [layers, texts, hidden]
         ranks = np.zeros(self.num_layers)
         for layer, matrix in enumerate(changes):
             singular = np.linalg.svd(matrix, compute_uv=False)

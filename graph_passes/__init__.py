@@ -7,5 +7,6 @@ from graph_passes.discovery import discover
 from graph_passes.errors import GraphPassError
 from graph_passes.expose import expose
 from graph_passes.layer_map import Layer, LayerMap, block_name, parse_name
+from graph_passes.route import route
 
-__all__ = ["GraphPassError", "Layer", "LayerMap", "block_name", "discover", "expose", "graph_io", "graph_utils", "parse_name"]
+__all__ = ["GraphPassError", "Layer", "LayerMap", "block_name", "discover", "expose", "graph_io", "graph_utils", "parse_name", "route"]
