@@ -1,0 +1,198 @@
+"""Teacher-forced scoring of probe items: prompt + answer (or option) in one forward pass, metrics per task kind.
+
+A continuation's tokens are the tail of ``encode(prompt + continuation)`` after the tokens of
+``encode(prompt)`` (BOS and all, as the tokenizer adds them), so the continuation is tokenized as in
+running text; the prompt's tokens must be a prefix of the joint tokenization. Token ``t[p]`` is
+scored with the logits at ``p - 1``. Options share the answer's sequence where they can: an option
+whose tokens, all but the last, begin another continuation of the same prompt is read off that
+sequence (one-token options always are), so a yes/no item costs one sequence, not two. General texts
+are scored on every token after the first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.probes import ProbeItem
+from cp_onnx.runner import Runner, pad_batch
+
+Encode = Callable[[str], Sequence[int]]
+METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy")
+SCORING_VERSION = 1  # bump when what a metric means changes: sweeps made before are not resumed
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """What gets a score: an item's answer or one of its options, or a general text."""
+
+    tokens: tuple[int, ...]  # the scored tokens
+    item: int | None  # index of the probe item; None for a general text
+    option: int | None = None  # index into the item's options; None for an item without options
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """One token sequence run through the model; its continuations' tokens are scored from ``start`` on."""
+
+    tokens: tuple[int, ...]
+    start: int
+    continuations: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded batch and the flat positions (row * seq + token) whose logits predict ``targets``."""
+
+    input_ids: np.ndarray  # [rows, seq]
+    attention_mask: np.ndarray
+    positions: np.ndarray  # [n] int64
+    targets: np.ndarray  # [n] int64
+    owners: np.ndarray  # [n] index of the continuation each target belongs to
+
+
+class ProbePlan:
+    """The sequences to run for some probe items and general texts, batched by length."""
+
+    def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, batch_size: int = 16, max_length: int = 256):
+        if batch_size < 1:
+            raise CpOnnxError(f"batch size must be at least 1, not {batch_size}")
+        self.items = list(items)
+        self.continuations: list[Continuation] = []
+        self.sequences: list[ScoredSequence] = []
+        for k, item in enumerate(self.items):
+            self._add_item(k, item, encode)
+        for tokens in map(encode, general):
+            tokens = tuple(tokens[:max_length])
+            if len(tokens) > 1:
+                self.continuations.append(Continuation(tokens[1:], None))
+                self.sequences.append(ScoredSequence(tokens, 1, (len(self.continuations) - 1,)))
+        order = sorted(range(len(self.sequences)), key=lambda s: (len(self.sequences[s].tokens), s))
+        self.batches = [self._batch(order[k : k + batch_size]) for k in range(0, len(order), batch_size)]
+
+    def _add_item(self, k: int, item: ProbeItem, encode: Encode) -> None:
+        """The item's continuations, the answer first, each on the first sequence that can host it or on its own."""
+        if item.options and item.answer not in item.options:
+            raise CpOnnxError(f"probe item {item.id!r} has options {list(item.options)} without its answer {item.answer!r}; add the answer to the options")
+        prompt = tuple(encode(item.prompt))
+        if not prompt:
+            raise CpOnnxError(f"probe item {item.id!r}: the prompt tokenizes to nothing, so its first answer token has no logits; give a prompt")
+        choices = list(enumerate(item.options)) if item.options else [(None, item.answer)]
+        choices.sort(key=lambda choice: choice[1] != item.answer)  # stable: the answer, then the options in order
+        hosts: list[tuple[tuple[int, ...], list[int]]] = []  # (tokens, continuations) of this item's sequences
+        for option, text in choices:
+            tokens = _continuation(item, prompt, text, encode)
+            self.continuations.append(Continuation(tokens, k, option))
+            host = next((h for h in hosts if h[0][len(prompt) : len(prompt) + len(tokens) - 1] == tokens[:-1]), None)
+            if host is None:
+                host = (prompt + tokens, [])
+                hosts.append(host)
+            host[1].append(len(self.continuations) - 1)
+        self.sequences += [ScoredSequence(tokens, len(prompt), tuple(members)) for tokens, members in hosts]
+
+    def _batch(self, members: list[int]) -> TokenBatch:
+        ids, mask = pad_batch([self.sequences[s].tokens for s in members])
+        positions, targets, owners = [], [], []
+        for row, s in enumerate(members):
+            seq = self.sequences[s]
+            for c in seq.continuations:
+                tokens = self.continuations[c].tokens
+                positions.append(row * ids.shape[1] + seq.start - 1 + np.arange(len(tokens)))
+                targets.append(np.asarray(tokens))
+                owners.append(np.full(len(tokens), c))
+        return TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)))
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the sequences run, the continuations scored and the item kinds: equal plans give equal metrics."""
+        payload = json.dumps([SCORING_VERSION, [(s.tokens, s.start, s.continuations) for s in self.sequences],
+                              [(c.tokens, c.item, c.option) for c in self.continuations],
+                              [(i.kind, i.answer, i.options) for i in self.items]])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def tokens(self) -> int:
+        """Tokens run through the model per config (padding not counted)."""
+        return sum(len(s.tokens) for s in self.sequences)
+
+    def metrics(self, results: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
+        """Metrics from ``token_scores`` of every batch, in batch order: overall, ``general_nll`` and ``by_kind``."""
+        logprob, all_hit = self.continuation_scores(results)
+        rows = self.item_rows(logprob, all_hit)
+        general = [c for c, cont in enumerate(self.continuations) if cont.item is None]
+        scored = sum(len(self.continuations[c].tokens) for c in general)
+        result = {**_summary(rows), "general_nll": float(-logprob[general].sum() / scored) if general else None}
+        kinds = dict.fromkeys(item.kind for item in self.items)
+        result["by_kind"] = {kind: _summary([r for r, item in zip(rows, self.items) if item.kind == kind]) for kind in kinds}
+        return result
+
+    def continuation_scores(self, results: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per continuation: the summed log-prob of its tokens, and whether each was the argmax."""
+        logprob = np.zeros(len(self.continuations))
+        all_hit = np.ones(len(self.continuations), dtype=bool)
+        for batch, (token_logprob, hit) in zip(self.batches, results, strict=True):
+            np.add.at(logprob, batch.owners, token_logprob)
+            np.logical_and.at(all_hit, batch.owners, hit)
+        return logprob, all_hit
+
+    def item_rows(self, logprob: np.ndarray, all_hit: np.ndarray) -> list[dict]:
+        """Per item: the answer's log-prob, greedy hit and (with options) whether it beats every other option."""
+        of_item: dict[int, dict[int | None, int]] = {}
+        for c, cont in enumerate(self.continuations):
+            if cont.item is not None:
+                of_item.setdefault(cont.item, {})[cont.option] = c
+        rows = []
+        for k, item in enumerate(self.items):
+            found = of_item[k]
+            answer = found[item.options.index(item.answer) if item.options else None]
+            choice = None
+            if item.options:
+                totals = [logprob[found[o]] for o in range(len(item.options))]
+                choice = float(int(np.argmax(totals)) == item.options.index(item.answer))
+            rows.append({"answer_logprob": float(logprob[answer]), "greedy_accuracy": float(all_hit[answer]), "choice_accuracy": choice})
+        return rows
+
+
+def _continuation(item: ProbeItem, prompt: tuple[int, ...], text: str, encode: Encode) -> tuple[int, ...]:
+    """The tokens ``text`` adds after the prompt in the tokenization of prompt + text."""
+    joint = tuple(encode(item.prompt + text))
+    if joint[: len(prompt)] != prompt or len(joint) == len(prompt):
+        raise CpOnnxError(
+            f"probe item {item.id!r}: the prompt's tokens are not followed by tokens of {text!r} in the tokenization of prompt + {text!r}; "
+            "end the prompt exactly where the answer starts and start the answer with a space"
+        )
+    return joint[len(prompt) :]
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Means of the per-item metrics (choice accuracy over the items with options; None without any)."""
+    summary = {}
+    for metric in METRICS:
+        values = [r[metric] for r in rows if r[metric] is not None]
+        summary[metric] = float(np.mean(values)) if values else None
+    summary["items"] = len(rows)
+    return summary
+
+
+def token_scores(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probability of each target under its logits row [n, vocab], and whether it is the row's argmax."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=1)
+    log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    rows = np.arange(len(targets))
+    return logits[rows, targets] - log_norm, logits.argmax(axis=1) == targets
+
+
+def score_model(runner: Runner, plan: ProbePlan, *, logits: str | None = None) -> dict:
+    """Metrics of a whole model (its full logits output), e.g. the base or a routed model."""
+    name = logits or runner.output_names[0]
+    results = []
+    for batch in plan.batches:
+        full = runner.run(batch.input_ids, batch.attention_mask, [name])[name]
+        rows = full.reshape(-1, full.shape[-1])[batch.positions]
+        results.append(token_scores(rows, batch.targets))
+    return plan.metrics(results)

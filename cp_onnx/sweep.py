@@ -1,0 +1,305 @@
+"""Brute-force ground truth: every duplicated block [start, end) scored on a probe suite, one JSONL line each.
+
+Block [i, j) runs layers 0..j-1, then i..j-1 again, then j..L-1, so everything up to layer j-1's
+output is the base model's. The reuse mode runs the base model once, layer by layer (segment pass),
+keeps every layer's output, and for each block runs only i..L-1 from the kept output of layer j-1,
+then the head at the scored positions. The naive mode builds each routed model (route pass) and runs
+it from scratch; it exists to check and time the reuse mode.
+
+The output is resumable: a header line names the model and suite, then one line per config,
+appended and fsynced as each finishes.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import graph_passes
+from cp_onnx import probes
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.model import ModelFolder
+from cp_onnx.report import _finite, file_sha256
+from cp_onnx.runner import Runner, default_threads, position_ids_for
+from cp_onnx.scores import candidate_blocks
+from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
+from exporters.manifest import write_text_atomic
+from graph_passes.layer_path import duplicate, format_path
+from graph_passes.route import route
+from graph_passes.segment import POSITIONS, segment
+
+Config = tuple[int | None, int | None]  # (start, end) of the duplicated block, end exclusive; (None, None) = baseline
+BASELINE: Config = (None, None)
+SWEEP_FORMAT = "cp-onnx-sweep"
+SWEEP_VERSION = 1
+MODES = ("reuse", "naive")
+HEAD_ROWS = 256  # logits rows per head run: 256 x 49152 floats is 50 MB
+
+
+def block_configs(num_layers: int, sizes: Sequence[int] = (3, 4, 5), *, all_blocks: bool = False) -> list[Config]:
+    """The baseline, then every block of the given sizes (or every block with ``all_blocks``), size by size, start ascending."""
+    sizes = range(1, num_layers + 1) if all_blocks else sizes
+    return [BASELINE, *candidate_blocks(num_layers, tuple(sizes))]
+
+
+def layer_path(config: Config, num_layers: int) -> list[int]:
+    """The layers a config runs, in order."""
+    start, end = config
+    return list(range(num_layers)) if start is None else duplicate(start, end, num_layers)
+
+
+class ReuseEvaluator:
+    """The base model run once layer by layer, its layer outputs kept; a block then reruns only what differs.
+
+    Keeps every layer's output for every batch: layers x padded tokens x hidden float32 (SmolLM2,
+    10k tokens: 30 x 10k x 576 x 4 B = 0.7 GB).
+    """
+
+    def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
+        proto = graph_passes.graph_io.load(onnx_path)
+        parts = segment(proto, graph_passes.discover(proto))
+        del proto
+        self.num_layers, self.plan, self.resid_in, embed = len(parts.layers), plan, parts.resid_in, parts.embed
+        models = [parts.preamble, *parts.layers, parts.head]
+        del parts
+        sessions = []
+        while models:  # each segment's proto freed once its session holds the weights
+            sessions.append(_session(models.pop(0), threads))
+        self.preamble, *self.layers, self.head = sessions
+        self.contexts, self.outputs = [], []  # per batch: context tensors; every layer's output
+        for batch in plan.batches:
+            context = self._context(batch)
+            stream, kept = context[embed], []
+            for layer in range(self.num_layers):
+                stream = self._layer(layer, stream, context)
+                kept.append(stream)
+            self.contexts.append(context)
+            self.outputs.append(kept)
+
+    def _context(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": position_ids_for(batch.attention_mask)}
+        wanted = {i.name: feeds[i.name] if i.name in feeds else np.zeros_like(batch.input_ids) for i in self.preamble.get_inputs()}  # token_type_ids: zeros
+        names = [o.name for o in self.preamble.get_outputs()]
+        return {**feeds, **dict(zip(names, self.preamble.run(names, wanted)))}
+
+    def _layer(self, layer: int, stream: np.ndarray, context: dict) -> np.ndarray:
+        session = self.layers[layer]
+        resid_in = self.resid_in[layer]
+        feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in session.get_inputs()}
+        return session.run(None, feeds)[0]
+
+    def _head(self, stream: np.ndarray, context: dict, batch: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
+        resid_in = self.resid_in[-1]
+        feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in self.head.get_inputs() if i.name != POSITIONS}
+        scores = []
+        for k in range(0, len(batch.positions), HEAD_ROWS):
+            logits = self.head.run(None, {**feeds, POSITIONS: batch.positions[k : k + HEAD_ROWS]})[0]
+            scores.append(token_scores(logits, batch.targets[k : k + HEAD_ROWS]))
+        return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
+
+    def evaluate(self, config: Config) -> dict:
+        start, end = config
+        resume_at = self.num_layers if start is None else end  # layer j-1's output is the base model's
+        remaining = layer_path(config, self.num_layers)[resume_at:]
+        results = []
+        for b, batch in enumerate(self.plan.batches):
+            stream = self.outputs[b][resume_at - 1]
+            for layer in remaining:
+                stream = self._layer(layer, stream, self.contexts[b])
+            results.append(self._head(stream, self.contexts[b], batch))
+        return self.plan.metrics(results)
+
+
+def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+    """A CPU session for one of thirty-odd segments that run in turn: no memory arena (each would keep its
+    peak activations) and no spinning threads (idle pools would spin against the session at work)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise CpOnnxError(f"onnxruntime cannot load segment {model.graph.name}: {str(exc).strip().splitlines()[0]}; re-export the model") from exc
+
+
+class NaiveEvaluator:
+    """Each config's routed model built and run from scratch (the slow, independent way)."""
+
+    def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
+        self.proto = graph_passes.graph_io.load(onnx_path)
+        self.layer_map = graph_passes.discover(self.proto)
+        self.num_layers, self.plan, self.threads = self.layer_map.num_layers, plan, threads
+
+    def evaluate(self, config: Config) -> dict:
+        routed = route(self.proto, self.layer_map, layer_path(config, self.num_layers))
+        return score_model(Runner(routed, threads=self.threads), self.plan, logits=self.layer_map.logits)
+
+
+EVALUATORS = {"reuse": ReuseEvaluator, "naive": NaiveEvaluator}
+
+
+def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Sequence[probes.ProbeItem] | None = None, *,
+          out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
+          sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
+          batch_size: int = 16, max_length: int = 256, threads: int | None = None,
+          log: Callable[[str], None] = print) -> list[dict]:
+    """Score the baseline and every config on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
+
+    ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
+    always added. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
+    ``workers`` processes share the configs and ``threads`` (default: every core); results do not
+    depend on either. Returns the rows of all requested configs, in config order.
+    """
+    if mode not in MODES:
+        raise CpOnnxError(f"unknown sweep mode {mode!r}; use one of {', '.join(MODES)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise CpOnnxError(f"workers must be a whole number >= 1, not {workers!r}")
+    items = probes.probe_suite(0) if items is None else list(items)
+    if not items:
+        raise CpOnnxError("the probe suite is empty; give at least one item")
+    general = probes.general_texts() if general is None else general
+    plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general, batch_size=batch_size, max_length=max_length)
+    num_layers = _num_layers(model)
+    configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers)
+    header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION,
+              "model": {"name": model.name, "onnx_sha256": file_sha256(model.onnx_path), "num_layers": num_layers},
+              "suite": {"identity": plan.identity, "items": len(items), "sequences": len(plan.sequences), "tokens": plan.tokens}}
+    done = open_log(Path(out), header)
+    todo = [c for c in configs if c not in done]
+    log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configs already in {out}; {len(todo)} to run "
+        f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {mode} mode, {workers} worker{'s' * (workers > 1)})")
+    for count, (config, row) in enumerate(_evaluate_all(model.onnx_path, plan, todo, mode, workers, threads), 1):
+        append_row(Path(out), row)
+        done[config] = row
+        if progress:
+            progress(count, len(todo))
+    return [done[c] for c in configs]
+
+
+def _num_layers(model: ModelFolder) -> int:
+    """Layer count from the manifest, else by discovery on the graph (without its weights)."""
+    if isinstance(model.manifest.get("num_layers"), int):
+        return model.manifest["num_layers"]
+    return graph_passes.discover(graph_passes.graph_io.load(model.onnx_path, weights=False)).num_layers
+
+
+def _checked_configs(configs: Iterable[Config], num_layers: int) -> list[Config]:
+    """Configs as (start, end) tuples, baseline first, each once; CpOnnxError for a block that does not fit."""
+    checked = [BASELINE]
+    for config in configs:
+        start, end = tuple(config) if isinstance(config, Sequence) and len(config) == 2 else (-1, -1)
+        if (start, end) != BASELINE and not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= num_layers):
+            raise CpOnnxError(f"config {config!r} is not a block of this {num_layers}-layer model; give (start, end) with 0 <= start < end <= {num_layers}, end exclusive")
+        if (start, end) not in checked:
+            checked.append((start, end))
+    return checked
+
+
+def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode: str, workers: int, threads: int | None):
+    """(config, row) for every config, in order, from this process or from ``workers`` processes."""
+    if not configs:
+        return
+    workers = min(workers, len(configs))
+    threads = max(1, (threads or default_threads()) // workers)
+    if workers == 1:
+        _start_worker(mode, onnx_path, plan, threads)
+        try:
+            yield from map(_run_config, configs)
+        finally:
+            _WORKER.clear()  # the sessions and kept layer outputs go with the sweep
+        return
+    context = multiprocessing.get_context("spawn")  # onnxruntime's thread pools do not survive fork
+    with context.Pool(workers, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads)) as pool:
+        yield from pool.imap(_run_config, configs)
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int) -> None:
+    _WORKER["evaluator"] = EVALUATORS[mode](onnx_path, plan, threads)
+
+
+def _run_config(config: Config) -> tuple[Config, dict]:
+    evaluator = _WORKER["evaluator"]
+    began = time.perf_counter()
+    metrics = evaluator.evaluate(config)
+    start, end = config
+    row = {"start": start, "end": end, "path": format_path(layer_path(config, evaluator.num_layers)), **metrics,
+           "seconds": round(time.perf_counter() - began, 3)}
+    return config, _finite(row)
+
+
+def open_log(path: Path, header: dict) -> dict[Config, dict]:
+    """Rows already in the sweep file at ``path`` (created with ``header`` if absent); a partial last line is dropped."""
+    if path.is_dir():
+        raise CpOnnxError(f"{path} is a folder; give the path of a .jsonl file for the sweep, e.g. {path / 'sweep.jsonl'}")
+    if not path.exists():
+        _write_header(path, header)
+        return {}
+    found, rows, good_end = _read_lines(path)
+    for what, key, field in (("model", "model", "onnx_sha256"), ("probe suite", "suite", "identity")):
+        if found.get(key, {}).get(field) != header[key][field]:
+            raise CpOnnxError(f"{path} holds a sweep of another {what}; pass a new output file, or delete {path} to start over")
+    if good_end is not None:
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+            os.fsync(fh.fileno())
+    return {(row["start"], row["end"]): row for row in rows}
+
+
+def read_sweep(path: Path) -> tuple[dict, list[dict]]:
+    """(header, rows) of a sweep file, without a partial last line."""
+    header, rows, _ = _read_lines(Path(path))
+    return header, rows
+
+
+def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
+    """Header, rows, and the byte length to cut a partial last line to (None if there is none)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CpOnnxError(f"no sweep file at {path}; run `cp-onnx sweep --out {path}` first") from None
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # text after the last newline is a line cut short by a kill
+    header = _parse(complete[0] if complete else b"", path, 1)
+    if not isinstance(header, dict) or header.get("format") != SWEEP_FORMAT:
+        raise CpOnnxError(f"{path} is not a cp-onnx sweep file; give the JSONL file written by `cp-onnx sweep`")
+    if header.get("version") != SWEEP_VERSION:
+        raise CpOnnxError(f"{path} is sweep format version {header.get('version')}, this cp-onnx reads version {SWEEP_VERSION}; run the sweep again")
+    rows = [_parse(line, path, number) for number, line in enumerate(complete[1:], 2)]
+    return header, rows, (len(data) - len(tail)) if tail else None
+
+
+def _parse(line: bytes, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CpOnnxError(f"line {number} of {path} is not valid JSON; delete the file to start the sweep over") from None
+
+
+def _write_header(path: Path, header: dict) -> None:
+    """Create the sweep file holding only its header line, atomically."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(header) + "\n")
+    except OSError as err:
+        raise CpOnnxError(f"cannot write the sweep to {path} ({err.strerror}); choose another output file") from None
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one line and force it to disk: a killed run loses at most the config in progress."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row, allow_nan=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -1,0 +1,162 @@
+"""Predictions against the sweep's ground truth: does each method name the block that really helps?
+
+A block's gain on a metric is its sweep value minus the baseline's (higher is better for every metric
+here). Every comparison is made per method and per metric, with per-kind gains and the general-text
+cost beside it, never as one number alone.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.scoring import METRICS
+
+TOLERANCE = 2  # "within 2 layers": start and end each off by at most this much
+
+
+def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: Sequence[str] = METRICS, sweep_header: dict | None = None) -> dict:
+    """Per method and metric: the sweep's best block, where the method ranks it, and what its top-1 achieves.
+
+    With ``sweep_header`` (from ``sweep.read_sweep``), a report and sweep of different ONNX files are refused.
+    """
+    if sweep_header is not None:
+        ours, theirs = (report.get("model") or {}).get("onnx_sha256"), (sweep_header.get("model") or {}).get("onnx_sha256")
+        if ours != theirs:
+            raise CpOnnxError(f"the report and the sweep were made on different models (onnx sha256 {str(ours)[:12]} vs {str(theirs)[:12]}); analyze and sweep the same model folder")
+    if top_k < 1:
+        raise CpOnnxError(f"top_k must be at least 1, not {top_k}")
+    methods = report.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise CpOnnxError("the report has no methods; give a report.json written by `cp-onnx analyze`")
+    baseline, blocks = split_rows(sweep_rows)
+    metrics = [m for m in metrics if baseline.get(m) is not None]  # choice accuracy is None for a suite without options
+    best = {metric: best_block(baseline, blocks, metric) for metric in metrics}
+    result = {
+        "top_k": top_k,
+        "tolerance": TOLERANCE,
+        "baseline": {key: baseline.get(key) for key in (*metrics, "general_nll")},
+        "best": {metric: {"start": b[0], "end": b[1], **_block_summary(baseline, blocks[b], metric)} if b else None for metric, b in best.items()},
+        "methods": {},
+    }
+    for method, entry in methods.items():
+        predicted = [(b["start"], b["end"]) for b in entry.get("blocks", [])]
+        result["methods"][method] = {metric: _judge(predicted, baseline, blocks, best[metric], metric, top_k) for metric in metrics}
+    return result
+
+
+def split_rows(rows: Sequence[dict]) -> tuple[dict, dict[tuple[int, int], dict]]:
+    """The baseline row and the block rows by (start, end); CpOnnxError without a baseline."""
+    baseline = next((r for r in rows if r.get("start") is None and r.get("end") is None), None)
+    if baseline is None:
+        raise CpOnnxError("the sweep has no baseline row (start and end null); run `cp-onnx sweep` again to add it")
+    return baseline, {(r["start"], r["end"]): r for r in rows if r.get("start") is not None}
+
+
+def gain(row: dict | None, baseline: dict, metric: str) -> float | None:
+    """``row[metric] - baseline[metric]``, None where either is missing."""
+    if row is None or row.get(metric) is None or baseline.get(metric) is None:
+        return None
+    return row[metric] - baseline[metric]
+
+
+def best_block(baseline: dict, blocks: Mapping[tuple[int, int], dict], metric: str) -> tuple[int, int] | None:
+    """The block with the highest gain; ties go to the smaller block, then the earlier start."""
+    scored = [(g, block) for block, row in blocks.items() if (g := gain(row, baseline, metric)) is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda s: (-s[0], s[1][1] - s[1][0], s[1][0]))[1]
+
+
+def iou(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """Intersection over union of two layer ranges [start, end)."""
+    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / ((a[1] - a[0]) + (b[1] - b[0]) - inter)
+
+
+def _near(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] - b[0]) <= TOLERANCE and abs(a[1] - b[1]) <= TOLERANCE
+
+
+def _block_summary(baseline: dict, row: dict | None, metric: str) -> dict:
+    """A block's gain, per-kind gains and general-text cost (NLL increase: positive is worse)."""
+    by_kind = (row or {}).get("by_kind") or {}
+    base_kinds = baseline.get("by_kind") or {}
+    return {
+        "gain": gain(row, baseline, metric),
+        "by_kind": {kind: gain(values, base_kinds.get(kind, {}), metric) for kind, values in by_kind.items()},
+        "general_cost": gain(row, baseline, "general_nll"),
+    }
+
+
+def _judge(predicted: list[tuple[int, int]], baseline: dict, blocks: dict, best: tuple[int, int] | None, metric: str, top_k: int) -> dict:
+    top = predicted[:top_k]
+    top1 = predicted[0] if predicted else None
+    best_gain = gain(blocks.get(best), baseline, metric) if best else None
+    top1_summary = _block_summary(baseline, blocks.get(top1), metric) if top1 else None
+    top1_gain = top1_summary["gain"] if top1_summary else None
+    return {
+        "top1": None if top1 is None else {"start": top1[0], "end": top1[1], **top1_summary},
+        "best_in_top_k": best is not None and best in top,
+        "near_best_in_top_k": best is not None and any(_near(block, best) for block in top),
+        "iou_top1": iou(top1, best) if top1 and best else None,
+        "best_rank": predicted.index(best) + 1 if best in predicted else None,
+        # Only meaningful when some block helps: a ratio to a loss would reward hurting less.
+        "gain_ratio": top1_gain / best_gain if top1_gain is not None and best_gain and best_gain > 0 else None,
+    }
+
+
+def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], out_png: str | Path, metric: str = "answer_logprob") -> Path:
+    """A start x end map of each block's gain on ``metric``, each method's top-1 and the best block marked; PNG written atomically."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import TwoSlopeNorm
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CpOnnxError("heatmaps need matplotlib: pip install 'cp-onnx[plots]'") from None
+    import numpy as np
+
+    baseline, blocks = split_rows(sweep_rows)
+    if baseline.get(metric) is None:
+        raise CpOnnxError(f"the sweep has no {metric!r} values; choose one of {', '.join(METRICS)}")
+    size = max([end for _, end in blocks] + [1])
+    grid = np.full((size, size), np.nan)  # [start, end - 1]
+    for (start, end), row in blocks.items():
+        value = gain(row, baseline, metric)
+        grid[start, end - 1] = np.nan if value is None else value
+    limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    figure = Figure(figsize=(7, 6))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(grid), origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -limit or -1, limit or 1),
+                        extent=(0.5, size + 0.5, -0.5, size - 0.5), aspect="auto")
+    figure.colorbar(image, ax=axes, label=f"{metric} gain over baseline")
+    best = best_block(baseline, blocks, metric)
+    if best:
+        axes.scatter([best[1]], [best[0]], marker="*", s=220, facecolors="gold", edgecolors="black", label=f"best {best[0]}:{best[1]}", zorder=3)
+    for (method, predicted), marker in zip(predictions.items(), "osD^v<>ph"):
+        if predicted:
+            top1 = predicted[0]
+            axes.scatter([top1["end"]], [top1["start"]], marker=marker, s=110, facecolors="none", edgecolors="black", linewidths=1.5,
+                         label=f"{method} top-1 {top1['start']}:{top1['end']}", zorder=3)
+    axes.set(xlabel="end (exclusive)", ylabel="start", title=f"Duplicated block [start, end): {metric} gain")
+    axes.legend(loc="upper left", fontsize=8)
+    return _save_atomic(figure, Path(out_png))
+
+
+def _save_atomic(figure, path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CpOnnxError(f"cannot write {path} ({err.strerror}); choose another folder") from None
+    try:
+        with os.fdopen(handle, "wb") as out:
+            figure.savefig(out, format="png", dpi=120, bbox_inches="tight")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,174 @@
+"""The segment pass: cut a model into a preamble, one model per layer and a head, to run layer by layer.
+
+Chaining them computes the full model: ``preamble(graph inputs) -> embed + context``, then
+``layer_l(resid, context) -> resid`` for every layer in any order or repetition, then
+``head(resid, context, positions) -> logits``. ``context`` holds the tensors the layers and the head
+read besides the residual stream (expanded mask, rotary tables, shape values). The head gathers the
+flat ``positions`` (row * seq + token) before the lm_head, so logits are only computed where needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import onnx
+from onnx import helper
+
+from graph_passes.errors import GraphPassError
+from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types
+from graph_passes.layer_map import LayerMap
+from graph_passes.route import _layer_of_nodes, _reads as node_reads  # the same checks and walk as routing
+
+POSITIONS = "positions"  # head input: int64 [n], flat indices row * seq + token of the logits wanted
+# Per-token ops that may follow the lm_head (bias, softcapping, casts): the gather can go before them.
+_PER_TOKEN_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Identity"})
+_GATHERED = "/segment/gathered"
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A model cut at every layer boundary; tensor names are the original graph's."""
+
+    preamble: onnx.ModelProto  # graph inputs -> embed and the context tensors computed from them
+    layers: tuple[onnx.ModelProto, ...]  # layer l: resid_in[l] + context -> resid_out[l]
+    head: onnx.ModelProto  # resid_in[L] + context + positions -> logits [n, vocab]
+    embed: str
+    resid_in: tuple[str, ...]  # input name of each layer segment, then of the head (L + 1 names)
+    resid_out: tuple[str, ...]  # output name of each layer segment
+    context: tuple[str, ...]  # tensors the layers and head read from the preamble or the graph inputs
+    logits: str
+    gathered_before_lm_head: bool  # False: the head computes all logits and gathers them after
+
+
+def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
+    """Split ``model`` into runnable segment models (initializers copied into the segment that reads them)."""
+    index = GraphIndex(model.graph)
+    if POSITIONS in index.producer or POSITIONS in index.graph_inputs:
+        raise GraphPassError(f"the graph already has a tensor named {POSITIONS!r}; rename it before segmenting")
+    layer_of = _layer_of_nodes(model.graph, layer_map)
+    layer_sets = [{i for i, node in enumerate(index.nodes) if layer_of.get(node.name) == layer.index} for layer in layer_map.layers]
+    in_layers = set().union(*layer_sets)
+    last = layer_map.layers[-1].resid_out
+    layer_reads = [_external_reads(index, members, {layer.resid_in}) for layer, members in zip(layer_map.layers, layer_sets)]
+    # Nodes the embedding and the layers' inputs need belong to the preamble, even where the head needs them too.
+    before = set().union(*(index.ancestors(t) for t in (layer_map.embed, *set().union(*layer_reads))))
+    head = index.ancestors(layer_map.logits, stop=frozenset({last})) - before
+    head_reads = _external_reads(index, head, {last})
+    context = tuple(sorted(set().union(*layer_reads, head_reads), key=lambda n: (index.position(n), n)))
+    made = [t for t in dict.fromkeys((layer_map.embed, *context)) if t not in index.graph_inputs]
+    preamble = set().union(*(index.ancestors(t) for t in made))
+    if (preamble | head) & in_layers:
+        raise GraphPassError("the embedding, the head or a layer reads another layer's inner tensors, so the graph cannot be cut at layer boundaries; re-export the model without graph optimisation")
+
+    extract = _Extractor(model, index, infer_types(model))
+    preamble_inputs = [name for name in index.graph_inputs if name in _external_reads(index, preamble, set())]
+    layers = tuple(
+        extract(f"layer{l}", members, [layer.resid_in, *sorted(reads)], [layer.resid_out])
+        for l, (layer, members, reads) in enumerate(zip(layer_map.layers, layer_sets, layer_reads))
+    )
+    head_model, gathered = _head(extract, index, head, [last, *sorted(head_reads)], layer_map.logits)
+    return Segments(
+        preamble=extract("preamble", preamble, preamble_inputs, made),
+        layers=layers,
+        head=head_model,
+        embed=layer_map.embed,
+        resid_in=tuple(layer.resid_in for layer in layer_map.layers) + (last,),
+        resid_out=tuple(layer.resid_out for layer in layer_map.layers),
+        context=context,
+        logits=layer_map.logits,
+        gathered_before_lm_head=gathered,
+    )
+
+
+def _external_reads(index: GraphIndex, members: set[int], stream: set[str]) -> set[str]:
+    """Computed tensors or graph inputs that ``members`` read but do not make (the stream excluded)."""
+    made = {out for i in members for out in index.nodes[i].output}
+    reads = {name for i in members for name in node_reads(index.nodes[i])}
+    return {n for n in reads - made - stream if n not in index.initializers and (n in index.producer or n in index.graph_inputs)}
+
+
+class _Extractor:
+    """Builds a standalone model from some of a graph's nodes, copying the initializers they read."""
+
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex, types: Mapping[str, onnx.TypeProto]):
+        self.model, self.index, self.types = model, index, types
+        self.initializers = {t.name: t for t in model.graph.initializer}
+
+    def __call__(self, name: str, members: Iterable[int], inputs: list[str], outputs: list[str], extra_nodes: list[onnx.NodeProto] = (), extra_values: list[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
+        nodes = [self.index.nodes[i] for i in sorted(members)]
+        read = {name for node in (*nodes, *extra_nodes) for name in node_reads(node)}
+        graph = helper.make_graph(
+            [*nodes, *extra_nodes],
+            name,
+            [*(self._value(t) for t in inputs), *extra_values],
+            [self._value(t) for t in outputs],
+            initializer=[self.initializers[t] for t in sorted(read & set(self.initializers))],
+        )
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        model.functions.extend(self.model.functions)
+        return model
+
+    def _value(self, tensor: str) -> onnx.ValueInfoProto:
+        value = onnx.ValueInfoProto(name=tensor)
+        inferred = self.types.get(tensor)
+        if inferred is None or not inferred.tensor_type.elem_type:
+            raise GraphPassError(f"the type of tensor {tensor!r} cannot be inferred, so it cannot become a segment input or output; re-export the model")
+        value.type.CopyFrom(inferred)
+        return value
+
+
+def _head(extract: _Extractor, index: GraphIndex, members: set[int], inputs: list[str], logits: str) -> tuple[onnx.ModelProto, bool]:
+    """The head model; the gather of ``positions`` goes before the lm_head when one is found, else after the logits."""
+    lm_head, data = _lm_head(index, members, logits)
+    positions = helper.make_tensor_value_info(POSITIONS, onnx.TensorProto.INT64, [POSITIONS])
+    if lm_head is None:
+        last = index.producer[logits]
+        nodes = [_renamed_output(index.nodes[last], logits, _GATHERED), *_gather_nodes(_GATHERED, logits)]
+        members, gathered = members - {last}, False
+    else:
+        node = onnx.NodeProto()
+        node.CopyFrom(index.nodes[lm_head])
+        node.input[0] = _GATHERED
+        nodes = [*_gather_nodes(data, _GATHERED), node]
+        members, gathered = members - {lm_head}, True
+    head = extract("head", members, inputs, [logits], nodes, [positions])
+    dims = head.graph.output[0].type.tensor_type.shape.dim  # [batch, seq, vocab] becomes [positions, vocab]
+    vocab = onnx.TensorShapeProto.Dimension()
+    if len(dims):
+        vocab.CopyFrom(dims[-1])
+    del dims[:]
+    dims.add().dim_param = POSITIONS
+    dims.add().CopyFrom(vocab)
+    return head, gathered
+
+
+def _gather_nodes(source: str, target: str) -> list[onnx.NodeProto]:
+    """Flatten ``source`` to [rows, width] and gather the ``positions`` rows into ``target``."""
+    flat = f"{target}/flat"
+    return [
+        helper.make_node("Flatten", [source], [flat], name=f"{target}/Flatten", axis=-1),
+        helper.make_node("Gather", [flat, POSITIONS], [target], name=f"{target}/Gather", axis=0),
+    ]
+
+
+def _renamed_output(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.output[list(copy.output).index(old)] = new
+    return copy
+
+
+def _lm_head(index: GraphIndex, members: set[int], logits: str) -> tuple[int | None, str | None]:
+    """The weight matmul that makes the logits (through per-token ops only) and its data input, or (None, None)."""
+    tensor = logits
+    while (i := index.producer.get(tensor)) is not None and i in members:
+        node = index.nodes[i]
+        data = index.data_inputs(i)
+        if len(data) != 1:
+            return None, None
+        if node.op_type in MATMUL_OPS and node.input[0] == data[0]:
+            return i, data[0]
+        if node.op_type not in _PER_TOKEN_OPS:
+            return None, None
+        tensor = data[0]
+    return None, None

@@ -1,0 +1,197 @@
+"""Scoring and the sweep on the tiny llama: against torch (log_softmax, layers repeated), the route pass, resume and workers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cp_onnx import sweep as sweep_module
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.model import open_model
+from cp_onnx.probes import ProbeItem
+from cp_onnx.scoring import ProbePlan
+from cp_onnx.sweep import read_sweep, sweep
+
+ITEMS = [
+    ProbeItem("a-0", "arithmetic", "Q: 2+3=", " 5"),
+    ProbeItem("a-1", "arithmetic", "Q: 17+1=", " 18"),
+    ProbeItem("s-0", "syllogism", "All A are B. x is A. Is x B?", " yes", (" yes", " no")),
+    ProbeItem("s-1", "syllogism", "No A are B. x is A. Is x B?", " no", (" yes", " no")),
+    ProbeItem("o-0", "ordering", "Ann > Bob > Cy. Who is first?", " Ann", (" Bob", " Ann", " Cy")),
+    ProbeItem("c-0", "comparison", "Which is larger, 1 or 2?", " 2", (" 1", " 2")),  # bytes " ", "1" and " ", "2": one sequence
+]
+GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets."]
+SMALL_BLOCKS = (1, 2)  # on 3 layers: [0,1) [1,2) [2,3) [0,2) [1,3)
+
+
+def bos_tokenizer(folder):
+    """Byte-level tokenizer over the tiny vocabulary (256 ids) that prepends BOS, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    bos = vocab.pop(chr(0x100))  # the character of byte 0, which no text holds
+    tokenizer = Tokenizer(models.BPE(vocab={**vocab, "<s>": bos}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.add_special_tokens(["<s>"])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model, tmp_path_factory):
+    """(torch model, ModelFolder with a BOS tokenizer) for the tiny llama."""
+    hf, onnx_path = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    bos_tokenizer(folder)
+    return hf, open_model(onnx_path, tokenizer_dir=folder)
+
+
+def torch_metrics(hf, encode, path=None) -> dict:
+    """The sweep's metrics computed independently: each sequence alone through torch, optionally with layers repeated."""
+    import torch
+
+    model = hf.model
+    layers, count = model.layers, hf.config.num_hidden_layers
+    if path is not None:
+        model.layers, hf.config.num_hidden_layers = torch.nn.ModuleList([layers[k] for k in path]), len(path)
+    try:
+        def scored(tokens, start):
+            with torch.no_grad():
+                logits = hf(torch.tensor([tokens]), use_cache=False).logits[0].double()  # a cache would mix repeated layers
+            logprobs = torch.log_softmax(logits, dim=-1)
+            picks = [(logprobs[p - 1, tokens[p]].item(), int(logits[p - 1].argmax()) == tokens[p]) for p in range(start, len(tokens))]
+            return sum(lp for lp, _ in picks), all(hit for _, hit in picks)
+
+        rows = {}
+        for item in ITEMS:
+            prompt = encode(item.prompt)
+            results = {text: scored(encode(item.prompt + text), len(prompt)) for text in (item.options or (item.answer,))}
+            logprob, hit = results[item.answer]
+            choice = float(max(results, key=lambda t: results[t][0]) == item.answer) if item.options else None
+            rows[item.id] = (item.kind, logprob, float(hit), choice)
+        general = [scored(encode(text), 1)[0] for text in GENERAL]
+        general_nll = -sum(general) / sum(len(encode(text)) - 1 for text in GENERAL)
+    finally:
+        model.layers, hf.config.num_hidden_layers = layers, count
+
+    def summary(kind=None):
+        chosen = [r for r in rows.values() if kind in (None, r[0])]
+        choices = [r[3] for r in chosen if r[3] is not None]
+        return {"answer_logprob": np.mean([r[1] for r in chosen]), "greedy_accuracy": np.mean([r[2] for r in chosen]),
+                "choice_accuracy": np.mean(choices) if choices else None, "items": len(chosen)}
+
+    return {**summary(), "general_nll": general_nll, "by_kind": {kind: summary(kind) for kind in ("arithmetic", "syllogism", "ordering", "comparison")}}
+
+
+def assert_metrics_close(got: dict, expected: dict, atol: float = 1e-4) -> None:
+    for key in ("answer_logprob", "greedy_accuracy", "choice_accuracy", "general_nll"):
+        assert got[key] == pytest.approx(expected[key], abs=atol), key
+    for kind, values in expected["by_kind"].items():
+        for key, value in values.items():
+            assert got["by_kind"][kind][key] == (pytest.approx(value, abs=atol) if value is not None else None), (kind, key)
+
+
+def encoder(model):
+    return lambda text: model.encode([text])[0][0]
+
+
+def test_baseline_and_blocks_match_torch_with_layers_repeated(tiny_llama, tmp_path):
+    hf, model = tiny_llama
+    configs = [(0, 2), (1, 3)]
+    rows = sweep(model, configs, ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
+    assert [(r["start"], r["end"], r["path"]) for r in rows] == [(None, None, "0..2"), (0, 2, "0..1,0..2"), (1, 3, "0..2,1..2")]
+    encode = encoder(model)
+    assert encode("x")[0] == encode("y")[0] != encode("x")[1]  # BOS first, the text after it
+    assert_metrics_close(rows[0], torch_metrics(hf, encode))
+    assert_metrics_close(rows[1], torch_metrics(hf, encode, [0, 1, 0, 1, 2]))
+    assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
+
+
+def test_reuse_equals_naive_routed_models(tiny_llama, tmp_path):
+    _, model = tiny_llama
+    kwargs = dict(sizes=SMALL_BLOCKS, general=GENERAL, batch_size=2, log=lambda _: None)
+    reuse = sweep(model, None, ITEMS, out=tmp_path / "reuse.jsonl", **kwargs)
+    naive = sweep(model, None, ITEMS, out=tmp_path / "naive.jsonl", mode="naive", **kwargs)
+    assert len(reuse) == 6
+    for fast, slow in zip(reuse, naive):
+        assert (fast["start"], fast["end"]) == (slow["start"], slow["end"])
+        assert_metrics_close(fast, slow, atol=1e-5)
+
+
+def test_resume_after_a_kill_runs_each_config_once(tiny_llama, tmp_path, monkeypatch):
+    _, model = tiny_llama
+    out = tmp_path / "sweep.jsonl"
+    evaluated = []
+    real_run = sweep_module._run_config
+    monkeypatch.setattr(sweep_module, "_run_config", lambda config: evaluated.append(config) or real_run(config))
+
+    def killed_after_3(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    kwargs = dict(sizes=SMALL_BLOCKS, general=GENERAL, log=lambda _: None)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, None, ITEMS, out=out, progress=killed_after_3, **kwargs)
+    first_lines = out.read_text().splitlines()
+    assert len(first_lines) == 4  # header + 3 configs
+    with open(out, "a") as fh:
+        fh.write('{"start": 2, "end": 3, "answer_lo')  # a line cut short by the kill
+    calls = []
+    rows = sweep(model, None, ITEMS, out=out, progress=lambda done, total: calls.append((done, total)), **kwargs)
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert len(evaluated) == 6 and len(set(evaluated)) == 6  # nothing evaluated twice
+    header, stored = read_sweep(out)
+    assert out.read_text().splitlines()[:4] == first_lines
+    assert header["suite"]["items"] == len(ITEMS)
+    assert sorted((r["start"] or -1, r["end"] or -1) for r in stored) == sorted((r["start"] or -1, r["end"] or -1) for r in rows)
+    assert len(stored) == 6
+    assert sweep(model, None, ITEMS, out=out, **kwargs) == rows  # all done: nothing left to run
+    assert len(evaluated) == 6
+    with pytest.raises(CpOnnxError, match="another probe suite"):
+        sweep(model, None, ITEMS[:3], out=out, **kwargs)
+    lines = out.read_text().splitlines()
+    lines[0] = lines[0].replace(header["model"]["onnx_sha256"], "0" * 64)
+    out.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CpOnnxError, match="another model"):
+        sweep(model, None, ITEMS, out=out, **kwargs)
+
+
+def test_two_workers_give_the_same_rows(tiny_llama, tmp_path):
+    _, model = tiny_llama
+    kwargs = dict(sizes=SMALL_BLOCKS, general=GENERAL, log=lambda _: None)
+    one = sweep(model, None, ITEMS, out=tmp_path / "one.jsonl", **kwargs)
+    two = sweep(model, None, ITEMS, out=tmp_path / "two.jsonl", workers=2, **kwargs)
+
+    def without_time(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert without_time(one) == without_time(two)
+    lines = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()[1:]]
+    assert without_time(lines) == without_time(one)  # written in config order
+
+
+def test_options_share_a_sequence_when_all_but_their_last_token_match(tiny_llama):
+    _, model = tiny_llama
+    plan = ProbePlan(ITEMS, encoder(model))
+    hosted = {ITEMS[plan.continuations[s.continuations[0]].item].id: len(s.continuations) for s in plan.sequences}
+    # " yes" / " no" differ in their second byte, so each needs a sequence; " 1" is read off " 2"'s sequence.
+    assert len(plan.sequences) == 2 + 2 * 2 + 3 + 1 and hosted["c-0"] == 2
+    assert len(plan.continuations) == 2 + 4 + 3 + 2
+
+
+def test_answer_tokens_must_follow_the_prompt_tokens(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "c": 2, "bc": 3}, merges=[("b", "c")]))
+    encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
+    assert ProbePlan([ProbeItem("ok", "k", "ab", "a")], encode).sequences[0].start == 2
+    with pytest.raises(CpOnnxError, match="probe item 'merged'"):
+        ProbePlan([ProbeItem("merged", "k", "ab", "c")], encode)  # "abc" is a, bc: the prompt's b is gone
+
+
+def test_bad_configs_are_refused(tiny_llama, tmp_path):
+    _, model = tiny_llama
+    with pytest.raises(CpOnnxError, match=r"config \(2, 5\) is not a block of this 3-layer model"):
+        sweep(model, [(2, 5)], ITEMS, out=tmp_path / "s.jsonl", general=GENERAL, log=lambda _: None)
