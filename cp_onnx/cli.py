@@ -73,7 +73,144 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_apply(args) -> int:
+    from cp_onnx.apply import apply
+    from cp_onnx.model import open_model
+
+    if bool(args.duplicate) == bool(args.path):
+        raise CpOnnxError("give exactly one of --duplicate i:j or --path P (e.g. --duplicate 12:15 or --path 0..14,12..29)")
+    folder = apply(open_model(args.model, log=log), args.duplicate or args.path, Path(args.out), log=log)
+    print(folder)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from cp_onnx.generate import generate
+    from cp_onnx.model import open_model
+
+    text, _ = generate(open_model(args.model, log=log), args.prompt, args.max_new_tokens, use_cache=not args.no_cache, threads=args.threads, log=log)
+    print(text)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from cp_onnx import probes
+    from cp_onnx.model import open_model
+    from cp_onnx.sweep import sweep
+
+    items = probes.load_suite(args.suite) if args.suite else probes.probe_suite(args.seed)
+    model = open_model(args.model, log=log)
+    rows = sweep(model, items=items, out=Path(args.out), workers=args.workers, sizes=args.blocks, all_blocks=args.all,
+                 threads=args.threads, batch_size=args.batch_size, progress=Progress("sweep configs"), log=log)
+    baseline = next(r for r in rows if r["start"] is None)
+    best = max((r for r in rows if r["start"] is not None), key=lambda r: r["answer_logprob"], default=None)
+    print(f"baseline answer_logprob {baseline['answer_logprob']:.4f}, greedy {baseline['greedy_accuracy']:.3f}")
+    if best:
+        print(f"best block [{best['start']}, {best['end']}): answer_logprob {best['answer_logprob']:.4f} "
+              f"({best['answer_logprob'] - baseline['answer_logprob']:+.4f}), greedy {best['greedy_accuracy']:.3f}")
+    log(f"sweep written to {args.out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from cp_onnx import report
+    from cp_onnx.sweep import read_sweep
+    from cp_onnx.validate import heatmap, validate
+
+    data = report.read_report(Path(args.report))
+    header, rows = read_sweep(Path(args.sweep))
+    result = validate(data, rows, top_k=args.top_k, sweep_header=header)
+    out = Path(args.out)
+    report.write_json(result, out / "validation.json")
+    predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
+    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric)
+    print(format_validation(result))
+    log(f"validation written to {out / 'validation.json'}, heatmap to {out / 'sweep_heatmap.png'}")
+    return 0
+
+
+def format_validation(result: dict) -> str:
+    """One line per method and metric: the top-1 block, its gain beside the best block's, hits, rank."""
+    lines = []
+    for metric, best in result["best"].items():
+        where = f"[{best['start']}, {best['end']})" if best else "none"
+        lines.append(f"{metric}: best block {where}, gain {best['gain']:+.4f}" if best else f"{metric}: no block")
+        for method, judged in result["methods"].items():
+            j, top = judged[metric], judged[metric]["top1"]
+            ratio = "n/a" if j["gain_ratio"] is None else f"{j['gain_ratio']:+.2f}"
+            lines.append(
+                f"  {method:>12}: top-1 [{top['start']}, {top['end']}) gain {top['gain']:+.4f} (x{ratio} of best), "
+                f"best in top-{result['top_k']}: {'yes' if j['best_in_top_k'] else 'no'}, within +-{result['tolerance']}: "
+                f"{'yes' if j['near_best_in_top_k'] else 'no'}, rank of best {j['best_rank']}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_batch(args) -> int:
+    from cp_onnx import batch, executors
+
+    plan = batch.load_manifest(args.manifest, out=args.out)
+    executor = executors.executor_from_args(args)
+    try:
+        results = batch.run_batch(plan, executor, log=log)
+    finally:
+        executors.close(executor)
+    failed = [r["name"] for r in results if r["status"] == "failed"]
+    print(plan.out / "summary.md")
+    if failed:
+        log(f"cp-onnx: {len(failed)} of {len(results)} models failed ({', '.join(failed)}); their errors are in {plan.out / 'summary.md'}")
+    return 1 if failed else 0
+
+
+def cmd_embed(args) -> int:
+    from cp_onnx.embed import embed
+    from cp_onnx.model import open_folder
+    from cp_onnx.report import read_report
+
+    model = Path(args.model)
+    onnx_path = open_folder(model).onnx_path if model.is_dir() else model
+    print(embed(read_report(Path(args.report)), onnx_path, args.out, top=args.top, force=args.force))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cp_onnx.report import read_report
+
+    data = read_report(Path(args.report))
+    header, rows = None, None
+    if args.sweep:
+        from cp_onnx.sweep import read_sweep
+
+        header, rows = read_sweep(Path(args.sweep))
+    if args.html:
+        from cp_onnx.html_report import write_html
+
+        log(f"wrote {write_html(data, args.html, top=args.top, sweep_rows=rows, sweep_header=header)}")
+    if args.plots:
+        from cp_onnx.plots import write_plots
+
+        for path in write_plots(data, args.plots, rows):
+            log(f"wrote {path}")
+    if args.text:
+        from cp_onnx.embed import format_text
+
+        print(format_text(data, args.top), end="")
+    elif not (args.html or args.plots):
+        from cp_onnx.summary import print_summary
+
+        print_summary(data, args.top)
+    return 0
+
+
+def batch_help() -> str:
+    from cp_onnx import batch
+
+    return batch.__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cp_onnx.executors import add_executor_arguments
+
     parser = argparse.ArgumentParser(prog="cp-onnx", description="Find, verify and apply reasoning circuits in ONNX transformer models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -97,6 +234,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--out", default="cp-onnx-out", help="output folder for report.json (default ./cp-onnx-out)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("apply", help="write the model with a block duplicated (or any layer path), ready for onnxruntime")
+    p.add_argument("model", help="exported folder, .onnx file, or anything `export` accepts")
+    p.add_argument("--duplicate", metavar="I:J", help="run layers I..J-1 twice (end exclusive)")
+    p.add_argument("--path", help="any layer path, ranges inclusive: 0..14,12,13,14,15..29")
+    p.add_argument("--out", required=True, help="folder to write the new model to")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("generate", help="greedy generation with the KV cache, for original and applied models")
+    p.add_argument("model", help="exported or applied folder, or anything `export` accepts")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence per token instead of using the KV cache")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sweep", help="brute-force ground truth: score every duplicated block on the probe suite (JSONL, resumable)")
+    p.add_argument("model", nargs="?", default=None, help="exported folder or anything `export` accepts (default: smollm2)")
+    p.add_argument("--blocks", type=_int_list, default=(3, 4, 5), help="block sizes to sweep (default 3,4,5)")
+    p.add_argument("--all", action="store_true", help="every block [i, j) with j > i instead of --blocks")
+    p.add_argument("--suite", help="a JSONL probe suite (default: the shipped suite)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shipped probe suite (default 0)")
+    p.add_argument("--out", default="sweep.jsonl", help="JSONL file; configs already in it are skipped (default sweep.jsonl)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker (default: all cores)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("validate", help="compare a report's predictions with a sweep: hits, IoU, rank of the best block, realised gain")
+    p.add_argument("report")
+    p.add_argument("sweep")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--metric", default="answer_logprob", help="metric for the heatmap (default answer_logprob)")
+    p.add_argument("--out", default="cp-onnx-out", help="folder for validation.json and sweep_heatmap.png")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("batch", help="analyze (and sweep, validate) every model of a TOML manifest; resumable",
+                       description=batch_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", help="TOML file: [settings], optional [sweep], and [[models]] with a source each")
+    p.add_argument("--out", help="output folder (default: the manifest's `out`, else MANIFEST-out beside it)")
+    p.add_argument("--workers", type=int, default=None, help="models run at once (processes, or Ray actors; default 1, Ray 2)")
+    add_executor_arguments(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("embed", help="write a report's circuit summary into an ONNX model's metadata (graph unchanged)")
+    p.add_argument("report", help="report.json written by `cp-onnx analyze`")
+    p.add_argument("model", help="the model.onnx the report analysed (or its folder)")
+    p.add_argument("--out", help="write the model here instead of replacing it")
+    p.add_argument("--top", type=int, default=5, help="blocks per method to embed (default 5)")
+    p.add_argument("--force", action="store_true", help="embed even if the model is not the one the report analysed")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("report", help="show a report: the summary table, plain text for toolchains, PNG plots, or one HTML page")
+    p.add_argument("report", help="report.json written by `cp-onnx analyze`")
+    p.add_argument("--text", action="store_true", help="top circuits and per-layer statistics, as examples/cpp prints them")
+    p.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML page with the tables and plots")
+    p.add_argument("--plots", metavar="DIR", help="write layers.png, heads.png and sweep.png into DIR")
+    p.add_argument("--sweep", metavar="SWEEP.jsonl", help="a sweep of the same model, for the sweep heatmap and the validation table")
+    p.add_argument("--top", type=int, default=5, help="blocks per method (default 5)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,351 @@
+"""`cp-onnx batch MANIFEST.toml`: analyze (and, when asked, sweep and validate) many models, resumably.
+
+The manifest names the models and the settings (keys are checked; relative paths are relative to it)::
+
+    out = "batch-out"                  # default: <manifest name>-out beside the manifest
+    [settings]                         # analyze settings for every model (a model may override any)
+    n = 10
+    block_sizes = [3, 4, 5]
+    [sweep]                            # optional: brute-force ground truth, then validation
+    sizes = [3, 4, 5]
+    per_kind = 8                       # probe items per kind (or probes = "suite.jsonl")
+    general = true                     # also score general texts (the general-text cost)
+    validate = true
+    [[models]]
+    source = "smollm2"                 # anything `cp-onnx export` accepts, an exported folder or a .onnx
+    name = "smollm2"                   # output sub-folder (default: from the source)
+
+Each model writes OUT/NAME/report.json (and sweep.jsonl, validation.json). A model whose report has
+the same model identity (onnx and weights sha256), calibration identity and methods is skipped; a
+sweep resumes where it stopped. A failing model is recorded with its error and the batch goes on.
+OUT/batch.json, OUT/summary.csv and OUT/summary.md are rewritten (atomically) after every model.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from cp_onnx import analyze, calibration
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.executors import Executor, InProcessExecutor
+from cp_onnx.report import build_report, file_sha256, read_report, write_json
+
+BATCH_FORMAT = "cp-onnx-batch"
+SETTING_TYPES = {"calibration": str, "n": int, "max_length": int, "language": str, "methods": list, "block_sizes": list,
+                 "batch_size": int, "threads": int}
+SWEEP_TYPES = {"sizes": list, "all_blocks": bool, "mode": str, "per_kind": int, "probes": str, "batch_size": int,
+               "max_length": int, "general": bool, "validate": bool}
+MODEL_TYPES = {"source": str, "name": str, "tokenizer": str, **SETTING_TYPES}
+TOP_TYPES = {"out": str, "settings": dict, "sweep": dict, "models": list}
+METHODS = (*analyze.SINGLE_SET_METHODS, "contrastive")
+SHIPPED_CALIBRATION = {"reasoning", "general", "mixed"}
+SUMMARY_METRIC = "answer_logprob"  # the sweep metric the summary shows (validation.json holds them all)
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model's work, picklable for worker processes and Ray tasks."""
+
+    name: str
+    source: str
+    tokenizer: str | None
+    settings: analyze.Settings
+    sweep: dict | None
+    folder: Path
+    previous: dict | None = None  # identity of the report already in ``folder``, if any
+
+
+@dataclass
+class Batch:
+    manifest: Path
+    out: Path
+    jobs: list[ModelJob]
+
+
+def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
+    """Read and check a batch manifest; ``out`` overrides its ``out``."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise CpOnnxError("reading a batch manifest needs Python 3.11 or later (tomllib)") from None
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CpOnnxError(f"no batch manifest at {path}; write a TOML file with [[models]] entries (see `cp-onnx batch --help`)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CpOnnxError(f"{path} is not valid TOML ({exc}); fix the manifest") from None
+    _check_keys(data, TOP_TYPES, f"{path}")
+    base = path.resolve().parent  # absolute paths: Ray workers do not share this process's working directory
+    out_dir = Path(out).resolve() if out is not None else _relative(base, data.get("out", f"{path.stem}-out"))
+    defaults = _settings_kwargs(data.get("settings", {}), base, f"[settings] of {path}")
+    sweep = _sweep_options(data.get("sweep"), base, path)
+    models = data.get("models") or []
+    if not models:
+        raise CpOnnxError(f"{path} lists no models; add [[models]] entries with a source each")
+    jobs, names = [], set()
+    for k, entry in enumerate(models, 1):
+        where = f"model {k} of {path}"
+        _check_keys(entry, MODEL_TYPES, where)
+        if "source" not in entry:
+            raise CpOnnxError(f"{where} has no source; give source = a model folder, .onnx, .gguf or a packaged name such as smollm2")
+        source = _source(base, entry["source"])
+        name = entry.get("name") or default_name(source)
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+            raise CpOnnxError(f"{where} has name {name!r}; use letters, digits, '.', '_' or '-' only (it names the output folder)")
+        if name in names:
+            raise CpOnnxError(f"two models of {path} are named {name!r}; give each a distinct name = \"...\"")
+        names.add(name)
+        overrides = _settings_kwargs({k: v for k, v in entry.items() if k in SETTING_TYPES}, base, where)
+        tokenizer = str(_relative(base, entry["tokenizer"])) if "tokenizer" in entry else None
+        jobs.append(ModelJob(name, source, tokenizer, analyze.Settings(**(defaults | overrides)), sweep, out_dir / name))
+    return Batch(path, out_dir, jobs)
+
+
+def default_name(source: str) -> str:
+    """Output folder name for a source: a packaged name, a folder's name, a .gguf's stem, a .onnx's folder."""
+    path = Path(source)
+    name = path.parent.name if path.suffix == ".onnx" else path.stem if path.suffix == ".gguf" else path.name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
+
+
+def run_batch(batch: Batch, executor: Executor | None = None, *, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every model (skipping finished ones) through ``executor``; return one result per model, in manifest order."""
+    executor = executor or InProcessExecutor()
+    jobs = [replace(job, previous=report_identity(job.folder / "report.json"),
+                    settings=job.settings if job.settings.threads else replace(job.settings, threads=executor.threads_per_task))
+            for job in batch.jobs]
+    results = [pending(job) for job in jobs]
+    log(f"batch: {len(jobs)} models into {batch.out} ({sum(j.previous is not None for j in jobs)} with a report already)")
+    write_outputs(batch, results)
+    began, done = time.perf_counter(), 0
+    try:
+        for done, result in enumerate(executor.map(run_model, jobs), 1):
+            for note in result.pop("notes", []):
+                log(f"  {result['name']}: {note}")
+            results[done - 1] = result
+            write_outputs(batch, results)
+            elapsed = time.perf_counter() - began
+            log(f"batch {done}/{len(jobs)}: {result['name']} {result['status']} in {result['seconds']:.1f}s"
+                + (f" ({result['error']})" if result["error"] else "")
+                + f"; {elapsed:.0f}s elapsed, ETA {elapsed / done * (len(jobs) - done):.0f}s")
+    except Exception as exc:  # the executor itself broke (no cluster, a lost Ray worker): record what did not run
+        for k in range(done, len(jobs)):
+            results[k] = {**results[k], "status": "failed", "error": f"not run: the executor failed ({type(exc).__name__}: {exc})"}
+        write_outputs(batch, results)
+        if isinstance(exc, CpOnnxError):  # a setup problem the user must fix (e.g. an unreachable --address)
+            raise
+    return results
+
+
+def report_identity(path: Path) -> dict | None:
+    """What decides whether a report can be reused: model, calibration, methods (None without a readable report)."""
+    try:
+        report = read_report(path)
+    except CpOnnxError:
+        return None
+    model = report.get("model") or {}
+    return {"onnx_sha256": model.get("onnx_sha256"), "weights_sha256": model.get("weights_sha256"),
+            "calibration_identity": (report.get("calibration") or {}).get("identity"), "methods": sorted(report.get("methods") or {})}
+
+
+def pending(job: ModelJob) -> dict:
+    return {"name": job.name, "source": job.source, "status": "pending", "error": None, "seconds": 0.0, "report": None,
+            "model": None, "top": {}, "validation": None}
+
+
+def run_model(job: ModelJob) -> dict:
+    """One model: open (exporting if needed), analyze unless its report is current, then sweep and validate if asked."""
+    from cp_onnx.model import open_model
+
+    began, notes = time.perf_counter(), []
+    result = pending(job)
+    try:
+        model = open_model(job.source, tokenizer_dir=job.tokenizer, log=notes.append)
+        report_path = job.folder / "report.json"
+        if _is_current(job, model):
+            report, result["status"] = read_report(report_path), "skipped"
+        else:
+            report = build_report(analyze.analyze(model, job.settings, log=notes.append))
+            write_json(report, report_path)
+            result["status"] = "analyzed"
+        result.update(report=str(report_path), model=_model_fields(report), top=_top_fields(report))
+        if job.sweep:
+            result["validation"] = _sweep_and_validate(job, model, report, notes)
+    except Exception as exc:  # recorded, and the batch goes on
+        from exporters.errors import ExportError
+        from graph_passes.errors import GraphPassError
+
+        known = isinstance(exc, (CpOnnxError, ExportError, GraphPassError))
+        result.update(status="failed", error=str(exc) if known else f"{type(exc).__name__}: {exc}")
+    result.update(seconds=round(time.perf_counter() - began, 3), notes=notes)
+    return result
+
+
+def _is_current(job: ModelJob, model) -> bool:
+    """Whether the report in the job's folder was made on this model, these calibration texts and these methods."""
+    previous = job.previous
+    if previous is None or not set(job.settings.methods) <= set(previous["methods"]):
+        return False
+    s = job.settings
+    texts = calibration.load_calibration(s.calibration, n=s.n, language=s.language)
+    return (previous["calibration_identity"] == calibration.calibration_identity(texts, s.identity_settings())
+            and previous["weights_sha256"] == model.manifest.get("weights_sha256")
+            and previous["onnx_sha256"] == file_sha256(model.onnx_path))
+
+
+def _sweep_and_validate(job: ModelJob, model, report: dict, notes: list) -> dict | None:
+    from cp_onnx import probes
+    from cp_onnx.sweep import read_sweep, sweep
+    from cp_onnx.validate import validate
+
+    options = job.sweep
+    items = probes.load_suite(options["probes"]) if "probes" in options else (
+        probes.probe_suite(0, options["per_kind"]) if "per_kind" in options else None)
+    path = job.folder / "sweep.jsonl"
+    general = None if options.get("general", True) else []  # None: the shipped general texts (for the general-text cost)
+    sweep(model, None, items, out=path, general=general, log=notes.append, threads=job.settings.threads,
+          **{k: (tuple(v) if k == "sizes" else v) for k, v in options.items() if k in ("sizes", "all_blocks", "mode", "batch_size", "max_length")})
+    if not options.get("validate", True):
+        return None
+    header, rows = read_sweep(path)
+    validation = validate(report, rows, sweep_header=header)
+    write_json(validation, job.folder / "validation.json")
+    best = validation["best"].get(SUMMARY_METRIC) or {}
+    return {"metric": SUMMARY_METRIC, "best": [best.get("start"), best.get("end")], "best_gain": best.get("gain"),
+            "top1_gain": {m: (v.get(SUMMARY_METRIC, {}).get("top1") or {}).get("gain") for m, v in validation["methods"].items()}}
+
+
+def _model_fields(report: dict) -> dict:
+    model = report["model"]
+    return {k: model.get(k) for k in ("family", "num_layers", "onnx_sha256", "weights_sha256")} | {
+        "calibration_identity": report["calibration"]["identity"]}
+
+
+def _top_fields(report: dict) -> dict:
+    return {m: {k: e["blocks"][0][k] for k in ("start", "end", "score")} for m, e in report["methods"].items() if e.get("blocks")}
+
+
+# ---- outputs: batch.json, summary.csv, summary.md ----
+
+def write_outputs(batch: Batch, results: list[dict]) -> None:
+    from exporters.manifest import write_text_atomic
+
+    failures = [{"name": r["name"], "source": r["source"], "error": r["error"]} for r in results if r["status"] == "failed"]
+    write_json({"format": BATCH_FORMAT, "version": 1, "manifest": str(batch.manifest), "models": results, "failures": failures},
+               batch.out / "batch.json")
+    columns, rows = summary_table(results)
+    write_text_atomic(batch.out / "summary.csv", _csv(columns, rows))
+    write_text_atomic(batch.out / "summary.md", _markdown(columns, rows))
+
+
+def summary_table(results: list[dict]) -> tuple[list[str], list[list]]:
+    """Columns and one row per model: status, model, each method's top-1 block and score, sweep gains, time, error."""
+    methods = list(dict.fromkeys(m for r in results for m in r["top"]))
+    validated = any(r.get("validation") for r in results)
+    columns = ["name", "status", "family", "layers"]
+    for m in methods:
+        columns += [f"{m}_block", f"{m}_depth", f"{m}_score"] + ([f"{m}_gain"] if validated else [])
+    columns += ["best_block", "best_gain"] if validated else []
+    columns += ["seconds", "error"]
+    rows = []
+    for r in results:
+        model, layers = r["model"] or {}, (r["model"] or {}).get("num_layers")
+        row = [r["name"], r["status"], model.get("family", ""), layers or ""]
+        validation = r.get("validation") or {}
+        for m in methods:
+            top = r["top"].get(m)
+            row += [f"{top['start']}:{top['end']}", f"{100 * top['start'] / layers:.0f}-{100 * top['end'] / layers:.0f}%", _cell(top["score"])] if top else ["", "", ""]
+            row += [_cell((validation.get("top1_gain") or {}).get(m))] if validated else []
+        if validated:
+            best = validation.get("best") or [None, None]
+            row += [f"{best[0]}:{best[1]}" if best[0] is not None else "", _cell(validation.get("best_gain"))]
+        rows.append(row + [f"{r['seconds']:.1f}", r["error"] or ""])
+    return columns, rows
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _csv(columns: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _markdown(columns: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- manifest checks ----
+
+def _check_keys(table: dict, types: dict, where: str) -> None:
+    if not isinstance(table, dict):
+        raise CpOnnxError(f"{where} must be a table of keys; see `cp-onnx batch --help` for the manifest format")
+    for key, value in table.items():
+        if key not in types:
+            raise CpOnnxError(f"{where} has an unknown key {key!r}; use one of {', '.join(types)}")
+        want = types[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise CpOnnxError(f"{where}: {key} must be a {want.__name__}, not {value!r}")
+
+
+def _settings_kwargs(table: dict, base: Path, where: str) -> dict:
+    _check_keys(table, SETTING_TYPES, where)
+    kwargs = dict(table)
+    for key in ("n", "max_length", "batch_size", "threads"):
+        if key in kwargs and kwargs[key] < 1:
+            raise CpOnnxError(f"{where}: {key} must be at least 1, not {kwargs[key]}")
+    if "methods" in kwargs:
+        unknown = [m for m in kwargs["methods"] if m not in METHODS]
+        if unknown or not kwargs["methods"]:
+            raise CpOnnxError(f"{where}: methods {unknown or '[]'} unknown; choose from {', '.join(METHODS)}")
+        kwargs["methods"] = tuple(kwargs["methods"])
+    if "block_sizes" in kwargs:
+        kwargs["block_sizes"] = _positive_ints(kwargs["block_sizes"], "block_sizes", where)
+    if "calibration" in kwargs and kwargs["calibration"] not in SHIPPED_CALIBRATION:
+        kwargs["calibration"] = str(_relative(base, kwargs["calibration"]))
+    return kwargs
+
+
+def _sweep_options(table: dict | None, base: Path, path: Path) -> dict | None:
+    if table is None:
+        return None
+    where = f"[sweep] of {path}"
+    _check_keys(table, SWEEP_TYPES, where)
+    options = dict(table)
+    if "sizes" in options:
+        options["sizes"] = list(_positive_ints(options["sizes"], "sizes", where))
+    if "probes" in options:
+        options["probes"] = str(_relative(base, options["probes"]))
+    return options
+
+
+def _positive_ints(values: list, key: str, where: str) -> tuple[int, ...]:
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise CpOnnxError(f"{where}: {key} must be a list of positive whole numbers such as [3, 4, 5], not {values!r}")
+    return tuple(values)
+
+
+def _source(base: Path, source: str) -> str:
+    """A path relative to the manifest when it exists there; packaged names and other sources as given."""
+    candidate = _relative(base, source)
+    return str(candidate) if candidate.exists() else source
+
+
+def _relative(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path

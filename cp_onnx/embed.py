@@ -1,0 +1,137 @@
+"""The circuit summary for C++ and edge toolchains: in an ONNX model's metadata_props, and as plain text.
+
+Metadata keys (all values strings, as ONNX requires; documented in examples/cpp/README.md):
+``cp_onnx.report_format``, ``cp_onnx.report_version``, ``cp_onnx.version``, ``cp_onnx.model_sha256``
+(sha256 of the analysed ONNX file, before embedding), ``cp_onnx.weights_sha256``,
+``cp_onnx.calibration_identity``, ``cp_onnx.num_layers``, ``cp_onnx.top_blocks`` ("method=start:end;..."
+for parsers without JSON) and ``cp_onnx.circuits`` (JSON: method -> top blocks {start, end, score}).
+
+``format_text`` is the exact text examples/cpp prints from report.json, so the two can be compared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from cp_onnx import __version__
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
+
+PREFIX = "cp_onnx."
+DEFAULT_TOP = 5
+
+
+def top_circuits(report: dict, top: int = DEFAULT_TOP) -> dict[str, list[dict]]:
+    """Method -> its ``top`` highest-ranked blocks as {start, end, score}, in report order."""
+    if top < 1:
+        raise CpOnnxError(f"--top must be at least 1, not {top}")
+    return {method: [{"start": b["start"], "end": b["end"], "score": b["score"]} for b in entry.get("blocks", [])[:top]]
+            for method, entry in (report.get("methods") or {}).items()}
+
+
+def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
+    """The metadata_props entries ``embed`` writes for ``report``."""
+    circuits = top_circuits(report, top)
+    model, calibration = report["model"], report.get("calibration") or {}
+    entries = {
+        "report_format": REPORT_FORMAT,
+        "report_version": str(REPORT_VERSION),
+        "version": __version__,
+        "model_sha256": model["onnx_sha256"],
+        "weights_sha256": model.get("weights_sha256") or "",
+        "calibration_identity": calibration.get("identity") or "",
+        "num_layers": str(model["num_layers"]),
+        "top_blocks": ";".join(f"{m}={b[0]['start']}:{b[0]['end']}" for m, b in circuits.items() if b),
+        "circuits": json.dumps(circuits, separators=(",", ":"), allow_nan=False),
+    }
+    return {PREFIX + key: value for key, value in entries.items()}
+
+
+def embed(report: dict, model_path: str | Path, out: str | Path | None = None, *, top: int = DEFAULT_TOP, force: bool = False) -> Path:
+    """Write ``metadata(report)`` into the ONNX file (in place, or to ``out``), graph untouched; return the file written.
+
+    Refuses a model other than the one the report analysed unless ``force``. Earlier ``cp_onnx.*`` entries are replaced.
+    """
+    import onnx
+
+    source = Path(model_path)
+    target = source if out is None else Path(out)
+    if not source.is_file():
+        raise CpOnnxError(f"no ONNX file at {source}; give the model.onnx the report was made on")
+    try:
+        proto = onnx.load(str(source), load_external_data=False)  # weights in external files stay where they are
+    except Exception as exc:
+        raise CpOnnxError(f"{source} is not a readable ONNX model ({type(exc).__name__}); give the model.onnx the report was made on") from None
+    existing = {p.key: p.value for p in proto.metadata_props}
+    analysed = report["model"]["onnx_sha256"]
+    if not force and analysed not in (existing.get(PREFIX + "model_sha256"), file_sha256(source)):
+        raise CpOnnxError(f"{source} is not the model the report analysed (onnx sha256 {analysed[:12]}...); give that model, or pass --force")
+    if _has_external_data(proto) and target.parent.resolve() != source.parent.resolve():
+        raise CpOnnxError(f"{source} keeps its weights in external files, which are found relative to it; write into its own folder (omit --out)")
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, dict(kept) | metadata(report, top))
+    _save_atomic(proto, target)
+    return target
+
+
+def read_metadata(model_path: str | Path) -> dict[str, str]:
+    """The ``cp_onnx.*`` entries of a model, as onnxruntime returns them."""
+    import onnxruntime
+
+    meta = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    return {k: v for k, v in meta.custom_metadata_map.items() if k.startswith(PREFIX)}
+
+
+def _has_external_data(proto) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in proto.graph.initializer)
+
+
+def _save_atomic(proto, target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise CpOnnxError(f"cannot write {target} ({exc.strerror}); choose another --out") from None
+    try:
+        with os.fdopen(handle, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        os.chmod(temp, _mode(target))  # mkstemp makes 0600; keep the model's own permissions
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _mode(target: Path) -> int:
+    """The target's permissions if it exists, else what a plain open() would give (0666 less the umask)."""
+    if target.exists():
+        return target.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
+    """Top circuits per method and per-layer statistics, one fact a line (examples/cpp/main.cpp prints the same)."""
+    num_layers = report["model"]["num_layers"]
+    lines = [f"model {report['model']['name']}", f"layers {num_layers}"]
+    for method, blocks in top_circuits(report, top).items():
+        lines.append(f"method {method}")
+        for rank, b in enumerate(blocks, 1):
+            depth = f"{100 * b['start'] / num_layers:.1f}-{100 * b['end'] / num_layers:.1f}%"
+            lines.append(f"  {rank} [{b['start']}, {b['end']}) {depth} score {_number(b['score'])}")
+    lines.append("per-layer statistics")
+    for row in report["layers"]:
+        values = " ".join(f"{key}={_number(value)}" for key, value in row.items() if key != "layer")
+        lines.append(f"  layer {row['layer']} {values}")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    """%.6g, as C's printf writes it; n/a for null."""
+    return "n/a" if value is None else "%.6g" % value

@@ -1,0 +1,118 @@
+"""`cp-onnx report --html`: one self-contained page (inline CSS, plots as PNG data URIs) with tables and plots."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from cp_onnx import plots
+from cp_onnx.embed import DEFAULT_TOP, top_circuits
+from cp_onnx.summary import KIND_METHODS
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #1d1d1f; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+.meta { color: #555; } table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: 3px 9px; text-align: right; } th { background: #f3f4f6; }
+td.name, th.name { text-align: left; } tr.top1 td { background: #eef6ff; font-weight: 600; }
+tr.in-block td { background: #fff7e0; } figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+"""
+KIND_OF_METHOD = {method: f"{kind} circuits, {where}" for kind, method, where in KIND_METHODS}
+
+
+def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | None = None, sweep_header: dict | None = None) -> str:
+    """The page as one HTML string; with sweep rows (and their header, to check the model), a validation table and heatmap."""
+    model, calibration = report["model"], report.get("calibration") or {}
+    title = f"cp-onnx report: {model['name']}"
+    parts = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p class='meta'>{_e(model.get('family', '?'))}, {model['num_layers']} layers; "
+        f"{calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens, {_e(calibration.get('source', '?'))}, "
+        f"{_e(calibration.get('language', '?'))}); onnx sha256 {_e(model['onnx_sha256'][:16])}&hellip;; "
+        f"cp-onnx {_e((report.get('versions') or {}).get('cp_onnx', '?'))}</p>",
+        "<h2>Top circuits</h2>", _circuits_table(report, top),
+    ]
+    if sweep_rows:
+        parts += ["<h2>Against the sweep</h2>", _validation_table(report, sweep_rows, sweep_header)]
+    parts += ["<h2>Per-layer statistics</h2>", _layers_table(report), "<h2>Plots</h2>",
+              _image(plots.png_bytes(plots.layer_profile(report)), "Per-layer statistics; each method's top-1 block shaded.")]
+    heads = plots.head_matrix(report)
+    if heads is not None:
+        parts.append(_image(plots.png_bytes(plots.head_heatmap(heads)), f"Head influence, layers by heads ({plots.HEAD_COLUMN})."))
+    if sweep_rows:
+        parts.append(_image(plots.sweep_heatmap_png(sweep_rows, report),
+                            "Sweep: answer log-probability gain of every duplicated block [start, end); markers: each method's top-1, star: best."))
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def write_html(report: dict, out: str | Path, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | None = None,
+               sweep_header: dict | None = None) -> Path:
+    """Render and write the page atomically."""
+    from exporters.manifest import write_text_atomic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, render(report, top=top, sweep_rows=sweep_rows, sweep_header=sweep_header))
+    return out
+
+
+def _circuits_table(report: dict, top: int) -> str:
+    n = report["model"]["num_layers"]
+    rows = []
+    for method, blocks in top_circuits(report, top).items():
+        for rank, b in enumerate(blocks, 1):
+            label = f"<td class='name' rowspan='{len(blocks)}'><b>{_e(method)}</b><br><small>{_e(KIND_OF_METHOD.get(method, ''))}</small></td>" if rank == 1 else ""
+            rows.append(f"<tr>{label}<td>{rank}</td><td>[{b['start']}, {b['end']})</td><td>{b['start']}&ndash;{b['end'] - 1}</td>"
+                        f"<td>{100 * b['start'] / n:.0f}&ndash;{100 * b['end'] / n:.0f}%</td><td>{_num(b['score'])}</td></tr>")
+    head = "<tr><th class='name'>method</th><th>rank</th><th>block</th><th>layers</th><th>depth</th><th>score</th></tr>"
+    return f"<table id='top-circuits'>{head}{''.join(rows)}</table>"
+
+
+def _layers_table(report: dict) -> str:
+    rows = report["layers"]
+    names = [k for k in rows[0] if k != "layer"]
+    first = plots.top_blocks(report)
+    head = "<tr><th>layer</th>" + "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in names) + "<th class='name'>in top-1 block of</th></tr>"
+    body = []
+    for row in rows:
+        inside = [m for m, (s, e) in first.items() if s <= row["layer"] < e]
+        cls = " class='in-block'" if inside else ""
+        body.append(f"<tr{cls}><td>{row['layer']}</td>" + "".join(f"<td>{_num(row.get(k))}</td>" for k in names)
+                    + f"<td class='name'>{_e(', '.join(inside))}</td></tr>")
+    return f"<table id='layer-statistics'>{head}{''.join(body)}</table>"
+
+
+def _validation_table(report: dict, sweep_rows: list[dict], sweep_header: dict | None) -> str:
+    """Per method and metric: its top-1 block's gain over the baseline next to the sweep's best block."""
+    from cp_onnx.validate import validate
+
+    result = validate(report, sweep_rows, sweep_header=sweep_header)
+    head = "<tr><th class='name'>method</th><th class='name'>metric</th><th>top-1</th><th>top-1 gain</th><th>general-text cost</th><th>best block</th><th>best gain</th><th>best's rank</th></tr>"
+    rows = []
+    for method, by_metric in result["methods"].items():
+        for metric, judged in by_metric.items():
+            top1, best = judged["top1"] or {}, result["best"].get(metric) or {}
+            rows.append(f"<tr><td class='name'>{_e(method)}</td><td class='name'>{_e(metric)}</td><td>{_span(top1)}</td>"
+                        f"<td>{_num(top1.get('gain'))}</td><td>{_num(top1.get('general_cost'))}</td><td>{_span(best)}</td>"
+                        f"<td>{_num(best.get('gain'))}</td><td>{judged['best_rank'] or '&ndash;'}</td></tr>")
+    return f"<table id='validation'>{head}{''.join(rows)}</table>"
+
+
+def _image(png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<figure><img alt='{_e(caption)}' src='data:image/png;base64,{data}'><figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _span(block: dict) -> str:
+    return f"[{block['start']}, {block['end']})" if block.get("start") is not None else "&ndash;"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)

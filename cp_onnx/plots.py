@@ -1,0 +1,131 @@
+"""PNG plots of a report: per-layer statistics with predicted blocks shaded, head influence, the sweep heatmap.
+
+matplotlib is optional (``pip install 'cp-onnx[plots]'``) and imported only when a plot is drawn.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cp_onnx.errors import CpOnnxError
+
+PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"
+HEAD_COLUMN = "kl_zero"  # exact effect of zeroing the head: the influence measure the circuit graph weighs heads by
+METHOD_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CpOnnxError(PLOTS_HINT) from None
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # no pyplot: no global state, no display needed
+    return figure
+
+
+def png_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def save_png(figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (validate's writer)."""
+    from cp_onnx.validate import _save_atomic
+
+    return _save_atomic(figure, Path(path))
+
+
+def top_blocks(report: dict) -> dict[str, tuple[int, int]]:
+    """Method -> its top-1 block (start, end)."""
+    return {m: (e["blocks"][0]["start"], e["blocks"][0]["end"]) for m, e in (report.get("methods") or {}).items() if e.get("blocks")}
+
+
+def layer_profile(report: dict, statistics: Sequence[str] | None = None):
+    """One panel per statistic against layer, each method's top-1 block shaded in its colour."""
+    rows = report["layers"]
+    names = list(statistics or [k for k in rows[0] if k != "layer"])
+    if not names:
+        raise CpOnnxError("the report has no per-layer statistics to plot; run `cp-onnx analyze` again")
+    layers = [row["layer"] for row in rows]
+    figure = _figure(8, 1.6 * len(names) + 0.8)
+    axes = figure.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    blocks = top_blocks(report)
+    for ax, name in zip(axes, names):
+        values = np.array([np.nan if row.get(name) is None else row[name] for row in rows], dtype=float)
+        ax.plot(layers, values, marker="o", markersize=3, color="black", linewidth=1)
+        for k, ((method, (start, end)), color) in enumerate(zip(blocks.items(), METHOD_COLORS)):
+            # Block [start, end) covers layers start..end-1, each +-0.5; each method its own horizontal band, so overlaps stay readable.
+            ax.axvspan(start - 0.5, end - 0.5, ymin=k / len(blocks), ymax=(k + 1) / len(blocks), color=color, alpha=0.25,
+                       linewidth=0, label=f"{method} [{start}, {end})")
+        ax.set_ylabel(name.replace("_", "\n"), fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="top-1 block", title_fontsize=8)
+    axes[-1].set_xlabel("layer")
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    figure.suptitle(f"{report['model']['name']}: per-layer statistics", fontsize=10)
+    return figure
+
+
+def head_matrix(report: dict, column: str = HEAD_COLUMN) -> np.ndarray | None:
+    """[layers, heads] influence from the report's "heads" section (rows of layer, head, ...) or a 2-D array; None without one."""
+    section = report.get("heads")
+    if section is None:
+        return None
+    rows = section.get("heads") if isinstance(section, dict) else section
+    if rows and isinstance(rows[0], dict):
+        shape = (max(r["layer"] for r in rows) + 1, max(r["head"] for r in rows) + 1)
+        matrix = np.full(shape, np.nan)
+        for r in rows:
+            matrix[r["layer"], r["head"]] = np.nan if r.get(column) is None else r[column]
+        return matrix
+    matrix = np.array(rows, dtype=float)
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise CpOnnxError(f"the report's heads section is neither rows of layer/head/{column} nor a layers x heads array; re-run the analysis")
+    return matrix
+
+
+def head_heatmap(matrix: np.ndarray, title: str = f"head influence ({HEAD_COLUMN})"):
+    """A layers x heads heatmap, layer 0 at the bottom."""
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.ndim != 2:
+        raise CpOnnxError(f"head influence must be a layers x heads array, not shape {matrix.shape}")
+    layers, heads = matrix.shape
+    figure = _figure(min(2 + 0.45 * heads, 12), min(1.5 + 0.25 * layers, 12))
+    ax = figure.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(matrix), origin="lower", aspect="auto", cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=ax)
+    ax.set(xlabel="head", ylabel="layer", title=title)
+    ax.set_xticks(range(heads))
+    return figure
+
+
+def sweep_heatmap(sweep_rows: list[dict], report: dict, path: str | Path, metric: str = "answer_logprob") -> Path:
+    """validate.heatmap of block gains, with each method's top-1 and the best block marked."""
+    from cp_onnx.validate import heatmap
+
+    predictions = {m: e.get("blocks", []) for m, e in (report.get("methods") or {}).items()}
+    return heatmap(sweep_rows, predictions, path, metric=metric)
+
+
+def sweep_heatmap_png(sweep_rows: list[dict], report: dict, metric: str = "answer_logprob") -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        return sweep_heatmap(sweep_rows, report, Path(folder) / "sweep.png", metric).read_bytes()
+
+
+def write_plots(report: dict, folder: str | Path, sweep_rows: list[dict] | None = None) -> list[Path]:
+    """layers.png, heads.png (when the report has heads) and sweep.png (with sweep rows) in ``folder``."""
+    folder = Path(folder)
+    written = [save_png(layer_profile(report), folder / "layers.png")]
+    matrix = head_matrix(report)
+    if matrix is not None:
+        written.append(save_png(head_heatmap(matrix), folder / "heads.png"))
+    if sweep_rows:
+        written.append(sweep_heatmap(sweep_rows, report, folder / "sweep.png"))
+    return written

@@ -1,0 +1,73 @@
+"""examples/cpp: built with CMake against nlohmann/json, its printout equals `cp-onnx report --text`."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cp_onnx import report as report_mod
+from cp_onnx.cli import main
+from test_embed import tiny_folder, tiny_report
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
+HEADER = Path("/usr/include/nlohmann/json.hpp")
+
+
+def _missing() -> str | None:
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (CI installs it; locally: apt-get install cmake g++)"
+    if not HEADER.is_file():
+        return "nlohmann/json is not installed (CI installs it; locally: apt-get install nlohmann-json3-dev)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("cpp-build")
+    for command in (["cmake", "-S", EXAMPLE, "-B", build, "-Wno-dev"], ["cmake", "--build", build]):
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return build / "report_reader"
+
+
+def cli_text(report_path: Path, top: int, capsys) -> str:
+    assert main(["report", str(report_path), "--text", "--top", str(top)]) == 0
+    return capsys.readouterr().out
+
+
+def run_reader(reader: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(reader), *map(str, args)], capture_output=True, text=True)
+
+
+def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
+    folder = tiny_folder(tiny_model, "qwen2", tmp_path / "qwen2")
+    path = report_mod.write_json(tiny_report(folder), tmp_path / "report.json")
+    for top in (5, 2):
+        done = run_reader(reader, path, top)
+        assert done.returncode == 0, done.stderr
+        expected = cli_text(path, top, capsys)
+        assert done.stdout == expected
+        assert expected.count("\n  1 [") == 4  # a first-ranked block for each of the four methods
+
+
+def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
+    data = {"format": "cp-onnx-report", "version": 1, "model": {"name": "toy", "num_layers": 4},
+            "methods": {"boundary": {"blocks": [{"start": 0, "end": 3, "score": None, "metrics": {}}]}},
+            "layers": [{"layer": 0, "norm_growth": None}, {"layer": 1, "norm_growth": 2}]}
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(data))
+    done = run_reader(reader, path)
+    assert done.stdout == "model toy\nlayers 4\nmethod boundary\n  1 [0, 3) 0.0-75.0% score n/a\nper-layer statistics\n  layer 0 norm_growth=n/a\n  layer 1 norm_growth=2\n"
+
+    path.write_text(json.dumps({**data, "format": "something-else"}))
+    assert run_reader(reader, path).returncode == 2
+    path.write_text("{ not json")
+    done = run_reader(reader, path)
+    assert done.returncode == 2 and "not valid JSON" in done.stderr
