@@ -32,6 +32,7 @@ from typing import Callable
 
 from cp_onnx import analyze, calibration
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import write_text
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.report import build_report, file_sha256, read_report, write_json
 
@@ -234,14 +235,13 @@ def _top_fields(report: dict) -> dict:
 # ---- outputs: batch.json, summary.csv, summary.md ----
 
 def write_outputs(batch: Batch, results: list[dict]) -> None:
-    from exporters.manifest import write_text_atomic
 
     failures = [{"name": r["name"], "source": r["source"], "error": r["error"]} for r in results if r["status"] == "failed"]
     write_json({"format": BATCH_FORMAT, "version": 1, "manifest": str(batch.manifest), "models": results, "failures": failures},
                batch.out / "batch.json")
     columns, rows = summary_table(results)
-    write_text_atomic(batch.out / "summary.csv", _csv(columns, rows))
-    write_text_atomic(batch.out / "summary.md", _markdown(columns, rows))
+    write_text(batch.out / "summary.csv", _csv(columns, rows))
+    write_text(batch.out / "summary.md", _markdown(columns, rows))
 
 
 def summary_table(results: list[dict]) -> tuple[list[str], list[list]]:

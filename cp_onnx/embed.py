@@ -11,12 +11,11 @@ for parsers without JSON) and ``cp_onnx.circuits`` (JSON: method -> top blocks {
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from cp_onnx import __version__
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import atomic_open
 from cp_onnx.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
 
 PREFIX = "cp_onnx."
@@ -73,7 +72,8 @@ def embed(report: dict, model_path: str | Path, out: str | Path | None = None, *
     kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, dict(kept) | metadata(report, top))
-    _save_atomic(proto, target)
+    with atomic_open(target, binary=True, mode=_mode(target)) as out:
+        out.write(proto.SerializeToString())
     return target
 
 
@@ -91,29 +91,9 @@ def _has_external_data(proto) -> bool:
     return any(uses_external_data(t) for t in proto.graph.initializer)
 
 
-def _save_atomic(proto, target: Path) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise CpOnnxError(f"cannot write {target} ({exc.strerror}); choose another --out") from None
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            fh.write(proto.SerializeToString())
-        os.chmod(temp, _mode(target))  # mkstemp makes 0600; keep the model's own permissions
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _mode(target: Path) -> int:
-    """The target's permissions if it exists, else what a plain open() would give (0666 less the umask)."""
-    if target.exists():
-        return target.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _mode(target: Path) -> int | None:
+    """Keep the model's own permissions when replacing it (None: the default for a new file)."""
+    return target.stat().st_mode & 0o7777 if target.exists() else None
 
 
 def format_text(report: dict, top: int = DEFAULT_TOP) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cp_onnx import plots
 from cp_onnx.embed import DEFAULT_TOP, top_circuits
+from cp_onnx.files import write_text
 from cp_onnx.summary import KIND_METHODS
 
 CSS = """
@@ -51,11 +52,10 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
 def write_html(report: dict, out: str | Path, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | None = None,
                sweep_header: dict | None = None) -> Path:
     """Render and write the page atomically."""
-    from exporters.manifest import write_text_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, render(report, top=top, sweep_rows=sweep_rows, sweep_header=sweep_header))
+    write_text(out, render(report, top=top, sweep_rows=sweep_rows, sweep_header=sweep_header))
     return out
 
 

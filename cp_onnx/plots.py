@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.validate import save_png
 
 PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"
 HEAD_COLUMN = "kl_zero"  # exact effect of zeroing the head: the influence measure the circuit graph weighs heads by
@@ -33,13 +34,6 @@ def png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
-
-
-def save_png(figure, path: str | Path) -> Path:
-    """Write a figure as PNG atomically (validate's writer)."""
-    from cp_onnx.validate import _save_atomic
-
-    return _save_atomic(figure, Path(path))
 
 
 def top_blocks(report: dict) -> dict[str, tuple[int, int]]:

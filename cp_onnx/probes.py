@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from cp_onnx.calibration import DATA_DIR, iter_jsonl, read_texts
 from cp_onnx.errors import CpOnnxError
-from exporters.manifest import write_text_atomic
+from cp_onnx.files import write_text
 
 PROBE_KINDS = ("arithmetic", "word_problem", "comparison", "ordering", "syllogism", "sequence", "multi_step")
 PROMPT = "Question: {question}\nAnswer:"
@@ -244,7 +244,7 @@ def save_suite(items: Iterable[ProbeItem], path: str | Path) -> Path:
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, "".join(lines))
+        write_text(path, "".join(lines))
     except OSError as err:
         raise CpOnnxError(f"cannot write the probe suite to {path} ({err.strerror}); choose another path") from None
     return path

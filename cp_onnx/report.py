@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 
 from cp_onnx import __version__
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import write_json  # noqa: F401  (re-exported: report.write_json)
 from cp_onnx.stats import STAT_NAMES
 
 REPORT_FORMAT = "cp-onnx-report"
@@ -30,12 +29,12 @@ def schema() -> dict:
     return json.loads(resources.files("cp_onnx").joinpath("data/report.schema.json").read_text())
 
 
-def _finite(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """Plain JSON values: numpy scalars to Python, NaN/Inf to None, recursively."""
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -100,26 +99,7 @@ def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
     }
     if analysis.languages is not None:
         report["languages"] = analysis.languages
-    return _finite(report)
-
-
-def write_json(data: dict, path: Path) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, renamed when complete."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise CpOnnxError(f"cannot write to {path.parent} ({exc.strerror}); choose another --out folder") from exc
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return json_ready(report)
 
 
 def read_report(path: Path) -> dict:

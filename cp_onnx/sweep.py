@@ -25,12 +25,12 @@ import onnxruntime as ort
 import graph_passes
 from cp_onnx import probes
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import write_text
 from cp_onnx.model import ModelFolder
-from cp_onnx.report import _finite, file_sha256
+from cp_onnx.report import json_ready, file_sha256
 from cp_onnx.runner import Runner, default_threads, position_ids_for
 from cp_onnx.scores import candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
-from exporters.manifest import write_text_atomic
 from graph_passes.layer_path import duplicate, format_path
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment
@@ -237,7 +237,7 @@ def _run_config(config: Config) -> tuple[Config, dict]:
     start, end = config
     row = {"start": start, "end": end, "path": format_path(layer_path(config, evaluator.num_layers)), **metrics,
            "seconds": round(time.perf_counter() - began, 3)}
-    return config, _finite(row)
+    return config, json_ready(row)
 
 
 def open_log(path: Path, header: dict) -> dict[Config, dict]:
@@ -292,7 +292,7 @@ def _write_header(path: Path, header: dict) -> None:
     """Create the sweep file holding only its header line, atomically."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(header) + "\n")
+        write_text(path, json.dumps(header) + "\n")
     except OSError as err:
         raise CpOnnxError(f"cannot write the sweep to {path} ({err.strerror}); choose another output file") from None
 

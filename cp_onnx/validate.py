@@ -6,12 +6,11 @@ cost beside it, never as one number alone.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import atomic_open
 from cp_onnx.scoring import METRICS
 
 TOLERANCE = 2  # "within 2 layers": start and end each off by at most this much
@@ -143,20 +142,11 @@ def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], o
                          label=f"{method} top-1 {top1['start']}:{top1['end']}", zorder=3)
     axes.set(xlabel="end (exclusive)", ylabel="start", title=f"Duplicated block [start, end): {metric} gain")
     axes.legend(loc="upper left", fontsize=8)
-    return _save_atomic(figure, Path(out_png))
+    return save_png(figure, Path(out_png))
 
 
-def _save_atomic(figure, path: Path) -> Path:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise CpOnnxError(f"cannot write {path} ({err.strerror}); choose another folder") from None
-    try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=120, bbox_inches="tight")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def save_png(figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically."""
+    with atomic_open(path, binary=True) as out:
+        figure.savefig(out, format="png", dpi=120, bbox_inches="tight")
     return path

@@ -9,6 +9,7 @@ from onnx import shape_inference
 
 from graph_passes.errors import GraphPassError
 from graph_passes.graph_io import weightless_copy
+from graph_passes.layer_map import LayerMap
 
 # Ops that pass a tensor through unchanged in value (fp32 exports wrap the residual in Cast to fp32).
 PASS_THROUGH = frozenset({"Cast", "Identity"})
@@ -191,3 +192,29 @@ class GraphIndex:
 
     def ops(self, nodes: Iterable[int]) -> set[str]:
         return {self.nodes[i].op_type for i in nodes}
+
+
+def node_reads(node: onnx.NodeProto) -> Iterable[str]:
+    """Tensor names a node reads, including those its subgraphs read from the outer scope (over-approximated)."""
+    yield from (name for name in node.input if name)
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            for inner in sub.node:
+                yield from node_reads(inner)
+
+
+def layer_of_nodes(graph: onnx.GraphProto, layer_map: LayerMap) -> dict[str, int]:
+    """Node name -> layer index, after checking the layer map was discovered on this graph."""
+    names = {node.name for node in graph.node}
+    layer_of: dict[str, int] = {}
+    for layer in layer_map.layers:
+        if not layer.nodes:
+            raise GraphPassError(f"the layer map lists no nodes for layer {layer.index}; run discover on this graph")
+        missing = next((name for name in layer.nodes if name not in names), None)
+        if missing is not None:
+            raise GraphPassError(f"layer {layer.index}'s node {missing!r} is not in this graph: the layer map was discovered on another graph; run discover on this one")
+        layer_of.update(dict.fromkeys(layer.nodes, layer.index))
+    for node in graph.node:
+        if node.name in layer_of and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise GraphPassError(f"layer {layer_of[node.name]} contains the control-flow node {node.name!r} ({node.op_type}); routing layers with subgraphs is not supported, re-export without it")
+    return layer_of

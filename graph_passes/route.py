@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import onnx
 
 from graph_passes.errors import GraphPassError
+from graph_passes.graph_utils import layer_of_nodes, node_reads
 from graph_passes.layer_map import LayerMap
 from graph_passes.layer_path import check_path, format_path, parse_path
 
@@ -36,7 +37,7 @@ def route(model: onnx.ModelProto, layer_map: LayerMap, path: Sequence[int]) -> o
     if routed_before is not None:
         raise GraphPassError(f"this model is already routed (layer path {routed_before}); route the original model instead")
     graph = model.graph
-    layer_of = _layer_of_nodes(graph, layer_map)
+    layer_of = layer_of_nodes(graph, layer_map)
     made_in = {out: layer_of[node.name] for node in graph.node if node.name in layer_of for out in node.output if out}
     _check_boundaries(graph, layer_map, layer_of, made_in)
     past, present = _kv_slots(graph, layer_of, made_in, layer_map.num_layers)
@@ -77,23 +78,6 @@ def route(model: onnx.ModelProto, layer_map: LayerMap, path: Sequence[int]) -> o
     _prune_initializers(new_graph, graph)
     _set_metadata(routed, {PATH_KEY: format_path(path), **({KV_SLOTS_KEY: json.dumps(list(path))} if past else {})})
     return routed
-
-
-def _layer_of_nodes(graph: onnx.GraphProto, layer_map: LayerMap) -> dict[str, int]:
-    """Node name -> layer index, after checking the layer map was discovered on this graph."""
-    names = {node.name for node in graph.node}
-    layer_of: dict[str, int] = {}
-    for layer in layer_map.layers:
-        if not layer.nodes:
-            raise GraphPassError(f"the layer map lists no nodes for layer {layer.index}; run discover on this graph")
-        missing = next((name for name in layer.nodes if name not in names), None)
-        if missing is not None:
-            raise GraphPassError(f"layer {layer.index}'s node {missing!r} is not in this graph: the layer map was discovered on another graph; run discover on this one")
-        layer_of.update(dict.fromkeys(layer.nodes, layer.index))
-    for node in graph.node:
-        if node.name in layer_of and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise GraphPassError(f"layer {layer_of[node.name]} contains the control-flow node {node.name!r} ({node.op_type}); routing layers with subgraphs is not supported, re-export without it")
-    return layer_of
 
 
 def _check_boundaries(graph: onnx.GraphProto, layer_map: LayerMap, layer_of: dict[str, int], made_in: dict[str, int]) -> None:
@@ -157,21 +141,12 @@ def _split_outside(graph: onnx.GraphProto, layer_of: dict[str, int], made_in: di
     for node in graph.node:
         if node.name in layer_of:
             continue
-        if any(name in after for name in _reads(node)):
+        if any(name in after for name in node_reads(node)):
             tail.append(node)
             after.update(node.output)
         else:
             prefix.append(node)
     return prefix, tail
-
-
-def _reads(node: onnx.NodeProto) -> Iterable[str]:
-    """Tensor names a node reads, including those its subgraphs read from the outer scope (over-approximated)."""
-    yield from (name for name in node.input if name)
-    for attribute in node.attribute:
-        for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-            for inner in sub.node:
-                yield from _reads(inner)
 
 
 def _replace(values, originals, pattern: re.Pattern, path: tuple[int, ...], prefix: str) -> None:
@@ -200,7 +175,7 @@ def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProt
     for node in reversed(nodes):
         if any(name in needed for name in node.output):
             keep.append(node)
-            needed.update(_reads(node))
+            needed.update(node_reads(node))
     return keep[::-1]
 
 
@@ -222,8 +197,8 @@ def _retype(graph: onnx.GraphProto, original: onnx.GraphProto, made_in: dict[str
 
 def _prune_initializers(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
     """Drop the weights only omitted layers used (and their graph-input entries, in old IR versions)."""
-    read_now = {name for node in graph.node for name in _reads(node)} | {value.name for value in graph.output}
-    read_before = {name for node in original.node for name in _reads(node)} | {value.name for value in original.output}
+    read_now = {name for node in graph.node for name in node_reads(node)} | {value.name for value in graph.output}
+    read_before = {name for node in original.node for name in node_reads(node)} | {value.name for value in original.output}
     unused = {t.name for t in graph.initializer if t.name in read_before and t.name not in read_now}
     if not unused:
         return

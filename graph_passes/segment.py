@@ -15,9 +15,8 @@ import onnx
 from onnx import helper
 
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types
+from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types, layer_of_nodes, node_reads
 from graph_passes.layer_map import LayerMap
-from graph_passes.route import _layer_of_nodes, _reads as node_reads  # the same checks and walk as routing
 
 POSITIONS = "positions"  # head input: int64 [n], flat indices row * seq + token of the logits wanted
 # Per-token ops that may follow the lm_head (bias, softcapping, casts): the gather can go before them.
@@ -45,7 +44,7 @@ def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
     index = GraphIndex(model.graph)
     if POSITIONS in index.producer or POSITIONS in index.graph_inputs:
         raise GraphPassError(f"the graph already has a tensor named {POSITIONS!r}; rename it before segmenting")
-    layer_of = _layer_of_nodes(model.graph, layer_map)
+    layer_of = layer_of_nodes(model.graph, layer_map)
     layer_sets = [{i for i, node in enumerate(index.nodes) if layer_of.get(node.name) == layer.index} for layer in layer_map.layers]
     in_layers = set().union(*layer_sets)
     last = layer_map.layers[-1].resid_out

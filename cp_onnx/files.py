@@ -1,0 +1,49 @@
+"""Every file cp_onnx writes goes through here: a temporary name in the same folder, renamed when complete,
+so a reader (or a crash) never sees a half-written file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from cp_onnx.errors import CpOnnxError
+
+
+def _default_mode() -> int:
+    """What a plain open() would give: 0666 less the umask (mkstemp alone gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, *, binary: bool = False, mode: int | None = None) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``, on error it vanishes."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CpOnnxError(f"cannot write to {path.parent} ({exc.strerror}); choose another output folder") from None
+    try:
+        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as out:
+            yield out
+        os.chmod(temp, _default_mode() if mode is None else mode)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as out:
+        out.write(text)
+    return Path(path)
+
+
+def write_json(data, path: str | Path) -> Path:
+    """JSON with one space of indent; NaN is refused (report.py turns non-finite numbers into null first)."""
+    return write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
