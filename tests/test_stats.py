@@ -213,3 +213,22 @@ def test_bad_input_is_rejected_with_a_clear_message():
     stats.add_batch(ok, ok, np.ones((1, 3)))
     with pytest.raises(CpOnnxError, match="for some batches and not others"):
         stats.add_batch(ok, ok, np.ones((1, 3)), [np.ones((1, 2, 3, 3))] * 2)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_texts_added_out_of_order_with_positions_match_calibration_order(side):
+    # 57 texts (more than the 50 the rank uses), added in a shuffled order in uneven batches, each
+    # batch saying where its texts stand: "first text" and "first 50" must still mean calibration order.
+    rng = np.random.default_rng(7)
+    texts = as_float32(random_texts(rng, 57))
+    order = rng.permutation(len(texts))
+    stats = LayerStatistics(LAYERS)
+    start = 0
+    for size in (9, 1, 30, 17):
+        members = order[start : start + size]
+        resid_in, resid_out, mask, patterns = padded_batch([texts[i] for i in members], side, rng)
+        stats.add_batch(resid_in, resid_out, mask, patterns, positions=members.tolist())
+        start += size
+    got, expected = stats.result(), naive_stats(texts)
+    for name in STAT_NAMES:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-9, atol=1e-12, err_msg=name)
