@@ -49,15 +49,13 @@ def main() -> None:
         expected = sweep_module.sweep(model, configs, items, out=Path(folder) / "sweep.jsonl", general=general, log=lambda _: None)
         inprocess_s = time.perf_counter() - began
 
-    plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general)
-    with RayExecutor(num_workers=2) as executor:
+    plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general)  # only for its token count
+    with RayExecutor(num_workers=2) as executor, tempfile.TemporaryDirectory() as folder:
         began = time.perf_counter()
         list(executor.map(abs, [0]))  # start the runtime and one actor
         startup_s = time.perf_counter() - began
         began = time.perf_counter()
-        results = executor.map(sweep_module._run_config, [sweep_module.BASELINE, *configs],
-                               initializer=sweep_module._start_worker, initargs=("reuse", model.onnx_path, plan, executor.threads_per_task))
-        rows = [row for _, row in results]
+        rows = sweep_module.sweep(model, configs, items, out=Path(folder) / "sweep.jsonl", general=general, executor=executor, log=lambda _: None)
         ray_s = time.perf_counter() - began
 
     def strip(row):

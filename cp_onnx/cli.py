@@ -100,8 +100,14 @@ def cmd_sweep(args) -> int:
 
     items = probes.load_suite(args.suite) if args.suite else probes.probe_suite(args.seed)
     model = open_model(args.model, log=log)
-    rows = sweep(model, items=items, out=Path(args.out), workers=args.workers, sizes=args.blocks, all_blocks=args.all,
-                 threads=args.threads, batch_size=args.batch_size, progress=Progress("sweep configs"), log=log)
+    from cp_onnx import executors
+
+    executor = executors.executor_from_args(args)
+    try:
+        rows = sweep(model, items=items, out=Path(args.out), sizes=args.blocks, all_blocks=args.all, threads=args.threads,
+                     batch_size=args.batch_size, executor=executor, progress=Progress("sweep configs"), log=log)
+    finally:
+        executors.close(executor)
     baseline = next(r for r in rows if r["start"] is None)
     best = max((r for r in rows if r["start"] is not None), key=lambda r: r["answer_logprob"], default=None)
     print(f"baseline answer_logprob {baseline['answer_logprob']:.4f}, greedy {baseline['greedy_accuracy']:.3f}")
@@ -257,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", help="a JSONL probe suite (default: the shipped suite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shipped probe suite (default 0)")
     p.add_argument("--out", default="sweep.jsonl", help="JSONL file; configs already in it are skipped (default sweep.jsonl)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, or Ray actors with --executor ray (default 1)")
+    add_executor_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker (default: all cores)")
     p.set_defaults(func=cmd_sweep)

@@ -12,7 +12,6 @@ appended and fsynced as each finishes.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import onnxruntime as ort
 import graph_passes
 from cp_onnx import probes
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
 from cp_onnx.model import ModelFolder
 from cp_onnx.report import json_ready, file_sha256
@@ -152,13 +152,13 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
           out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
           sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
           batch_size: int = 16, max_length: int = 256, threads: int | None = None,
-          log: Callable[[str], None] = print) -> list[dict]:
+          executor: Executor | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Score the baseline and every config on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
 
     ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
     always added. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
-    ``workers`` processes share the configs and ``threads`` (default: every core); results do not
-    depend on either. Returns the rows of all requested configs, in config order.
+    ``workers`` processes share the configs and ``threads`` (default: every core), or an ``executor``
+    (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on none of these. Returns the rows of all requested configs, in config order.
     """
     if mode not in MODES:
         raise CpOnnxError(f"unknown sweep mode {mode!r}; use one of {', '.join(MODES)}")
@@ -178,7 +178,8 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
     todo = [c for c in configs if c not in done]
     log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configs already in {out}; {len(todo)} to run "
         f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {mode} mode, {workers} worker{'s' * (workers > 1)})")
-    for count, (config, row) in enumerate(_evaluate_all(model.onnx_path, plan, todo, mode, workers, threads), 1):
+    executor = executor or make_executor(workers=workers)
+    for count, (config, row) in enumerate(_evaluate_all(model.onnx_path, plan, todo, mode, executor, threads), 1):
         append_row(Path(out), row)
         done[config] = row
         if progress:
@@ -205,22 +206,15 @@ def _checked_configs(configs: Iterable[Config], num_layers: int) -> list[Config]
     return checked
 
 
-def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode: str, workers: int, threads: int | None):
-    """(config, row) for every config, in order, from this process or from ``workers`` processes."""
+def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode: str, executor: Executor, threads: int | None):
+    """(config, row) for every config, in order, from the executor's workers (this process by default)."""
     if not configs:
         return
-    workers = min(workers, len(configs))
-    threads = max(1, (threads or default_threads()) // workers)
-    if workers == 1:
-        _start_worker(mode, onnx_path, plan, threads)
-        try:
-            yield from map(_run_config, configs)
-        finally:
-            _WORKER.clear()  # the sessions and kept layer outputs go with the sweep
-        return
-    context = multiprocessing.get_context("spawn")  # onnxruntime's thread pools do not survive fork
-    with context.Pool(workers, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads)) as pool:
-        yield from pool.imap(_run_config, configs)
+    threads = threads or executor.threads_per_task or default_threads()
+    try:
+        yield from executor.map(_run_config, configs, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads))
+    finally:
+        _WORKER.clear()  # in-process: the sessions and kept layer outputs go with the sweep
 
 
 _WORKER: dict = {}

@@ -14,7 +14,6 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import InProcessExecutor, ProcessExecutor, RayExecutor, make_executor
 from cp_onnx.model import open_model
 from cp_onnx.probes import ProbeItem
-from cp_onnx.scoring import ProbePlan
 from test_embed import tiny_folder
 
 ITEMS = [
@@ -74,16 +73,16 @@ def test_make_executor_choices():
         RayExecutor(num_workers=0)
 
 
-def test_sweep_configs_on_every_executor_equal_the_sweep(folders, tmp_path, ray_executor):
-    """The sweep's own worker functions through each executor (the one-line change sweep.py needs) give its rows."""
+def test_sweep_on_every_executor_equals_the_in_process_sweep(folders, tmp_path, ray_executor):
     model = open_model(folders["llama"])
-    expected = sweep_module.sweep(model, CONFIGS[1:], ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, threads=1, log=lambda _: None)
-    plan = ProbePlan(ITEMS, lambda text: model.encode([text])[0][0], GENERAL)
-    for executor in (InProcessExecutor(), ProcessExecutor(2), ray_executor):
-        results = executor.map(sweep_module._run_config, CONFIGS, initializer=sweep_module._start_worker,
-                               initargs=("reuse", model.onnx_path, plan, 1))
-        got = [row for _, row in results]
-        assert [{k: v for k, v in r.items() if k != "seconds"} for r in got] == [{k: v for k, v in r.items() if k != "seconds"} for r in expected]
+    def run(name, executor=None):
+        rows = sweep_module.sweep(model, CONFIGS[1:], ITEMS, out=tmp_path / f"{name}.jsonl", general=GENERAL, threads=1,
+                                  executor=executor, log=lambda _: None)
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    expected = run("default")
+    for name, executor in (("inprocess", InProcessExecutor()), ("processes", ProcessExecutor(2)), ("ray", ray_executor)):
+        assert run(name, executor) == expected, name
 
 
 def test_batch_on_ray_equals_in_process(folders, tmp_path, ray_executor):
