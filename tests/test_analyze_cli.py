@@ -124,3 +124,48 @@ def test_unwritable_output(tiny_folder, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _assert_fails(["analyze", tiny_folder, "--out", blocker / "sub", *TINY_ARGS], capsys, "cannot write")
+
+
+def _report(folder, out, capsys, *args):
+    code, _, _ = run(["analyze", folder, "--out", out, *TINY_ARGS[2:], *args], capsys)
+    assert code == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def _stats(report):
+    return {key: np.array([layer[key] if layer[key] is not None else np.nan for layer in report["layers"]]) for key in report["layers"][0] if key != "layer"}
+
+
+def test_language_check_reports_each_languages_own_top_block(tiny_folder, tmp_path, capsys):
+    data = _report(tiny_folder, tmp_path / "all", capsys, "-n", "5", "--languages", "en,fr,zh")
+    check = data["languages"]
+    assert check["languages"] == ["en", "fr", "zh"]
+    for language in check["languages"]:
+        # Independently: a plain analyze of that language's reasoning texts ranks the same top blocks.
+        alone = _report(tiny_folder, tmp_path / language, capsys, "-n", "5", "--calibration", "reasoning", "--block-sizes", "1,2")
+        if language != "en":
+            texts = tmp_path / f"{language}.txt"
+            from cp_onnx.calibration import load_calibration
+
+            texts.write_text("\n".join(load_calibration("reasoning", n=5, language=language)))
+            alone = _report(tiny_folder, tmp_path / language, capsys, "-n", "5", "--calibration", texts, "--block-sizes", "1,2")
+        for method, blocks in check["top"][language].items():
+            assert [(b["start"], b["end"]) for b in blocks] == [(b["start"], b["end"]) for b in alone["methods"][method]["blocks"][:3]]
+    for method, spread in check["spread"].items():
+        starts = [s for s, _ in spread["top1"].values()]
+        assert spread["start_range"] == max(starts) - min(starts)
+
+
+def test_contrastive_equals_anomaly_of_both_sets_against_their_difference(tiny_folder, tmp_path, capsys):
+    from cp_onnx.calibration import load_calibration
+    from cp_onnx.scores import rank_blocks
+
+    data = _report(tiny_folder, tmp_path / "c", capsys, "-n", "4", "--method", "contrastive")
+    both = tmp_path / "both.txt"
+    both.write_text("\n".join(load_calibration("reasoning", n=4) + load_calibration("general", n=4)))
+    parts = {name: _stats(_report(tiny_folder, tmp_path / name, capsys, "-n", n, "--calibration", source))
+             for name, source, n in (("reasoning", "reasoning", "4"), ("general", "general", "4"), ("mixed", both, "8"))}
+    expected = rank_blocks(parts["mixed"], "contrastive", (1, 2), contrast_stats=(parts["reasoning"], parts["general"]))
+    got = data["methods"]["contrastive"]["blocks"]
+    assert [(b["start"], b["end"]) for b in got] == [(b.start, b.end) for b in expected]
+    np.testing.assert_allclose([b["score"] for b in got], [b.score for b in expected], rtol=1e-6, atol=1e-9)
