@@ -1,0 +1,75 @@
+"""The ablate pass: replace chosen heads' contexts (before the output projection) by zeros or by given means.
+
+A head's context becomes ``head_ctx * keep + fill`` with constants keep [1, heads, 1, 1] (0 for an
+ablated head, 1 otherwise) and fill [1, heads, 1, head_dim] (the head's mean for mean ablation, else
+0), through the same rerouting the perturb pass uses.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graph_passes.errors import GraphPassError
+from graph_passes.graph_utils import infer_types
+from graph_passes.layer_map import LayerMap
+from graph_passes.perturb import add_constant, checked_layers, copy_model, elem_type, require_heads, sort_nodes, reroute
+
+MODES = ("zero", "mean")
+
+
+def ablate(
+    model: onnx.ModelProto,
+    layer_map: LayerMap,
+    heads: Mapping[int, Sequence[int]],
+    mode: str = "zero",
+    means: Mapping[int, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` with the heads ``{layer: [head, ...]}`` ablated.
+
+    ``mode="mean"`` needs ``means[layer]`` of shape [num_heads, head_dim] for every ablated layer
+    (the analysis side computes them over calibration tokens); rows of unablated heads are ignored.
+    """
+    if mode not in MODES:
+        raise GraphPassError(f"unknown ablation mode {mode!r}; use 'zero' or 'mean'")
+    chosen = {l: sorted(set(int(h) for h in heads[l])) for l in checked_layers(layer_map, heads)}
+    chosen = {l: hs for l, hs in chosen.items() if hs}
+    if not chosen:
+        return copy_model(model)
+    require_heads(layer_map)
+    num_heads, head_dim = layer_map.num_heads, layer_map.head_dim
+    for l, hs in chosen.items():
+        if hs[0] < 0 or hs[-1] >= num_heads:
+            raise GraphPassError(f"layer {l} has heads 0..{num_heads - 1}; head {hs[0] if hs[0] < 0 else hs[-1]} does not exist")
+    if mode == "mean":
+        _check_means(chosen, means, num_heads, head_dim)
+    types = infer_types(model)
+    out = copy_model(model)
+    for l, hs in chosen.items():
+        layer = layer_map.layers[l]
+        dtype = helper.tensor_dtype_to_np_dtype(elem_type(types, layer.head_ctx))
+        keep = np.ones((1, num_heads, 1, 1), dtype=dtype)
+        keep[0, hs] = 0
+        ops = [("Mul", add_constant(out.graph, f"/ablate/blocks.{l}/keep", keep))]
+        if mode == "mean":
+            fill = np.zeros((1, num_heads, 1, head_dim), dtype=dtype)
+            fill[0, hs, 0] = np.asarray(means[l], dtype=dtype)[hs]
+            ops.append(("Add", add_constant(out.graph, f"/ablate/blocks.{l}/fill", fill)))
+        reroute(out.graph, layer, layer.head_ctx, ops)
+    sort_nodes(out.graph)
+    return out
+
+
+def _check_means(chosen: dict[int, list[int]], means: Mapping[int, np.ndarray] | None, num_heads: int, head_dim: int) -> None:
+    if means is None:
+        raise GraphPassError("mean ablation needs means={layer: array [num_heads, head_dim]}; compute them over calibration tokens")
+    for l in chosen:
+        if l not in means:
+            raise GraphPassError(f"mean ablation of layer {l} needs means[{l}] of shape [{num_heads}, {head_dim}]")
+        shape = np.shape(means[l])
+        if shape != (num_heads, head_dim):
+            raise GraphPassError(f"means[{l}] has shape {shape}, expected [{num_heads}, {head_dim}] (heads, head_dim)")
+        if not np.isfinite(means[l]).all():
+            raise GraphPassError(f"means[{l}] holds NaN/Inf; compute the means over finite activations")
