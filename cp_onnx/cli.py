@@ -67,10 +67,30 @@ def cmd_analyze(args) -> int:
         langs = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
         result.languages = analyze.language_check(model, settings, langs, log=log)
     data = report.build_report(result)
+    if args.jacobian or args.heads:
+        _add_circuit_analysis(data, model, settings, with_heads=args.heads)
     out = report.write_json(data, Path(args.out) / "report.json")
+    if args.jacobian or args.heads:
+        from cp_onnx.circuit import build_circuit_graph, write_circuit
+
+        paths = write_circuit(build_circuit_graph(data), Path(args.out))
+        log("circuit graph written to " + ", ".join(str(p) for p in paths.values()))
     print_summary(data)
     log(f"report written to {out}")
     return 0
+
+
+def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool) -> None:
+    """Jacobian, Mahalanobis (and head-influence) sections and methods, on the same calibration texts."""
+    from cp_onnx.calibration import load_calibration
+    from cp_onnx.circuit import circuit_analysis
+
+    texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
+    sections = circuit_analysis(model, texts, max_length=settings.max_length, with_heads=with_heads,
+                                block_sizes=settings.block_sizes, threads=settings.threads, progress=Progress("circuit analysis"))
+    data["methods"].update(sections.pop("methods"))
+    data["timings"].update(sections.pop("timings"))
+    data.update(sections)
 
 
 def cmd_apply(args) -> int:
@@ -236,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrastive", action="store_true", help="with --method all, also run the contrastive method (reasoning vs general texts)")
     p.add_argument("--block-sizes", type=_int_list, default=(3, 4, 5), help="candidate block sizes (default 3,4,5)")
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")
+    p.add_argument("--jacobian", action="store_true", help="add finite-difference Jacobian stability and Mahalanobis anomaly scores; write circuit.graphml/json/dot")
+    p.add_argument("--heads", action="store_true", help="add head influence (first-order estimates and exact ablations); implies the circuit graph")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--out", default="cp-onnx-out", help="output folder for report.json (default ./cp-onnx-out)")

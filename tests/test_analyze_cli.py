@@ -169,3 +169,17 @@ def test_contrastive_equals_anomaly_of_both_sets_against_their_difference(tiny_f
     got = data["methods"]["contrastive"]["blocks"]
     assert [(b["start"], b["end"]) for b in got] == [(b.start, b.end) for b in expected]
     np.testing.assert_allclose([b["score"] for b in got], [b.score for b in expected], rtol=1e-6, atol=1e-9)
+
+
+def test_jacobian_and_heads_add_sections_and_a_circuit_graph(tiny_folder, tmp_path, capsys):
+    import networkx as nx
+
+    data = _report(tiny_folder, tmp_path, capsys, "-n", "2", "--jacobian", "--heads")
+    jsonschema.validate(data, report_mod.schema())
+    assert {"jacobian", "heads", "mahalanobis"} <= set(data)
+    assert {"stability", "jacobian", "mahalanobis"} <= set(data["methods"])
+    graph = nx.read_graphml(tmp_path / "circuit.graphml")
+    # 3 layers and 4 heads each: every one a node of the graph written beside the report.
+    assert sum(1 for n in graph.nodes if n.startswith("blocks.") and ".attn.h" not in n) == 3
+    assert sum(1 for n in graph.nodes if ".attn.h" in n) == 12
+    assert (tmp_path / "circuit.json").is_file() and (tmp_path / "circuit.dot").is_file()
