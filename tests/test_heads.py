@@ -37,6 +37,15 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+_BASES: dict = {}
+
+
+def _base_logits(hf, family: str, ids: tuple) -> np.ndarray:
+    if (id(hf), ids) not in _BASES:
+        _BASES[id(hf), ids] = torch_logits(hf, family, ids=list(ids))
+    return _BASES[id(hf), ids]
+
+
 def torch_effects(hf, family: str, layer: int, head: int, scale: float, shift=None) -> tuple[float, float, float]:
     """Mean loss change, mean KL(base || changed) and mean half Fisher variance of the logit change, over all texts."""
     num_heads = hf.config.num_attention_heads
@@ -47,7 +56,7 @@ def torch_effects(hf, family: str, layer: int, head: int, scale: float, shift=No
         sh[head, 0] = shift
     loss = kl = fisher = 0.0
     for ids in TEXTS:
-        base = torch_logits(hf, family, ids=ids)
+        base = _base_logits(hf, family, tuple(ids))
         changed = torch_logits(hf, family, ids=ids, heads={layer: (s, sh)})
         lp, lq = log_probs(base), log_probs(changed)
         targets = (np.arange(len(ids) - 1), ids[1:])
