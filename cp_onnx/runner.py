@@ -114,9 +114,10 @@ class Runner:
         """Left padding keeps results equal to unpadded runs only if positions can be supplied."""
         return "position_ids" in self.input_names
 
-    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph inputs for a padded batch: position_ids and token_type_ids where the graph takes them."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The graph inputs for a padded batch: position_ids and token_type_ids where the graph takes them,
+        plus ``extra`` inputs a rewritten graph added (perturbation deltas, ...)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **(extra or {})}
         if "position_ids" in self.input_names:
             feeds["position_ids"] = position_ids_for(attention_mask)
         if "token_type_ids" in self.input_names:
@@ -135,9 +136,7 @@ class Runner:
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
             raise CpOnnxError(f"the model has no output named {unknown[0]!r}; expose it first (graph_passes.expose)")
-        feeds = self.feeds(input_ids, attention_mask)
-        feeds.update(extra or {})
-        values = self.session.run(names, feeds)
+        values = self.session.run(names, self.feeds(input_ids, attention_mask, extra))
         return dict(zip(names, values))
 
     def run_texts(self, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, outputs: Iterable[str] | None = None, side: str = "right") -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:

@@ -144,3 +144,22 @@ def test_bad_requests_say_what_is_wrong(family, call, message):
     _, _, proto, layer_map = family
     with pytest.raises(GraphPassError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call(proto, layer_map)
+
+
+def test_runner_feeds_extra_inputs_a_pass_added(tiny_model):
+    # A perturbed graph has inputs a text batch cannot supply; Runner.run takes them through `extra`.
+    import numpy as np
+
+    from cp_onnx.runner import Runner
+    from graph_passes import discover, graph_io
+    from graph_passes.perturb import perturb, resid_input
+
+    _, onnx_path = tiny_model("llama")
+    proto = graph_io.load(onnx_path)
+    perturbed = Runner(perturb(proto, discover(proto), layers=[1]))
+    plain = Runner(proto)
+    ids, mask = np.array([[5, 9, 14, 3]]), np.ones((1, 4), dtype=np.int64)
+    zero = {resid_input(1): np.zeros((1, 4, 64), dtype=np.float32)}
+    np.testing.assert_array_equal(perturbed.run(ids, mask, ["logits"], extra=zero)["logits"], plain.run(ids, mask, ["logits"])["logits"])
+    shifted = perturbed.run(ids, mask, ["logits"], extra={resid_input(1): np.ones((1, 4, 64), dtype=np.float32)})["logits"]
+    assert not np.allclose(shifted, plain.run(ids, mask, ["logits"])["logits"])
