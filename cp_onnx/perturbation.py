@@ -17,10 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.runner import Runner, position_ids_for
+from cp_onnx.runner import Runner, position_ids_for, segment_session
 from graph_passes import expose
 from graph_passes.layer_map import LayerMap, block_name
 from graph_passes.perturb import head_scale_input, head_shift_input, include_inserted, perturb, resid_input
@@ -136,9 +135,9 @@ class PerturbedRuns:
         parts = segment(perturbed, include_inserted(layer_map, perturbed))
         del perturbed
         self.embed, self.resid_in = parts.embed, parts.resid_in
-        self.preamble = _session(parts.preamble, threads)
-        self.layers = [_session(layer, threads) for layer in parts.layers]
-        self.head = _session(parts.head, threads)
+        self.preamble = segment_session(parts.preamble, threads)
+        self.layers = [segment_session(layer, threads) for layer in parts.layers]
+        self.head = segment_session(parts.head, threads)
         self.layer_tokens, self.head_bytes = layer_tokens, head_bytes
 
     def run(self, ids: Sequence[int], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
@@ -261,21 +260,6 @@ class PerturbedRuns:
             elif value.name != POSITIONS:
                 feeds[value.name] = context(rows)[value.name]
         return self.head.run(None, feeds)[0].reshape(rows, seq, -1)
-
-
-def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
-    """An onnxruntime session for one segment, with Runner's settings but no CPU memory arena.
-
-    The rows per call change from layer to layer and text to text, and each of the L + 2 sessions
-    would keep an arena as large as its largest call: on SmolLM2, 10 GB after one text against
-    2.4 GB without the arena, at the same speed.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

@@ -65,6 +65,28 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """CPU session settings shared by every session cp-onnx makes."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0 lets onnxruntime use every core
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    return options
+
+
+def segment_session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+    """A session for one of thirty-odd segment models run in turn (sweep, perturbation): no memory arena
+    (each session would keep an arena as large as its largest call: 10 GB against 2.4 GB on SmolLM2)
+    and no spinning threads (idle pools would spin against the session at work)."""
+    options = session_options(threads)
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise CpOnnxError(f"onnxruntime cannot load segment {model.graph.name}: {str(exc).strip().splitlines()[0]}; re-export the model") from exc
+
+
 class Runner:
     """One onnxruntime CPU session over a model file or an in-memory ModelProto.
 
@@ -73,10 +95,7 @@ class Runner:
     """
 
     def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0 lets onnxruntime use every core
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        options = session_options(threads)
         self._tmpdir = None
         weights = dict(weights or {})
         if isinstance(model, onnx.ModelProto):

@@ -19,7 +19,6 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 import graph_passes
 from cp_onnx import probes
@@ -28,7 +27,7 @@ from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
 from cp_onnx.model import ModelFolder
 from cp_onnx.report import json_ready, file_sha256
-from cp_onnx.runner import Runner, default_threads, position_ids_for
+from cp_onnx.runner import Runner, default_threads, position_ids_for, segment_session
 from cp_onnx.scores import candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
 from graph_passes.layer_path import duplicate, format_path
@@ -71,7 +70,7 @@ class ReuseEvaluator:
         del parts
         sessions = []
         while models:  # each segment's proto freed once its session holds the weights
-            sessions.append(_session(models.pop(0), threads))
+            sessions.append(segment_session(models.pop(0), threads))
         self.preamble, *self.layers, self.head = sessions
         self.contexts, self.outputs = [], []  # per batch: context tensors; every layer's output
         for batch in plan.batches:
@@ -115,21 +114,6 @@ class ReuseEvaluator:
                 stream = self._layer(layer, stream, self.contexts[b])
             results.append(self._head(stream, self.contexts[b], batch))
         return self.plan.metrics(results)
-
-
-def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
-    """A CPU session for one of thirty-odd segments that run in turn: no memory arena (each would keep its
-    peak activations) and no spinning threads (idle pools would spin against the session at work)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types
-        raise CpOnnxError(f"onnxruntime cannot load segment {model.graph.name}: {str(exc).strip().splitlines()[0]}; re-export the model") from exc
 
 
 class NaiveEvaluator:
