@@ -119,7 +119,7 @@ def cmd_sweep(args) -> int:
     from cp_onnx.sweep import sweep
 
     items = probes.load_suite(args.suite) if args.suite else probes.probe_suite(args.seed)
-    model = open_model(args.model, log=log)
+    model = open_model(args.model, with_past=True, log=log)  # the KV cache lets shared few-shot examples run once
     from cp_onnx import executors
 
     executor = executors.executor_from_args(args)

@@ -27,6 +27,13 @@ class ModelFolder:
         return self.manifest.get("source") or self.path.name
 
     @property
+    def with_past_path(self) -> Path | None:
+        """The graph with a KV cache the manifest names (``cp-onnx export --with-past``), or None."""
+        relative = (self.manifest.get("onnx") or {}).get("with_past")
+        path = _inside(self.path, relative) if relative else None
+        return path if path is not None and path.is_file() else None
+
+    @property
     def tokenizer(self):
         """The `tokenizers` tokenizer saved beside the model (no transformers, no torch)."""
         if self._tokenizer is None:
@@ -91,9 +98,11 @@ def open_folder(folder: Path, *, tokenizer_dir: Path | None = None) -> ModelFold
     return model
 
 
-def open_model(source: str | Path | None = None, *, tokenizer_dir: str | Path | None = None, log: Callable[[str], None] = print) -> ModelFolder:
+def open_model(source: str | Path | None = None, *, tokenizer_dir: str | Path | None = None, with_past: bool = False,
+               log: Callable[[str], None] = print) -> ModelFolder:
     """Anything a user may name: an exported folder, an .onnx file (tokenizer beside it or in
-    ``tokenizer_dir``), or a source ``cp-onnx export`` accepts (exported on first use, then cached)."""
+    ``tokenizer_dir``), or a source ``cp-onnx export`` accepts (exported on first use, then cached;
+    ``with_past`` exports the graph with a KV cache too)."""
     source = DEFAULT_SOURCE if source is None else source
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
     path = Path(source)
@@ -110,7 +119,7 @@ def open_model(source: str | Path | None = None, *, tokenizer_dir: str | Path | 
     from exporters.errors import ExportError
 
     try:
-        folder = export(str(source), log=log)
+        folder = export(str(source), with_past=with_past, log=log)
     except ExportError as exc:
         raise CpOnnxError(str(exc)) from exc
     return open_folder(Path(folder), tokenizer_dir=tok_dir)

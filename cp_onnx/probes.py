@@ -193,7 +193,8 @@ def probe_suite(seed: int = 0, per_kind: int = 48, *, shots: int = 2) -> list[Pr
     """``per_kind`` distinct items of every kind in PROBE_KINDS, the same for the same seed.
 
     Each prompt opens with ``shots`` solved questions of the same kind (small models answer in the
-    expected form only after seeing it). Each kind draws from its own ``random.Random`` seeded with
+    expected form only after seeing it), the same ones for every item of the kind, so an evaluator
+    with a KV cache runs them once per kind; no item asks a question that is shown solved. Each kind draws from its own ``random.Random`` seeded with
     (seed, kind), so a smaller ``per_kind`` gives a prefix of a larger one.
     """
     for name, value, least in (("per_kind", per_kind, 1), ("shots", shots, 0)):
@@ -205,13 +206,15 @@ def probe_suite(seed: int = 0, per_kind: int = 48, *, shots: int = 2) -> list[Pr
 def _generate(kind: str, seed: int, count: int, shots: int) -> list[ProbeItem]:
     rng = random.Random(f"cp-onnx probes {seed} {kind}")
     make = GENERATORS[kind]
+    solved = _demonstrations(kind, rng, shots)
+    demonstrations = "".join(f"{PROMPT.format(question=q)} {a}\n\n" for q, a in solved)
+    shown = {q for q, _ in solved}
     items: dict[str, ProbeItem] = {}
     for _ in range(100 * count):
         if len(items) == count:
             break
         question, answer, options = make(rng)
-        demonstrations = _demonstrations(kind, rng, shots, question)
-        if question not in items:
+        if question not in items and question not in shown:
             items[question] = ProbeItem(f"{kind}-{len(items):03d}", kind, demonstrations + PROMPT.format(question=question),
                                         " " + answer, tuple(" " + o for o in options))
     if len(items) < count:
@@ -219,18 +222,18 @@ def _generate(kind: str, seed: int, count: int, shots: int) -> list[ProbeItem]:
     return list(items.values())
 
 
-def _demonstrations(kind: str, rng: random.Random, shots: int, question: str) -> str:
-    """Solved questions other than ``question``, each answer unlike the one before (so yes and no alternate)."""
+def _demonstrations(kind: str, rng: random.Random, shots: int) -> list[tuple[str, str]]:
+    """Distinct solved questions, each answer unlike the one before (so yes and no alternate)."""
     solved: list[tuple[str, str]] = []
     for _ in range(100 * shots):
         if len(solved) == shots:
             break
         q, a, _ = GENERATORS[kind](rng)
-        if q != question and all(q != earlier for earlier, _ in solved) and (not solved or a != solved[-1][1]):
+        if all(q != earlier for earlier, _ in solved) and (not solved or a != solved[-1][1]):
             solved.append((q, a))
     if len(solved) < shots:
         raise CpOnnxError(f"could not find {shots} distinct solved {kind} questions to show; ask for fewer shots")
-    return "".join(f"{PROMPT.format(question=q)} {a}\n\n" for q, a in solved)
+    return solved
 
 
 def save_suite(items: Iterable[ProbeItem], path: str | Path) -> Path:

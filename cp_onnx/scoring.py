@@ -7,6 +7,10 @@ scored with the logits at ``p - 1``. Options share the answer's sequence where t
 whose tokens, all but the last, begin another continuation of the same prompt is read off that
 sequence (one-token options always are), so a yes/no item costs one sequence, not two. General texts
 are scored on every token after the first.
+
+With ``share_prefixes``, the sequences of one kind (few-shot prompts open with the same solved
+examples) are batched together and the tokens they all begin with become the batch's ``prefix``: an
+evaluator that keeps a KV cache runs the prefix once and only the rest of each sequence per row.
 """
 from __future__ import annotations
 
@@ -46,19 +50,25 @@ class ScoredSequence:
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """A padded batch and the flat positions (row * seq + token) whose logits predict ``targets``."""
+    """A padded batch and the flat positions (row * seq + token) whose logits predict ``targets``.
+
+    Every row's sequence is ``prefix`` followed by the row's ``input_ids``; positions count from the
+    end of the prefix. Without shared prefixes, ``prefix`` is empty and the rows are whole sequences.
+    """
 
     input_ids: np.ndarray  # [rows, seq]
     attention_mask: np.ndarray
     positions: np.ndarray  # [n] int64
     targets: np.ndarray  # [n] int64
     owners: np.ndarray  # [n] index of the continuation each target belongs to
+    prefix: tuple[int, ...] = ()
 
 
 class ProbePlan:
     """The sequences to run for some probe items and general texts, batched by length."""
 
-    def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, batch_size: int = 16, max_length: int = 256):
+    def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, batch_size: int = 16,
+                 max_length: int = 256, share_prefixes: bool = False):
         if batch_size < 1:
             raise CpOnnxError(f"batch size must be at least 1, not {batch_size}")
         self.items = list(items)
@@ -71,8 +81,21 @@ class ProbePlan:
             if len(tokens) > 1:
                 self.continuations.append(Continuation(tokens[1:], None))
                 self.sequences.append(ScoredSequence(tokens, 1, (len(self.continuations) - 1,)))
-        order = sorted(range(len(self.sequences)), key=lambda s: (len(self.sequences[s].tokens), s))
-        self.batches = [self._batch(order[k : k + batch_size]) for k in range(0, len(order), batch_size)]
+        self.batches = []
+        for group in self._groups(share_prefixes):
+            shared = _shared_length([self.sequences[s] for s in group]) if share_prefixes else 0
+            order = sorted(group, key=lambda s: (len(self.sequences[s].tokens), s))
+            self.batches += [self._batch(order[k : k + batch_size], shared) for k in range(0, len(order), batch_size)]
+
+    def _groups(self, by_kind: bool) -> list[list[int]]:
+        """Sequence indices batched together: one group, or one per item kind (general texts last)."""
+        if not by_kind:
+            return [list(range(len(self.sequences)))]
+        groups: dict[str | None, list[int]] = {}
+        for s, seq in enumerate(self.sequences):
+            item = self.continuations[seq.continuations[0]].item
+            groups.setdefault(None if item is None else self.items[item].kind, []).append(s)
+        return [groups[kind] for kind in sorted(groups, key=lambda kind: (kind is None, kind or ""))]
 
     def _add_item(self, k: int, item: ProbeItem, encode: Encode) -> None:
         """The item's continuations, the answer first, each on the first sequence that can host it or on its own."""
@@ -94,17 +117,18 @@ class ProbePlan:
             host[1].append(len(self.continuations) - 1)
         self.sequences += [ScoredSequence(tokens, len(prompt), tuple(members)) for tokens, members in hosts]
 
-    def _batch(self, members: list[int]) -> TokenBatch:
-        ids, mask = pad_batch([self.sequences[s].tokens for s in members])
+    def _batch(self, members: list[int], shared: int) -> TokenBatch:
+        ids, mask = pad_batch([self.sequences[s].tokens[shared:] for s in members])
         positions, targets, owners = [], [], []
         for row, s in enumerate(members):
             seq = self.sequences[s]
             for c in seq.continuations:
                 tokens = self.continuations[c].tokens
-                positions.append(row * ids.shape[1] + seq.start - 1 + np.arange(len(tokens)))
+                positions.append(row * ids.shape[1] + seq.start - 1 - shared + np.arange(len(tokens)))
                 targets.append(np.asarray(tokens))
                 owners.append(np.full(len(tokens), c))
-        return TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)))
+        prefix = self.sequences[members[0]].tokens[:shared]
+        return TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)), prefix=prefix)
 
     @property
     def identity(self) -> str:
@@ -118,6 +142,11 @@ class ProbePlan:
     def tokens(self) -> int:
         """Tokens run through the model per config (padding not counted)."""
         return sum(len(s.tokens) for s in self.sequences)
+
+    @property
+    def tokens_run(self) -> int:
+        """Tokens an evaluator with a KV cache runs per config: each shared prefix once, then the rest of every sequence."""
+        return sum(map(len, {batch.prefix for batch in self.batches})) + sum(int(batch.attention_mask.sum()) for batch in self.batches)
 
     def metrics(self, results: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
         """Metrics from ``token_scores`` of every batch, in batch order: overall, ``general_nll`` and ``by_kind``."""
@@ -168,6 +197,13 @@ def _continuation(item: ProbeItem, prompt: tuple[int, ...], text: str, encode: E
     return joint[len(prompt) :]
 
 
+def _shared_length(sequences: list[ScoredSequence]) -> int:
+    """How many leading tokens all ``sequences`` share, short of the first scored token's predictor."""
+    first = sequences[0].tokens
+    limit = min(min(len(s.tokens) for s in sequences), min(s.start for s in sequences) - 1)
+    return next((k for k in range(limit) if any(s.tokens[k] != first[k] for s in sequences)), max(limit, 0))
+
+
 def _summary(rows: list[dict]) -> dict:
     """Means of the per-item metrics (choice accuracy over the items with options; None without any)."""
     summary = {}
@@ -189,6 +225,8 @@ def token_scores(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, n
 
 def score_model(runner: Runner, plan: ProbePlan, *, logits: str | None = None) -> dict:
     """Metrics of a whole model (its full logits output), e.g. the base or a routed model."""
+    if any(batch.prefix for batch in plan.batches):
+        raise CpOnnxError("score_model runs whole sequences; build the ProbePlan without share_prefixes")
     name = logits or runner.output_names[0]
     results = []
     for batch in plan.batches:

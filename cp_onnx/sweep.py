@@ -58,41 +58,66 @@ class ReuseEvaluator:
     """The base model run once layer by layer, its layer outputs kept; a block then reruns only what differs.
 
     Keeps every layer's output for every batch: layers x padded tokens x hidden float32 (SmolLM2,
-    10k tokens: 30 x 10k x 576 x 4 B = 0.7 GB).
+    10k tokens: 30 x 10k x 576 x 4 B = 0.7 GB). On a graph with a KV cache, a batch's shared prefix
+    (the few-shot examples of a kind) runs once per config as one row, and its keys and values are
+    fed to every row of the batch, so the examples are not recomputed for each item.
     """
 
     def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
         proto = graph_passes.graph_io.load(onnx_path)
         parts = segment(proto, graph_passes.discover(proto))
         del proto
-        self.num_layers, self.plan, self.resid_in, embed = len(parts.layers), plan, parts.resid_in, parts.embed
+        if not parts.past and any(batch.prefix for batch in plan.batches):
+            raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")
+        self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
         models = [parts.preamble, *parts.layers, parts.head]
         del parts
         sessions = []
         while models:  # each segment's proto freed once its session holds the weights
             sessions.append(segment_session(models.pop(0), threads))
         self.preamble, *self.layers, self.head = sessions
+        self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
+        for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
+            ids = np.asarray([prefix], dtype=np.int64)
+            context = self._context(ids, np.ones_like(ids), None)
+            self.prefixes[prefix] = (context, self._run(range(self.num_layers), context[self.embed], context, None))
         self.contexts, self.outputs = [], []  # per batch: context tensors; every layer's output
         for batch in plan.batches:
-            context = self._context(batch)
-            stream, kept = context[embed], []
-            for layer in range(self.num_layers):
-                stream = self._layer(layer, stream, context)
-                kept.append(stream)
+            past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
+            context = self._context(batch.input_ids, batch.attention_mask, past)
             self.contexts.append(context)
-            self.outputs.append(kept)
+            self.outputs.append([stream for stream, _ in self._run(range(self.num_layers), context[self.embed], context, past)])
 
-    def _context(self, batch: TokenBatch) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": position_ids_for(batch.attention_mask)}
-        wanted = {i.name: feeds[i.name] if i.name in feeds else np.zeros_like(batch.input_ids) for i in self.preamble.get_inputs()}  # token_type_ids: zeros
+    def _context(self, ids: np.ndarray, mask: np.ndarray, past: list | None) -> dict[str, np.ndarray]:
+        """Graph inputs and preamble outputs for rows ``ids`` that continue a prefix whose cache is ``past`` (None: no prefix)."""
+        shared = past[0][0].shape[2] if past else 0
+        full = np.concatenate([np.ones((len(ids), shared), dtype=np.int64), mask], axis=1)
+        feeds = {"input_ids": ids, "attention_mask": full, "position_ids": position_ids_for(full)[:, shared:],
+                 **self._past_feeds(0, past[0] if past else None, len(ids))}
+        wanted = {i.name: feeds[i.name] if i.name in feeds else np.zeros_like(ids) for i in self.preamble.get_inputs()}  # token_type_ids: zeros
         names = [o.name for o in self.preamble.get_outputs()]
         return {**feeds, **dict(zip(names, self.preamble.run(names, wanted)))}
 
-    def _layer(self, layer: int, stream: np.ndarray, context: dict) -> np.ndarray:
-        session = self.layers[layer]
-        resid_in = self.resid_in[layer]
-        feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in session.get_inputs()}
-        return session.run(None, feeds)[0]
+    def _past_feeds(self, layer: int, kv: tuple | None, rows: int) -> dict[str, np.ndarray]:
+        """Layer ``layer``'s cache inputs: the prefix's keys and values repeated for every row, or empty (no prefix)."""
+        if not self.past:
+            return {}
+        if kv is None:
+            shapes = {i.name: i.shape for i in self.layers[layer].get_inputs()}
+            return {name: np.zeros((rows, shapes[name][1], 0, shapes[name][3]), dtype=np.float32) for name in self.past[layer]}
+        return {name: np.repeat(value, rows, axis=0) for name, value in zip(self.past[layer], kv)}
+
+    def _run(self, layers: Iterable[int], stream: np.ndarray, context: dict, past: list | None) -> list[tuple[np.ndarray, tuple]]:
+        """Run ``layers`` in order from ``stream``; per layer run, its output and its keys and values.
+
+        ``past[k]`` is the prefix's cache for the k-th layer run (None: no prefix)."""
+        results = []
+        for k, layer in enumerate(layers):
+            feeds = {**context, **self._past_feeds(layer, past[k] if past else None, len(stream)), self.resid_in[layer]: stream}
+            session = self.layers[layer]
+            stream, *kv = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+            results.append((stream, tuple(kv)))
+        return results
 
     def _head(self, stream: np.ndarray, context: dict, batch: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
         resid_in = self.resid_in[-1]
@@ -107,12 +132,13 @@ class ReuseEvaluator:
         start, end = config
         resume_at = self.num_layers if start is None else end  # layer j-1's output is the base model's
         remaining = layer_path(config, self.num_layers)[resume_at:]
+        prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0], context, None)]
+                         for prefix, (context, base) in self.prefixes.items()}
         results = []
         for b, batch in enumerate(self.plan.batches):
             stream = self.outputs[b][resume_at - 1]
-            for layer in remaining:
-                stream = self._layer(layer, stream, self.contexts[b])
-            results.append(self._head(stream, self.contexts[b], batch))
+            runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
+            results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))
         return self.plan.metrics(results)
 
 
@@ -152,7 +178,8 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
     if not items:
         raise CpOnnxError("the probe suite is empty; give at least one item")
     general = probes.general_texts() if general is None else general
-    plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general, batch_size=batch_size, max_length=max_length)
+    cached = mode == "reuse" and model.with_past_path is not None  # shared few-shot prefixes run once per config
+    plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general, batch_size=batch_size, max_length=max_length, share_prefixes=cached)
     num_layers = _num_layers(model)
     configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers)
     header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION,
@@ -161,9 +188,12 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
     done = open_log(Path(out), header)
     todo = [c for c in configs if c not in done]
     log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configs already in {out}; {len(todo)} to run "
-        f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {mode} mode, {workers} worker{'s' * (workers > 1)})")
+        f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {plan.tokens_run} run per config; {mode} mode, {workers} worker{'s' * (workers > 1)})")
+    if mode == "reuse" and not cached:
+        log(f"sweep: {model.path} has no with_past graph, so every sequence runs its few-shot examples itself; "
+            "`cp-onnx export SOURCE --with-past` makes the sweep about 2.5x faster")
     executor = executor or make_executor(workers=workers)
-    for count, (config, row) in enumerate(_evaluate_all(model.onnx_path, plan, todo, mode, executor, threads), 1):
+    for count, (config, row) in enumerate(_evaluate_all(model.with_past_path if cached else model.onnx_path, plan, todo, mode, executor, threads), 1):
         append_row(Path(out), row)
         done[config] = row
         if progress:

@@ -2,7 +2,9 @@
 
 Chaining them computes the full model: ``preamble(graph inputs) -> embed + context``, then
 ``layer_l(resid, context) -> resid`` for every layer in any order or repetition, then
-``head(resid, context, positions) -> logits``. ``context`` holds the tensors the layers and the head
+``head(resid, context, positions) -> logits``. On a graph with a KV cache, layer ``l`` also reads its
+``past_key_values.l.*`` inputs and returns its ``present.l.*`` outputs after the stream, so a shared
+prefix can be run once and its keys and values fed to every text that continues it. ``context`` holds the tensors the layers and the head
 read besides the residual stream (expanded mask, rotary tables, shape values). The head gathers the
 flat ``positions`` (row * seq + token) before the lm_head, so logits are only computed where needed.
 """
@@ -17,6 +19,7 @@ from onnx import helper
 from graph_passes.errors import GraphPassError
 from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types, layer_of_nodes, node_reads
 from graph_passes.layer_map import LayerMap
+from graph_passes.route import PAST, PRESENT
 
 POSITIONS = "positions"  # head input: int64 [n], flat indices row * seq + token of the logits wanted
 # Per-token ops that may follow the lm_head (bias, softcapping, casts): the gather can go before them.
@@ -36,7 +39,9 @@ class Segments:
     resid_out: tuple[str, ...]  # output name of each layer segment
     context: tuple[str, ...]  # tensors the layers and head read from the preamble or the graph inputs
     logits: str
-    gathered_before_lm_head: bool  # False: the head computes all logits and gathers them after
+    gathered_before_lm_head: bool
+    past: tuple[tuple[str, ...], ...] = ()  # per layer: its KV-cache inputs (key, value); () without a cache
+    present: tuple[tuple[str, ...], ...] = ()  # per layer: its KV-cache outputs, after resid_out  # False: the head computes all logits and gathers them after
 
 
 def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
@@ -61,8 +66,9 @@ def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
 
     extract = _Extractor(model, index, infer_types(model))
     preamble_inputs = [name for name in index.graph_inputs if name in _external_reads(index, preamble, set())]
+    past, present = _cache_names(model.graph, layer_map.num_layers)
     layers = tuple(
-        extract(f"layer{l}", members, [layer.resid_in, *sorted(reads)], [layer.resid_out])
+        extract(f"layer{l}", members, [layer.resid_in, *sorted(reads)], [layer.resid_out, *(present[l] if present else ())])
         for l, (layer, members, reads) in enumerate(zip(layer_map.layers, layer_sets, layer_reads))
     )
     head_model, gathered = _head(extract, index, head, [last, *sorted(head_reads)], layer_map.logits)
@@ -76,7 +82,18 @@ def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
         context=context,
         logits=layer_map.logits,
         gathered_before_lm_head=gathered,
+        past=past,
+        present=present,
     )
+
+
+def _cache_names(graph: onnx.GraphProto, num_layers: int) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+    """Per layer, the ``past_key_values.l.*`` inputs and ``present.l.*`` outputs (key before value); empty without a cache."""
+    def by_layer(values, pattern):
+        found = sorted(((int(m[1]), m[2], v.name) for v in values if (m := pattern.match(v.name))), key=lambda f: (f[0], f[1] != "key", f[1]))
+        return tuple(tuple(name for layer, _, name in found if layer == l) for l in range(num_layers)) if found else ()
+
+    return by_layer(graph.input, PAST), by_layer(graph.output, PRESENT)
 
 
 def _external_reads(index: GraphIndex, members: set[int], stream: set[str]) -> set[str]:

@@ -323,3 +323,13 @@ def test_calibration_texts_share_no_question_with_probes(suites):
     assert len(questions) > 600
     clashes = [(q, c) for q in questions for c in calibration if q in c or c in q]
     assert clashes == []
+
+
+def test_items_of_a_kind_share_their_solved_examples(suites):
+    for items in suites.values():
+        for kind in PROBE_KINDS:
+            shown = {tuple(solved_and_asked(item.prompt)[0]) for item in items if item.kind == kind}
+            assert len(shown) == 1, kind  # one few-shot prefix per kind: a KV cache runs it once
+            (demos,) = shown
+            assert all(solved_and_asked(item.prompt)[1] not in {q for q, _ in demos} for item in items if item.kind == kind)
+    assert solved_and_asked(suites[0][0].prompt)[0] != solved_and_asked(suites[1][0].prompt)[0]  # seeds differ

@@ -48,6 +48,22 @@ def tiny_llama(tiny_model, tmp_path_factory):
     return hf, open_model(onnx_path, tokenizer_dir=folder)
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_cached(tiny_model, tmp_path_factory):
+    """The same tiny llama as a model folder that also holds its graph with a KV cache (with_past/model.onnx)."""
+    import shutil
+
+    from exporters.optimum_export import export_hf_folder
+
+    hf, onnx_path = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("cached")
+    export_hf_folder(onnx_path.parent.parent / "hf", folder / "with_past", with_past=True)
+    shutil.copy(onnx_path, folder / "model.onnx")
+    (folder / "cp_onnx.json").write_text(json.dumps({"onnx": {"model": "model.onnx", "with_past": "with_past/model.onnx"}}))
+    bos_tokenizer(folder)
+    return hf, open_model(folder)
+
+
 def torch_metrics(hf, encode, path=None) -> dict:
     """The sweep's metrics computed independently: each sequence alone through torch, optionally with layers repeated."""
     import torch
@@ -104,6 +120,19 @@ def test_baseline_and_blocks_match_torch_with_layers_repeated(tiny_llama, tmp_pa
     assert [(r["start"], r["end"], r["path"]) for r in rows] == [(None, None, "0..2"), (0, 2, "0..1,0..2"), (1, 3, "0..2,1..2")]
     encode = encoder(model)
     assert encode("x")[0] == encode("y")[0] != encode("x")[1]  # BOS first, the text after it
+    assert_metrics_close(rows[0], torch_metrics(hf, encode))
+    assert_metrics_close(rows[1], torch_metrics(hf, encode, [0, 1, 0, 1, 2]))
+    assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
+
+
+def test_shared_prefixes_run_once_with_the_kv_cache_and_match_torch(tiny_llama_cached, tmp_path):
+    hf, model = tiny_llama_cached
+    encode = encoder(model)
+    plan = ProbePlan(ITEMS, encode, GENERAL, share_prefixes=True)
+    # The arithmetic items share BOS + "Q: " (4 tokens), the syllogisms BOS; general texts share nothing.
+    assert {len(b.prefix) for b in plan.batches} >= {0, 1, 4} and plan.tokens_run < plan.tokens
+    assert model.with_past_path is not None
+    rows = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
     assert_metrics_close(rows[0], torch_metrics(hf, encode))
     assert_metrics_close(rows[1], torch_metrics(hf, encode, [0, 1, 0, 1, 2]))
     assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
