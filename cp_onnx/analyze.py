@@ -1,4 +1,5 @@
-"""`cp-onnx analyze`: the paper's statistics over calibration texts, and its ranked blocks."""
+"""`cp-onnx analyze`: the paper's statistics over calibration texts, its ranked blocks, and the default
+prediction (``predict.METHOD``: the loss of the model with each block duplicated, and a decision)."""
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cp_onnx import calibration, scores
+from cp_onnx import calibration, predict, scores
 from cp_onnx.activations import ActivationReader
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
@@ -16,6 +17,7 @@ from cp_onnx.stats import LayerStatistics
 # The paper's two kinds of circuit and the method that predicts each.
 KINDS = {"stability": "stability", "magnitude": "anomaly"}
 SINGLE_SET_METHODS = ("stability", "anomaly", "composite", "boundary")
+DEFAULT_METHODS = (predict.METHOD, *SINGLE_SET_METHODS)
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Settings:
     n: int | None = 10
     max_length: int = 128
     language: str = "en"
-    methods: tuple[str, ...] = SINGLE_SET_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     block_sizes: tuple[int, ...] = (3, 4, 5)
     batch_size: int = 8
     threads: int | None = None
@@ -44,6 +46,7 @@ class Analysis:
     calibration: dict
     timings: dict[str, float] = field(default_factory=dict)
     languages: dict | None = None
+    prediction: predict.Prediction | None = None
 
 
 def collect_statistics(reader: ActivationReader, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
@@ -71,8 +74,9 @@ def _encode(model: ModelFolder, texts: list[str], settings: Settings, log: Calla
     return token_lists
 
 
-def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> Analysis:
-    """Run the paper's statistics and every requested method on one model."""
+def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None,
+            block_progress: Callable[[int, int], None] | None = None) -> Analysis:
+    """Run the paper's statistics and every requested method on one model (``block_progress``: the default method's blocks)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     texts = calibration.load_calibration(settings.calibration, n=settings.n, language=settings.language)
@@ -86,11 +90,25 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     timings["statistics_s"] = time.perf_counter() - t1
 
     methods: dict[str, list[scores.Block]] = {}
+    prediction = None
     for method in settings.methods:
-        if method == "contrastive":
+        began = time.perf_counter()
+        if method == predict.METHOD:
+            general = calibration.load_calibration("general", n=settings.n)
+            try:
+                prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length,
+                                             threads=settings.threads, progress=block_progress)
+            except predict.NoNumbersError as exc:
+                if len(settings.methods) == 1:
+                    raise
+                log(f"note: {method} skipped: {exc}")
+                continue
+            methods[method] = prediction.blocks
+        elif method == "contrastive":
             methods[method] = _contrastive(model, reader, settings, log)
         else:
             methods[method] = scores.rank_blocks(stats, method, settings.block_sizes)
+        timings[f"{method}_s"] = time.perf_counter() - began
     timings["total_s"] = time.perf_counter() - t0
 
     identity = calibration.calibration_identity(texts, settings.identity_settings())
@@ -102,7 +120,7 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
         "tokens": int(sum(len(t) for t in token_lists)),
         "identity": identity,
     }
-    return Analysis(model, reader.num_layers, reader.layer_map.family, stats, methods, calib, timings)
+    return Analysis(model, reader.num_layers, reader.layer_map.family, stats, methods, calib, timings, prediction=prediction)
 
 
 def _contrastive(model: ModelFolder, reader: ActivationReader, settings: Settings, log) -> list[scores.Block]:
@@ -117,12 +135,16 @@ def language_check(model: ModelFolder, settings: Settings, languages: Sequence[s
     """Top blocks per language for each method, and how far the top-1 blocks spread across languages."""
     per_language: dict[str, dict[str, list[dict]]] = {}
     reader = ActivationReader(model, threads=settings.threads)
+    general = calibration.load_calibration("general", n=settings.n) if predict.METHOD in settings.methods else []
     for language in languages:
         texts = calibration.load_calibration("reasoning", n=settings.n, language=language)
         stats = collect_statistics(reader, _encode(model, texts, settings, log), batch_size=settings.batch_size)
         per_language[language] = {
-            m: [b.as_dict() for b in scores.rank_blocks(stats, m, settings.block_sizes)[:top]] for m in settings.methods if m != "contrastive"
+            m: [b.as_dict() for b in scores.rank_blocks(stats, m, settings.block_sizes)[:top]] for m in settings.methods if m in SINGLE_SET_METHODS
         }
+        if general:  # the cost side stays the English general texts: only the reasoning language changes
+            prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length, threads=settings.threads)
+            per_language[language][predict.METHOD] = [b.as_dict() for b in prediction.blocks[:top]]
     spread = {}
     for method in next(iter(per_language.values())):
         tops = [(blocks[0]["start"], blocks[0]["end"]) for blocks in (per_language[lang][method] for lang in languages)]

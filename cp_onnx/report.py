@@ -97,6 +97,8 @@ def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
         "versions": versions(),
         "timings": analysis.timings,
     }
+    if analysis.prediction is not None:
+        report["prediction"] = analysis.prediction.as_dict()
     if analysis.languages is not None:
         report["languages"] = analysis.languages
     return json_ready(report)

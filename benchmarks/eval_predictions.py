@@ -1,0 +1,139 @@
+"""Every method's prediction on one model against the sweep's ground truth at two probe-suite seeds (issue 7).
+
+    python benchmarks/eval_predictions.py MODEL --name NAME --sweeps SEED0.jsonl SEED1.jsonl [-n 10]
+
+Runs `cp-onnx analyze` with its defaults (the default method ``duplication_loss`` and the paper's four),
+timed, then judges each method on the sweeps' answer log-probability:
+- the ground truth is the mean of the two seeds' gains per block; the noise level is the spread over
+  blocks of the difference between the seeds' gains (its robust standard deviation, 1.4826 x the
+  median absolute deviation, so the blocks that wreck the model do not set it; it equals two
+  standard errors of the mean of two seeds); a block "really helps" when its mean gain is above it;
+- top-1 / top-3 hit: the top-1 (any of the top 3) has start and end within 2 layers of the best block;
+- realised: the top-1's mean gain over the best block's (only when the best block really helps);
+- decision: the paper's methods always name their top-1; the default method names it or abstains.
+  It is right when it names a block that really helps, or abstains when no block does.
+Writes benchmarks/results/predictions_NAME.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from bench_common import RESULTS, Stopwatch, say_load, write_results
+
+from cp_onnx.analyze import Settings, analyze
+from cp_onnx.model import open_model
+from cp_onnx.predict import METHOD
+from cp_onnx.report import build_report
+from cp_onnx.sweep import read_sweep
+from cp_onnx.validate import gain, split_rows, validate
+
+METRIC = "answer_logprob"
+
+
+def mean_rows(sweeps: list[list[dict]]) -> list[dict]:
+    """Per config, the mean over seeds of every metric (per kind too); configs missing from a seed are dropped."""
+    keyed = [{(r["start"], r["end"]): r for r in rows} for rows in sweeps]
+    common = [key for key in keyed[0] if all(key in k for k in keyed[1:])]
+
+    def mean(values):
+        if isinstance(values[0], dict):
+            return {key: mean([v[key] for v in values]) for key in values[0] if key not in ("path", "seconds")}
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    return [{**mean([k[key] for k in keyed]), "start": key[0], "end": key[1]} for key in common]
+
+
+def noise_level(sweeps: list[list[dict]]) -> float:
+    """Robust standard deviation over blocks of the difference between two seeds' gains."""
+    (base0, blocks0), (base1, blocks1) = (split_rows(rows) for rows in sweeps)
+    diffs = np.array([gain(blocks0[b], base0, METRIC) - gain(blocks1[b], base1, METRIC) for b in blocks0 if b in blocks1])
+    return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))))
+
+
+def judge(report: dict, rows: list[dict], noise: float) -> dict:
+    """Per method: hits, realised gain, per-kind gains, general cost, decision and whether it was right."""
+    top1, top3 = (validate(report, rows, top_k=k, metrics=[METRIC]) for k in (1, 3))
+    best = top1["best"][METRIC]
+    some_help = best["gain"] > noise
+    judged = {}
+    for method in report["methods"]:
+        one, three = top1["methods"][method][METRIC], top3["methods"][method][METRIC]
+        decision = report["prediction"]["decision"] if method == METHOD else "help"
+        helps = one["top1"]["gain"] > noise
+        judged[method] = {
+            "top1": [one["top1"]["start"], one["top1"]["end"]],
+            "top1_hit": one["near_best_in_top_k"], "top3_hit": three["near_best_in_top_k"],
+            "top1_gain": one["top1"]["gain"], "realised": one["gain_ratio"] if some_help else None,
+            "top1_by_kind": one["top1"]["by_kind"], "top1_general_cost": one["top1"]["general_cost"],
+            "decision": decision, "right": (helps if decision == "help" else not some_help),
+        }
+    return {"best": best, "noise": noise, "some_block_helps": some_help, "methods": judged}
+
+
+def method_seconds(timings: dict, method: str) -> float:
+    """A method's own run time: loading the model, then its pass (the paper's methods share the statistics pass)."""
+    own = timings.get(f"{method}_s", 0.0)
+    return timings["load_and_rewrite_s"] + own + (timings["statistics_s"] if method != METHOD else 0.0)
+
+
+def markdown(name: str, command: str, result: dict) -> str:
+    judged, best = result["judged"], result["judged"]["best"]
+    lines = [f"# Predictions on {name} against the sweep (answer log-probability, mean of two suite seeds)", "",
+             "Made by:", "", f"    {command}", "",
+             f"Best block [{best['start']}, {best['end']}): mean gain {best['gain']:+.4f} nats/item, general-text cost "
+             f"{best['general_cost']:+.4f}; noise level (sd of the seed-to-seed difference over blocks) {judged['noise']:.4f}; "
+             f"some block helps beyond noise: {'yes' if judged['some_block_helps'] else 'no'}.", "",
+             f"Analysis (all methods) {result['analysis_s']:.1f} s; the sweep it replaces {result['sweep_s']:.0f} s per seed "
+             f"=> {result['speedup']:.0f}x. Load average {result['load_average']['start']} at the start.", "",
+             "| method | top-1 | top-1 hit | top-3 hit | top-1 gain | realised | general cost | decision | right | seconds | speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method, j in judged["methods"].items():
+        realised = "n/a" if j["realised"] is None else f"{j['realised']:.2f}"
+        seconds = method_seconds(result["timings"], method)
+        lines.append(f"| {method} | [{j['top1'][0]}, {j['top1'][1]}) | {'yes' if j['top1_hit'] else 'no'} | {'yes' if j['top3_hit'] else 'no'} "
+                     f"| {j['top1_gain']:+.4f} | {realised} | {j['top1_general_cost']:+.4f} | {j['decision']} | {'yes' if j['right'] else 'no'} "
+                     f"| {seconds:.1f} | {result['sweep_s'] / seconds:.0f}x |")
+    kinds = list(next(iter(judged["methods"].values()))["top1_by_kind"])
+    lines += ["", "Top-1 gain per task kind (answer log-probability, nats/item):", "",
+              "| method | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+    lines += [f"| {m} | " + " | ".join(f"{j['top1_by_kind'][k]:+.3f}" for k in kinds) + " |" for m, j in judged["methods"].items()]
+    lines += ["", f"Default method's decision line: {result['prediction_line']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--sweeps", nargs=2, required=True, help="sweep JSONL files of the same model at two suite seeds")
+    parser.add_argument("-n", type=int, default=10, help="calibration texts (default 10, as `cp-onnx analyze`)")
+    args = parser.parse_args(argv)
+    from cp_onnx.summary import format_prediction
+
+    load = say_load("start")
+    model = open_model(args.model)
+    with Stopwatch() as clock:
+        report = build_report(analyze(model, Settings(n=args.n), log=lambda _: None))
+    sweeps = []
+    for path in args.sweeps:
+        header, rows = read_sweep(path)
+        if header["model"]["onnx_sha256"] != report["model"]["onnx_sha256"]:
+            sys.exit(f"{path} is a sweep of another model; sweep {args.model} itself")
+        sweeps.append(rows)
+    sweep_s = float(np.mean([sum(r["seconds"] for r in rows) for rows in sweeps]))
+    judged = judge(report, mean_rows(sweeps), noise_level(sweeps))
+    command = "python benchmarks/eval_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"name": args.name, "command": command, "analysis_s": clock.wall, "sweep_s": sweep_s, "speedup": sweep_s / clock.wall,
+              "timings": report["timings"], "prediction": report["prediction"], "prediction_line": format_prediction(report["prediction"]).strip(),
+              "judged": judged, "load_average": {"start": load, "end": say_load("end")}}
+    write_results(f"predictions_{args.name}", result)
+    (RESULTS / f"predictions_{args.name}.md").write_text(markdown(args.name, command, result))
+    print(markdown(args.name, command, result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The default prediction: per-block loss changes against torch with the layers repeated, and the decision rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cp_onnx import predict as predict_module
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.predict import predict
+from test_sweep import tiny_llama  # noqa: F401  (the tiny llama with a BOS byte tokenizer, a module fixture)
+
+REASONING = ["If 3x + 5 = 20, then x = 5.", "All cats purr. Tom is a cat, so Tom purrs.", "2, 4, 6, 8: the next is 10."]
+DIGITS = set("0123456789")
+GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets."]
+
+
+_TORCH_LOGPROBS: dict = {}
+
+
+def torch_token_logprob(hf, tokens: list[int], path: list[int] | None, position: int) -> float:
+    """Log-probability of tokens[position] under torch with ``path``'s layers run in order (memoised per sequence and path)."""
+    import torch
+
+    key = (tuple(tokens), None if path is None else tuple(path))
+    if key not in _TORCH_LOGPROBS:
+        model = hf.model
+        layers, count = model.layers, hf.config.num_hidden_layers
+        if path is not None:
+            model.layers, hf.config.num_hidden_layers = torch.nn.ModuleList([layers[k] for k in path]), len(path)
+        try:
+            with torch.no_grad():
+                logits = hf(torch.tensor([tokens]), use_cache=False).logits[0].double()
+        finally:
+            model.layers, hf.config.num_hidden_layers = layers, count
+        _TORCH_LOGPROBS[key] = torch.log_softmax(logits, dim=-1)
+    return _TORCH_LOGPROBS[key][position - 1, tokens[position]].item()
+
+
+def test_block_gains_match_torch_with_the_block_run_twice(tiny_llama):
+    hf, model = tiny_llama
+    result = predict(model, REASONING, GENERAL, block_sizes=(1, 2))
+    encoded = {text: model.encode([text])[0][0] for text in REASONING + GENERAL}
+    decode = model.tokenizer.id_to_token
+
+    def gain(texts, path, digits_only=False):
+        """Log-prob gained per scored token, each text run alone through torch; the byte tokenizer spells digits as themselves."""
+        total = count = 0.0
+        for text in texts:
+            ids = encoded[text]
+            chosen = [p for p in range(1, len(ids)) if not digits_only or decode(ids[p]) in DIGITS]
+            total += sum(torch_token_logprob(hf, ids, path, p) - torch_token_logprob(hf, ids, None, p) for p in chosen)
+            count += len(chosen)
+        return total / count
+
+    assert result.texts == {"reasoning": 3, "general": 2, "digit_tokens": sum(ch.isdigit() for ch in "".join(REASONING))}
+    assert len(result.blocks) == 5  # [0,1) [1,2) [2,3) [0,2) [1,3) on three layers
+    for block in result.blocks:
+        path = [*range(block.end), *range(block.start, 3)]
+        assert block.score == pytest.approx(gain(REASONING, path, digits_only=True), abs=1e-5)
+        assert block.metrics["text_nll_change"] == pytest.approx(-gain(REASONING, path), abs=1e-5)
+        assert block.metrics["general_nll_change"] == pytest.approx(-gain(GENERAL, path), abs=1e-5)
+        assert block.metrics["gain_lower_bound"] <= block.score + 1e-12
+    assert [b.score for b in result.blocks] == sorted((b.score for b in result.blocks), reverse=True)
+    assert result.decision == ("help" if result.blocks[0].metrics["gain_lower_bound"] > 0 else "abstain")
+    as_dict = result.as_dict()
+    assert as_dict["decision"] == result.decision and len(as_dict["candidates"]) == 3
+    assert (as_dict["block"] is None) == (result.decision == "abstain")
+
+
+def test_texts_without_numbers_are_refused(tiny_llama):
+    with pytest.raises(CpOnnxError, match="hold no numbers"):
+        predict(tiny_llama[1], ["All cats purr. Tom is a cat, so Tom purrs."], GENERAL)
+
+
+def test_lower_bound_worked_by_hand():
+    # One text: every resample is that text, so the bound is its gain per token.
+    assert predict_module._lower_bound(np.array([[3.0, -1.0]]), np.array([6.0])) == pytest.approx([0.5, -1 / 6])
+    # Two texts of equal length gaining +1 and -1 per token: resamples give +1, 0 or -1 (chance 1/4, 1/2, 1/4),
+    # so the 5% quantile is -1 and the block does not clearly help.
+    bound = predict_module._lower_bound(np.array([[4.0], [-4.0]]), np.array([4.0, 4.0]))
+    assert bound == pytest.approx([-1.0])
+    # Every text gains: every resample gains at least the smallest per-token gain.
+    assert predict_module._lower_bound(np.array([[2.0], [5.0], [3.0]]), np.array([4.0, 5.0, 3.0]))[0] >= 0.5
+    # A text without scored tokens (no digits) adds nothing; resamples of only such texts are left out.
+    assert predict_module._lower_bound(np.array([[3.0], [0.0]]), np.array([3.0, 0.0])) == pytest.approx([1.0])
+
+
+def test_no_reasoning_texts_is_refused(tiny_llama):
+    with pytest.raises(CpOnnxError, match="no reasoning calibration texts"):
+        predict(tiny_llama[1], [], GENERAL)
