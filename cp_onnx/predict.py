@@ -7,11 +7,12 @@ gained on the tokens that hold digits, because that is where a reasoning text st
 computed; the other tokens are ordinary language, which duplicating any block makes worse (on
 SmolLM2, every block raises the loss averaged over all tokens, and that average ranks the sweep's
 best block 34th of 81; the digit tokens rank it first: see benchmarks/results/predictions_*.md).
-The loss over all tokens and over general texts is reported beside it as the cost. The sweep's reuse
-evaluator runs it (the base model once, each block from the layer where it starts to differ).
+The loss over all tokens and over general texts is reported beside it as the cost (for the best
+blocks). The sweep's reuse evaluator runs it (the base model once, each block from the layer where it
+starts to differ), on each text only up to its last number and with the head at the numbers only.
 A block is predicted to help only when the lower end of a bootstrap interval (texts resampled,
-one-sided) on its gain is above zero; otherwise the method abstains and still ranks the least
-harmful blocks.
+one-sided) on its gain is above zero and at least MIN_TEXTS texts hold numbers; otherwise the
+method abstains and still ranks the least harmful blocks.
 """
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ import numpy as np
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
 from cp_onnx.scores import Block, candidate_blocks
-from cp_onnx.scoring import ProbePlan
+from cp_onnx.runner import pad_batch
+from cp_onnx.scoring import ProbePlan, TokenBatch
 from cp_onnx.sweep import BASELINE, ReuseEvaluator
 
 METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided: the top block's gain must be above zero in 95% of resamples
 RESAMPLES = 2000
 SEED = 0  # the bootstrap's generator: the same texts give the same decision
+# A percentile bootstrap over a handful of texts understates the spread (few distinct resamples): with
+# 5 texts (4 holding numbers) SmolLM2's top block looked certain (+0.12 lower bound) and did not help.
+MIN_TEXTS = 8  # texts holding numbers below which the method abstains whatever the bound says
 
 
 class NoNumbersError(CpOnnxError):
@@ -43,6 +48,7 @@ class Prediction:
     blocks: list[Block]
     decision: str  # "help" or "abstain"
     texts: dict[str, int]  # texts scored per set
+    reason: str = ""
 
     def as_dict(self, least_harmful: int = 3) -> dict:
         top = self.blocks[0]
@@ -50,6 +56,7 @@ class Prediction:
         return {
             "method": METHOD,
             "decision": self.decision,
+            "reason": self.reason,
             "block": chosen,
             "predicted_gain": top.score,
             "gain_lower_bound": top.metrics["gain_lower_bound"],
@@ -62,44 +69,106 @@ class Prediction:
 
 def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, block_sizes: Sequence[int] = (3, 4, 5),
             max_length: int = 128, threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> Prediction:
-    """Score every block of ``block_sizes`` by the log-probability it adds to the digit tokens of ``reasoning``."""
+    """Score every block of ``block_sizes`` by the log-probability it adds to the digit tokens of ``reasoning``.
+
+    Every block runs only what the score needs: each text up to its last digit token, and the head at
+    the digit tokens. The cost side (all tokens of the reasoning texts, the general texts) is measured
+    for the COST_BLOCKS best blocks; the others' cost metrics are None."""
     if not reasoning:
         raise CpOnnxError("no reasoning calibration texts to score blocks on; give at least one")
+    encode = lambda text: model.encode([text])[0][0]  # noqa: E731
     texts = [*reasoning, *general]
-    plan = ProbePlan([], lambda text: model.encode([text])[0][0], texts, max_length=max_length)
-    if len(plan.continuations) != len(texts):
+    cost_plan = ProbePlan([], encode, texts, max_length=max_length)
+    if len(cost_plan.continuations) != len(texts):
         raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
-    owners = np.concatenate([batch.owners for batch in plan.batches])
-    numeric = numeric_tokens(model, np.concatenate([batch.targets for batch in plan.batches])) & (owners < len(reasoning))
-    if not numeric.any():
+    r = len(reasoning)
+    digits = [numeric_tokens(model, np.asarray(encode(text)[:max_length])) for text in reasoning]
+    if not any(d[1:].any() for d in digits):
         raise NoNumbersError("the reasoning calibration texts hold no numbers, and this method scores the numbers a text states or derives; "
-                          "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
-    evaluator = ReuseEvaluator(model.onnx_path, plan, threads)
+                             "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
+    ranking = _digit_batches([encode(text)[:max_length] for text in reasoning], digits)
+    evaluator = ReuseEvaluator(model.onnx_path, _Batches([*ranking, *cost_plan.batches]), threads)
+    ranked_part, cost_part = range(len(ranking)), range(len(ranking), len(ranking) + len(cost_plan.batches))
     blocks = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
-    sums = []  # per config: [3, texts] summed log-prob of each text's digit tokens, of all its tokens, and how many digit tokens
-    if progress:
-        progress(0, len(blocks) + 1)
-    for done, config in enumerate([BASELINE, *blocks], 1):
-        logprob = np.concatenate([scores for scores, _ in evaluator.token_scores(config)])
+    owners = np.concatenate([batch.owners for batch in ranking])
+    counts = np.bincount(owners, minlength=r).astype(np.float64)  # digit tokens per text
+
+    def digit_logprob(config) -> np.ndarray:
+        logprob = np.concatenate([scores for scores, _ in evaluator.token_scores(config, ranked_part)])
         if not np.isfinite(logprob).all():
             raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
-        sums.append([np.bincount(owners, weights=logprob * numeric, minlength=len(texts)), np.bincount(owners, weights=logprob, minlength=len(texts))])
+        return np.bincount(owners, weights=logprob, minlength=r)
+
+    if progress:
+        progress(0, len(blocks) + 1)
+    base = digit_logprob(BASELINE)
+    gains = []  # [blocks, texts] log-prob gained on each text's digit tokens
+    for done, config in enumerate(blocks, 2):
+        gains.append(digit_logprob(config) - base)
         if progress:
             progress(done, len(blocks) + 1)
-    sums = np.array(sums)  # [configs, 2, texts]
-    gains = sums[1:] - sums[0]  # [blocks, 2, texts]
-    counts = np.bincount(owners, weights=numeric.astype(float), minlength=len(texts))
-    tokens = np.array([len(c.tokens) for c in plan.continuations], dtype=np.float64)
-    r = len(reasoning)
-    numeric_gain = gains[:, 0, :r].sum(1) / counts[:r].sum()
-    text_gain = gains[:, 1, :r].sum(1) / tokens[:r].sum()
-    general_gain = gains[:, 1, r:].sum(1) / tokens[r:].sum() if general else np.full(len(blocks), np.nan)
-    lower = _lower_bound(gains[:, 0, :r].T, counts[:r])
+    gains = np.array(gains)
+    numeric_gain = gains.sum(1) / counts.sum()
+    lower = _lower_bound(gains.T, counts)
     ranked = sorted(range(len(blocks)), key=lambda b: (-numeric_gain[b], blocks[b]))
-    scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), "text_nll_change": float(-text_gain[b]),
-                                                         "general_nll_change": float(-general_gain[b])}) for b in ranked]
-    decision = "help" if scored[0].metrics["gain_lower_bound"] > 0 else "abstain"
-    return Prediction(scored, decision, {"reasoning": r, "general": len(general), "digit_tokens": int(counts[:r].sum())})
+    costs = _costs(evaluator, cost_plan, cost_part, [blocks[b] for b in ranked[:COST_BLOCKS]], r)
+    scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), **costs.get(blocks[b], _NO_COST)}) for b in ranked]
+    with_numbers = int((counts > 0).sum())
+    if with_numbers < MIN_TEXTS:
+        decision, reason = "abstain", f"only {with_numbers} calibration texts hold numbers; at least {MIN_TEXTS} are needed to decide (-n)"
+    elif scored[0].metrics["gain_lower_bound"] > 0:
+        decision, reason = "help", f"the top block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts"
+    else:
+        decision, reason = "abstain", f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts"
+    texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers, "digit_tokens": int(counts.sum())}
+    return Prediction(scored, decision, texts_used, reason)
+
+
+COST_BLOCKS = 5  # blocks whose cost side (all tokens, general texts) is measured: the best ones by the score
+_NO_COST = {"text_nll_change": None, "general_nll_change": None}
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """What ReuseEvaluator reads of a plan: its batches."""
+
+    batches: list[TokenBatch]
+
+
+def _digit_batches(token_lists: list[list[int]], digits: list[np.ndarray], batch_size: int = 16) -> list[TokenBatch]:
+    """Each text cut after its last digit token, scored at its digit tokens (after the first token); owners = text index."""
+    kept = [(k, tokens[: int(np.flatnonzero(d)[-1]) + 1]) for k, (tokens, d) in enumerate(zip(token_lists, digits)) if d[1:].any()]
+    kept.sort(key=lambda pair: (len(pair[1]), pair[0]))
+    batches = []
+    for start in range(0, len(kept), batch_size):
+        group = kept[start : start + batch_size]
+        ids, mask = pad_batch([tokens for _, tokens in group])
+        positions, targets, owners = [], [], []
+        for row, (k, tokens) in enumerate(group):
+            at = np.flatnonzero(digits[k][: len(tokens)])
+            at = at[at > 0]
+            positions.append(row * ids.shape[1] + at - 1)
+            targets.append(np.asarray(tokens)[at])
+            owners.append(np.full(at.size, k))
+        batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners))))
+    return batches
+
+
+def _costs(evaluator: ReuseEvaluator, plan: ProbePlan, part: range, blocks: list[tuple[int, int]], reasoning: int) -> dict:
+    """Per block, the change of the mean NLL over all tokens of the reasoning texts and of the general texts."""
+    tokens = np.array([len(c.tokens) for c in plan.continuations], dtype=np.float64)
+
+    def logprob(config) -> np.ndarray:
+        return plan.continuation_scores(evaluator.token_scores(config, part))[0]
+
+    base = logprob(BASELINE)
+    found = {}
+    for block in blocks:
+        gain = logprob(block) - base
+        general = -gain[reasoning:].sum() / tokens[reasoning:].sum() if len(tokens) > reasoning else None
+        found[block] = {"text_nll_change": float(-gain[:reasoning].sum() / tokens[:reasoning].sum()),
+                        "general_nll_change": None if general is None else float(general)}
+    return found
 
 
 def numeric_tokens(model: ModelFolder, ids: np.ndarray) -> np.ndarray:

@@ -41,13 +41,14 @@ def format_summary(report: dict, top: int = 5) -> str:
 def format_prediction(prediction: dict) -> str:
     """The default method's decision in one line, with the figures behind it."""
     top = prediction["candidates"][0]
+    costs = {key: "n/a" if top["metrics"].get(key) is None else f"{-top['metrics'][key]:+.4f}" for key in ("text_nll_change", "general_nll_change")}
     figures = (f"gain on the numbers of the reasoning texts {prediction['predicted_gain']:+.4f} nats/token (lower {prediction['confidence']:.0%} "
-               f"bound {prediction['gain_lower_bound']:+.4f}); all their tokens {-top['metrics']['text_nll_change']:+.4f}, "
-               f"general text {-top['metrics']['general_nll_change']:+.4f}")
+               f"bound {prediction['gain_lower_bound']:+.4f}); all their tokens {costs['text_nll_change']}, general text {costs['general_nll_change']}")
     if prediction["decision"] == "help":
         return f"\nprediction ({prediction['method']}): duplicate [{top['start']}, {top['end']}): {figures}"
     others = ", ".join(f"[{b['start']}, {b['end']})" for b in prediction["candidates"])
-    return f"\nprediction ({prediction['method']}): no block is predicted to help; least harmful {others}; top: {figures}"
+    why = f" ({prediction['reason']})" if prediction.get("reason") else ""
+    return f"\nprediction ({prediction['method']}): no block is predicted to help{why}; least harmful {others}; top: {figures}"
 
 
 def print_summary(report: dict, top: int = 5) -> None:

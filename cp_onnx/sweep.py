@@ -128,15 +128,16 @@ class ReuseEvaluator:
             scores.append(token_scores(logits, batch.targets[k : k + HEAD_ROWS]))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
-    def token_scores(self, config: Config) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per batch, ``scoring.token_scores`` of its targets under ``config``."""
+    def token_scores(self, config: Config, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets under ``config``."""
         start, end = config
         resume_at = self.num_layers if start is None else end  # layer j-1's output is the base model's
         remaining = layer_path(config, self.num_layers)[resume_at:]
         prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0], context, None)]
                          for prefix, (context, base) in self.prefixes.items()}
         results = []
-        for b, batch in enumerate(self.plan.batches):
+        for b in range(len(self.plan.batches)) if batches is None else batches:
+            batch = self.plan.batches[b]
             stream = self.outputs[b][resume_at - 1]
             runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
             results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))

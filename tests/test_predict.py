@@ -52,7 +52,7 @@ def test_block_gains_match_torch_with_the_block_run_twice(tiny_llama):
             count += len(chosen)
         return total / count
 
-    assert result.texts == {"reasoning": 3, "general": 2, "digit_tokens": sum(ch.isdigit() for ch in "".join(REASONING))}
+    assert result.texts == {"reasoning": 3, "general": 2, "with_numbers": 2, "digit_tokens": sum(ch.isdigit() for ch in "".join(REASONING))}
     assert len(result.blocks) == 5  # [0,1) [1,2) [2,3) [0,2) [1,3) on three layers
     for block in result.blocks:
         path = [*range(block.end), *range(block.start, 3)]
@@ -61,10 +61,17 @@ def test_block_gains_match_torch_with_the_block_run_twice(tiny_llama):
         assert block.metrics["general_nll_change"] == pytest.approx(-gain(GENERAL, path), abs=1e-5)
         assert block.metrics["gain_lower_bound"] <= block.score + 1e-12
     assert [b.score for b in result.blocks] == sorted((b.score for b in result.blocks), reverse=True)
-    assert result.decision == ("help" if result.blocks[0].metrics["gain_lower_bound"] > 0 else "abstain")
+    assert result.decision == "abstain" and "only 2 calibration texts hold numbers" in result.reason  # fewer than MIN_TEXTS
     as_dict = result.as_dict()
     assert as_dict["decision"] == result.decision and len(as_dict["candidates"]) == 3
     assert (as_dict["block"] is None) == (result.decision == "abstain")
+
+
+def test_decision_follows_the_bound_once_enough_texts_hold_numbers(tiny_llama, monkeypatch):
+    monkeypatch.setattr(predict_module, "MIN_TEXTS", 2)
+    result = predict(tiny_llama[1], REASONING, GENERAL, block_sizes=(1, 2))
+    assert result.decision == ("help" if result.blocks[0].metrics["gain_lower_bound"] > 0 else "abstain")
+    assert ("above zero in 95% of 2000 resamples" in result.reason) and (result.reason.startswith("the top") == (result.decision == "help"))
 
 
 def test_texts_without_numbers_are_refused(tiny_llama):
@@ -88,3 +95,12 @@ def test_lower_bound_worked_by_hand():
 def test_no_reasoning_texts_is_refused(tiny_llama):
     with pytest.raises(CpOnnxError, match="no reasoning calibration texts"):
         predict(tiny_llama[1], [], GENERAL)
+
+
+def test_cost_side_is_measured_for_the_best_blocks_only(tiny_llama, monkeypatch):
+    full = predict(tiny_llama[1], REASONING, GENERAL, block_sizes=(1, 2))
+    monkeypatch.setattr(predict_module, "COST_BLOCKS", 2)
+    few = predict(tiny_llama[1], REASONING, GENERAL, block_sizes=(1, 2))
+    assert [(b.start, b.end, b.score) for b in few.blocks] == [(b.start, b.end, b.score) for b in full.blocks]
+    assert [b.metrics for b in few.blocks[:2]] == [b.metrics for b in full.blocks[:2]]
+    assert all(b.metrics["text_nll_change"] is None and b.metrics["general_nll_change"] is None for b in few.blocks[2:])
