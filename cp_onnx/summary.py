@@ -25,7 +25,8 @@ def format_summary(report: dict, top: int = 5) -> str:
             span = f"[{block['start']}, {block['end']})"
             score = "n/a" if block["score"] is None else f"{block['score']:8.3f}"
             lines.append(f"  {rank:>4}  {span:>9}  {depth(block, n):>9}  {score:>8}")
-    others = [m for m in report["methods"] if m not in {method for _, method, _ in KIND_METHODS}]
+    shown = {method for _, method, _ in KIND_METHODS} | {(report.get("prediction") or {}).get("method")}  # the prediction line covers its method
+    others = [m for m in report["methods"] if m not in shown]
     for method in others:
         best = report["methods"][method]["blocks"][:1]
         if best:
