@@ -5,8 +5,8 @@ where the gain is clear.
 No labels: the texts are scored as a language model reads them. The score is the log-probability
 gained on the tokens that hold digits, because that is where a reasoning text states what was
 computed; the other tokens are ordinary language, which duplicating any block makes worse (on
-SmolLM2, every block raises the loss averaged over all tokens, and that average ranks the sweep's
-best block 34th of 81; the digit tokens rank it first: see benchmarks/results/predictions_*.md).
+SmolLM2, every block raises the loss averaged over all tokens, and that average ranks seed 0's best
+block [9, 14) 35th of 81; the digit tokens rank it first: see benchmarks/results/predictions_*.md).
 The loss over all tokens and over general texts is reported beside it as the cost (for the best
 blocks). The sweep's reuse evaluator runs it (the base model once, each block from the layer where it
 starts to differ), on each text only up to its last number and with the head at the numbers only.
@@ -23,8 +23,8 @@ import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
-from cp_onnx.scores import Block, candidate_blocks
 from cp_onnx.runner import pad_batch
+from cp_onnx.scores import Block, candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch
 from cp_onnx.sweep import BASELINE, ReuseEvaluator
 
