@@ -43,7 +43,7 @@ SWEEP_TYPES = {"sizes": list, "all_blocks": bool, "mode": str, "per_kind": int, 
                "max_length": int, "general": bool, "validate": bool}
 MODEL_TYPES = {"source": str, "name": str, "tokenizer": str, **SETTING_TYPES}
 TOP_TYPES = {"out": str, "settings": dict, "sweep": dict, "models": list}
-METHODS = (*analyze.SINGLE_SET_METHODS, "contrastive")
+METHODS = (*analyze.DEFAULT_METHODS, "contrastive")  # what `cp-onnx analyze --method` accepts
 SHIPPED_CALIBRATION = {"reasoning", "general", "mixed"}
 SUMMARY_METRIC = "answer_logprob"  # the sweep metric the summary shows (validation.json holds them all)
 

@@ -82,11 +82,12 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     if len(cost_plan.continuations) != len(texts):
         raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
     r = len(reasoning)
-    digits = [numeric_tokens(model, np.asarray(encode(text)[:max_length])) for text in reasoning]
+    token_lists = [encode(text)[:max_length] for text in reasoning]
+    digits = [numeric_tokens(model, np.asarray(tokens)) for tokens in token_lists]
     if not any(d[1:].any() for d in digits):
         raise NoNumbersError("the reasoning calibration texts hold no numbers, and this method scores the numbers a text states or derives; "
                              "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
-    ranking = _digit_batches([encode(text)[:max_length] for text in reasoning], digits)
+    ranking = _digit_batches(token_lists, digits)
     evaluator = ReuseEvaluator(model.onnx_path, _Batches([*ranking, *cost_plan.batches]), threads)
     ranked_part, cost_part = range(len(ranking)), range(len(ranking), len(ranking) + len(cost_plan.batches))
     blocks = candidate_blocks(evaluator.num_layers, tuple(block_sizes))

@@ -137,6 +137,12 @@ def test_batch_sweeps_and_validates(folders, tmp_path, capsys):
     assert row["best_block"] == f"{best[0]}:{best[1]}" and float(row["best_gain"]) == pytest.approx(gains[best], rel=1e-3)
 
 
+def test_manifest_accepts_every_analyze_method(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text('[settings]\nmethods = ["duplication_loss", "stability", "contrastive"]\n[[models]]\nsource = "a"')
+    assert load_manifest(path).jobs[0].settings.methods == ("duplication_loss", "stability", "contrastive")
+
+
 @pytest.mark.parametrize("body, fragment", [
     ('[settings]\nn = 6\ncolour = "red"\n[[models]]\nsource = "x"', "unknown key 'colour'"),
     ('[[models]]\nname = "a"', "has no source"),
