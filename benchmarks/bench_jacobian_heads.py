@@ -8,8 +8,10 @@ peak memory; writes them to benchmarks/results/bench_jacobian_heads.json.
     python benchmarks/bench_jacobian_heads.py [--threads 2] [--estimates-only]
 
 ``--estimates-only`` times just what the speed target names (Jacobian scores for every layer and the
-first-order influence of every head), without the exact ablations the Spearman check needs; it
-writes bench_jacobian_heads_estimates.json.
+first-order influence of every head): no exact ablations (the Spearman check needs them) and no
+Mahalanobis neuron probes; it writes bench_jacobian_heads_estimates.json. It also prints the least
+time that work can take at the plain forward's own rate: the matrix products each perturbed row runs
+(layers from its start, then the head, per token), over those of the plain forward, times its time.
 """
 from __future__ import annotations
 
@@ -18,20 +20,54 @@ import sys
 
 from bench_common import Stopwatch, peak_rss_mb, print_table, say_load, write_results
 
+import numpy as np
+
 from cp_onnx.calibration import load_calibration
 from cp_onnx.circuit import circuit_analysis
+from cp_onnx.jacobian import NUM_PROBES
+from cp_onnx.mahalanobis import NEURONS_PER_LAYER
 from cp_onnx.model import open_model
 from cp_onnx.runner import Runner, pad_batch
+from graph_passes import discover, graph_io
+from graph_passes.segment import segment, split_unembedding
 
 
-def plain_forward(model, texts: list[str], threads: int | None) -> Stopwatch:
-    """One forward of the texts as one right-padded batch (after a warm-up run)."""
+def plain_forward(model, texts: list[str], threads: int | None) -> tuple[Stopwatch, list, int]:
+    """One forward of the texts as one right-padded batch (the fastest of 5 runs, after a warm-up); its token lists and padded size."""
     runner = Runner(model.onnx_path, threads=threads)
-    ids, mask = pad_batch(model.encode(texts, max_length=128)[0])
+    token_lists = model.encode(texts, max_length=128)[0]
+    ids, mask = pad_batch(token_lists)
     runner.run(ids, mask, ["logits"])
-    with Stopwatch() as watch:
-        runner.run(ids, mask, ["logits"])
-    return watch
+    watches = []
+    for _ in range(5):
+        with Stopwatch() as watch:
+            runner.run(ids, mask, ["logits"])
+        watches.append(watch)
+    return min(watches, key=lambda w: w.wall), token_lists, ids.size
+
+
+def matmul_weights(model: "onnx.ModelProto") -> int:
+    """Elements of the matrices a segment multiplies by: its multiply-adds per token."""
+    products = {name for node in model.graph.node if node.op_type in ("MatMul", "Gemm") for name in node.input}
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name in products and len(t.dims) >= 2)
+
+
+def work_floor(model, token_lists: list, padded_slots: int, plain_s: float) -> tuple[float, float]:
+    """(multiply-adds of the estimates' rows, in tera; their least time at the plain forward's rate).
+
+    Rows per text: NUM_PROBES central pairs at each layer's input and at the head's (Jacobian), one
+    row per head at each layer (first-order influence); a row starting at layer l runs l..L-1 and the
+    head (a Jacobian pair only the final norm where the logits are a plain product: split_unembedding)."""
+    proto = graph_io.load(model.onnx_path, weights=False)
+    layer_map = discover(proto)
+    parts = segment(proto, layer_map)
+    layer, head = [matmul_weights(m) for m in parts.layers], matmul_weights(parts.head)
+    from_layer = [sum(layer[l:]) for l in range(len(layer) + 1)]  # layers a row starting at l runs
+    pair_head = 0 if split_unembedding(parts.head) else head
+    per_token = 2 * NUM_PROBES * (sum(from_layer) + len(from_layer) * pair_head) + (layer_map.num_heads or 0) * (sum(from_layer[:-1]) + len(layer) * head)
+    tokens = sum(len(t) for t in token_lists)
+    rate = padded_slots * (from_layer[0] + head) / plain_s  # multiply-adds per second of the plain forward
+    return per_token * tokens / 1e12, per_token * tokens / rate
 
 
 def main() -> None:
@@ -42,9 +78,12 @@ def main() -> None:
     model = open_model("smollm2")  # exported once (cached), outside the timings
     texts = load_calibration(None, n=10)
     load_before = say_load("start")
-    forward = plain_forward(model, texts, args.threads)
+    forward, token_lists, padded = plain_forward(model, texts, args.threads)
+    tera, floor = work_floor(model, token_lists, padded, forward.wall)
     with Stopwatch() as total:
-        sections = circuit_analysis(model, texts, threads=args.threads, exact_ablations=not args.estimates_only, progress=lambda k, n: print(f"  text {k}/{n}", file=sys.stderr, flush=True))
+        sections = circuit_analysis(model, texts, threads=args.threads, exact_ablations=not args.estimates_only,
+                                    neurons_per_layer=0 if args.estimates_only else NEURONS_PER_LAYER,
+                                    progress=lambda k, n: print(f"  text {k}/{n}", file=sys.stderr, flush=True))
     load_after = say_load("end")
     heads, timings = sections["heads"]["heads"], sections["timings"]
     ranking = "kl_estimate" if args.estimates_only else "kl_zero"
@@ -57,10 +96,12 @@ def main() -> None:
         ("tokens", sections["jacobian"]["tokens"]),
         ("total wall s", total.wall, f"setup {timings['circuit_setup_s']:.1f}, forwards {timings['circuit_forwards_s']:.1f}, statistics {timings['circuit_statistics_s']:.1f}"),
         ("total CPU s", total.cpu),
-        ("plain forward wall s", forward.wall, "the 10 texts as one padded batch"),
+        ("plain forward wall s", forward.wall, "the 10 texts as one padded batch, fastest of 5"),
         ("plain forward CPU s", forward.cpu),
         ("total / plain forward (wall)", total.wall / forward.wall),
         ("total / plain forward (CPU)", total.cpu / forward.cpu),
+        *((("estimates' multiply-adds (tera)", tera), ("their least wall s", floor, "at the plain forward's multiply-add rate"),
+           ("total / least", total.wall / floor)) if args.estimates_only else ()),
         *((f"Spearman {pair}", rho) for pair, rho in (sections["heads"].get("spearman") or {}).items()),
         ("peak RSS MB", peak_rss_mb()),
     ])
@@ -69,7 +110,8 @@ def main() -> None:
     path = write_results("bench_jacobian_heads_estimates" if args.estimates_only else "bench_jacobian_heads", {
         "load_average": {"start": load_before, "end": load_after},
         "total": {"wall_s": total.wall, "cpu_s": total.cpu},
-        "plain_forward": {"wall_s": forward.wall, "cpu_s": forward.cpu},
+        "plain_forward": {"wall_s": forward.wall, "cpu_s": forward.cpu, "padded_tokens": padded},
+        **({"least": {"multiply_adds_tera": tera, "wall_s": floor}} if args.estimates_only else {}),
         "timings": timings,
         "spearman": sections["heads"].get("spearman"),
         "strongest_heads": [{k: r.get(k) for k in ("layer", "head", "kl_zero", "kl_estimate", "loss_zero", "loss_estimate")} for r in strongest],

@@ -12,22 +12,32 @@ timed, then judges each method on the sweeps' answer log-probability:
 - realised: the top-1's mean gain over the best block's (only when the best block really helps);
 - decision: the paper's methods always name their top-1; the default method names it or abstains.
   It is right when it names a block that really helps, or abstains when no block does.
+Speed-up: against the sweep files' own time (cp-onnx's sweep: the base model once, each block rerun
+from where it differs, the few-shot examples through the KV cache) and, with ``--naive K``, against
+brute force as the paper's baseline does it (each routed model built and run from scratch on the
+whole suite: ``cp-onnx sweep --mode naive``), timed here on K blocks spread over the candidates and
+scaled to all of them (its time per block hardly depends on the block: every one runs the whole
+suite through L + size layers).
 Writes benchmarks/results/predictions_NAME.json and .md.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
+from cp_onnx import probes
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.model import open_model
 from cp_onnx.predict import METHOD
 from cp_onnx.report import build_report
-from cp_onnx.sweep import read_sweep
+from cp_onnx.scores import candidate_blocks
+from cp_onnx.sweep import read_sweep, sweep
 from cp_onnx.validate import gain, split_rows, validate
 
 METRIC = "answer_logprob"
@@ -79,6 +89,19 @@ def method_seconds(timings: dict, method: str) -> float:
     return timings["load_and_rewrite_s"] + own + (timings["statistics_s"] if method != METHOD else 0.0)
 
 
+def naive_sweep_seconds(model, num_layers: int, count: int, seed: int = 0) -> dict:
+    """Brute force timed on ``count`` blocks spread evenly over the candidates (sizes 3-5), scaled to all of them."""
+    blocks = candidate_blocks(num_layers, (3, 4, 5))
+    chosen = [blocks[round(k * (len(blocks) - 1) / max(count - 1, 1))] for k in range(count)]
+    with tempfile.TemporaryDirectory() as folder:
+        rows = sweep(model, chosen, probes.probe_suite(seed), out=Path(folder) / "naive.jsonl", mode="naive", log=print,
+                     progress=lambda done, total: print(f"  naive {done}/{total}", file=sys.stderr, flush=True))
+    per_block = [r["seconds"] for r in rows if r["start"] is not None]
+    baseline = next(r["seconds"] for r in rows if r["start"] is None)
+    return {"blocks_timed": [[r["start"], r["end"]] for r in rows if r["start"] is not None], "seconds_per_block": per_block,
+            "baseline_s": baseline, "estimated_s": baseline + float(np.mean(per_block)) * len(blocks)}
+
+
 def markdown(name: str, command: str, result: dict) -> str:
     judged, best = result["judged"], result["judged"]["best"]
     lines = [f"# Predictions on {name} against the sweep (answer log-probability, mean of two suite seeds)", "",
@@ -88,6 +111,7 @@ def markdown(name: str, command: str, result: dict) -> str:
              f"some block helps beyond noise: {'yes' if judged['some_block_helps'] else 'no'}.", "",
              f"Analysis (all methods) {result['analysis_s']:.1f} s; the sweep it replaces {result['sweep_s']:.0f} s per seed "
              f"=> {result['speedup']:.0f}x. Load average {result['load_average']['start']} at the start.", "",
+             *naive_lines(result),
              "| method | top-1 | top-1 hit | top-3 hit | top-1 gain | realised | general cost | decision | right | seconds | speed-up |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, j in judged["methods"].items():
@@ -104,12 +128,24 @@ def markdown(name: str, command: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def naive_lines(result: dict) -> list[str]:
+    naive = result.get("naive")
+    if not naive:
+        return []
+    seconds = method_seconds(result["timings"], METHOD)
+    return [f"Brute force (each routed model from scratch on the whole suite, `--mode naive`), timed on {len(naive['blocks_timed'])} blocks "
+            f"({min(naive['seconds_per_block']):.0f}-{max(naive['seconds_per_block']):.0f} s each) and scaled to all: "
+            f"{naive['estimated_s']:.0f} s => the default method is {naive['estimated_s'] / seconds:.0f}x faster than brute force "
+            f"({result['sweep_s'] / seconds:.0f}x faster than cp-onnx's own sweep).", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--name", required=True)
     parser.add_argument("--sweeps", nargs=2, required=True, help="sweep JSONL files of the same model at two suite seeds")
     parser.add_argument("-n", type=int, default=10, help="calibration texts (default 10, as `cp-onnx analyze`)")
+    parser.add_argument("--naive", type=int, default=0, metavar="K", help="also time brute force (naive sweep) on K blocks and scale it to all")
     args = parser.parse_args(argv)
     from cp_onnx.summary import format_prediction
 
@@ -129,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"name": args.name, "command": command, "analysis_s": clock.wall, "sweep_s": sweep_s, "speedup": sweep_s / clock.wall,
               "timings": report["timings"], "prediction": report["prediction"], "prediction_line": format_prediction(report["prediction"]).strip(),
               "judged": judged, "load_average": {"start": load, "end": say_load("end")}}
+    if args.naive:
+        result["naive"] = naive_sweep_seconds(model, report["model"]["num_layers"], args.naive)
     write_results(f"predictions_{args.name}", result)
     (RESULTS / f"predictions_{args.name}.md").write_text(markdown(args.name, command, result))
     print(markdown(args.name, command, result))

@@ -27,6 +27,8 @@ ALPHA = 0.05
 KIND = "heads"  # first item of the probe keys
 MODES = ("estimate", "zero", "mean")
 COLUMNS = ("loss_estimate", "kl_estimate", "loss_zero", "kl_zero", "loss_mean", "kl_mean")
+# What HeadStats reads of each mode's rows.
+_ESTIMATED, _ZEROED, _MEANED = frozenset({"loss", "fisher"}), frozenset({"loss", "kl", "update_change"}), frozenset({"loss", "kl"})
 # Estimate ~ exact effect pairs whose rank agreement is reported.
 AGREEMENT = (("loss_estimate", "loss_zero"), ("kl_estimate", "kl_zero"), ("loss_estimate", "loss_mean"), ("kl_estimate", "kl_mean"))
 
@@ -47,10 +49,10 @@ def probes(text: TextBase, means: np.ndarray, layers: Sequence[int], exact: bool
             step[h], zero[h] = 1 - ALPHA, 0
             shift = np.zeros((num_heads, 1, means.shape[2]), np.float32)
             shift[h, 0] = means[l, h]
-            found.append(Probe((KIND, "estimate", l, h), (Row(l, head_scale=step),), ALPHA))
+            found.append(Probe((KIND, "estimate", l, h), (Row(l, head_scale=step),), ALPHA, _ESTIMATED))
             if exact:
-                found.append(Probe((KIND, "zero", l, h), (Row(l, head_scale=zero),)))
-                found.append(Probe((KIND, "mean", l, h), (Row(l, head_scale=zero, head_shift=shift),)))
+                found.append(Probe((KIND, "zero", l, h), (Row(l, head_scale=zero),), measures=_ZEROED))
+                found.append(Probe((KIND, "mean", l, h), (Row(l, head_scale=zero, head_shift=shift),), measures=_MEANED))
     return found
 
 

@@ -9,6 +9,10 @@ own ``v_t ~ N(0, I)`` and ``E |sum_t' J_tt' v_t'|^2 = sum_t' ||J_tt'||_F^2``. Ou
 layer's output (the residual stream entering the final norm; the segment head does not expose the
 norm's output) and the logits, which include the final norm.
 
+The logits' part needs only the norm of each pair's logit difference: where the logits are the normed
+hidden state times a matrix W, PerturbedRuns forms it as sqrt(d W W^T d) from the normed states'
+difference d, without the vocabulary-wide product (exact up to rounding; tested against autograd).
+
 Jacobian-vector products come from central differences ``(f(x + h v) - f(x - h v)) / 2h`` with
 ``h`` relative to the input's scale (see RELATIVE_STEP). Points are the inputs of layers 0..L-1 and,
 last, the head's input (the final norm's).
@@ -46,7 +50,7 @@ def probes(text: TextBase, layers: Sequence[int], num_probes: int, rng: np.rando
         step = RELATIVE_STEP * input_scale(x)
         for k in range(num_probes):
             v = (step * rng.standard_normal(x.shape)).astype(x.dtype)
-            found.append(Probe((METHOD, l, k), (Row(l, v), Row(l, -v)), step))
+            found.append(Probe((METHOD, l, k), (Row(l, v), Row(l, -v)), step, measures=frozenset()))  # the pair's logit change only
     return found
 
 

@@ -97,7 +97,7 @@ def probes(text: TextBase, neurons: np.ndarray) -> list[Probe]:
         for i in dims:
             delta = np.zeros_like(x)
             delta[:, i] = -ALPHA * x[:, i]
-            found.append(Probe((METHOD, l, int(i)), (Row(l + 1, delta),), ALPHA))
+            found.append(Probe((METHOD, l, int(i)), (Row(l + 1, delta),), ALPHA, measures=frozenset({"logit_change", "fisher"})))
     return found
 
 

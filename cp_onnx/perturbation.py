@@ -9,6 +9,8 @@ rows of a text are copies of that text, run without padding, so each equals the 
 
 A ``Probe`` groups the rows of one estimate: a central-difference pair (its logit change is
 measured between its two rows) or a single row (measured against the base row of the same batch).
+It names the measures its estimate reads, and only those are computed: each is a few passes over a
+[seq, vocab] array per row, a tenth of the run time when every row computed all of them.
 """
 from __future__ import annotations
 
@@ -17,15 +19,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.runner import Runner, position_ids_for, segment_session
 from graph_passes import expose
 from graph_passes.layer_map import LayerMap, block_name
 from graph_passes.perturb import head_scale_input, head_shift_input, include_inserted, perturb, resid_input
-from graph_passes.segment import POSITIONS, segment
+from graph_passes.segment import POSITIONS, segment, split_unembedding
 
-LAYER_TOKENS = 8192  # rows x tokens per layer call: bounds the MLP's intermediate activations
+LAYER_TOKENS = 2048  # rows x tokens per layer call: SmolLM2's layers run 20-30% faster per token at 1-2k tokens than at 8k (cache)
 HEAD_BYTES = 2**28  # logits per head call (256 MB): rows x seq x vocab float32
 
 
@@ -39,13 +42,18 @@ class Row:
     head_shift: np.ndarray | None = None  # [heads, seq or 1, head_dim] added to them
 
 
+MEASURES = frozenset({"loss", "kl", "fisher", "logit_change", "update_change"})  # RowResult fields computed on demand
+
+
 @dataclass(frozen=True)
 class Probe:
-    """The rows of one estimate (a central pair, or one row compared with the base), with its key and step."""
+    """The rows of one estimate (a central pair, or one row compared with the base), with its key, step and
+    the measures (of MEASURES) its rows need; ``final`` and a pair's logit change are always there."""
 
     key: tuple
     rows: tuple[Row, ...]
     step: float = 1.0
+    measures: frozenset[str] = MEASURES
 
 
 @dataclass
@@ -53,11 +61,12 @@ class RowResult:
     """What one row's forward gave, relative to the base row of the same batch."""
 
     final: np.ndarray  # [seq, hidden] the last layer's output
-    loss: np.ndarray  # [seq - 1] next-token loss (nats) at positions 0..seq-2
-    kl: np.ndarray  # [seq] KL(base || row) of the next-token distributions
-    fisher: np.ndarray  # [seq] variance under the base distribution of the logit change: KL ~ fisher / 2 for small changes
-    logit_change: np.ndarray  # [seq] norm of the logit change from the base
-    update_change: np.ndarray  # [num_layers] sum over tokens of |change of each layer's update (out - in)|^2; 0 before the row's layer
+    # Measures, None where the probe did not ask for them:
+    update_change: np.ndarray | None = None  # [num_layers] sum over tokens of |change of each layer's update (out - in)|^2; 0 before the row's layer
+    loss: np.ndarray | None = None  # [seq - 1] next-token loss (nats) at positions 0..seq-2
+    kl: np.ndarray | None = None  # [seq] KL(base || row) of the next-token distributions
+    fisher: np.ndarray | None = None  # [seq] variance under the base distribution of the logit change: KL ~ fisher / 2 for small changes
+    logit_change: np.ndarray | None = None  # [seq] norm of the logit change from the base
 
 
 @dataclass
@@ -137,24 +146,33 @@ class PerturbedRuns:
         self.embed, self.resid_in = parts.embed, parts.resid_in
         self.preamble = segment_session(parts.preamble, threads)
         self.layers = [segment_session(layer, threads) for layer in parts.layers]
-        self.head = segment_session(parts.head, threads)
+        self.head = segment_session(parts.head, threads, arena=True)
         self.layer_tokens, self.head_bytes = layer_tokens, head_bytes
+        # Where logits = hidden @ W, a pair that needs only its logit change skips the vocabulary-wide product:
+        # |W^T d| = sqrt(d (W W^T) d) for the normed hidden states' difference d (a third of SmolLM2's head time).
+        self.normed, self.gram = None, None
+        split = split_unembedding(parts.head)
+        if split is not None:
+            normed, weight = split
+            w = numpy_helper.to_array(next(t for t in parts.head.graph.initializer if t.name == weight)).astype(np.float64)
+            self.normed, self.gram = segment_session(normed, threads), w @ w.T
 
     def run(self, ids: Sequence[int], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
         """Run the base row and every probe's rows for one text; returns the base's result and each probe's."""
         ids = np.asarray(ids, dtype=np.int64)
         rows = [Row(0)] + [row for probe in probes for row in probe.rows]
+        tracked = np.array([True] + [("update_change" in probe.measures) for probe in probes for _ in probe.rows])
         for probe in probes:
             if len({row.layer for row in probe.rows}) != 1 or not 0 <= probe.rows[0].layer <= self.num_layers:
                 raise CpOnnxError(f"probe {probe.key}: its rows must start at one layer in 0..{self.num_layers}")
         order = sorted(range(len(rows)), key=lambda i: rows[i].layer)  # stable: the base stays first, probes stay contiguous
         rows = [rows[i] for i in order]
-        stream, update_sq = self._layers(ids, rows)
+        stream, update_sq = self._layers(ids, rows, tracked[order])
         finals = np.empty_like(stream)
         finals[order] = stream
         updates = np.empty_like(update_sq)
         updates[order] = update_sq
-        return self._head(ids, finals, updates, probes)
+        return self._head(ids, finals, [u if t else None for u, t in zip(updates, tracked)], probes)
 
     def _contexts(self, ids: np.ndarray):
         cache: dict[int, dict[str, np.ndarray]] = {}
@@ -171,14 +189,14 @@ class PerturbedRuns:
 
         return context
 
-    def _layers(self, ids: np.ndarray, rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
-        """Every row's last-layer output [rows, seq, hidden] and per-layer update changes [rows, layers]."""
+    def _layers(self, ids: np.ndarray, rows: list[Row], tracked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's last-layer output [rows, seq, hidden] and per-layer update changes [rows, layers] (zero where not ``tracked``)."""
         seq, L = ids.size, self.num_layers
         context = self._contexts(ids)
         base = context(1)[self.embed][0]
         stream = np.empty((len(rows), seq, base.shape[-1]), dtype=base.dtype)
         stream[0] = base
-        update_sq = np.zeros((len(rows), L))
+        update_sq, sums = np.zeros((len(rows), L)), np.zeros(len(rows))
         starts = np.array([row.layer for row in rows])
         chunk = max(1, self.layer_tokens // seq)
         for l in range(L + 1):
@@ -193,10 +211,12 @@ class PerturbedRuns:
                 out = self._layer(l, stream[a:b], context(b - a), rows[a:b], seq)
                 if a == 0:
                     base_update = out[0] - stream[0]
-                change = (out - stream[a:b]) - base_update
-                update_sq[a:b, l] = np.einsum("rsd,rsd->r", change, change)
+                keep = np.flatnonzero(tracked[a:b])
+                change = (out[keep] - stream[a:b][keep]) - base_update
+                update_sq[a + keep, l] = np.einsum("rsd,rsd->r", change, change)
+                sums[a:b] = out.sum(axis=(1, 2))  # a NaN/Inf anywhere in a row makes its sum one
                 stream[a:b] = out
-            bad = np.flatnonzero(~np.isfinite(update_sq[:active, l]))  # a NaN/Inf anywhere in a row makes its sum one
+            bad = np.flatnonzero(~np.isfinite(sums[:active]))
             if bad.size:
                 bad = int(bad[0])
                 raise CpOnnxError(
@@ -220,46 +240,69 @@ class PerturbedRuns:
                 feeds[value.name] = context[value.name]
         return session.run(None, feeds)[0]
 
-    def _head(self, ids: np.ndarray, finals: np.ndarray, updates: np.ndarray, probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
-        """Logits per probe-aligned chunk of rows, reduced at once to loss, KL and logit changes."""
+    def _head(self, ids: np.ndarray, finals: np.ndarray, updates: list[np.ndarray | None], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
+        """Logits per probe-aligned chunk of rows, reduced at once to loss, KL and logit changes; pairs that
+        need only their logit change take the Gram-matrix path where the head allows it."""
         seq = ids.size
         context = self._contexts(ids)
         base_logits = self._logits(finals[:1], context)[0]
         check_finite(base_logits, "logits", "the head produced")
         base = _BaseDistribution(base_logits, ids)
         base_result = base.result(base_logits, finals[0], updates[0])
+        first = np.cumsum([1] + [len(probe.rows) for probe in probes])  # each probe's first row
+        by_gram = [k for k, probe in enumerate(probes) if self.gram is not None and not probe.measures and len(probe.rows) == 2]
+        results: list[ProbeResult | None] = [None] * len(probes)
+        for k, change in zip(by_gram, self._pair_changes(finals, first[by_gram], context)):
+            results[k] = ProbeResult(probes[k], [RowResult(finals[first[k] + j], updates[first[k] + j]) for j in range(2)], change)
         vocab = base_logits.shape[-1]
         max_rows = max(2, self.head_bytes // (seq * vocab * 4))
-        results, start, k = [], 1, 0
-        while k < len(probes):
-            group, size = [], 0
-            while k < len(probes) and (not group or size + len(probes[k].rows) <= max_rows):
-                group.append(probes[k])
-                size += len(probes[k].rows)
-                k += 1
+        todo = [k for k in range(len(probes)) if results[k] is None]
+        while todo:
+            group, size = [], 0  # probes whose rows are contiguous and fit one head call
+            while todo and (not group or (todo[0] == group[-1] + 1 and size + len(probes[todo[0]].rows) <= max_rows)):
+                group.append(todo.pop(0))
+                size += len(probes[group[-1]].rows)
+            start = first[group[0]]
             logits = self._logits(finals[start : start + size], context)
-            offset = 0
-            for probe in group:
+            for k in group:
+                probe, offset = probes[k], first[k] - start
                 n = len(probe.rows)
-                rows = [base.result(logits[offset + j], finals[start + offset + j], updates[start + offset + j]) for j in range(n)]
+                rows = [base.result(logits[offset + j], finals[start + offset + j], updates[start + offset + j], probe.measures) for j in range(n)]
                 pair = np.linalg.norm(logits[offset] - logits[offset + 1], axis=-1) if n == 2 else None
-                if not all(np.isfinite(row.kl).all() and np.isfinite(row.logit_change).all() for row in rows):  # NaN/Inf logits show here
+                measured = [pair, *(getattr(row, name) for row in rows for name in ("loss", "kl", "fisher", "logit_change"))]
+                if not all(np.isfinite(m).all() for m in measured if m is not None):  # NaN/Inf logits reach every sum over them
                     raise CpOnnxError(f"the head produced NaN/Inf logits on a forward perturbed at layer {probe.rows[0].layer}; "
                                       "the perturbation is too large for the model's numerics or the model is broken: use float32 and smaller steps")
-                results.append(ProbeResult(probe, rows, pair))
-                offset += n
-            start += size
+                results[k] = ProbeResult(probe, rows, pair)
         return base_result, results
 
+    def _pair_changes(self, finals: np.ndarray, firsts: np.ndarray, context) -> list[np.ndarray]:
+        """Per pair (rows firsts[i] and firsts[i] + 1), the norm of its logit difference [seq], from the normed hidden states."""
+        seq = finals.shape[1]
+        chunk = max(1, self.layer_tokens // (2 * seq))
+        found = []
+        for a in range(0, len(firsts), chunk):
+            rows = np.stack([finals[i + j] for i in firsts[a : a + chunk] for j in range(2)])
+            normed = self._run_head(self.normed, rows, context).reshape(len(rows) // 2, 2, seq, -1)
+            if not np.isfinite(normed).all():
+                raise CpOnnxError("the final norm produced NaN/Inf on a perturbed forward; the perturbation is too large for the model's numerics: use float32 and smaller steps")
+            d = (normed[:, 0] - normed[:, 1]).astype(np.float64)
+            found.extend(np.sqrt(np.maximum(np.einsum("psh,hk,psk->ps", d, self.gram, d, optimize=True), 0.0)))
+        return found
+
     def _logits(self, stream: np.ndarray, context) -> np.ndarray:
+        return self._run_head(self.head, stream, context).reshape(*stream.shape[:2], -1)
+
+    def _run_head(self, session, stream: np.ndarray, context) -> np.ndarray:
+        """The head (or its normed part) at every position of ``stream`` [rows, seq, hidden]; [rows * seq, width]."""
         rows, seq = stream.shape[:2]
         feeds = {POSITIONS: np.arange(rows * seq, dtype=np.int64)}
-        for value in self.head.get_inputs():
+        for value in session.get_inputs():
             if value.name == self.resid_in[-1]:
                 feeds[value.name] = stream
             elif value.name != POSITIONS:
                 feeds[value.name] = context(rows)[value.name]
-        return self.head.run(None, feeds)[0].reshape(rows, seq, -1)
+        return session.run(None, feeds)[0]
 
 
 @dataclass
@@ -278,26 +321,31 @@ class _BaseDistribution:
         target = self.logits[np.arange(self.ids.size - 1), self.ids[1:]]
         self.loss = (self.logits.max(axis=-1) + log_norm)[:-1] - target
 
-    def result(self, logits: np.ndarray, final: np.ndarray, update_change: np.ndarray) -> RowResult:
-        """Loss, KL, Fisher variance and logit change of one row against the base.
+    def result(self, logits: np.ndarray, final: np.ndarray, update_change: np.ndarray, measures: frozenset[str] = MEASURES) -> RowResult:
+        """Of loss, KL, Fisher variance and logit change of one row against the base, the ``measures`` asked for.
 
         Small differences are formed before any sum (logit deltas, expm1, log1p), so the float32 sums
         keep their relative precision even for the tiny changes of a finite-difference step.
         """
+        found = {}
+        if not measures & {"loss", "kl", "fisher", "logit_change"}:
+            return RowResult(final, update_change)
         delta = logits - self.logits  # [seq, vocab]
         p = self.probs[:, None, :]
-        # log-normaliser change: log sum_v p_v exp(delta_v), exact and accurate for small deltas (log1p/expm1)
-        log_norm_change = np.log1p(np.matmul(p, np.expm1(delta)[:, :, None])[:, 0, 0].astype(np.float64))
-        mean = np.matmul(p, delta[:, :, None])[:, 0, 0].astype(np.float64)
-        centred = delta - mean[:, None].astype(np.float32)
-        fisher = np.matmul(p, (centred * centred)[:, :, None])[:, 0, 0].astype(np.float64)
-        positions = np.arange(self.ids.size - 1)
-        loss = self.loss + log_norm_change[:-1] - delta[positions, self.ids[1:]]
-        return RowResult(
-            final=final,
-            loss=loss,
-            kl=np.maximum(log_norm_change - mean, 0.0),  # KL(p||q) = log sum p e^delta - E_p[delta]
-            fisher=fisher,
-            logit_change=np.linalg.norm(delta, axis=-1),
-            update_change=update_change,
-        )
+        if measures & {"kl", "fisher"}:
+            mean = np.matmul(p, delta[:, :, None])[:, 0, 0].astype(np.float64)
+        if measures & {"loss", "kl"}:
+            # log-normaliser change: log sum_v p_v exp(delta_v), exact and accurate for small deltas (log1p/expm1)
+            log_norm_change = np.log1p(np.matmul(p, np.expm1(delta)[:, :, None])[:, 0, 0].astype(np.float64))
+        if "loss" in measures:
+            positions = np.arange(self.ids.size - 1)
+            found["loss"] = self.loss + log_norm_change[:-1] - delta[positions, self.ids[1:]]
+        if "kl" in measures:
+            found["kl"] = np.maximum(log_norm_change - mean, 0.0)  # KL(p||q) = log sum p e^delta - E_p[delta]
+        if "logit_change" in measures:
+            found["logit_change"] = np.linalg.norm(delta, axis=-1)
+        if "fisher" in measures:  # last: it centres and squares delta in place
+            delta -= mean[:, None].astype(np.float32)
+            np.square(delta, out=delta)
+            found["fisher"] = np.matmul(p, delta[:, :, None])[:, 0, 0].astype(np.float64)
+        return RowResult(final, update_change, **found)

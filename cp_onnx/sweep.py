@@ -74,7 +74,8 @@ class ReuseEvaluator:
         del parts
         sessions = []
         while models:  # each segment's proto freed once its session holds the weights
-            sessions.append(segment_session(models.pop(0), threads))
+            segment_model = models.pop(0)
+            sessions.append(segment_session(segment_model, threads, arena=not models))  # the head (last) keeps an arena
         self.preamble, *self.layers, self.head = sessions
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
         for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -136,9 +137,17 @@ def _external_stub(tensor: onnx.TensorProto, location: str, offset: int, length:
 def _nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
+    if tensor.HasField("raw_data"):  # from the shape: reading raw_data would copy the bytes (a second on a 500 MB model)
+        itemsize = _ITEMSIZE.get(tensor.data_type)
+        return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if itemsize else len(tensor.raw_data)
     return tensor.ByteSize()
+
+
+# Bytes per element of the fixed-size element types (sub-byte, string and unknown types read raw_data's length).
+_ITEMSIZE = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).itemsize for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+    onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)}
 
 
 def _external_locations(model: onnx.ModelProto) -> list[str]:

@@ -188,3 +188,29 @@ def _lm_head(index: GraphIndex, members: set[int], logits: str) -> tuple[int | N
             return None, None
         tensor = data[0]
     return None, None
+
+
+def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, str] | None:
+    """The head without its unembedding, and the unembedding weight's name, where ``logits = hidden @ W``
+    exactly (the last node a MatMul of the gathered, normed hidden state by a 2-D initializer); else None.
+
+    The model returned outputs the gathered hidden state [positions, hidden]: a logit difference's norm
+    is then ``sqrt(d W W^T d)`` for the hidden state's difference d, without the vocabulary-wide product."""
+    last = head.graph.node[-1] if head.graph.node else None
+    weights = {t.name: t for t in head.graph.initializer}
+    if last is None or last.op_type != "MatMul" or list(last.input)[0] != _GATHERED or last.output[0] != head.graph.output[0].name:
+        return None
+    weight = weights.get(last.input[1])
+    if weight is None or len(weight.dims) != 2:
+        return None
+    normed = onnx.ModelProto()
+    normed.CopyFrom(head)
+    del normed.graph.node[-1]
+    kept = {name for node in normed.graph.node for name in node_reads(node)}
+    survivors = [t for t in normed.graph.initializer if t.name in kept]
+    del normed.graph.initializer[:]
+    normed.graph.initializer.extend(survivors)
+    del normed.graph.output[:]
+    normed.graph.output.append(helper.make_tensor_value_info(_GATHERED, weight.data_type, [POSITIONS, weight.dims[0]]))
+    normed.graph.name = "head_normed"
+    return normed, weight.name

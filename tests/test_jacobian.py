@@ -77,14 +77,22 @@ def test_finite_difference_jvp_matches_autograd(setup):
         x = text.resid[point]
         v = rng.standard_normal(x.shape)
         step = jacobian.RELATIVE_STEP * jacobian.input_scale(x)
-        probe = Probe(("jacobian", point, 0), (Row(point, (step * v).astype(np.float32)), Row(point, (-step * v).astype(np.float32))), step)
-        _, (result,) = runs.run(IDS, [probe])
-        final, logits_norm = jacobian.directional(result)
+        rows = (Row(point, (step * v).astype(np.float32)), Row(point, (-step * v).astype(np.float32)))
+        # The same pair through the full logits and (no logit measures asked) through the Gram matrix of the unembedding.
+        _, results = runs.run(IDS, [Probe(("jacobian", point, 0), rows, step), Probe(("jacobian", point, 1), rows, step, measures=frozenset())])
         zero = torch.zeros((1, *x.shape), dtype=torch.float64)
         _, (exact_final, exact_logits) = torch.func.jvp(torch_outputs(hf, family, point), (zero,), (torch.tensor(v[None]),))
         exact_final, exact_logits = exact_final.detach().numpy(), np.linalg.norm(exact_logits.detach().numpy(), axis=-1)
-        assert np.linalg.norm(final - exact_final) / np.linalg.norm(exact_final) < 1e-3, point
-        assert np.max(np.abs(logits_norm - exact_logits) / exact_logits) < 1e-3, point
+        for result in results:
+            final, logits_norm = jacobian.directional(result)
+            assert np.linalg.norm(final - exact_final) / np.linalg.norm(exact_final) < 1e-3, point
+            assert np.max(np.abs(logits_norm - exact_logits) / exact_logits) < 1e-3, point
+
+
+def test_gram_path_is_taken_where_logits_are_a_plain_product(setup):
+    """Both tiny families end in hidden @ W, so the Jacobian pairs skip the vocabulary-wide product."""
+    family, hf, runs, text = setup
+    assert runs.gram is not None and runs.gram.shape == (hf.config.hidden_size,) * 2, family
 
 
 def exact_row_norms(hf, family: str, point: int, shape) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import pytest
 from cp_onnx.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, graph_io
 from graph_passes.route import route
-from graph_passes.segment import POSITIONS, segment
+from graph_passes.segment import POSITIONS, segment, split_unembedding
 
 FAMILIES = ("llama", "gemma3", "gpt2")
 
@@ -102,3 +102,30 @@ def test_logits_after_a_non_token_op_are_gathered_after_the_head(tiny_model):
     positions = np.array([5, 0, 17], dtype=np.int64)
     got = chained_logits(parts, full.feeds(ids, mask), range(3), positions)
     np.testing.assert_allclose(got, expected.reshape(-1, expected.shape[-1])[positions], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_unembedding_gives_the_hidden_state_the_logits_are_a_product_of(tiny_model, family):
+    """logits = normed @ W for the tiny families; a head with anything after that product is not split."""
+    _, onnx_path = tiny_model(family)
+    proto = graph_io.load(onnx_path)
+    parts = segment(proto, discover(proto))
+    normed_model, weight = split_unembedding(parts.head)
+    w = next(onnx.numpy_helper.to_array(t) for t in parts.head.graph.initializer if t.name == weight)
+    full = Runner(proto)
+    ids, mask = batch()
+    preamble = session(parts.preamble)
+    values = {**full.feeds(ids, mask), POSITIONS: np.flatnonzero(mask.reshape(-1))}
+    values.update(zip([o.name for o in preamble.get_outputs()], preamble.run(None, {i.name: values[i.name] for i in preamble.get_inputs()})))
+    stream = values[parts.embed]
+    for layer in range(len(parts.layers)):
+        stream = run(session(parts.layers[layer]), {**values, parts.resid_in[layer]: stream})
+    values[parts.resid_in[-1]] = stream
+    np.testing.assert_allclose(run(session(normed_model), values) @ w, run(session(parts.head), values), atol=1e-5, rtol=1e-5)
+
+    capped = onnx.ModelProto()
+    capped.CopyFrom(parts.head)
+    logits = capped.graph.output[0].name
+    capped.graph.node[-1].output[0] = "raw_logits"
+    capped.graph.node.append(onnx.helper.make_node("Tanh", ["raw_logits"], [logits]))  # a soft cap: no longer a plain product
+    assert split_unembedding(capped) is None
