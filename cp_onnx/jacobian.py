@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.perturbation import Probe, ProbeResult, Row, TextBase
-from cp_onnx.scores import EPS, Block, _z, candidate_blocks
+from cp_onnx.scores import EPS, Block, block_z, candidate_blocks
 
 METHOD = "jacobian"
 # Central differences in float32: the truncation error is ~ h^2 |f'''| / 6, with f''' ~ |f| / s^3 for
@@ -120,7 +120,7 @@ def rank_blocks(per_layer: dict[str, np.ndarray], block_sizes: Sequence[int] = (
     steps = np.abs(np.diff(log_gain))
     blocks = []
     for start, end in candidate_blocks(len(log_gain), block_sizes):
-        gain_z = _z(log_gain, start, end)
+        gain_z = block_z(log_gain, start, end)
         rough = steps[start : min(end, len(steps))]
         roughness_z = float((np.mean(rough) - np.mean(steps)) / (np.std(steps) + EPS)) if rough.size else 0.0
         metrics = {"gain_z": gain_z, "roughness_z": roughness_z, "mean_log_gain": float(np.mean(log_gain[start:end]))}

@@ -25,7 +25,7 @@ from scipy.linalg import solve_triangular
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.heads import ALPHA
 from cp_onnx.perturbation import Probe, ProbeResult, Row, TextBase
-from cp_onnx.scores import EPS, Block, _z, candidate_blocks
+from cp_onnx.scores import EPS, Block, block_z, candidate_blocks
 
 METHOD = "mahalanobis"
 NEURONS_PER_LAYER = 2  # candidates measured per layer (two forwards' worth of rows each)
@@ -172,6 +172,6 @@ def rank_blocks(layers: dict[str, np.ndarray], block_sizes: Sequence[int] = (3, 
     logs = {name: np.log(np.maximum(layers[name], EPS)) for name in ANOMALY_TERMS}
     blocks = []
     for start, end in candidate_blocks(len(logs[ANOMALY_TERMS[0]]), block_sizes):
-        metrics = {f"{name}_z": _z(values, start, end) for name, values in logs.items()}
+        metrics = {f"{name}_z": block_z(values, start, end) for name, values in logs.items()}
         blocks.append(Block(start, end, sum(metrics.values()), metrics))
     return sorted(blocks, key=lambda b: b.score, reverse=True)

@@ -133,7 +133,7 @@ def _checked(
     return arrays
 
 
-def _z(values: np.ndarray, start: int, end: int) -> float:
+def block_z(values: np.ndarray, start: int, end: int) -> float:
     """How far the block's mean lies from the all-layer mean, in population standard deviations."""
     return float((np.mean(values[start:end]) - np.mean(values)) / (np.std(values) + EPS))
 
@@ -149,10 +149,10 @@ class _Scorer:
     def anomaly(self, start: int, end: int) -> tuple[float, dict[str, float]]:
         s = self.stats
         metrics = {
-            "repr_change_z": _z(s["representation_change"], start, end),
-            "self_sim_z": -_z(s["self_similarity"], start, end),  # lower similarity = more work
-            "variance_z": _z(s["cross_example_variance"], start, end),
-            "rank_z": _z(s["representation_rank"], start, end),
+            "repr_change_z": block_z(s["representation_change"], start, end),
+            "self_sim_z": -block_z(s["self_similarity"], start, end),  # lower similarity = more work
+            "variance_z": block_z(s["cross_example_variance"], start, end),
+            "rank_z": block_z(s["representation_rank"], start, end),
         }
         return sum(metrics.values()), metrics
 
@@ -176,7 +176,7 @@ class _Scorer:
             if before > 0:
                 metrics["transition_score"] = float(max(0.0, 1.0 - np.mean(change[start:end]) / before))
                 score += metrics["transition_score"]
-        metrics["rank_z"] = _z(self.stats["representation_rank"], start, end)
+        metrics["rank_z"] = block_z(self.stats["representation_rank"], start, end)
         score += 0.5 * metrics["rank_z"]
         return score, metrics
 
@@ -198,7 +198,7 @@ class _Scorer:
 
     def contrastive(self, start: int, end: int) -> tuple[float, dict[str, float]]:
         anomaly, metrics = self.anomaly(start, end)
-        z_contrast = _z(self.contrast, start, end)
+        z_contrast = block_z(self.contrast, start, end)
         metrics = {
             **metrics,
             "anomaly_score": anomaly,
