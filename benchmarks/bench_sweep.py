@@ -1,8 +1,12 @@
-"""The sweep on the real SmolLM2: layer reuse against naive routed models, same configs and items.
+"""The sweep on the real SmolLM2: layer reuse, with and without the KV-cached few-shot prefixes, against
+naive routed models, same configs and items.
 
-Each mode runs in its own process, so each peak RSS is its own. Prints both times, the speed-up, the
-peak memory, how far the two modes' metrics differ, and an estimate for the full sweep (blocks of
-3, 4 and 5 layers) from a per-config fit of time against the number of layers a config reruns.
+Modes: ``prefix`` (what `cp-onnx sweep` runs: the with-past graph, each kind's shared examples run once
+per config and fed to its items through the cache), ``reuse`` (the no-past graph: every sequence runs
+its examples itself) and ``naive`` (each routed model from scratch). Each mode runs in its own
+process, so each peak RSS is its own. Prints the times, the speed-ups, the peak memory, how far the
+modes' metrics differ, and an estimate for the full sweep (blocks of 3, 4 and 5 layers) from a
+per-config fit of time against the number of layers a config reruns.
 
     python benchmarks/bench_sweep.py [--items 60] [--threads 2] [--json results.json]
 """
@@ -31,6 +35,7 @@ from cp_onnx.sweep import block_configs, read_sweep, sweep  # noqa: E402
 # Spread over the depth and sizes 3-5, rerunning on average about as many layers as the full sweep's blocks do.
 CONFIGS = [(3, 6), (9, 12), (12, 15), (15, 19), (20, 25), (26, 30)]
 METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy", "general_nll")
+MODES = ("prefix", "reuse", "naive")
 
 
 def suite(count: int) -> list[probes.ProbeItem]:
@@ -39,9 +44,9 @@ def suite(count: int) -> list[probes.ProbeItem]:
 
 def run_mode(mode: str, count: int, threads: int | None, out: Path) -> dict:
     """One mode's sweep in this process: wall time, per-config seconds, peak RSS."""
-    model = open_model("smollm2", log=lambda _: None)
+    model = open_model("smollm2", with_past=mode == "prefix", log=lambda _: None)
     began = time.perf_counter()
-    rows = sweep(model, CONFIGS, suite(count), out=out, mode=mode, threads=threads, log=lambda _: None)
+    rows = sweep(model, CONFIGS, suite(count), out=out, mode="naive" if mode == "naive" else "reuse", threads=threads, log=lambda _: None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"mode": mode, "seconds": time.perf_counter() - began, "rows": rows, "suite": read_sweep(out)[0]["suite"],
             "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
@@ -69,22 +74,25 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--mode", choices=("reuse", "naive"), help=argparse.SUPPRESS)  # internal: one mode, result as JSON on stdout
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: one mode, result as JSON on stdout
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(run_mode(args.mode, args.items, args.threads, args.out)))
         return
-    open_model("smollm2")  # export once, outside the timings
+    open_model("smollm2"), open_model("smollm2", with_past=True)  # export once, outside the timings
     load_before = round(os.getloadavg()[0], 2)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        for mode in ("reuse", "naive"):
+        for mode in MODES:
             command = [sys.executable, __file__, "--mode", mode, "--items", str(args.items), "--out", str(Path(tmp) / f"{mode}.jsonl")]
             command += ["--threads", str(args.threads)] if args.threads else []
             results[mode] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    reuse, naive = results["reuse"], results["naive"]
-    differences = {m: max(abs((a[m] or 0) - (b[m] or 0)) for a, b in zip(reuse["rows"], naive["rows"])) for m in METRICS}
+    prefix, reuse, naive = (results[mode] for mode in MODES)
+
+    def differences(one: dict) -> dict:
+        return {m: max(abs((a[m] or 0) - (b[m] or 0)) for a, b in zip(one["rows"], naive["rows"])) for m in METRICS}
+
     num_layers = 30
     blocks = slice(1, None)  # the configs after the baseline
     figures = {
@@ -92,18 +100,24 @@ def main() -> None:
         "items": args.items,
         "sequences_tokens": [reuse["suite"]["sequences"], reuse["suite"]["tokens"]],
         "load_average_before_after": [load_before, round(os.getloadavg()[0], 2)],
+        "prefix_s": round(prefix["seconds"], 1),
         "reuse_s": round(reuse["seconds"], 1),
         "naive_s": round(naive["seconds"], 1),
         "speedup": round(naive["seconds"] / reuse["seconds"], 2),
+        "prefix_speedup": round(naive["seconds"] / prefix["seconds"], 2),
+        "prefix_per_block_speedup": round(sum(r["seconds"] for r in naive["rows"][blocks]) / sum(r["seconds"] for r in prefix["rows"][blocks]), 2),
         "per_block_speedup": round(sum(r["seconds"] for r in naive["rows"][blocks]) / sum(r["seconds"] for r in reuse["rows"][blocks]), 2),
+        "prefix_peak_rss_mb": round(prefix["peak_rss_mb"]),
         "reuse_cpu_s": round(reuse["cpu_seconds"], 1),
         "naive_cpu_s": round(naive["cpu_seconds"], 1),
         "reuse_peak_rss_mb": round(reuse["peak_rss_mb"]),
         "naive_peak_rss_mb": round(naive["peak_rss_mb"]),
         "reuse_config_s": [r["seconds"] for r in reuse["rows"]],
         "naive_config_s": [r["seconds"] for r in naive["rows"]],
-        "max_metric_difference": differences,
+        "max_metric_difference": differences(reuse),
+        "prefix_max_metric_difference": differences(prefix),
         "full_sweep_estimate_min": round(estimate_full_sweep(reuse, num_layers) / 60, 1),
+        "prefix_full_sweep_estimate_min": round(estimate_full_sweep(prefix, num_layers) / 60, 1),
     }
     for key, value in figures.items():
         print(f"{key:>24}: {value}")
