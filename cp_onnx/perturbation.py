@@ -42,7 +42,8 @@ class Row:
     head_shift: np.ndarray | None = None  # [heads, seq or 1, head_dim] added to them
 
 
-MEASURES = frozenset({"loss", "kl", "fisher", "logit_change", "update_change"})  # RowResult fields computed on demand
+LOGIT_MEASURES = ("loss", "kl", "fisher", "logit_change")  # RowResult fields computed from a row's logits
+MEASURES = frozenset({*LOGIT_MEASURES, "update_change"})  # every RowResult field computed on demand
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class PerturbedRuns:
         split = split_unembedding(parts.head)
         if split is not None:
             normed, weight = split
-            w = numpy_helper.to_array(next(t for t in parts.head.graph.initializer if t.name == weight)).astype(np.float64)
+            w = numpy_helper.to_array(weight).astype(np.float64)
             self.normed, self.gram = segment_session(normed, threads), w @ w.T
 
     def run(self, ids: Sequence[int], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
@@ -269,7 +270,7 @@ class PerturbedRuns:
                 n = len(probe.rows)
                 rows = [base.result(logits[offset + j], finals[start + offset + j], updates[start + offset + j], probe.measures) for j in range(n)]
                 pair = np.linalg.norm(logits[offset] - logits[offset + 1], axis=-1) if n == 2 else None
-                measured = [pair, *(getattr(row, name) for row in rows for name in ("loss", "kl", "fisher", "logit_change"))]
+                measured = [pair, *(getattr(row, name) for row in rows for name in LOGIT_MEASURES)]
                 if not all(np.isfinite(m).all() for m in measured if m is not None):  # NaN/Inf logits reach every sum over them
                     raise CpOnnxError(f"the head produced NaN/Inf logits on a forward perturbed at layer {probe.rows[0].layer}; "
                                       "the perturbation is too large for the model's numerics or the model is broken: use float32 and smaller steps")
@@ -327,9 +328,9 @@ class _BaseDistribution:
         Small differences are formed before any sum (logit deltas, expm1, log1p), so the float32 sums
         keep their relative precision even for the tiny changes of a finite-difference step.
         """
-        found = {}
-        if not measures & {"loss", "kl", "fisher", "logit_change"}:
+        if measures.isdisjoint(LOGIT_MEASURES):
             return RowResult(final, update_change)
+        found = {}
         delta = logits - self.logits  # [seq, vocab]
         p = self.probs[:, None, :]
         if measures & {"kl", "fisher"}:

@@ -190,8 +190,8 @@ def _lm_head(index: GraphIndex, members: set[int], logits: str) -> tuple[int | N
     return None, None
 
 
-def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, str] | None:
-    """The head without its unembedding, and the unembedding weight's name, where ``logits = hidden @ W``
+def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.TensorProto] | None:
+    """The head without its unembedding, and the unembedding weight W (its initializer), where ``logits = hidden @ W``
     exactly (the last node a MatMul of the gathered, normed hidden state by a 2-D initializer); else None.
 
     The model returned outputs the gathered hidden state [positions, hidden]: a logit difference's norm
@@ -213,4 +213,4 @@ def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, str] | No
     del normed.graph.output[:]
     normed.graph.output.append(helper.make_tensor_value_info(_GATHERED, weight.data_type, [POSITIONS, weight.dims[0]]))
     normed.graph.name = "head_normed"
-    return normed, weight.name
+    return normed, weight

@@ -23,14 +23,19 @@ def run(sess: ort.InferenceSession, values: dict) -> np.ndarray:
     return sess.run(None, {i.name: values[i.name] for i in sess.get_inputs()})[0]
 
 
-def chained_logits(parts, feeds: dict, path, positions: np.ndarray) -> np.ndarray:
-    """Logits rows at flat ``positions`` from running the segments along a layer path."""
+def head_feeds(parts, feeds: dict, path, positions: np.ndarray) -> dict:
+    """The head's inputs (and more) after running the preamble and the segments along a layer path."""
     preamble = session(parts.preamble)
     values = {**feeds, **dict(zip([o.name for o in preamble.get_outputs()], preamble.run(None, {i.name: feeds[i.name] for i in preamble.get_inputs()})))}
     stream = values[parts.embed]
     for layer in path:
         stream = run(session(parts.layers[layer]), {**values, parts.resid_in[layer]: stream})
-    return run(session(parts.head), {**values, parts.resid_in[-1]: stream, POSITIONS: positions})
+    return {**values, parts.resid_in[-1]: stream, POSITIONS: positions}
+
+
+def chained_logits(parts, feeds: dict, path, positions: np.ndarray) -> np.ndarray:
+    """Logits rows at flat ``positions`` from running the segments along a layer path."""
+    return run(session(parts.head), head_feeds(parts, feeds, path, positions))
 
 
 def batch(vocab: int = 256):
@@ -111,17 +116,9 @@ def test_split_unembedding_gives_the_hidden_state_the_logits_are_a_product_of(ti
     proto = graph_io.load(onnx_path)
     parts = segment(proto, discover(proto))
     normed_model, weight = split_unembedding(parts.head)
-    w = next(onnx.numpy_helper.to_array(t) for t in parts.head.graph.initializer if t.name == weight)
-    full = Runner(proto)
     ids, mask = batch()
-    preamble = session(parts.preamble)
-    values = {**full.feeds(ids, mask), POSITIONS: np.flatnonzero(mask.reshape(-1))}
-    values.update(zip([o.name for o in preamble.get_outputs()], preamble.run(None, {i.name: values[i.name] for i in preamble.get_inputs()})))
-    stream = values[parts.embed]
-    for layer in range(len(parts.layers)):
-        stream = run(session(parts.layers[layer]), {**values, parts.resid_in[layer]: stream})
-    values[parts.resid_in[-1]] = stream
-    np.testing.assert_allclose(run(session(normed_model), values) @ w, run(session(parts.head), values), atol=1e-5, rtol=1e-5)
+    values = head_feeds(parts, Runner(proto).feeds(ids, mask), range(len(parts.layers)), np.flatnonzero(mask.reshape(-1)))
+    np.testing.assert_allclose(run(session(normed_model), values) @ onnx.numpy_helper.to_array(weight), run(session(parts.head), values), atol=1e-5, rtol=1e-5)
 
     capped = onnx.ModelProto()
     capped.CopyFrom(parts.head)
