@@ -8,7 +8,7 @@ import numpy as np
 
 import graph_passes
 from cp_onnx.model import ModelFolder
-from cp_onnx.runner import Runner, detach_weights
+from cp_onnx.runner import Runner, open_graph
 from graph_passes.layer_map import LayerMap, block_name
 
 
@@ -27,8 +27,8 @@ class ActivationReader:
     """Exposes the residual stream (and attention patterns) of a model once, then runs batches."""
 
     def __init__(self, model: ModelFolder, *, threads: int | None = None, patterns: bool = True, logits: bool = False):
-        # Discovery and expose work on the graph alone (a few MB); the weights go to onnxruntime from memory.
-        proto, weights = detach_weights(graph_passes.graph_io.load(model.onnx_path))
+        # Discovery and expose work on the graph alone (a few MB); the weights stay mapped, shared with other sessions.
+        proto, weights = open_graph(model.onnx_path)
         self.layer_map: LayerMap = graph_passes.discover(proto)
         n = self.layer_map.num_layers
         self.with_patterns = patterns and self.layer_map.available("attn.pattern")

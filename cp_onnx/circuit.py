@@ -24,7 +24,8 @@ from cp_onnx.model import ModelFolder, open_model
 from cp_onnx.perturbation import PerturbedRuns, base_activations
 from cp_onnx.report import json_ready
 from cp_onnx.scores import candidate_blocks
-from graph_passes import discover, graph_io
+from cp_onnx.runner import open_graph
+from graph_passes import discover
 
 TOP_INFLUENCES = 3  # composition edges kept per head: its strongest later layers
 MIN_INFLUENCE = 1e-3  # relative update change below which a composition edge is left out
@@ -56,12 +57,12 @@ def circuit_analysis(
     texts = load_calibration(None, n=10) if texts is None else list(texts)
     token_lists, _ = folder.encode(texts, max_length=max_length)
     timings, t0 = {}, time.perf_counter()
-    proto = graph_io.load(folder.onnx_path)
+    proto, weights = open_graph(folder.onnx_path)
     layer_map = discover(proto)
     L = layer_map.num_layers
     candidate_blocks(L, block_sizes)  # fails early on too few layers
-    bases = base_activations(proto, layer_map, token_lists, threads=threads)
-    runs = PerturbedRuns(proto, layer_map, threads=threads)
+    bases = base_activations(proto, layer_map, token_lists, threads=threads, weights=weights)
+    runs = PerturbedRuns(proto, layer_map, threads=threads, weights=weights)
     del proto
     timings["circuit_setup_s"] = time.perf_counter() - t0
 

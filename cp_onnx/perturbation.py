@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.runner import Runner, position_ids_for, segment_session
+from cp_onnx.runner import Runner, SharedWeights, position_ids_for, segment_session
 from graph_passes import expose
 from graph_passes.layer_map import LayerMap, block_name
 from graph_passes.perturb import head_scale_input, head_shift_input, include_inserted, perturb, resid_input
@@ -91,12 +91,13 @@ class TextBase:
         return np.diff(self.resid, axis=0)
 
 
-def base_activations(model: onnx.ModelProto, layer_map: LayerMap, token_lists: Sequence[Sequence[int]], *, threads: int | None = None) -> list[TextBase]:
+def base_activations(model: onnx.ModelProto, layer_map: LayerMap, token_lists: Sequence[Sequence[int]], *, threads: int | None = None,
+                     weights: SharedWeights | None = None) -> list[TextBase]:
     """Run each text alone through the full model, keeping the stream and head contexts; NaN/Inf stops it, naming the layer."""
     n = layer_map.num_layers
     with_heads = layer_map.available("attn.head_ctx")
     names = ["embed"] + [block_name(l, "resid_out") for l in range(n)] + ([block_name(l, "attn.head_ctx") for l in range(n)] if with_heads else [])
-    runner = Runner(expose(model, layer_map, names), threads=threads)
+    runner = Runner(expose(model, layer_map, names), threads=threads, weights=weights)
     texts = []
     for ids in token_lists:
         ids = np.asarray(ids, dtype=np.int64)
@@ -137,7 +138,7 @@ def check_finite(values: np.ndarray, name: str, where: str) -> None:
 class PerturbedRuns:
     """The model cut at layer boundaries, with head scale/shift inputs in every layer that has heads."""
 
-    def __init__(self, model: onnx.ModelProto, layer_map: LayerMap, *, threads: int | None = None,
+    def __init__(self, model: onnx.ModelProto, layer_map: LayerMap, *, threads: int | None = None, weights: SharedWeights | None = None,
                  layer_tokens: int = LAYER_TOKENS, head_bytes: int = HEAD_BYTES):
         self.layer_map, self.num_layers = layer_map, layer_map.num_layers
         self.with_heads = layer_map.available("attn.head_ctx") and bool(layer_map.num_heads)
@@ -145,9 +146,9 @@ class PerturbedRuns:
         parts = segment(perturbed, include_inserted(layer_map, perturbed))
         del perturbed
         self.embed, self.resid_in = parts.embed, parts.resid_in
-        self.preamble = segment_session(parts.preamble, threads)
-        self.layers = [segment_session(layer, threads) for layer in parts.layers]
-        self.head = segment_session(parts.head, threads, arena=True)
+        self.preamble = segment_session(parts.preamble, weights, threads)
+        self.layers = [segment_session(layer, weights, threads) for layer in parts.layers]
+        self.head = segment_session(parts.head, weights, threads, arena=True)
         self.layer_tokens, self.head_bytes = layer_tokens, head_bytes
         # Where logits = hidden @ W, a pair that needs only its logit change skips the vocabulary-wide product:
         # |W^T d| = sqrt(d (W W^T) d) for the normed hidden states' difference d (a third of SmolLM2's head time).
@@ -155,8 +156,8 @@ class PerturbedRuns:
         split = split_unembedding(parts.head)
         if split is not None:
             normed, weight = split
-            w = numpy_helper.to_array(weight).astype(np.float64)
-            self.normed, self.gram = segment_session(normed, threads), w @ w.T
+            w = (weights.arrays[weight.name] if weights and weight.name in weights.arrays else numpy_helper.to_array(weight)).astype(np.float64)
+            self.normed, self.gram = segment_session(normed, weights, threads), w @ w.T
 
     def run(self, ids: Sequence[int], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
         """Run the base row and every probe's rows for one text; returns the base's result and each probe's."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -11,8 +12,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+import graph_passes
 from cp_onnx.errors import CpOnnxError
-from graph_passes import graph_io
 
 
 def pad_batch(token_lists: Sequence[Sequence[int]], *, side: str = "right", pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,22 +37,74 @@ def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
-def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """``model`` with its big initializers as stubs (``graph_io.weightless_copy``), and their values by name.
+class SharedWeights:
+    """The big weights of one model, by name, and the onnxruntime values that wrap them without a copy.
 
-    Passes then work on a graph of a few MB, and onnxruntime takes the weights from memory
-    (``Runner(light, weights=...)``) instead of serialising, parsing and copying hundreds of MB.
-    Returns ``(model, {})`` if a weight has no plain numpy type (bfloat16, float8, ...).
+    Every session over the model (the full graph, its segments, its head, a routed copy) is given these
+    same buffers, so a process holds each weight once however many sessions read it.
     """
-    light = graph_io.weightless_copy(model)
-    weights = {}
-    for original, stub in zip(model.graph.initializer, light.graph.initializer):
-        if original.data_location != onnx.TensorProto.EXTERNAL and stub.data_location == onnx.TensorProto.EXTERNAL:
-            array = numpy_helper.to_array(original)
-            if array.dtype.type.__module__ != "numpy":  # ml_dtypes: onnxruntime cannot wrap it as it is
-                return model, {}
-            weights[original.name] = array
-    return light, weights
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], folder: Path | None = None):
+        self.arrays = dict(arrays)
+        self.folder = folder  # where the stubs' external data lies (None: stubs made in memory, see _detach)
+        self._values: dict[str, ort.OrtValue] = {}
+
+    def values(self, names: Iterable[str]) -> tuple[list[str], list[ort.OrtValue]]:
+        """The given weights as OrtValues (made once; onnxruntime reads the numpy buffer in place)."""
+        names = [n for n in names if n in self.arrays]
+        for name in names:
+            if name not in self._values:
+                self._values[name] = ort.OrtValue.ortvalue_from_numpy(self.arrays[name])
+        return names, [self._values[n] for n in names]
+
+
+_OPENED: "weakref.WeakValueDictionary[tuple, _Opened]" = weakref.WeakValueDictionary()
+
+
+class _Opened(SharedWeights):
+    def __init__(self, graph: bytes, arrays: Mapping[str, np.ndarray], folder: Path):
+        super().__init__(arrays, folder)
+        self.graph = graph
+
+
+def open_graph(path: str | Path) -> tuple[onnx.ModelProto, SharedWeights]:
+    """A fresh copy of the graph at ``path`` (weights as stubs), and the process's one mapping of its weights.
+
+    The mapping lives as long as a session or caller holds it; a second call meanwhile maps nothing new."""
+    path = Path(path).resolve()
+    try:
+        status = path.stat()
+    except OSError:
+        raise CpOnnxError(f"no ONNX model at {path}; give the path of a model.onnx file") from None
+    key = (str(path), status.st_mtime_ns, status.st_size)
+    opened = _OPENED.get(key)
+    if opened is None:
+        try:
+            light, arrays = graph_passes.mapped.load_mapped(path)
+        except graph_passes.GraphPassError as exc:
+            raise CpOnnxError(str(exc)) from exc
+        opened = _Opened(light.SerializeToString(), arrays, path.parent)
+        _OPENED[key] = opened
+    return onnx.ModelProto.FromString(opened.graph), opened
+
+
+def _detach(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` with its big in-memory initializers as stubs, and their values (copied out of the proto).
+
+    For graphs built in memory; models on disk are opened with ``open_graph``, which copies nothing.
+    Initializers numpy cannot hold as they are (bfloat16, ...) stay inline."""
+    stubs, arrays = [], {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and graph_passes.graph_io.tensor_nbytes(tensor) >= graph_passes.graph_io.EXTERNAL_MIN_BYTES:
+            array = numpy_helper.to_array(tensor)
+            if array.dtype.type.__module__ == "numpy":
+                arrays[tensor.name] = array
+                stubs.append(graph_passes.graph_io.external_stub(tensor, "in-memory", 0, array.nbytes))
+                continue
+        stubs.append(tensor)
+    if not arrays:
+        return model, {}
+    return graph_passes.graph_io.with_initializers(model, stubs), arrays
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
@@ -65,69 +118,90 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """CPU session settings shared by every session cp-onnx makes."""
+# Ops whose weights onnxruntime must prepack to run fast (packing 4-bit blocks per call costs more than it saves).
+_PREPACK_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat"})
+
+
+def session_options(threads: int | None, *, arena: bool = False, spinning: bool = True, prepack: bool = False) -> ort.SessionOptions:
+    """CPU session settings shared by every session cp-onnx makes.
+
+    No memory arena unless asked: an arena keeps as much memory as the session's largest call ever
+    needed, for as long as the session lives. No prepacking of float weights: a packed weight is a
+    second copy, per session, of a buffer every session shares; MLAS packs panels of it per call
+    instead, which costs little when a call has many tokens."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0  # 0 lets onnxruntime use every core
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    options.enable_cpu_mem_arena = arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
-def segment_session(model: onnx.ModelProto, threads: int | None, *, arena: bool = False) -> ort.InferenceSession:
-    """A session for one of thirty-odd segment models run in turn (sweep, perturbation): no memory arena
-    unless asked (each session would keep an arena as large as its largest call: 10 GB against 2.4 GB on
-    SmolLM2; the one head session takes it: its vocabulary-wide logits run 25% faster in it) and no
-    spinning threads (idle pools would spin against the session at work)."""
-    options = session_options(threads)
-    options.enable_cpu_mem_arena = arena
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads: int | None, *, arena: bool = False,
+                 spinning: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session over ``model``, whose stubbed weights come from ``weights`` (shared, not copied).
+
+    Big weights still inline in ``model`` (graphs built in memory) are moved out of the proto first, so
+    the serialised graph stays small. The session keeps what it reads (``session.cp_onnx_weights``)."""
+    model, inline = _detach(model)
+    sources = [s for s in (weights, SharedWeights(inline) if inline else None) if s is not None]
+    used = _names_read(model.graph)  # onnxruntime drops unread initializers before it looks for supplied ones
+    prepack = any(node.op_type in _PREPACK_OPS for node in model.graph.node)
+    options = session_options(threads, arena=arena, spinning=spinning, prepack=prepack)
+    for source in sources:
+        names, values = source.values(name for name in source.arrays if name in used)
+        if source.folder is None:  # stubs of a graph built in memory: onnxruntime copies these values
+            if names:
+                options.add_external_initializers(names, values)
+            continue
+        # add_initializer has onnxruntime use the buffer in place (add_external_initializers copies it); it
+        # still checks that the stubs' data files exist, so it is told where they are.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(source.folder))
+        for name, value in zip(names, values):
+            options.add_initializer(name, value)
+    tmpdir = None
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types
-        raise CpOnnxError(f"onnxruntime cannot load segment {model.graph.name}: {str(exc).strip().splitlines()[0]}; re-export the model") from exc
+        payload = model.SerializeToString()
+    except ValueError:  # over protobuf's 2 GB even without the big weights (huge Constant nodes)
+        tmpdir = tempfile.TemporaryDirectory(prefix="cp-onnx-")
+        payload = str(Path(tmpdir.name) / "model.onnx")
+        onnx.save_model(model, payload, save_as_external_data=True, location="model.onnx.data")
+    try:
+        session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CpOnnxError(f"onnxruntime cannot load {model.graph.name or 'the model'}: {first_line}; re-export it with `cp-onnx export`") from exc
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+    session.cp_onnx_weights = sources  # the buffers onnxruntime reads in place live as long as the session
+    return session
+
+
+def segment_session(model: onnx.ModelProto, weights: SharedWeights | None, threads: int | None, *, arena: bool = False) -> ort.InferenceSession:
+    """A session for one of thirty-odd segment models run in turn (sweep, perturbation): no spinning
+    threads (idle pools would spin against the session at work); ``arena`` for a head whose calls
+    are bounded (its vocabulary-wide logits run 25% faster in one)."""
+    return make_session(model, weights, threads, arena=arena, spinning=False)
 
 
 class Runner:
-    """One onnxruntime CPU session over a model file or an in-memory ModelProto.
+    """One onnxruntime CPU session over a model file, or over a ModelProto whose stubbed weights ``weights`` holds.
 
-    ``weights`` supplies initializers that the model holds as stubs (see ``detach_weights``); a
-    ModelProto with its weights inline is detached here rather than serialised whole.
+    A path is opened with ``open_graph``: its weights are memory-mapped once per process and shared
+    with every other session over the same file. A ModelProto with its weights inline works too.
     """
 
-    def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None):
-        options = session_options(threads)
-        self._tmpdir = None
-        weights = dict(weights or {})
-        if isinstance(model, onnx.ModelProto):
-            model, detached = detach_weights(model)
-            # onnxruntime drops initializers nothing reads before it looks for the ones supplied here.
-            used = _names_read(model.graph)
-            weights = {name: value for name, value in {**weights, **detached}.items() if name in used}
-            model = self._as_loadable(model)
-        # onnxruntime reads these buffers for as long as the session lives, so the session keeps them.
-        self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
-        if weights:
-            options.add_external_initializers(list(weights), self._weights)
-        try:
-            self.session = ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CpOnnxError(f"onnxruntime cannot load the model: {first_line}; re-export it with `cp-onnx export`") from exc
-        self.session.cp_onnx_weights = self._weights  # callers may keep only the session (sweep, perturbation)
+    def __init__(self, model: onnx.ModelProto | str | Path, *, threads: int | None = None, weights: SharedWeights | None = None):
+        if not isinstance(model, onnx.ModelProto):
+            model, weights = open_graph(model)
+        self.session = make_session(model, weights, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def _as_loadable(self, model: onnx.ModelProto) -> bytes | Path:
-        try:
-            return model.SerializeToString()
-        except ValueError:  # over protobuf's 2 GB even without the big weights (huge Constant nodes)
-            pass
-        # Too big for bytes: onnxruntime needs a file, with the weights as external data beside it.
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="cp-onnx-")
-        path = Path(self._tmpdir.name) / "model.onnx"
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-        return path
 
     @property
     def pads_left_safely(self) -> bool:

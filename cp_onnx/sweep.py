@@ -27,7 +27,7 @@ from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
 from cp_onnx.model import ModelFolder
 from cp_onnx.report import json_ready, file_sha256
-from cp_onnx.runner import Runner, default_threads, position_ids_for, segment_session
+from cp_onnx.runner import Runner, default_threads, open_graph, position_ids_for, segment_session
 from cp_onnx.scores import candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
 from graph_passes.layer_path import duplicate, format_path
@@ -64,7 +64,7 @@ class ReuseEvaluator:
     """
 
     def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
-        proto = graph_passes.graph_io.load(onnx_path)
+        proto, weights = open_graph(onnx_path)
         parts = segment(proto, graph_passes.discover(proto))
         del proto
         if not parts.past and any(batch.prefix for batch in plan.batches):
@@ -72,11 +72,8 @@ class ReuseEvaluator:
         self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
         models = [parts.preamble, *parts.layers, parts.head]
         del parts
-        sessions = []
-        while models:  # each segment's proto freed once its session holds the weights
-            segment_model = models.pop(0)
-            sessions.append(segment_session(segment_model, threads, arena=not models))  # the head (last) keeps an arena
-        self.preamble, *self.layers, self.head = sessions
+        # Every segment reads the one mapping of the weights; the head (last) keeps an arena (its calls are HEAD_ROWS rows).
+        self.preamble, *self.layers, self.head = [segment_session(m, weights, threads, arena=k == len(models) - 1) for k, m in enumerate(models)]
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
         for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
             ids = np.asarray([prefix], dtype=np.int64)
@@ -152,13 +149,13 @@ class NaiveEvaluator:
     """Each config's routed model built and run from scratch (the slow, independent way)."""
 
     def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
-        self.proto = graph_passes.graph_io.load(onnx_path)
+        self.proto, self.weights = open_graph(onnx_path)
         self.layer_map = graph_passes.discover(self.proto)
         self.num_layers, self.plan, self.threads = self.layer_map.num_layers, plan, threads
 
     def evaluate(self, config: Config) -> dict:
         routed = route(self.proto, self.layer_map, layer_path(config, self.num_layers))
-        return score_model(Runner(routed, threads=self.threads), self.plan, logits=self.layer_map.logits)
+        return score_model(Runner(routed, threads=self.threads, weights=self.weights), self.plan, logits=self.layer_map.logits)
 
 
 EVALUATORS = {"reuse": ReuseEvaluator, "naive": NaiveEvaluator}

@@ -75,11 +75,11 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose big initializers are stubs (shape and type only), for shape inference."""
     stubs = []
     for tensor in model.graph.initializer:
-        if _nbytes(tensor) >= EXTERNAL_MIN_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            stubs.append(_external_stub(tensor, "weightless", 0, _nbytes(tensor)))
+        if tensor_nbytes(tensor) >= EXTERNAL_MIN_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            stubs.append(external_stub(tensor, "weightless", 0, tensor_nbytes(tensor)))
         else:
             stubs.append(tensor)
-    return _with_initializers(model, stubs)
+    return with_initializers(model, stubs)
 
 
 def _split_weights(model: onnx.ModelProto, data_name: str | None) -> tuple[onnx.ModelProto, list[tuple[int, bytes]]]:
@@ -88,19 +88,19 @@ def _split_weights(model: onnx.ModelProto, data_name: str | None) -> tuple[onnx.
         return model, []
     initializers, chunks, offset = [], [], 0
     for tensor in model.graph.initializer:
-        size = _nbytes(tensor)
+        size = tensor_nbytes(tensor)
         if tensor.data_location == onnx.TensorProto.EXTERNAL or size < EXTERNAL_MIN_BYTES:
             initializers.append(tensor)
             continue
         data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
         offset = -(-offset // PAGE) * PAGE if len(data) >= PAGE else offset
         chunks.append((offset, data))
-        initializers.append(_external_stub(tensor, data_name, offset, len(data)))
+        initializers.append(external_stub(tensor, data_name, offset, len(data)))
         offset += len(data)
-    return _with_initializers(model, initializers), chunks
+    return with_initializers(model, initializers), chunks
 
 
-def _with_initializers(model: onnx.ModelProto, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
+def with_initializers(model: onnx.ModelProto, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
     """A copy of ``model`` with another initializer list, without copying the original's weights."""
     graph = onnx.GraphProto()
     for field, value in model.graph.ListFields():
@@ -126,7 +126,7 @@ def _copy_field(target, field, value) -> None:
         setattr(target, field.name, value)
 
 
-def _external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+def external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
     stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL)
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = stub.external_data.add()
@@ -134,7 +134,7 @@ def _external_stub(tensor: onnx.TensorProto, location: str, offset: int, length:
     return stub
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
     if tensor.HasField("raw_data"):  # from the shape: reading raw_data would copy the bytes (a second on a 500 MB model)
