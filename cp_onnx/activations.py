@@ -39,6 +39,7 @@ class ActivationReader:
         self.outputs = names + (["logits"] if logits else [])
         self.runner = Runner(graph_passes.expose(proto, self.layer_map, names), threads=threads, weights=weights)
         self.logits_name = self.layer_map.logits
+        self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
 
     @property
     def num_layers(self) -> int:
@@ -53,6 +54,7 @@ class ActivationReader:
             resid = [out["embed"]] + [out[block_name(l, "resid_out")] for l in range(n)]
             patterns = [out[block_name(l, "attn.pattern")] for l in range(n)] if self.with_patterns else None
             done += len(mask)
+            self.layer_tokens += mask.size * n
             if progress:
                 progress(done, len(token_lists))
             yield Batch(resid[:-1], resid[1:], patterns, mask, out.get(self.logits_name))

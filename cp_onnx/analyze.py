@@ -30,10 +30,11 @@ class Settings:
     block_sizes: tuple[int, ...] = (3, 4, 5)
     batch_size: int = 8
     threads: int | None = None
+    screen: bool = True  # the default method scores the middle size first, then its leaders' neighbours (predict.SCREEN_TOP)
 
     def identity_settings(self) -> dict:
         """The settings that change the numbers (not batch size or threads: results do not depend on them)."""
-        return {"max_length": self.max_length, "block_sizes": list(self.block_sizes), "language": self.language}
+        return {"max_length": self.max_length, "block_sizes": list(self.block_sizes), "language": self.language, "screen": self.screen}
 
 
 @dataclass
@@ -88,6 +89,7 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     t1 = time.perf_counter()
     stats = collect_statistics(reader, token_lists, batch_size=settings.batch_size, progress=progress)
     timings["statistics_s"] = time.perf_counter() - t1
+    timings["statistics_layer_tokens"] = reader.layer_tokens
 
     methods: dict[str, list[scores.Block]] = {}
     prediction = None
@@ -97,13 +99,14 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
             general = calibration.load_calibration("general", n=settings.n)
             try:
                 prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length,
-                                             threads=settings.threads, progress=block_progress)
+                                             threads=settings.threads, progress=block_progress, screen=settings.screen)
             except predict.NoNumbersError as exc:
                 if len(settings.methods) == 1:
                     raise
                 log(f"note: {method} skipped: {exc}")
                 continue
             methods[method] = prediction.blocks
+            timings[f"{method}_layer_tokens"] = prediction.layer_tokens
         elif method == "contrastive":
             methods[method] = _contrastive(model, reader, settings, log)
         else:
@@ -143,7 +146,8 @@ def language_check(model: ModelFolder, settings: Settings, languages: Sequence[s
             m: [b.as_dict() for b in scores.rank_blocks(stats, m, settings.block_sizes)[:top]] for m in settings.methods if m in SINGLE_SET_METHODS
         }
         if general:  # the cost side stays the English general texts: only the reasoning language changes
-            prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length, threads=settings.threads)
+            prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length,
+                                         threads=settings.threads, screen=settings.screen)
             per_language[language][predict.METHOD] = [b.as_dict() for b in prediction.blocks[:top]]
     spread = {}
     for method in next(iter(per_language.values())):

@@ -62,7 +62,7 @@ def cmd_analyze(args) -> int:
         methods = methods + ("contrastive",)
     settings = analyze.Settings(
         calibration=args.calibration, n=args.n, max_length=args.max_length, methods=methods,
-        block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads,
+        block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads, screen=args.screen,
     )
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
     result = analyze.analyze(model, settings, log=log, progress=Progress("calibration texts"), block_progress=Progress("duplicated blocks"))
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scoring method (default all: duplication_loss, the default prediction, and the paper's four)")
     p.add_argument("--contrastive", action="store_true", help="with --method all, also run the contrastive method (reasoning vs general texts)")
     p.add_argument("--block-sizes", type=_int_list, default=(3, 4, 5), help="candidate block sizes (default 3,4,5)")
+    p.add_argument("--no-screen", dest="screen", action="store_false",
+                   help="score every candidate block with the default method (by default the middle size is scored first, then "
+                        "the neighbours of its 4 best: about half the work)")
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")
     p.add_argument("--jacobian", action="store_true", help="add finite-difference Jacobian stability and Mahalanobis anomaly scores; write circuit.graphml/json/dot")
     p.add_argument("--heads", action="store_true", help="add head influence (first-order estimates and exact ablations); implies the circuit graph")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -58,7 +59,7 @@ class ReuseEvaluator:
     """The base model run once layer by layer, its layer outputs kept; a block then reruns only what differs.
 
     Keeps every layer's output for every batch: layers x padded tokens x hidden float32 (SmolLM2,
-    10k tokens: 30 x 10k x 576 x 4 B = 0.7 GB). On a graph with a KV cache, a batch's shared prefix
+    10k tokens: 30 x 10k x 576 x 4 B = 0.7 GB; a 3B model: 3.4 GB), in files beyond KeptOutputs.BUDGET. On a graph with a KV cache, a batch's shared prefix
     (the few-shot examples of a kind) runs once per config as one row, and its keys and values are
     fed to every row of the batch, so the examples are not recomputed for each item.
     """
@@ -70,6 +71,7 @@ class ReuseEvaluator:
         if not parts.past and any(batch.prefix for batch in plan.batches):
             raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")
         self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
+        self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
         models = [parts.preamble, *parts.layers, parts.head]
         del parts
         # Every segment reads the one mapping of the weights; the head (last) keeps an arena (its calls are HEAD_ROWS rows).
@@ -79,7 +81,7 @@ class ReuseEvaluator:
             ids = np.asarray([prefix], dtype=np.int64)
             context = self._context(ids, np.ones_like(ids), None)
             self.prefixes[prefix] = (context, self._run(range(self.num_layers), context[self.embed], context, None))
-        self.contexts, self.outputs = [], []  # per batch: context tensors; every layer's output
+        self.contexts, self.outputs = [], KeptOutputs()  # per batch: context tensors; every layer's output
         for batch in plan.batches:
             past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
             context = self._context(batch.input_ids, batch.attention_mask, past)
@@ -111,6 +113,7 @@ class ReuseEvaluator:
         ``past[k]`` is the prefix's cache for the k-th layer run (None: no prefix)."""
         results = []
         for k, layer in enumerate(layers):
+            self.layer_tokens += stream.shape[0] * stream.shape[1]
             feeds = {**context, **self._past_feeds(layer, past[k] if past else None, len(stream)), self.resid_in[layer]: stream}
             session = self.layers[layer]
             stream, *kv = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
@@ -136,13 +139,49 @@ class ReuseEvaluator:
         results = []
         for b in range(len(self.plan.batches)) if batches is None else batches:
             batch = self.plan.batches[b]
-            stream = self.outputs[b][resume_at - 1]
+            stream = self.outputs.get(b, resume_at - 1)
             runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
             results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))
         return results
 
     def evaluate(self, config: Config) -> dict:
         return self.plan.metrics(self.token_scores(config))
+
+
+class KeptOutputs:
+    """The base model's layer outputs per batch: in memory up to BUDGET bytes, beyond that in files.
+
+    The files live in a temporary folder and are read back whole when a config needs them (one layer
+    per batch): the kernel's page cache holds them, outside the process's resident memory, so a sweep
+    of a 3B model keeps its 3 GB of layer outputs without needing them resident."""
+
+    BUDGET = 512 * 2**20
+
+    def __init__(self):
+        self._memory: list[list[np.ndarray]] = []
+        self._folder: tempfile.TemporaryDirectory | None = None
+        self._bytes = self._written = 0
+
+    def append(self, outputs: list[np.ndarray]) -> None:
+        """Keep one more batch's layer outputs; once the total passes BUDGET, everything goes to files."""
+        self._bytes += sum(o.nbytes for o in outputs)
+        self._memory.append(outputs)
+        if self._folder is None and self._bytes > self.BUDGET:
+            self._folder = tempfile.TemporaryDirectory(prefix="cp-onnx-layers-")
+        if self._folder is not None:
+            for b in range(self._written, len(self._memory)):
+                for layer, output in enumerate(self._memory[b]):
+                    np.save(self._path(b, layer), output, allow_pickle=False)
+                self._memory[b] = []
+            self._written = len(self._memory)
+
+    def get(self, batch: int, layer: int) -> np.ndarray:
+        if self._folder is None:
+            return self._memory[batch][layer]
+        return np.load(self._path(batch, layer), allow_pickle=False)
+
+    def _path(self, batch: int, layer: int) -> str:
+        return os.path.join(self._folder.name, f"b{batch}_l{layer}.npy")
 
 
 class NaiveEvaluator:

@@ -104,3 +104,17 @@ def test_cost_side_is_measured_for_the_best_blocks_only(tiny_llama, monkeypatch)
     assert [(b.start, b.end, b.score) for b in few.blocks] == [(b.start, b.end, b.score) for b in full.blocks]
     assert [b.metrics for b in few.blocks[:2]] == [b.metrics for b in full.blocks[:2]]
     assert all(b.metrics["text_nll_change"] is None and b.metrics["general_nll_change"] is None for b in few.blocks[2:])
+
+
+def test_screening_scores_the_middle_size_then_the_neighbours_of_its_leaders(tiny_llama, monkeypatch):
+    full = predict(tiny_llama[1], REASONING, GENERAL, block_sizes=(1, 2, 3), screen=False)
+    everything = {(b.start, b.end): b.score for b in full.blocks}
+    assert len(everything) == full.candidate_blocks == 6
+    monkeypatch.setattr(predict_module, "SCREEN_TOP", 1)
+    screened = predict(tiny_llama[1], REASONING, GENERAL, block_sizes=(1, 2, 3))
+    leader = max([(0, 2), (1, 3)], key=lambda b: (everything[b], -b[0]))
+    expected = {b for b in everything if b[1] - b[0] == 2 or (abs(b[0] - leader[0]) <= 1 and abs(b[1] - leader[1]) <= 1)}
+    assert {(b.start, b.end) for b in screened.blocks} == expected and screened.candidate_blocks == 6
+    for block in screened.blocks:  # a block's score does not depend on which others were scored
+        assert block.score == pytest.approx(everything[(block.start, block.end)], abs=1e-9)
+    assert screened.as_dict()["blocks_scored"] == len(expected)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 import pytest
@@ -123,6 +125,24 @@ def test_baseline_and_blocks_match_torch_with_layers_repeated(tiny_llama, tmp_pa
     assert_metrics_close(rows[0], torch_metrics(hf, encode))
     assert_metrics_close(rows[1], torch_metrics(hf, encode, [0, 1, 0, 1, 2]))
     assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
+
+
+def test_layer_outputs_kept_in_files_past_the_budget_give_the_same_rows(tiny_llama, tmp_path, monkeypatch):
+    _, model = tiny_llama
+    kwargs = dict(general=GENERAL, batch_size=3, log=lambda _: None)
+    in_memory = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "memory.jsonl", **kwargs)
+    created = []
+    monkeypatch.setattr(sweep_module.KeptOutputs, "BUDGET", 1)  # the first batch already passes it
+    def folder(**kwargs):
+        made = TemporaryDirectory(**kwargs)
+        created.append(made.name)
+        return made
+
+    monkeypatch.setattr(sweep_module.tempfile, "TemporaryDirectory", folder)
+    in_files = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "files.jsonl", **kwargs)
+    assert len(created) == 1 and not Path(created[0]).exists()  # used, then removed with the sweep's evaluator
+    for kept, spilled in zip(in_memory, in_files):
+        assert {k: v for k, v in kept.items() if k != "seconds"} == {k: v for k, v in spilled.items() if k != "seconds"}
 
 
 def test_shared_prefixes_run_once_with_the_kv_cache_and_match_torch(tiny_llama_cached, tmp_path):
