@@ -34,7 +34,8 @@ OPTIONAL_KEYS = ("eos_token_id",)  # written by export(); absent from manifests 
 DEFAULTS = {"precision": "fp32", "graph_format": "optimum"}
 # manifest "exporter" field -> distribution whose version it records
 TOOL_DISTRIBUTIONS = {"cp_onnx": "cp-onnx", "optimum": "optimum", "optimum_onnx": "optimum-onnx",
-                      "transformers": "transformers", "torch": "torch", "onnx": "onnx"}
+                      "transformers": "transformers", "torch": "torch", "onnx": "onnx",
+                      "onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai"}  # quantizer, genai builder
 SOURCE_CHECKOUT_VERSION = "0.1.0+source"  # cp-onnx run from a checkout that pip never installed
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 from . import folders
 from .errors import ExportError
-from .genai_build import DEFAULT_GRAPH_FORMAT, check_graph_format
+from .genai_build import DEFAULT_GRAPH_FORMAT, check_graph_format, check_installed
 from .manifest import build_manifest, graph_format_of, is_export, precision_of, read_manifest, write_manifest
 from .quantize import DEFAULT_PRECISION, check_precision
 from .runtime_env import hub_offline
@@ -39,6 +39,8 @@ def export(source: str | Path, out: Path | None = None, *, with_past: bool = Fal
             check(value)
     if graph_format == "genai" and with_past:
         raise ExportError("the genai graph always takes past_key_values (it is the generation graph); drop --with-past")
+    if graph_format == "genai":
+        check_installed()  # before anything is staged
     with hub_offline():
         root = cache_root(cache_dir)
         src = resolve_source(source, log, root)
@@ -197,10 +199,9 @@ def quantize_graphs(stage: Path, onnx: dict, precision: str, log: Log) -> None:
 
 def build_genai_graph(src: Source, hf_dir: Path, stage: Path, config, kind: str, tokenizer, precision: str, log: Log) -> dict:
     """onnxruntime-genai's graph of a decoder; a GGUF's dequantized folder first gets the tokenizer files the builder reads."""
-    from .genai_build import build_genai, check_installed
+    from .genai_build import build_genai
     from .tokenizer_files import save_tokenizer
 
-    check_installed()
     if kind != "decoder":
         raise ExportError(f"--format genai builds decoders only, and this {config.model_type} model is an encoder; drop --format genai")
     if src.is_gguf:
