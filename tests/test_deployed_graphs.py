@@ -3,6 +3,7 @@ discovered, read, routed and applied, against the Optimum export of the same wei
 from __future__ import annotations
 
 import importlib.util
+import json
 import string
 import subprocess
 import sys
@@ -50,6 +51,14 @@ def _tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
 
 
+def _special_ids(folder: Path) -> None:
+    """BOS/EOS ids in config.json as the tokenizer has them (Qwen2's config has none: genai cannot parse a null EOS)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(bos_token_id=1, eos_token_id=2)
+    path.write_text(json.dumps(config))
+
+
 def _build(hf: Path, out: Path, precision: str) -> Path:
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision, "-e", "cpu",
                "-c", str(out.parent / "builder_cache")]
@@ -72,6 +81,7 @@ def deployed(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"deployed-{family}")
             hf = build_hf_model(family, root / "hf")
             _tokenizer(root / "hf")
+            _special_ids(root / "hf")
             optimum = Path(export_hf_folder(root / "hf", root / "optimum", kind="decoder"))
             fused = optimize_model(str(optimum), model_type="gpt2", num_heads=4, hidden_size=64, opt_level=0)
             fused.save_model_to_file(str(root / "fused.onnx"))
@@ -237,6 +247,11 @@ def test_applied_fp32_build_generates_as_torch_and_as_genai(deployed, applied, f
     assert cached == expected[: len(cached)] and generate_ids(folder, prompt, 10, use_cache=False, log=quiet) == cached
     # genai_config.json follows the routed layer count, so the runtime the model was built for runs it too.
     assert _genai_greedy(folder.path, prompt, len(cached)) == cached
+    # apply hard-links the shared weights file; onnx.load refuses such files, graph_io.load reads them itself.
+    assert (folder.path / "model.onnx.data").stat().st_nlink > 1
+    source, routed = (graph_io.load(path / "model.onnx") for path in (models["fp32"], folder.path))
+    weights = {t.name: t.raw_data for t in source.graph.initializer}
+    assert all(weights[t.name] == t.raw_data for t in routed.graph.initializer) and len(weights["lm_head.MatMul.weight"]) == 64 * 256 * 4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -286,6 +301,13 @@ def test_heads_on_fused_attention_fail_in_one_line(deployed, tmp_path, capsys):
     assert "fused (GroupQueryAttention): per-head tensors do not exist" in err and "cp-onnx export" in err
     with pytest.raises(GraphPassError, match="fused \\(GroupQueryAttention\\)"):
         circuit_analysis(folder, TEXTS, with_heads=True)
+    from cp_onnx.heads import head_means
+    from cp_onnx.perturbation import base_activations
+
+    proto = graph_io.load(folder / "model.onnx")
+    layer_map = discover(proto)
+    with pytest.raises(CpOnnxError, match="attention is fused .*per-head tensors do not exist"):
+        head_means(base_activations(proto, layer_map, open_model(folder).encode(TEXTS)[0]))
 
 
 def test_layer_level_circuit_analysis_equals_optimum_export(deployed):
