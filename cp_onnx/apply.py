@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 import onnx
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.generate import with_past_graph
+from cp_onnx.deployed_folder import manifest_for, set_layer_count
+from cp_onnx.generate import takes_cache, with_past_graph
 from cp_onnx.model import ModelFolder
 from exporters.folders import staging_folder
 from exporters.manifest import MANIFEST_NAME, is_export, write_manifest
@@ -26,15 +27,18 @@ DERIVED_FROM_KEYS = ("source", "source_kind", "weights_sha256", "num_layers", "c
 def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Callable[[str], None] = print) -> Path:
     """Write ``out``: the model's graphs routed along ``path`` (``"0..14,12..14,15..29"``, ``"12:15"`` or a list), tokenizer and manifest."""
     manifest = model.manifest
-    if not manifest.get("format"):
+    if not manifest.get("format") and not takes_cache(model.onnx_path):
         raise CpOnnxError(f"{model.path} has no {MANIFEST_NAME}; export the model with `cp-onnx export SOURCE --with-past` first")
+    if not manifest.get("format"):  # a deployed build (onnxruntime-genai): one graph, with its KV cache
+        manifest = manifest_for(model.path, model.onnx_path)
     if manifest.get("layer_path"):
         raise CpOnnxError(f"{model.path} is already routed (layer path {manifest['layer_path']}); apply to the original model it was derived from")
     out = Path(out).expanduser()
     _check_out(out, model.path)
     sources = {"model": model.onnx_path, "with_past": with_past_graph(model)}
     if sources["with_past"] is None:
-        log(f"{model.path} has no with_past graph: routing model.onnx only (generation will re-run the whole sequence per token)")
+        if not takes_cache(model.onnx_path):
+            log(f"{model.path} has no with_past graph: routing model.onnx only (generation will re-run the whole sequence per token)")
         del sources["with_past"]
     graphs = {}
     for slot, source in sources.items():
@@ -60,7 +64,8 @@ def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Call
             graph_io.save(routed, target, weights_dir=sources[slot].parent)
             files[slot], files[f"{slot}_data"] = GRAPH_FILES[slot], _data_file(routed, GRAPH_FILES[slot], stage)
             del routed
-            onnx.checker.check_model(str(target))  # by path: works for graphs with external data over 2 GB
+            _check(target, sources[slot])
+        set_layer_count(stage, len(layers))
         write_manifest(stage, {
             **manifest,
             "num_layers": len(layers),
@@ -71,6 +76,19 @@ def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Call
         })
     log(f"wrote {out}")
     return out
+
+
+def _check(target: Path, source: Path) -> None:
+    """onnx's checker on the routed graph (by path: works over 2 GB), unless the source already fails it: deployed
+    builds hold onnxruntime ops in the default domain (SimplifiedLayerNormalization) that onnx does not know."""
+    try:
+        onnx.checker.check_model(str(target))
+    except onnx.checker.ValidationError:
+        try:
+            onnx.checker.check_model(str(source))
+        except onnx.checker.ValidationError:
+            return
+        raise
 
 
 def _check_out(out: Path, source: Path) -> None:

@@ -26,6 +26,7 @@ from cp_onnx.report import json_ready
 from cp_onnx.scores import candidate_blocks
 from cp_onnx.runner import open_graph
 from graph_passes import discover
+from graph_passes.perturb import require_heads
 
 TOP_INFLUENCES = 3  # composition edges kept per head: its strongest later layers
 MIN_INFLUENCE = 1e-3  # relative update change below which a composition edge is left out
@@ -59,6 +60,8 @@ def circuit_analysis(
     timings, t0 = {}, time.perf_counter()
     proto, weights = open_graph(folder.onnx_path)
     layer_map = discover(proto)
+    if with_heads and layer_map.attention_op:
+        require_heads(layer_map)  # fused attention: say so rather than leave the heads out
     L = layer_map.num_layers
     candidate_blocks(L, block_sizes)  # fails early on too few layers
     bases = base_activations(proto, layer_map, token_lists, threads=threads, weights=weights)
@@ -113,6 +116,13 @@ def circuit_analysis(
     now = time.perf_counter()
     sections["timings"] = {**timings, "circuit_statistics_s": now - t2, "circuit_total_s": now - t0}
     return json_ready(sections)
+
+
+def check_heads(model: ModelFolder) -> None:
+    """Fail at once (GraphPassError, one line) if the model's graph has no per-head tensors for head influence."""
+    layer_map = discover(open_graph(model.onnx_path)[0])
+    if layer_map.attention_op:
+        require_heads(layer_map)
 
 
 def _rows(columns: dict[str, np.ndarray], count: int) -> list[dict]:

@@ -66,6 +66,10 @@ def cmd_analyze(args) -> int:
         block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads, screen=args.screen,
     )
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
+    if args.heads:
+        from cp_onnx.circuit import check_heads
+
+        check_heads(model)  # before the statistics: a graph with fused attention has no heads to analyse
     result = analyze.analyze(model, settings, log=log, progress=Progress("calibration texts"), block_progress=Progress("duplicated blocks"))
     if args.languages:
         langs = [lang.strip() for lang in args.languages.split(",") if lang.strip()]

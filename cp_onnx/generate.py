@@ -10,11 +10,10 @@ import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
-from cp_onnx.runner import Runner
+from cp_onnx.runner import Runner, cache_feeds
+from graph_passes import graph_io
 from graph_passes.route import PAST
 
-# onnxruntime's element type names -> numpy dtypes, for the empty cache of the first step.
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32, "tensor(double)": np.float64}
 # Where a model folder may name its end-of-sequence token, most specific first (the manifest may carry it in future).
 _EOS_FILES = ("generation_config.json", "config.json")
 
@@ -34,7 +33,7 @@ def generate_ids(model: ModelFolder, prompt_ids: Sequence[int], max_new_tokens: 
     """Greedy continuation of token ids; stops after ``max_new_tokens`` or at an EOS token (kept in the result)."""
     if max_new_tokens < 1:
         raise CpOnnxError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    cached = with_past_graph(model) if use_cache else None
+    cached = (with_past_graph(model) or (model.onnx_path if takes_cache(model.onnx_path) else None)) if use_cache else None
     if use_cache and cached is None:
         log(f"{model.path} has no with_past graph: re-running the whole sequence for each token (export with --with-past for a KV cache)")
     decoder = CachedDecoder(cached, model.manifest, threads) if cached else FullDecoder(model.onnx_path, threads)
@@ -73,9 +72,10 @@ class CachedDecoder:
     """Next-token logits from the with_past graph: each step feeds the new token and the previous step's present."""
 
     def __init__(self, onnx_path: Path, manifest: dict, threads: int | None):
-        session = Runner(onnx_path, threads=threads).session
-        self.session = session
-        self.past = {i.name: _empty_cache(i, manifest) for i in session.get_inputs() if PAST.match(i.name)}
+        runner = Runner(onnx_path, threads=threads)
+        self.session = session = runner.session
+        from_manifest = (manifest.get("num_kv_heads"), manifest.get("head_dim"))
+        self.past = cache_feeds(session.get_inputs(), 1, {**{i.name: from_manifest for i in session.get_inputs()}, **runner.cache_dims})
         known = {"input_ids", "attention_mask", "position_ids", *self.past}
         unknown = [i.name for i in session.get_inputs() if i.name not in known]
         if unknown or not self.past:
@@ -101,23 +101,16 @@ class CachedDecoder:
         return values["logits"][0, -1]
 
 
-def _empty_cache(value, manifest: dict) -> np.ndarray:
-    """A [1, kv_heads, 0, head_dim] cache for the first step, sized from the graph input (or the manifest)."""
-    dims = list(value.shape)
-    if len(dims) != 4:
-        raise CpOnnxError(f"the KV-cache input {value.name} has shape {dims}, expected [batch, kv_heads, past, head_dim]; re-export with --with-past")
-    heads = dims[1] if isinstance(dims[1], int) else manifest.get("num_kv_heads")
-    head_dim = dims[3] if isinstance(dims[3], int) else manifest.get("head_dim")
-    if not heads or not head_dim:
-        raise CpOnnxError(f"cannot tell the KV-cache size of {value.name} (shape {dims}) and the manifest lacks num_kv_heads/head_dim; re-export the model")
-    return np.zeros((1, heads, 0, head_dim), dtype=_DTYPES.get(value.type, np.float32))
-
-
 def with_past_graph(model: ModelFolder) -> Path | None:
     """The folder's KV-cache graph, if it has one."""
     relative = (model.manifest.get("onnx") or {}).get("with_past")
     path = model.path / relative if relative else None
     return path if path is not None and path.is_file() else None
+
+
+def takes_cache(onnx_path: Path) -> bool:
+    """Whether the graph has KV-cache inputs (an onnxruntime-genai build is one graph, with its cache)."""
+    return any(PAST.match(value.name) for value in graph_io.load(onnx_path, weights=False).graph.input)
 
 
 def eos_token_ids(model: ModelFolder) -> set[int]:

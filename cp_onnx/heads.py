@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
+from cp_onnx.errors import CpOnnxError
 from cp_onnx.perturbation import Probe, ProbeResult, Row, RowResult, TextBase
 
 # Step toward removal, as a fraction of the way: the estimate's truncation error is O(ALPHA) (one-sided,
@@ -35,6 +36,9 @@ AGREEMENT = (("loss_estimate", "loss_zero"), ("kl_estimate", "kl_zero"), ("loss_
 
 def head_means(texts: Sequence[TextBase]) -> np.ndarray:
     """[layers, heads, head_dim] mean head context over every token of every text (float64)."""
+    if any(t.head_ctx is None for t in texts):
+        raise CpOnnxError("these activations hold no per-head context: the graph's attention is fused (GroupQueryAttention or similar), "
+                          "per-head tensors do not exist; head-level analysis needs an unfused export (cp-onnx export)")
     total = sum(t.head_ctx.sum(axis=2, dtype=np.float64) for t in texts)
     return total / sum(t.ids.size for t in texts)
 

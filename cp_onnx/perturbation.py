@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.runner import Runner, SharedWeights, position_ids_for, segment_session
+from cp_onnx.runner import Runner, SharedWeights, cache_feeds, position_ids_for, segment_session
 from graph_passes import expose
 from graph_passes.layer_map import LayerMap, block_name
 from graph_passes.perturb import head_scale_input, head_shift_input, include_inserted, perturb, resid_input
@@ -229,7 +229,8 @@ class PerturbedRuns:
 
     def _layer(self, l: int, stream: np.ndarray, context: dict, rows: list[Row], seq: int) -> np.ndarray:
         session = self.layers[l]
-        feeds = perturb_feeds(self.layer_map, len(rows), seq, heads=[l] if self.with_heads else [], dtype=stream.dtype)
+        feeds = {**cache_feeds(session.get_inputs(), len(rows)),  # genai graphs: an empty cache
+                 **perturb_feeds(self.layer_map, len(rows), seq, heads=[l] if self.with_heads else [], dtype=stream.dtype)}
         for k, row in enumerate(rows):
             if row.layer == l and row.head_scale is not None:
                 feeds[head_scale_input(l)][k] = row.head_scale

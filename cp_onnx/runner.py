@@ -14,6 +14,11 @@ from onnx import numpy_helper
 
 import graph_passes
 from cp_onnx.errors import CpOnnxError
+from graph_passes.deployed import cache_dims
+from graph_passes.route import PAST
+
+# onnxruntime's element type names -> numpy dtypes, for zero-length KV caches.
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32, "tensor(double)": np.float64}
 
 
 def pad_batch(token_lists: Sequence[Sequence[int]], *, side: str = "right", pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +40,26 @@ def pad_batch(token_lists: Sequence[Sequence[int]], *, side: str = "right", pad_
 def position_ids_for(attention_mask: np.ndarray) -> np.ndarray:
     """Positions counted over real tokens only, so a left-padded text sees the positions it would alone."""
     return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+def cache_feeds(inputs: Sequence[ort.NodeArg], rows: int, dims: Mapping[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Zero-length KV caches [rows, kv_heads, 0, head_dim] for the ``past_key_values.*`` inputs, typed as declared.
+
+    A graph with fused attention (onnxruntime-genai's GroupQueryAttention) takes its cache inputs even
+    for a whole text; ``dims`` (name -> (kv_heads, head_dim)) supplies the sizes a graph leaves symbolic."""
+    feeds = {}
+    for value in inputs:
+        if not PAST.match(value.name):
+            continue
+        shape = list(value.shape)
+        if len(shape) != 4:
+            raise CpOnnxError(f"the KV-cache input {value.name} has shape {shape}, expected [batch, kv_heads, past, head_dim]; re-export the model")
+        known = (dims or {}).get(value.name) or (None, None)
+        sizes = [size if isinstance(size, int) else fallback for size, fallback in zip(shape[1::2], known)]
+        if not all(isinstance(size, int) and size > 0 for size in sizes):
+            raise CpOnnxError(f"cannot tell the KV-cache size of {value.name} (shape {shape}); run graph_passes.discover on the graph first, it pins the sizes")
+        feeds[value.name] = np.zeros((rows, sizes[0], 0, sizes[1]), dtype=_DTYPES.get(value.type, np.float32))
+    return feeds
 
 
 class SharedWeights:
@@ -202,16 +227,20 @@ class Runner:
         self.session = make_session(model, weights, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.cache_dims = _symbolic_cache_dims(self.session, model)
 
     @property
     def pads_left_safely(self) -> bool:
-        """Left padding keeps results equal to unpadded runs only if positions can be supplied."""
+        """Left padding keeps results equal to unpadded runs only if positions can be supplied (fused attention
+        that reads sequence lengths from the mask, like GroupQueryAttention, assumes the pads on the right)."""
         return "position_ids" in self.input_names
 
     def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The graph inputs for a padded batch: position_ids and token_type_ids where the graph takes them,
-        plus ``extra`` inputs a rewritten graph added (perturbation deltas, ...)."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **(extra or {})}
+        an empty KV cache where the graph takes one (onnxruntime-genai builds), plus ``extra`` inputs a
+        rewritten graph added (perturbation deltas, ...)."""
+        feeds = {**cache_feeds(self.session.get_inputs(), len(input_ids), self.cache_dims), "input_ids": input_ids,
+                 "attention_mask": attention_mask, **(extra or {})}
         if "position_ids" in self.input_names:
             feeds["position_ids"] = position_ids_for(attention_mask)
         if "token_type_ids" in self.input_names:
@@ -241,6 +270,12 @@ class Runner:
         for start in range(0, len(token_lists), batch_size):
             ids, mask = pad_batch(token_lists[start : start + batch_size], side=side)
             yield self.run(ids, mask, names), mask
+
+
+def _symbolic_cache_dims(session: ort.InferenceSession, graph: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """KV-cache sizes the session's inputs leave symbolic, read from the graph (a genai build loaded from its file)."""
+    symbolic = [i for i in session.get_inputs() if PAST.match(i.name) and not all(isinstance(d, int) for d in list(i.shape)[1::2])]
+    return cache_dims(graph) if symbolic else {}
 
 
 def default_threads() -> int:

@@ -28,7 +28,7 @@ from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
 from cp_onnx.model import ModelFolder
 from cp_onnx.report import json_ready, file_sha256
-from cp_onnx.runner import Runner, default_threads, open_graph, position_ids_for, segment_session
+from cp_onnx.runner import Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
 from cp_onnx.scores import candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
 from graph_passes.layer_path import duplicate, format_path
@@ -103,8 +103,7 @@ class ReuseEvaluator:
         if not self.past:
             return {}
         if kv is None:
-            shapes = {i.name: i.shape for i in self.layers[layer].get_inputs()}
-            return {name: np.zeros((rows, shapes[name][1], 0, shapes[name][3]), dtype=np.float32) for name in self.past[layer]}
+            return cache_feeds(self.layers[layer].get_inputs(), rows)
         return {name: np.repeat(value, rows, axis=0) for name, value in zip(self.past[layer], kv)}
 
     def _run(self, layers: Iterable[int], stream: np.ndarray, context: dict, past: list | None) -> list[tuple[np.ndarray, tuple]]:

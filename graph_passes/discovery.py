@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import onnx
 
-from graph_passes import structural
+from graph_passes import deployed, structural
 from graph_passes.errors import GraphPassError
 from graph_passes.families import BY_NAME, FAMILIES, Family, scopes_looked_for
-from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types, name_nodes, static_dims
+from graph_passes.fused_ops import FUSED_ATTENTION
+from graph_passes.graph_utils import GraphIndex, infer_types, name_nodes, projection_width, static_dims
 from graph_passes.layer_map import Layer, LayerMap
 from graph_passes.located import LayerTensors, Located, adds_to
 from graph_passes.route import PATH_KEY as ROUTED_KEY
@@ -19,8 +20,10 @@ _BATCH, _OTHER = 1, 7
 def discover(model: onnx.ModelProto, family: str | None = None) -> LayerMap:
     """Find where the layers are: by the family tables, else by topology (``family="structural"`` forces it).
 
-    Names unnamed nodes in place first (deterministically, see ``graph_utils.name_nodes``), since
-    ``Layer.nodes`` refers to nodes by name.
+    Changes the graph in place first, keeping what it computes: names unnamed nodes (deterministically,
+    see ``graph_utils.name_nodes``), since ``Layer.nodes`` refers to nodes by name; splits the fused skip
+    norms of deployed graphs so that the residual stream exists as a tensor between layers and pins their
+    KV-cache dims (``deployed.prepare``).
     """
     if family is not None and family != structural.FAMILY and family not in BY_NAME:
         raise GraphPassError(f"unknown model family {family!r}; expected one of {', '.join([*BY_NAME, structural.FAMILY])}")
@@ -29,6 +32,7 @@ def discover(model: onnx.ModelProto, family: str | None = None) -> LayerMap:
     if family is None and any(p.key == ROUTED_KEY for p in model.metadata_props):
         family = structural.FAMILY  # a routed graph repeats layer scopes in node names: only topology tells the layers apart
     name_nodes(model)
+    deployed.prepare(model)
     index = GraphIndex(model.graph)
     types = infer_types(model, _concrete_input_dims(model.graph))
     if family == structural.FAMILY:
@@ -97,7 +101,10 @@ def _complete(graph: onnx.GraphProto, index: GraphIndex, types: dict, located: L
         nodes = tuple(index.nodes[j].name for j in sorted(members))
         layers.append(Layer(i, resid_in, tensors.resid_out, tensors.resid_mid, tensors.head_ctx, tensors.pattern, nodes))
         resid_in = tensors.resid_out
+    fused = next((index.nodes[j] for j in sorted(member_sets[0]) if index.nodes[j].op_type in FUSED_ATTENTION), None)
     hidden, heads, head_dim = _sizes(index, types, layers[0])
+    if fused is not None and layers[0].head_ctx is None:
+        heads, _, head_dim = deployed.attention_sizes(index, fused, types)
     return LayerMap(
         family=located.family,
         layers=tuple(layers),
@@ -108,6 +115,7 @@ def _complete(graph: onnx.GraphProto, index: GraphIndex, types: dict, located: L
         head_dim=head_dim,
         hidden_size=hidden,
         shared_inputs=_shared_inputs(index, layers, member_sets),
+        attention_op=fused.op_type if fused is not None else None,
     )
 
 
@@ -155,10 +163,11 @@ def _shared_inputs(index: GraphIndex, layers: list[Layer], member_sets: list[set
 
 def _sizes(index: GraphIndex, types: dict, layer: Layer) -> tuple[int | None, int | None, int | None]:
     """hidden_size, num_heads, head_dim from inferred shapes and the output projection's weight."""
-    resid = static_dims(types.get(layer.resid_out)) or [None]
+    # The first resid_in is the embedding, whose shape is known where fused ops leave later shapes unknown.
+    resid = static_dims(types.get(layer.resid_out)) or static_dims(types.get(layer.resid_in)) or [None]
     ctx = static_dims(types.get(layer.head_ctx)) if layer.head_ctx else None
     heads, head_dim = (ctx[1], ctx[3]) if ctx and len(ctx) == 4 else (None, None)
-    width = _projection_width(index, types, layer.head_ctx) if layer.head_ctx else None
+    width = projection_width(index, layer.head_ctx, types) if layer.head_ctx else None
     if width and heads is None and head_dim is None:
         heads = _value_heads(index, types, layer.head_ctx)
     if width and heads and head_dim is None and width % heads == 0:
@@ -166,23 +175,6 @@ def _sizes(index: GraphIndex, types: dict, layer: Layer) -> tuple[int | None, in
     if width and head_dim and heads is None and width % head_dim == 0:
         heads = width // head_dim
     return resid[-1], heads, head_dim
-
-
-def _projection_width(index: GraphIndex, types: dict, head_ctx: str) -> int | None:
-    """Input width (heads * head_dim) of the first weight matmul after the head context (o_proj)."""
-    seen, todo = set(), [head_ctx]
-    while todo:
-        for j in sorted(index.consumers.get(todo.pop(0), ())):
-            node = index.nodes[j]
-            weight = node.input[1] if len(node.input) > 1 and node.input[1] in index.constants else None
-            if node.op_type in MATMUL_OPS and weight:
-                dims = index.initializer_dims.get(weight) or static_dims(types.get(weight))
-                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-                return (dims[-1] if trans_b else dims[0]) if dims else None
-            if j not in seen:
-                seen.add(j)
-                todo.extend(node.output)
-    return None
 
 
 def _value_heads(index: GraphIndex, types: dict, head_ctx: str) -> int | None:

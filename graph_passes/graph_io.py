@@ -29,7 +29,31 @@ def load(path: str | Path, weights: bool = True) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=weights)
     except Exception as exc:  # protobuf DecodeError, missing external data file, ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GraphPassError(f"cannot read {path} as an ONNX model ({detail}); re-export it") from exc
+        failure = GraphPassError(f"cannot read {path} as an ONNX model ({detail}); re-export it")
+    if weights and "hard link" in str(failure):
+        # onnx refuses data files with several hard links (a guard for untrusted models), and `save` hard-links
+        # the weights a routed model shares with its source: read them here, from files inside the model's folder.
+        model = load(path, weights=False)
+        _read_external(model, path.parent)
+        return model
+    raise failure
+
+
+def _read_external(model: onnx.ModelProto, folder: Path) -> None:
+    """Fill the external-data initializers of ``model`` from their files under ``folder``, in place."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        source = (folder / info.get("location", "")).resolve()
+        if not source.is_relative_to(folder.resolve()) or not source.is_file():
+            raise GraphPassError(f"tensor {tensor.name!r} points to {info.get('location')!r}, not a file in {folder}; re-export the model")
+        with open(source, "rb") as handle:
+            handle.seek(int(info.get("offset", 0)))
+            data = handle.read(int(info["length"])) if "length" in info else handle.read()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = data
 
 
 def save(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None, weights_dir: str | Path | None = None) -> Path:

@@ -8,13 +8,14 @@ import onnx
 from onnx import shape_inference
 
 from graph_passes.errors import GraphPassError
+from graph_passes.fused_ops import PACKED_MATMULS
 from graph_passes.graph_io import weightless_copy
 from graph_passes.layer_map import LayerMap
 
 # Ops that pass a tensor through unchanged in value (fp32 exports wrap the residual in Cast to fp32).
 PASS_THROUGH = frozenset({"Cast", "Identity"})
 # Ops that multiply by a weight matrix: what marks a branch as a sublayer rather than an activation.
-MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+MATMUL_OPS = frozenset({"MatMul", "Gemm", *PACKED_MATMULS})
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
@@ -192,6 +193,40 @@ class GraphIndex:
 
     def ops(self, nodes: Iterable[int]) -> set[str]:
         return {self.nodes[i].op_type for i in nodes}
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute, or ``default`` when the node does not set it."""
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def weight_shape(index: GraphIndex, node: onnx.NodeProto, types: Mapping[str, onnx.TypeProto] | None = None) -> tuple[int, int] | None:
+    """(input width, output width) of a weight matmul, from its weight's dims (transB honoured) or, for a
+    packed quantized weight, from the node's attributes; None when unknown."""
+    if node.op_type in PACKED_MATMULS:
+        widths = tuple(attribute(node, name) for name in PACKED_MATMULS[node.op_type])
+        return widths if all(isinstance(w, int) for w in widths) else None
+    weight = node.input[1] if len(node.input) > 1 else None
+    dims = index.initializer_dims.get(weight) or static_dims((types or {}).get(weight))
+    if not dims or len(dims) != 2 or None in dims:
+        return None
+    return (dims[1], dims[0]) if attribute(node, "transB", 0) else (dims[0], dims[1])
+
+
+def projection_width(index: GraphIndex, tensor: str, types: Mapping[str, onnx.TypeProto] | None = None) -> int | None:
+    """Input width of the first weight matmul that reads ``tensor`` (through reshapes): o_proj's heads * head_dim."""
+    seen, todo = set(), [tensor]
+    while todo:
+        for j in sorted(index.consumers.get(todo.pop(0), ())):
+            node = index.nodes[j]
+            if node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants:
+                shape = weight_shape(index, node, types)
+                return shape[0] if shape else None
+            if j not in seen:
+                seen.add(j)
+                todo.extend(node.output)
+    return None
 
 
 def node_reads(node: onnx.NodeProto) -> Iterable[str]:

@@ -85,6 +85,8 @@ class LayerMap:
     hidden_size: int | None = None
     # Tensors every layer reads that are produced outside the layers (rotary tables, masks).
     shared_inputs: tuple[str, ...] = field(default=())
+    # The fused attention op (GroupQueryAttention, ...) of a deployed graph, whose per-head tensors do not exist.
+    attention_op: str | None = None
 
     @property
     def num_layers(self) -> int:

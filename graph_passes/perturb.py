@@ -126,6 +126,10 @@ def checked_layers(layer_map: LayerMap, layers: Iterable[int]) -> list[int]:
 
 
 def require_heads(layer_map: LayerMap) -> None:
+    """GraphPassError unless every layer has its per-head context, with its head count and size known."""
+    if layer_map.attention_op and not layer_map.available("attn.head_ctx"):
+        raise GraphPassError(f"this graph's attention is fused ({layer_map.attention_op}): per-head tensors do not exist; "
+                             "head-level analysis needs an unfused export (cp-onnx export)")
     if not layer_map.available("attn.head_ctx") or not layer_map.num_heads or not layer_map.head_dim:
         raise GraphPassError(f"this {layer_map.family} graph has no per-head attention context before the output projection; heads cannot be perturbed or ablated")
 

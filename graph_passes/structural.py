@@ -2,7 +2,8 @@
 
 The residual stream is a chain of Add nodes. Each residual Add has a skip input that is an ancestor
 of its other input through a branch holding a weight MatMul (a sublayer); an attention sublayer's
-branch also holds a Softmax, and a layer starts at each attention Add. Consecutive residual Adds are
+branch also holds a Softmax or a fused attention op (no per-head tensors then), and a layer starts at
+each attention Add. Consecutive residual Adds are
 linked when the skip input of one is computed from the other's output without a MatMul: directly
 (pre-LN, through a Cast at most) or through a LayerNorm (post-LN, where that norm's output is the
 stream). GPT-NeoX's parallel residual has one Add per layer, holding both branches: no resid_mid.
@@ -13,10 +14,13 @@ from dataclasses import dataclass
 
 import onnx
 
+from graph_passes.fused_ops import FUSED_ATTENTION
 from graph_passes.graph_utils import MATMUL_OPS, PASS_THROUGH, GraphIndex, static_dims
 from graph_passes.located import LayerTensors, Located
 
 FAMILY = "structural"
+# Ops that mark a branch as attention: the Softmax of an unfused export, or a fused attention op.
+ATTENTION_OPS = frozenset({"Softmax", *FUSED_ATTENTION})
 # Ops between the final norm and the output projection that do not change values.
 _RESHAPES = PASS_THROUGH | {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 # How many earlier residual Adds to try as a link's predecessor (false candidates may sit between).
@@ -65,7 +69,7 @@ def _residual_adds(index: GraphIndex, types: dict[str, onnx.TypeProto]) -> list[
             path = index.between(skip, other)
             ops = index.ops(path) if path else set()
             if ops & MATMUL_OPS:
-                found.append(_Residual(i, skip, frozenset(path), "Softmax" in ops))
+                found.append(_Residual(i, skip, frozenset(path), bool(ops & ATTENTION_OPS)))
                 break
     return found
 
@@ -95,7 +99,7 @@ def _links(index: GraphIndex, out: str, skip: str) -> bool:
     if index.source(skip) == out:
         return True
     path = index.between(out, skip)
-    return path is not None and not index.ops(path) & (MATMUL_OPS | {"Softmax"})
+    return path is not None and not index.ops(path) & (MATMUL_OPS | ATTENTION_OPS)
 
 
 def _last_stream(index: GraphIndex, chain: list[_Residual]) -> str:
@@ -117,9 +121,12 @@ def _last_stream(index: GraphIndex, chain: list[_Residual]) -> str:
     return out
 
 
-def _attention(index: GraphIndex, residual: _Residual) -> tuple[str, str | None]:
-    """(pattern, head_ctx): the Softmax output, and the first MatMul it feeds (probabilities @ values)."""
-    softmax = min(i for i in residual.branch if index.nodes[i].op_type == "Softmax")
+def _attention(index: GraphIndex, residual: _Residual) -> tuple[str | None, str | None]:
+    """(pattern, head_ctx): the Softmax output, and the first MatMul it feeds (probabilities @ values); (None, None)
+    inside a fused attention op."""
+    softmax = min((i for i in residual.branch if index.nodes[i].op_type == "Softmax"), default=None)
+    if softmax is None:
+        return None, None
     pattern = index.nodes[softmax].output[0]
     after = index.descendants_within(pattern, set(residual.branch))
     matmul = min((i for i in after if index.nodes[i].op_type == "MatMul"), default=None)
