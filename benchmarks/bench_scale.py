@@ -36,20 +36,41 @@ import json, sys, time
 import numpy as np, onnxruntime as ort
 from cp_onnx import calibration
 from cp_onnx.model import open_model
-from cp_onnx.runner import Runner, default_threads
+from cp_onnx.runner import cache_feeds, default_threads, open_graph, pad_batch, position_ids_for
+from graph_passes.deployed import cache_dims
 model = open_model(sys.argv[1], log=lambda _: None)
-threads = int(sys.argv[2]) or default_threads()
+dims = cache_dims(open_graph(model.onnx_path)[0])  # sizes a genai build leaves symbolic
+options = ort.SessionOptions()  # onnxruntime as a user runs it: its defaults (arena, prepacking), the file as it is
+options.intra_op_num_threads = int(sys.argv[2]) or default_threads()
+session = ort.InferenceSession(str(model.onnx_path), options, providers=["CPUExecutionProvider"])
+names = {i.name for i in session.get_inputs()}
 ids, _ = model.encode(calibration.load_calibration(None, n=10), max_length=128)
-runner = Runner(model.onnx_path, threads=threads)
-order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+ids = sorted(ids, key=len, reverse=True)
 times = []
 for _ in range(2):  # the first run pages the weights in; the second is the rate
     began = time.perf_counter()
-    for out, mask in runner.run_texts([ids[i] for i in order], batch_size=8, outputs=[runner.output_names[0]]):
-        pass
+    for start in range(0, len(ids), 8):
+        batch, mask = pad_batch(ids[start : start + 8])
+        feeds = {"input_ids": batch, "attention_mask": mask, "position_ids": position_ids_for(mask), **cache_feeds(session.get_inputs(), len(batch), dims)}
+        session.run([session.get_outputs()[0].name], {k: v for k, v in feeds.items() if k in names})
     times.append(time.perf_counter() - began)
-tokens = int(sum(len(t) for t in ids))
-print(json.dumps({"forward_s": min(times), "first_forward_s": times[0], "tokens": tokens}))
+print(json.dumps({"forward_s": min(times), "first_forward_s": times[0], "tokens": int(sum(len(t) for t in ids))}))
+"""
+
+
+SWEEP = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+from cp_onnx import probes
+from cp_onnx.model import open_model
+from cp_onnx.sweep import sweep
+model = open_model(sys.argv[1], log=lambda _: None)
+items = probes.probe_suite(0)[: int(sys.argv[2])] if int(sys.argv[2]) else None
+configs = [tuple(int(v) for v in c.split(":")) for c in sys.argv[3].split(",")]
+with tempfile.TemporaryDirectory() as out:
+    began = time.perf_counter()
+    sweep(model, configs, items, out=Path(out) / "sweep.jsonl", log=lambda _: None)
+    print(json.dumps({"sweep_s": time.perf_counter() - began, "configs": len(configs) + 1}))
 """
 
 
@@ -62,7 +83,7 @@ def weight_bytes(onnx_path: Path) -> int:
     return sum(a.nbytes for a in arrays.values()) + sum(tensor_nbytes(t) for t in light.graph.initializer if t.name not in arrays)
 
 
-def measure(source: str, threads: int) -> dict:
+def measure(source: str, threads: int, sweep_items: int | None = None, sweep_configs: str = "") -> dict:
     from cp_onnx.model import open_model
 
     model = open_model(source, log=lambda line: print("  " + line))
@@ -78,13 +99,20 @@ def measure(source: str, threads: int) -> dict:
         if analyze["returncode"] != 0:
             raise SystemExit(f"cp-onnx analyze failed on {source}:\n{analyze['stderr'][-2000:]}")
         report = json.loads((Path(out) / "report.json").read_text())
+    swept = None
+    if sweep_items is not None:
+        run = _peak(python, ["-c", SWEEP, str(model.path), str(sweep_items), sweep_configs], env)
+        if run["returncode"] != 0:
+            raise SystemExit(f"the sweep failed on {source}:\n{run['stderr'][-2000:]}")
+        swept = {**json.loads(run["stdout"].strip().splitlines()[-1]), "peak_rss_gb": run["peak_gb"], "items": sweep_items or "all",
+                 "within_memory_bound": run["peak_gb"] <= MEMORY_FACTOR * weights / GB + MEMORY_SLACK_GB}
     timings = report["timings"]
     work = sum(v for k, v in timings.items() if k.endswith("_layer_tokens"))
-    rate = forward_data["tokens"] * report["num_layers"] / forward_data["forward_s"]  # layer tokens per second
+    rate = forward_data["tokens"] * report["model"]["num_layers"] / forward_data["forward_s"]  # layer tokens per second
     least = work / rate if work else None
     bound = MEMORY_FACTOR * weights / GB + MEMORY_SLACK_GB
     return {
-        "model": model.name, "path": str(model.path), "num_layers": report["num_layers"],
+        "model": model.name, "path": str(model.path), "num_layers": report["model"]["num_layers"],
         "weight_gb": weights / GB, "peak_rss_gb": analyze["peak_gb"], "rss_over_weights": analyze["peak_gb"] * GB / weights,
         "memory_bound_gb": bound, "within_memory_bound": analyze["peak_gb"] <= bound,
         "analyze_wall_s": analyze["wall_s"], "timings": timings,
@@ -93,6 +121,7 @@ def measure(source: str, threads: int) -> dict:
         "over_least_time": analyze["wall_s"] / least if least else None,
         "decision": report.get("prediction", {}).get("decision"),
         "top3": [[b["start"], b["end"]] for b in report.get("prediction", {}).get("candidates", [])],
+        "sweep": swept,
     }
 
 
@@ -117,12 +146,14 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="exported folders, .onnx files or export sources")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: every core)")
     parser.add_argument("--name", default="bench_scale", help="results/NAME.json")
+    parser.add_argument("--sweep-items", type=int, help="also time `sweep` (peak RSS) on the first N probe items (0: the whole suite)")
+    parser.add_argument("--sweep-configs", default="2:6,10:14", help="blocks the sweep scores besides the baseline (default 2:6,10:14)")
     args = parser.parse_args()
     load_before = say_load("start")
     results = []
     for source in args.models:
         print(f"\n{source}")
-        found = measure(source, args.threads)
+        found = measure(source, args.threads, args.sweep_items, args.sweep_configs)
         results.append(found)
         stages = {k: v for k, v in found["timings"].items() if k.endswith("_s")}
         print_table(f"{found['model']} ({found['num_layers']} layers)", [
@@ -134,6 +165,8 @@ def main() -> None:
             ("least time (s)", found["least_time_s"] or float("nan"), "analyze's layer tokens at the plain forward's rate"),
             ("analyze / least", found["over_least_time"] or float("nan")),
             ("decision, top 3", f"{found['decision']} {found['top3']}"),
+            *([("sweep peak RSS (GB)", found["sweep"]["peak_rss_gb"], f"{found['sweep']['configs']} configs on {found['sweep']['items']} items, "
+                f"{found['sweep']['sweep_s']:.0f} s")] if found["sweep"] else []),
         ])
     load_after = say_load("end")
     path = write_results(args.name, {"threads": args.threads, "load_average": {"start": load_before, "end": load_after}, "models": results})

@@ -37,8 +37,7 @@ class ActivationReader:
         if self.with_patterns:
             names += [block_name(l, "attn.pattern") for l in range(n)]
         self.outputs = names + (["logits"] if logits else [])
-        self.runner = Runner(graph_passes.expose(proto, self.layer_map, names), threads=threads, weights=weights)
-        self.logits_name = self.layer_map.logits
+        self.runner = Runner(graph_passes.expose(proto, self.layer_map, self.outputs, only=True), threads=threads, weights=weights)
         self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
 
     @property
@@ -49,12 +48,11 @@ class ActivationReader:
         """Run the texts in order and yield one Batch per ``batch_size`` texts (padded on ``side``)."""
         n = self.num_layers
         done = 0
-        wanted = [name if name != "logits" else self.logits_name for name in self.outputs]
-        for out, mask in self.runner.run_texts(token_lists, batch_size=batch_size, outputs=wanted, side=side):
+        for out, mask in self.runner.run_texts(token_lists, batch_size=batch_size, outputs=self.outputs, side=side):
             resid = [out["embed"]] + [out[block_name(l, "resid_out")] for l in range(n)]
             patterns = [out[block_name(l, "attn.pattern")] for l in range(n)] if self.with_patterns else None
             done += len(mask)
             self.layer_tokens += mask.size * n
             if progress:
                 progress(done, len(token_lists))
-            yield Batch(resid[:-1], resid[1:], patterns, mask, out.get(self.logits_name))
+            yield Batch(resid[:-1], resid[1:], patterns, mask, out.get("logits"))

@@ -93,9 +93,13 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
 
     methods: dict[str, list[scores.Block]] = {}
     prediction = None
-    for method in settings.methods:
+    num_layers, family = reader.num_layers, reader.layer_map.family
+    # The statistics' methods first, then the default method without the full-model session: its own
+    # layer sessions share the weights, but a quantized graph's prepacked copies are per session.
+    for method in sorted(settings.methods, key=lambda m: m == predict.METHOD):
         began = time.perf_counter()
         if method == predict.METHOD:
+            del reader
             general = calibration.load_calibration("general", n=settings.n)
             try:
                 prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length,
@@ -112,6 +116,7 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
         else:
             methods[method] = scores.rank_blocks(stats, method, settings.block_sizes)
         timings[f"{method}_s"] = time.perf_counter() - began
+    methods = {m: methods[m] for m in settings.methods if m in methods}  # the order asked for
     timings["total_s"] = time.perf_counter() - t0
 
     identity = calibration.calibration_identity(texts, settings.identity_settings())
@@ -123,7 +128,7 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
         "tokens": int(sum(len(t) for t in token_lists)),
         "identity": identity,
     }
-    return Analysis(model, reader.num_layers, reader.layer_map.family, stats, methods, calib, timings, prediction=prediction)
+    return Analysis(model, num_layers, family, stats, methods, calib, timings, prediction=prediction)
 
 
 def _contrastive(model: ModelFolder, reader: ActivationReader, settings: Settings, log) -> list[scores.Block]:

@@ -1,6 +1,7 @@
 """onnxruntime on the CPU: tokenized batches in, named numpy activations out."""
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import weakref
@@ -81,6 +82,16 @@ class SharedWeights:
             if name not in self._values:
                 self._values[name] = ort.OrtValue.ortvalue_from_numpy(self.arrays[name])
         return names, [self._values[n] for n in names]
+
+    def release(self, names: Iterable[str]) -> None:
+        """Drop the resident pages of these mapped weights (the kernel reads them again from the file if used).
+
+        After a session has prepacked quantized weights into its own buffers it no longer reads the
+        originals, but the pages it read while packing would stay resident, counted once more."""
+        for name in names:
+            mapping = getattr(self.arrays.get(name), "_mmap", None)
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
 
 
 _OPENED: "weakref.WeakValueDictionary[tuple, _Opened]" = weakref.WeakValueDictionary()
@@ -203,6 +214,9 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
+    if prepack:
+        for source in sources:
+            source.release(used)
     session.cp_onnx_weights = sources  # the buffers onnxruntime reads in place live as long as the session
     return session
 

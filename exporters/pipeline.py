@@ -194,7 +194,7 @@ def quantize_graphs(stage: Path, onnx: dict, precision: str, log: Log) -> None:
     for slot in ("model", "with_past"):
         if onnx[slot]:
             log(f"quantizing the weights of {onnx[slot]} to {precision} with onnxruntime (MatMulNBits)")
-            onnx[slot], onnx[f"{slot}_data"] = quantize_graph(stage, onnx[slot], onnx[f"{slot}_data"], precision)
+            onnx[slot], onnx[f"{slot}_data"] = quantize_graph(stage, onnx[slot], precision)
 
 
 def build_genai_graph(src: Source, hf_dir: Path, stage: Path, config, kind: str, tokenizer, precision: str, log: Log) -> dict:

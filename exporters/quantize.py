@@ -39,14 +39,14 @@ def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS) -> st
     return precision
 
 
-def quantize_graph(folder: Path, rel: str, data_rel: str | None, precision: str) -> tuple[str, str | None]:
-    """Replace ``folder/rel`` (and its external data ``data_rel``) by its weight-only quantized form.
+def quantize_graph(folder: Path, rel: str, precision: str) -> tuple[str, str]:
+    """Replace ``folder/rel`` (and its external data ``rel`` + DATA_SUFFIX, where it has one) by its weight-only quantized form.
 
-    Returns the graph and data paths relative to ``folder`` (data only when the result is over 2 GB).
+    Returns the graph and data paths relative to ``folder``.
     Memory: the float32 weights plus their quantized copy while quantizing (a quarter of their size at
     int8, an eighth at int4, plus scales), then the quantized weights twice while writing them.
     """
-    from graph_passes.graph_io import PROTO_LIMIT, load, save
+    from graph_passes.graph_io import load, save
 
     path = Path(folder) / rel
     quantizer = new_quantizer(load(path, weights=True), BITS[check_precision(precision)])
@@ -54,11 +54,10 @@ def quantize_graph(folder: Path, rel: str, data_rel: str | None, precision: str)
         quantizer.process()
     quantized = quantizer.model.model
     del quantizer
-    external = quantized.ByteSize() > PROTO_LIMIT
-    save(quantized, path, external_data=external)  # atomic; its data (rel + DATA_SUFFIX) replaces the float32 one
-    if data_rel and not external:
-        (Path(folder) / data_rel).unlink(missing_ok=True)  # the float32 weights, no longer referenced
-    return rel, rel + DATA_SUFFIX if external else None
+    # Always external data: graph_io.save starts each big tensor on a page, so the analysis maps the weights
+    # as they lie (inside one protobuf file a float32 tensor sits at any offset and must be copied to be aligned).
+    save(quantized, path, external_data=True)  # atomic; its data (rel + DATA_SUFFIX) replaces the float32 one
+    return rel, rel + DATA_SUFFIX
 
 
 def new_quantizer(model, bits: int):

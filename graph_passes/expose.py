@@ -6,23 +6,26 @@ from typing import Iterable
 import onnx
 
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import add_outputs, infer_types
+from graph_passes.graph_utils import add_outputs, infer_types, node_reads
 from graph_passes.layer_map import LayerMap, parse_name
 
 _STREAM_ROLES = {"resid_in", "resid_mid", "resid_out", "embed", "final_norm"}
 
 
-def expose(model: onnx.ModelProto, layer_map: LayerMap, names: Iterable[str]) -> onnx.ModelProto:
+def expose(model: onnx.ModelProto, layer_map: LayerMap, names: Iterable[str], *, only: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are its original ones followed by ``names`` (e.g. ``blocks.3.resid_out``).
 
     Each new output is an Identity of the activation, typed and shaped (symbolic batch and sequence
     dims); names already among the outputs are left as they are. ``model`` itself is not changed.
+    With ``only``, the outputs are ``names`` alone and the nodes they do not need are dropped: a
+    session then skips the head's vocabulary-wide product (onnxruntime computes every graph output).
     """
+    names = list(dict.fromkeys(names))
     graph = model.graph
     outputs = {value.name for value in graph.output}
     tensors = {name for node in graph.node for name in node.output} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
     chosen: dict[str, str] = {}
-    for name in dict.fromkeys(names):
+    for name in names:
         try:
             tensor = layer_map.tensor(name)
         except ValueError as exc:
@@ -34,13 +37,29 @@ def expose(model: onnx.ModelProto, layer_map: LayerMap, names: Iterable[str]) ->
         if name in tensors and name != tensor:
             raise GraphPassError(f"cannot expose {name!r}: the graph already has another tensor of that name; rename it first")
         chosen[name] = tensor
-    if not chosen:
-        return _copy(model)
-    inferred = infer_types(model)
-    types = {name: _output_type(name, inferred.get(tensor), graph, layer_map) for name, tensor in chosen.items()}
     exposed = _copy(model)
-    add_outputs(exposed, chosen, types)
-    return exposed
+    if chosen:
+        inferred = infer_types(model)
+        add_outputs(exposed, chosen, {name: _output_type(name, inferred.get(tensor), graph, layer_map) for name, tensor in chosen.items()})
+    return _only(exposed, names) if only else exposed
+
+
+def _only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``model`` (changed in place) with just the outputs ``names`` and the nodes they depend on."""
+    graph = model.graph
+    kept = [value for value in graph.output if value.name in set(names)]
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    needed, todo = set(), [value.name for value in kept]
+    while todo:
+        i = producer.get(todo.pop())
+        if i is not None and i not in needed:
+            needed.add(i)
+            todo.extend(node_reads(graph.node[i]))
+    nodes = [node for i, node in enumerate(graph.node) if i in needed]
+    del graph.output[:], graph.node[:]
+    graph.output.extend(kept)
+    graph.node.extend(nodes)
+    return model
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

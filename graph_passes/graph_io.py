@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
 from graph_passes.errors import GraphPassError
@@ -71,7 +72,7 @@ def save(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None
     if referenced and external_data is False:
         raise GraphPassError(f"cannot write {path} as one file: its weights were not loaded; load it with weights=True")
     if external_data is None:
-        external_data = model.ByteSize() > PROTO_LIMIT
+        external_data = over_proto_limit(model)
     data_name = _free_name(f"{path.name}.data", referenced)
     light, chunks = _split_weights(model, data_name if external_data else None)
     written: list[tuple[Path, Path]] = []
@@ -93,6 +94,14 @@ def save(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None
     for temp, final in written:  # data first, the model last: a reader never sees a model without its data
         os.replace(temp, final)
     return path
+
+
+def over_proto_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too big for one protobuf file (protobuf cannot even size a message past 2 GB)."""
+    try:
+        return model.ByteSize() > PROTO_LIMIT
+    except EncodeError:
+        return True
 
 
 def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -129,6 +129,22 @@ def test_exposed_activations_match_transformers(tiny_model, family, side):
     assert rel_err(got["logits"], original) <= 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_only_keeps_the_named_outputs_and_the_nodes_they_need(tiny_model, family):
+    hf, onnx_path = tiny_model(family)
+    model = graph_io.load(onnx_path)
+    layer_map = discover(model)
+    names = ["embed", *layer_map.names(("resid_out", "attn.pattern"))]
+    full, only = expose(model, layer_map, names), expose(model, layer_map, names, only=True)
+    assert [v.name for v in only.graph.output] == names
+    lm_head = next(node.name for node in model.graph.node if layer_map.logits in node.output)
+    assert lm_head not in {node.name for node in only.graph.node} and len(only.graph.node) < len(full.graph.node)
+    ids, mask = token_batch("right")
+    expected, got = Runner(full, threads=1).run(ids, mask, names), Runner(only, threads=1).run(ids, mask)
+    for name in names:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
 def test_exposed_outputs_are_typed_shaped_and_the_input_model_is_untouched(tiny_model):
     _, onnx_path = tiny_model("llama")
     model = graph_io.load(onnx_path)
