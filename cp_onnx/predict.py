@@ -161,12 +161,22 @@ class _Batches:
 
 
 def _digit_batches(token_lists: list[list[int]], digits: list[np.ndarray], batch_size: int = 16) -> list[TokenBatch]:
-    """Each text cut after its last digit token, scored at its digit tokens (after the first token); owners = text index."""
+    """Each text cut after its last digit token, scored at its digit tokens (after the first token); owners = text index.
+
+    Texts go shortest first into batches of at most ``batch_size``, a new batch starting where the next
+    text would pad the batch past PAD_SLACK times its real tokens (every block reruns these tokens)."""
     kept = [(k, tokens[: int(np.flatnonzero(d)[-1]) + 1]) for k, (tokens, d) in enumerate(zip(token_lists, digits)) if d[1:].any()]
     kept.sort(key=lambda pair: (len(pair[1]), pair[0]))
+    groups, real = [[]], 0
+    for k, tokens in kept:
+        group = groups[-1]
+        if group and (len(group) == batch_size or (len(group) + 1) * len(tokens) > PAD_SLACK * (real + len(tokens))):
+            groups.append(group := [])
+            real = 0
+        group.append((k, tokens))
+        real += len(tokens)
     batches = []
-    for start in range(0, len(kept), batch_size):
-        group = kept[start : start + batch_size]
+    for group in groups:
         ids, mask = pad_batch([tokens for _, tokens in group])
         positions, targets, owners = [], [], []
         for row, (k, tokens) in enumerate(group):
@@ -177,6 +187,9 @@ def _digit_batches(token_lists: list[list[int]], digits: list[np.ndarray], batch
             owners.append(np.full(at.size, k))
         batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners))))
     return batches
+
+
+PAD_SLACK = 1.15  # padded tokens per real token a digit batch may reach (SmolLM2's 8 texts: 223 padded for 198, not 256)
 
 
 def _costs(evaluator: ReuseEvaluator, plan: ProbePlan, part: range, blocks: list[tuple[int, int]], reasoning: int) -> dict:
