@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from cp_onnx import analyze, calibration
+from cp_onnx import analyze, calibration, inputs
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_text
 from cp_onnx.executors import Executor, InProcessExecutor
@@ -76,7 +76,7 @@ def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
         raise CpOnnxError("reading a batch manifest needs Python 3.11 or later (tomllib)") from None
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(inputs.read_text(path, "batch manifest"))
     except FileNotFoundError:
         raise CpOnnxError(f"no batch manifest at {path}; write a TOML file with [[models]] entries (see `cp-onnx batch --help`)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

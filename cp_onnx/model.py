@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from cp_onnx import inputs
 from cp_onnx.errors import CpOnnxError
 
 MANIFEST = "cp_onnx.json"
@@ -58,8 +59,9 @@ def load_tokenizer(folder: Path):
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise CpOnnxError(f"no tokenizer.json in {folder}; export the model with `cp-onnx export` or pass --tokenizer DIR")
+    text = inputs.read_text(path, "tokenizer")  # within the file limit: a huge one would be parsed whole into memory
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(text)
     except Exception as exc:
         raise CpOnnxError(f"{path} is not a valid tokenizers file ({type(exc).__name__}); re-export the model") from exc
 
@@ -77,7 +79,7 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(inputs.read_text(path, "manifest"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CpOnnxError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); re-export the model") from exc
     if not isinstance(manifest, dict):

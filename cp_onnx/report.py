@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cp_onnx import __version__
+from cp_onnx import __version__, inputs
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json  # noqa: F401  (re-exported: report.write_json)
 from cp_onnx.stats import STAT_NAMES
@@ -108,7 +108,7 @@ def read_report(path: Path) -> dict:
     """Load a report and check its format and version."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(inputs.read_text(path, "report"))
     except FileNotFoundError as exc:
         raise CpOnnxError(f"{path} does not exist; run `cp-onnx analyze --out DIR` to make a report") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

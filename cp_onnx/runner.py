@@ -172,6 +172,10 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
 
     Big weights still inline in ``model`` (graphs built in memory) are moved out of the proto first, so
     the serialised graph stays small. The session keeps what it reads (``session.cp_onnx_weights``)."""
+    try:
+        graph_passes.limits.check_graph(model.graph)  # onnxruntime allocates what a graph declares, however absurd
+    except graph_passes.GraphPassError as exc:
+        raise CpOnnxError(str(exc)) from None
     model, inline = _detach(model)
     sources = [s for s in (weights, SharedWeights(inline) if inline else None) if s is not None]
     used = _names_read(model.graph)  # onnxruntime drops unread initializers before it looks for supplied ones

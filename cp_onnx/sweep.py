@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 import graph_passes
-from cp_onnx import probes
+from cp_onnx import inputs, probes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
@@ -316,7 +316,7 @@ def read_sweep(path: Path) -> tuple[dict, list[dict]]:
 def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
     """Header, rows, and the byte length to cut a partial last line to (None if there is none)."""
     try:
-        data = path.read_bytes()
+        data = inputs.read_bytes(path, "sweep file")
     except FileNotFoundError:
         raise CpOnnxError(f"no sweep file at {path}; run `cp-onnx sweep --out {path}` first") from None
     lines = data.split(b"\n")
