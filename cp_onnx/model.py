@@ -1,12 +1,11 @@
 """An exported model as the analysis sees it: the ONNX graph, its tokenizer and its manifest."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cp_onnx import inputs
+from cp_onnx import inputs, shapes
 from cp_onnx.errors import CpOnnxError
 
 MANIFEST = "cp_onnx.json"
@@ -74,16 +73,25 @@ def _inside(folder: Path, relative: str) -> Path:
     return target
 
 
+_NAME = {"type": ["string", "null"]}
+_COUNT = {"type": ["integer", "null"], "minimum": 1}
+# The manifest fields the analysis reads (exporters.manifest checks the whole manifest of a cache entry).
+MANIFEST_SCHEMA = {"type": "object", "properties": {
+    "format": _NAME, "source": _NAME, "family": _NAME, "weights_sha256": _NAME, "cache_key": _NAME, "layer_path": _NAME,
+    "onnx": {"type": ["object", "null"], "additionalProperties": _NAME},
+    "num_layers": _COUNT, "hidden_size": _COUNT, "num_heads": _COUNT, "num_kv_heads": _COUNT, "head_dim": _COUNT, "vocab_size": _COUNT,
+    "eos_token_id": {"type": ["integer", "array", "null"], "items": {"type": "integer"}}, "bos_token_id": {"type": ["integer", "null"]},
+    "add_bos": {"type": ["boolean", "null"]}}}
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         return {}
-    try:
-        manifest = json.loads(inputs.read_text(path, "manifest"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CpOnnxError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); re-export the model") from exc
+    manifest = shapes.parse_json(inputs.read_text(path, "manifest"), path, "re-export the model")
     if not isinstance(manifest, dict):
         raise CpOnnxError(f"{path} is not a cp-onnx manifest; re-export the model")
+    shapes.check(manifest, MANIFEST_SCHEMA, str(path), "re-export the model")
     return manifest
 
 

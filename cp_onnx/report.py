@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cp_onnx import __version__, inputs
+from cp_onnx import __version__, inputs, shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json  # noqa: F401  (re-exported: report.write_json)
 from cp_onnx.stats import STAT_NAMES
@@ -105,16 +105,22 @@ def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
 
 
 def read_report(path: Path) -> dict:
-    """Load a report and check its format and version."""
+    """Load a report and check it against the shipped schema (so that no reader meets a missing or mistyped field)."""
     path = Path(path)
+    hint = "give a report.json written by `cp-onnx analyze`"
     try:
-        data = json.loads(inputs.read_text(path, "report"))
+        data = shapes.parse_json(inputs.read_text(path, "report"), path, hint)
     except FileNotFoundError as exc:
         raise CpOnnxError(f"{path} does not exist; run `cp-onnx analyze --out DIR` to make a report") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CpOnnxError(f"{path} is not valid JSON; give a report.json written by `cp-onnx analyze`") from exc
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-        raise CpOnnxError(f"{path} is not a cp-onnx report; give a report.json written by `cp-onnx analyze`")
+        raise CpOnnxError(f"{path} is not a cp-onnx report; {hint}")
     if data.get("version") != REPORT_VERSION:
         raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
+    shapes.check(data, schema(), str(path), "re-run `cp-onnx analyze` to write it again")
+    layers = data["model"]["num_layers"]
+    for method, entry in data["methods"].items():
+        for block in entry["blocks"] + ((data.get("prediction") or {}).get("candidates") or [] if method == "duplication_loss" else []):
+            if not block["start"] < block["end"] <= layers:
+                raise CpOnnxError(f"{path}: method {method!r} names block [{block['start']}, {block['end']}), not a block of the "
+                                  f"model's {layers} layers; re-run `cp-onnx analyze` to write it again")
     return data

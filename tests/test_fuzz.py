@@ -1,0 +1,154 @@
+"""Fuzzing: every input kind mutated (seeded), each case a cp-onnx command in a child process; every case must
+end in success or exit 2 with one line `cp-onnx: error: ...`: no traceback, native crash, hang or partial
+output (tests/fuzzing.py says how each is told apart). The default run takes a fast subset of each kind;
+the full run (marked slow, >= 10,000 cases) writes its counts where $CP_ONNX_FUZZ_RESULTS says."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+import fuzzing
+from cp_onnx import probes
+from cp_onnx.calibration import shipped_texts
+from cp_onnx.cli import main
+from test_embed import tiny_folder
+
+ANALYZE = ["--method", "stability", "-n", "3", "--max-length", "12", "--block-sizes", "1", "--threads", "1"]
+FAST = {"model": 40, "report": 40, "sweep": 25, "manifest": 25, "batch": 25, "calibration": 30, "probes": 12}
+# About 10 minutes on 2 cores: most cases are the cheap kinds (a report or sweep read in 50 ms); a case that
+# analyses the tiny model costs 0.8 s, and a probe suite's sweep 1 s.
+FULL = {"model": 1000, "report": 4600, "sweep": 2000, "manifest": 350, "batch": 1400, "calibration": 450, "probes": 200}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model, tmp_path_factory):
+    """The tiny llama folder, its report and a sweep of it: the inputs every mutation starts from."""
+    root = tmp_path_factory.mktemp("fuzz-base")
+    folder = tiny_folder(tiny_model, "llama", root / "llama")
+    assert main(["analyze", str(folder), "--out", str(root / "a"), *ANALYZE]) == 0
+    suite = probes.probe_suite(0, per_kind=1)
+    probes.save_suite(suite, root / "suite.jsonl")
+    assert main(["sweep", str(folder), "--suite", str(root / "suite.jsonl"), "--blocks", "1", "--threads", "1",
+                 "--out", str(root / "sweep.jsonl")]) == 0
+    return {"root": root, "folder": folder, "report": json.loads((root / "a" / "report.json").read_text()),
+            "sweep": (root / "sweep.jsonl").read_text().splitlines(), "suite": (root / "suite.jsonl").read_text().splitlines(),
+            "model": onnx.load(str(folder / "model.onnx")), "manifest": _manifest(folder)}
+
+
+def _manifest(folder: Path) -> dict:
+    """A cp_onnx.json for the tiny folder as export writes it (the fixture's folder has none)."""
+    return {"format": "cp-onnx-model/1", "source": "tiny", "source_kind": "hf", "weights_sha256": "0" * 64, "family": "llama",
+            "kind": "decoder", "num_layers": 3, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 256,
+            "bos_token_id": None, "add_bos": False, "exporter": {}, "layer_path": None, "cache_key": "tiny",
+            "onnx": {"model": "model.onnx", "with_past": None, "model_data": None, "with_past_data": None}}
+
+
+def _model_folder(base, case: Path, model=None) -> Path:
+    folder = case / "model"
+    folder.mkdir()
+    if isinstance(model, bytes):
+        (folder / "model.onnx").write_bytes(model)
+    elif model is not None:
+        onnx.save_model(model, str(folder / "model.onnx"))
+    else:
+        shutil.copy(base["folder"] / "model.onnx", folder / "model.onnx")
+    shutil.copy(base["folder"] / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+def make_case(kind: str, base: dict, rng: random.Random, case: Path) -> fuzzing.Case:
+    """One mutated input of ``kind`` written under ``case``, and the command that reads it."""
+    case.mkdir(parents=True)
+    out = case / "out"
+    report = case / "report.json"
+    if kind == "model":
+        mutated, how = fuzzing.mutate_model(base["model"], rng)
+        folder = _model_folder(base, case, mutated)
+        return fuzzing.Case(kind, ["analyze", str(folder), "--out", str(out), *ANALYZE], case, [out / "report.json"], how)
+    if kind == "report":
+        text, how = fuzzing.mutate_json(base["report"], rng)
+        report.write_bytes(fuzzing.as_bytes(text, rng) if how == "text" else text.encode())
+        command = rng.choice([["report", str(report), "--text"], ["report", str(report)],
+                              ["embed", str(report), str(base["folder"] / "model.onnx"), "--out", str(out / "m.onnx"), "--force"]])
+        return fuzzing.Case(kind, command, case, [out / "m.onnx"], how)
+    if kind == "sweep":
+        header, *rows = base["sweep"]
+        target = rng.randrange(len(base["sweep"]))
+        text, how = fuzzing.mutate_json(json.loads(base["sweep"][target]), rng)
+        lines = list(base["sweep"])
+        lines[target] = text.replace("\n", " ") if how != "text" else text
+        (case / "sweep.jsonl").write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
+        report.write_text(json.dumps(base["report"]))
+        if rng.random() < 0.7:  # reading and checking, as the HTML page's validation table does first (cheap)
+            command = ["report", str(report), "--sweep", str(case / "sweep.jsonl"), "--text"]
+        else:  # and validate's tables and heatmap
+            command = ["validate", str(report), str(case / "sweep.jsonl"), "--out", str(out)]
+        return fuzzing.Case(kind, command, case, [out / "validation.json", out / "sweep_heatmap.png"], f"line {target + 1} {how}")
+    if kind == "manifest":
+        folder = _model_folder(base, case)
+        text, how = fuzzing.mutate_json(base["manifest"], rng)
+        (folder / "cp_onnx.json").write_bytes(fuzzing.as_bytes(text, rng) if how == "text" else text.encode())
+        return fuzzing.Case(kind, ["analyze", str(folder), "--out", str(out), *ANALYZE], case, [out / "report.json"], how)
+    if kind == "batch":
+        data = {"out": "batch-out", "settings": {"methods": ["stability"], "n": 3, "max_length": 12, "block_sizes": [1], "threads": 1},
+                "models": [{"source": str(base["folder"]), "name": "tiny"}]}
+        text, how = fuzzing.mutate_json(data, rng)
+        try:
+            toml = fuzzing.toml_text(json.loads(text))
+        except (ValueError, RecursionError):  # a damaged or too deep JSON text: TOML gets damaged text too
+            toml, how = fuzzing.damage_text(fuzzing.toml_text(data), rng), how + "+text"
+        (case / "batch.toml").write_bytes(toml.encode("utf-8", "surrogatepass"))
+        return fuzzing.Case(kind, ["batch", str(case / "batch.toml")], case, [], how, failed_ok=True)
+    if kind == "calibration":
+        jsonl = rng.random() < 0.5
+        texts = shipped_texts("reasoning")[:6]
+        lines = [json.dumps({"text": t}) for t in texts] if jsonl else texts
+        text, how = fuzzing.mutate_lines(lines, rng)
+        path = case / ("texts.jsonl" if jsonl else "texts.txt")
+        path.write_bytes(fuzzing.as_bytes(text, rng))
+        folder = _model_folder(base, case)
+        return fuzzing.Case(kind, ["analyze", str(folder), "--calibration", str(path), "--out", str(out), *ANALYZE], case,
+                            [out / "report.json"], how)
+    if kind == "probes":
+        text, how = fuzzing.mutate_lines(base["suite"], rng)
+        (case / "suite.jsonl").write_bytes(fuzzing.as_bytes(text, rng))
+        return fuzzing.Case(kind, ["sweep", str(base["folder"]), "--suite", str(case / "suite.jsonl"), "--blocks", "3", "--threads", "1",
+                                   "--out", str(case / "sweep.jsonl")], case, [case / "sweep.jsonl"], how)
+    raise ValueError(kind)
+
+
+def fuzz(base, root: Path, counts: dict[str, int], seed: int) -> fuzzing.Tally:
+    rng = random.Random(seed)
+    tally = fuzzing.Tally()
+    for kind, count in counts.items():
+        cases = (make_case(kind, base, rng, root / kind / str(i)) for i in range(count))
+        fuzzing.run_cases(cases, tally)
+    return tally
+
+
+def _report(tally: fuzzing.Tally) -> str:
+    return tally.table() + "\n\n" + "\n".join(f"{k}: {line}" for k, v in tally.bad().items() for line in v[:40])
+
+
+def test_fuzz_fast_subset(base, tmp_path):
+    tally = fuzz(base, tmp_path, FAST, seed=1)
+    assert not tally.bad(), _report(tally)
+    for kind, count in FAST.items():
+        assert sum(tally.counts[kind].values()) == count
+        assert tally.counts[kind]["error"] > 0  # the mutations do reach the checks
+
+
+@pytest.mark.slow
+def test_fuzz_full(base, tmp_path):
+    tally = fuzz(base, tmp_path, FULL, seed=2)
+    results = os.environ.get("CP_ONNX_FUZZ_RESULTS")
+    if results:
+        Path(results).write_text(fuzzing.tally_to_json(tally) + "\n\n" + _report(tally) + "\n")
+    assert sum(FULL.values()) >= 10_000
+    assert not tally.bad(), _report(tally)
