@@ -147,7 +147,7 @@ def run_batch(batch: Batch, executor: Executor | None = None, *, log: Callable[[
 def report_identity(path: Path) -> dict | None:
     """What decides whether a report can be reused: model, calibration, methods (None without a readable report)."""
     try:
-        report = read_report(path)
+        report = read_report(path, complete=True)
     except CpOnnxError:
         return None
     model = report.get("model") or {}
@@ -170,7 +170,7 @@ def run_model(job: ModelJob) -> dict:
         model = open_model(job.source, tokenizer_dir=job.tokenizer, log=notes.append)
         report_path = job.folder / "report.json"
         if _is_current(job, model):
-            report, result["status"] = read_report(report_path), "skipped"
+            report, result["status"] = read_report(report_path, complete=True), "skipped"
         else:
             report = build_report(analyze.analyze(model, job.settings, log=notes.append))
             write_json(report, report_path)

@@ -104,8 +104,19 @@ def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
     return json_ready(report)
 
 
-def read_report(path: Path) -> dict:
-    """Load a report and check it against the shipped schema (so that no reader meets a missing or mistyped field)."""
+def reading_schema(complete: bool = False) -> dict:
+    """The shipped schema, or (by default) the same with only the fields every reader indexes required: reports trimmed
+    by hand for other toolchains (examples/cpp reads the same) keep working, and no field present may be mistyped."""
+    checked = schema()
+    if not complete:
+        checked["required"] = ["format", "version", "model", "layers", "methods"]
+        checked["properties"]["model"]["required"] = ["name", "num_layers"]
+    return checked
+
+
+def read_report(path: Path, *, complete: bool = False) -> dict:
+    """Load a report and check it against the schema (so that no reader meets a missing or mistyped field);
+    ``complete``: every field ``cp-onnx analyze`` writes must be there (a batch reusing its reports needs them)."""
     path = Path(path)
     hint = "give a report.json written by `cp-onnx analyze`"
     try:
@@ -116,7 +127,7 @@ def read_report(path: Path) -> dict:
         raise CpOnnxError(f"{path} is not a cp-onnx report; {hint}")
     if data.get("version") != REPORT_VERSION:
         raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
-    shapes.check(data, schema(), str(path), "re-run `cp-onnx analyze` to write it again")
+    shapes.check(data, reading_schema(complete), str(path), "re-run `cp-onnx analyze` to write it again")
     layers = data["model"]["num_layers"]
     for method, entry in data["methods"].items():
         for block in entry["blocks"] + ((data.get("prediction") or {}).get("candidates") or [] if method == "duplication_loss" else []):

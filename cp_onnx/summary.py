@@ -12,7 +12,8 @@ def depth(block: dict, num_layers: int) -> str:
 def format_summary(report: dict, top: int = 5) -> str:
     """Text table of the top blocks of each circuit kind found in a report."""
     n = report["model"]["num_layers"]
-    lines = [f"{report['model']['name']}: {n} layers, {report['calibration']['n']} calibration texts ({report['calibration']['tokens']} tokens)"]
+    calibration = report.get("calibration") or {}
+    lines = [f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)"]
     if report.get("prediction"):
         lines.append(format_prediction(report["prediction"]))
     for kind, method, where in KIND_METHODS:

@@ -44,7 +44,7 @@ _SCORE = {"type": ["number", "null"]}
 # What readers of a sweep file (validate, the HTML page, a resumed sweep) index, checked line by line.
 HEADER_SCHEMA = {"type": "object", "required": ["format", "version", "model", "suite"], "properties": {
     "model": {"type": "object", "required": ["onnx_sha256"], "properties": {"onnx_sha256": {"type": "string"}}},
-    "suite": {"type": "object", "required": ["identity"], "properties": {"identity": {"type": "string"}}}}}
+    "suite": {"type": "object", "properties": {"identity": {"type": "string"}}}}}
 ROW_SCHEMA = {"type": "object", "required": ["start", "end", "answer_logprob"], "properties": {
     "start": {"type": ["integer", "null"], "minimum": 0}, "end": {"type": ["integer", "null"], "minimum": 1},
     "answer_logprob": _SCORE, "greedy_accuracy": _SCORE, "choice_accuracy": _SCORE, "general_nll": _SCORE,
@@ -360,7 +360,12 @@ def _write_header(path: Path, header: dict) -> None:
 
 def append_row(path: Path, row: dict) -> None:
     """Append one line and force it to disk: a killed run loses at most the config in progress."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row, allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    line = json.dumps(row, allow_nan=False) + "\n"
+    try:
+        with open(path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # the line may be cut: the next run drops a partial last line and redoes that config
+        raise CpOnnxError(f"cannot append to the sweep {path} ({err.strerror or err}); free space on that disk and run the sweep again "
+                          "to resume") from None
