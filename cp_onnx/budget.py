@@ -10,11 +10,11 @@ Available memory: $CP_ONNX_MEMORY_GB, else the system's MemAvailable (what may b
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.inputs import env_amount
 from graph_passes.limits import gigabytes, physical_memory
 
 MEMORY_ENV = "CP_ONNX_MEMORY_GB"
@@ -33,14 +33,8 @@ class Shape:
 
 def available_memory() -> int:
     """Bytes this process may use: $CP_ONNX_MEMORY_GB, else MemAvailable, else the physical memory."""
-    text = os.environ.get(MEMORY_ENV)
-    if text:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise CpOnnxError(f"${MEMORY_ENV} must be a positive number of gigabytes, not {text!r}")
+    value = env_amount(MEMORY_ENV, "gigabytes")
+    if value is not None:
         return int(value * 1e9)
     try:
         with open("/proc/meminfo") as handle:

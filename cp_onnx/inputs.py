@@ -20,18 +20,24 @@ FILE_LIMIT_ENV, FILE_LIMIT_MB = "CP_ONNX_MAX_FILE_MB", 256
 LINE_LIMIT_ENV, LINE_LIMIT_MB = "CP_ONNX_MAX_LINE_MB", 1
 
 
-def limit(env: str, default_mb: float) -> int:
-    """A limit in bytes from ``env`` (megabytes), or the default."""
+def env_amount(env: str, unit: str) -> float | None:
+    """The positive number in the environment variable ``env`` (None when unset), counted in ``unit``."""
     text = os.environ.get(env)
     if not text:
-        return int(default_mb * 1e6)
+        return None
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise CpOnnxError(f"${env} must be a positive number of megabytes, not {text!r}")
-    return int(value * 1e6)
+        raise CpOnnxError(f"${env} must be a positive number of {unit}, not {text!r}")
+    return value
+
+
+def limit(env: str, default_mb: float) -> int:
+    """A limit in bytes from ``env`` (megabytes), or the default."""
+    value = env_amount(env, "megabytes")
+    return int((default_mb if value is None else value) * 1e6)
 
 
 def read_bytes(path: Path, what: str) -> bytes:
