@@ -78,9 +78,16 @@ def declared_bytes(dims, data_type: int, what: str) -> int:
 
 
 def check_tensor(tensor: onnx.TensorProto, what: str) -> None:
-    """The declared size within the limit, and inline bytes as many as the shape says (onnxruntime would read past them)."""
+    """A known element type, the declared size within the limit, and inline data as long as the shape says
+    (onnxruntime would read past short data; numpy fails on it with a traceback)."""
+    if tensor.data_type == onnx.TensorProto.UNDEFINED or tensor.data_type not in onnx.TensorProto.DataType.values():
+        raise GraphPassError(f"{what} has no known element type ({tensor.data_type}); the model file is damaged: re-export it")
     size = declared_bytes(tensor.dims, tensor.data_type, what)
     bits = element_bits(tensor.data_type)
+    if tensor.data_type == onnx.TensorProto.STRING and tensor.HasField("raw_data"):
+        raise GraphPassError(f"{what} holds strings as raw bytes, which ONNX does not allow; the model file is damaged: re-export it")
+    if tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+        _check_typed_values(tensor, bits, what)
     # Reading raw_data copies it: big inline tensors (graphs built in memory) are left to onnxruntime's own check.
     if tensor.data_location == onnx.TensorProto.EXTERNAL or bits is None or not tensor.HasField("raw_data") or size > _RAW_CHECKED:
         return
@@ -90,8 +97,25 @@ def check_tensor(tensor: onnx.TensorProto, what: str) -> None:
                              "the model file is damaged: re-export it")
 
 
+def _check_typed_values(tensor: onnx.TensorProto, bits: int | None, what: str) -> None:
+    """Values held in the typed field (float_data, int32_data, ...) as many as the shape says."""
+    count = math.prod(int(d) for d in tensor.dims)
+    if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        count *= 2
+    elif bits == 4:
+        count = (count + 1) // 2
+    try:
+        held = len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type)))
+    except (KeyError, ValueError, AttributeError):
+        return
+    if held != count and count <= _RAW_CHECKED:
+        raise GraphPassError(f"{what} holds {held} values but its shape {list(tensor.dims)} needs {count}; the model file is damaged: re-export it")
+
+
 def check_graph(graph: onnx.GraphProto) -> None:
-    """Refuse a graph (subgraphs included) declaring a tensor past the limit, before anything runs it."""
+    """Refuse a graph (subgraphs included) declaring a tensor past the limit, before anything runs it; every
+    name must be text (a damaged file gives protobuf bytes for a name that is not UTF-8, which no pass expects)."""
+    _check_names(graph)
     constants = {t.name: t for t in graph.initializer}
     for tensor in graph.initializer:
         check_tensor(tensor, f"initializer {tensor.name!r}")
@@ -117,6 +141,15 @@ def _check_constant_of_shape(node: onnx.NodeProto, shape: onnx.TensorProto) -> N
     value = next((a.t for a in node.attribute if a.name == "value"), None)
     data_type = value.data_type if value is not None else onnx.TensorProto.FLOAT
     declared_bytes(dims, data_type, f"ConstantOfShape node {_label(node)!r}")
+
+
+def _check_names(graph: onnx.GraphProto) -> None:
+    names = [graph.name, *(v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer))]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+    if not all(isinstance(name, str) for name in names):
+        bad = next(name for name in names if not isinstance(name, str))
+        raise GraphPassError(f"the graph names a tensor or node {bad[:40]!r}, which is not UTF-8 text; the model file is damaged: re-export it")
 
 
 def _label(node: onnx.NodeProto) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cp_onnx.cli import main
 from test_embed import tiny_folder
 
 ANALYZE = ["--method", "stability", "-n", "3", "--max-length", "12", "--block-sizes", "1", "--threads", "1"]
-FAST = {"model": 40, "report": 40, "sweep": 25, "manifest": 25, "batch": 25, "calibration": 30, "probes": 12}
+FAST = {"model": 30, "report": 30, "sweep": 20, "manifest": 15, "batch": 20, "calibration": 20, "probes": 8}
 # About 10 minutes on 2 cores: most cases are the cheap kinds (a report or sweep read in 50 ms); a case that
 # analyses the tiny model costs 0.8 s, and a probe suite's sweep 1 s.
 FULL = {"model": 1000, "report": 4600, "sweep": 2000, "manifest": 350, "batch": 1400, "calibration": 450, "probes": 200}
@@ -152,3 +153,59 @@ def test_fuzz_full(base, tmp_path):
         Path(results).write_text(fuzzing.tally_to_json(tally) + "\n\n" + _report(tally) + "\n")
     assert sum(FULL.values()) >= 10_000
     assert not tally.bad(), _report(tally)
+
+
+# What the fuzzing found, each kept as a plain test of the check that now stops it.
+
+def _tiny_graph(tensor: onnx.TensorProto, name: str = "add") -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", tensor.name], ["y"], name=name)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], initializer=[tensor])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("name", "not UTF-8 text"),  # flipped bytes in a name: protobuf hands over bytes, and discovery's regexes fail
+    ("string_raw", "holds strings as raw bytes"),  # a dtype changed to STRING: numpy cannot read the weight
+    ("typed_count", "holds 3 values but its shape [4] needs 4"),  # a dtype changed: the values sit in another field
+    ("undefined", "has no known element type"),
+])
+def test_damaged_graphs_found_by_fuzzing_are_one_line_errors(tmp_path, damage, message):
+    from onnx import TensorProto, helper
+
+    from graph_passes.errors import GraphPassError
+    from graph_passes.mapped import load_mapped
+
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    if damage == "string_raw":
+        tensor = TensorProto(name="w", data_type=TensorProto.STRING, dims=[4], raw_data=b"\0" * 16)
+    elif damage == "typed_count":
+        del tensor.float_data[-1]
+    elif damage == "undefined":
+        tensor.data_type = TensorProto.UNDEFINED
+    data = _tiny_graph(tensor, "NODE").SerializeToString()
+    if damage == "name":
+        data = data.replace(b"NODE", b"\xff\xfe\xfd\xfc")
+    (tmp_path / "model.onnx").write_bytes(data)
+    with pytest.raises(GraphPassError, match=re.escape(message)):
+        load_mapped(tmp_path / "model.onnx")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "nests JSON too deeply"),
+    ('{"format": "cp-onnx-report", "version": 1, "model": {"name": "m", "num_layers": 1e400}, "layers": [], "methods": {}}',
+     "model.num_layers should be integer, not Infinity"),
+    ('{"format": "cp-onnx-report", "version": 1, "model": {"name": "m", "num_layers": 3}, "layers": [{"layer": 0}], '
+     '"methods": {"m": {"blocks": [{"start": 0, "end": 9, "score": 1, "metrics": {}}]}}}', r"names block \[0, 9\), not a block"),
+    ('{"format": "cp-onnx-report", "version": 1, "model": {"name": "m", "num_layers": 3}, "layers": [{"layer": 0, "x": NaN}], '
+     '"methods": {}}', r"layers\[0\].x should be number or null, not NaN"),
+])
+def test_damaged_reports_found_by_fuzzing_are_one_line_errors(tmp_path, text, message):
+    from cp_onnx.errors import CpOnnxError
+    from cp_onnx.report import read_report
+
+    (tmp_path / "report.json").write_text(text)
+    with pytest.raises(CpOnnxError, match=message):
+        read_report(tmp_path / "report.json")
