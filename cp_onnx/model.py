@@ -66,15 +66,19 @@ def load_tokenizer(folder: Path):
 
 
 def _inside(folder: Path, relative: str) -> Path:
-    """Resolve a manifest path, refusing anything that leaves the model folder."""
-    target = (folder / relative).resolve()
+    """Resolve a manifest path, refusing anything that leaves the model folder (or that no file system can hold)."""
+    try:
+        target = (folder / relative).resolve()
+        target.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, or with a NUL byte
+        raise CpOnnxError(f"the manifest in {folder} names an impossible path ({type(exc).__name__}); re-export the model") from None
     if not target.is_relative_to(folder.resolve()):
         raise CpOnnxError(f"the manifest in {folder} points outside the model folder ({relative!r}); re-export the model")
     return target
 
 
 _NAME = {"type": ["string", "null"]}
-_COUNT = {"type": ["integer", "null"], "minimum": 1}
+_COUNT = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31}
 # The manifest fields the analysis reads (exporters.manifest checks the whole manifest of a cache entry).
 MANIFEST_SCHEMA = {"type": "object", "properties": {
     "format": _NAME, "source": _NAME, "family": _NAME, "weights_sha256": _NAME, "cache_key": _NAME, "layer_path": _NAME,
@@ -98,7 +102,7 @@ def read_manifest(folder: Path) -> dict:
 def open_folder(folder: Path, *, tokenizer_dir: Path | None = None) -> ModelFolder:
     """Open an exported folder: model.onnx (or the manifest's model path) plus tokenizer."""
     manifest = read_manifest(folder)
-    relative = (manifest.get("onnx") or {}).get("model", "model.onnx")
+    relative = (manifest.get("onnx") or {}).get("model") or "model.onnx"
     onnx_path = _inside(folder, relative)
     if not onnx_path.is_file():
         raise CpOnnxError(f"no {relative} in {folder}; export a model there with `cp-onnx export SOURCE --out {folder}`")

@@ -209,3 +209,26 @@ def test_damaged_reports_found_by_fuzzing_are_one_line_errors(tmp_path, text, me
     (tmp_path / "report.json").write_text(text)
     with pytest.raises(CpOnnxError, match=message):
         read_report(tmp_path / "report.json")
+
+
+@pytest.mark.parametrize("onnx_entry, sizes, message", [
+    ({"model": "x" * 5000}, {}, "names an impossible path"),
+    ({"model": "model\u0000.onnx"}, {}, "names an impossible path"),
+    ({"model": None}, {"num_heads": 10**100}, r"num_heads should be at most 2147483648"),  # it fed the memory estimate
+])
+def test_damaged_manifests_found_by_fuzzing_are_one_line_errors(tmp_path, onnx_entry, sizes, message):
+    from cp_onnx.errors import CpOnnxError
+    from cp_onnx.model import open_model
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "cp_onnx.json").write_text(json.dumps({"source": "m", "onnx": onnx_entry, **sizes}))
+    with pytest.raises(CpOnnxError, match=message):
+        open_model(tmp_path)
+
+
+def test_a_manifest_with_a_null_model_path_means_model_onnx(tmp_path):
+    from cp_onnx.model import open_model
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "cp_onnx.json").write_text(json.dumps({"source": "m", "onnx": {"model": None}}))
+    assert open_model(tmp_path).onnx_path == (tmp_path / "model.onnx").resolve()
