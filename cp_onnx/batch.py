@@ -97,8 +97,8 @@ def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
             raise CpOnnxError(f"{where} has no source; give source = a model folder, .onnx, .gguf or a packaged name such as smollm2")
         source = _source(base, entry["source"])
         name = entry.get("name") or default_name(source)
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
-            raise CpOnnxError(f"{where} has name {name!r}; use letters, digits, '.', '_' or '-' only (it names the output folder)")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name) or name in (".", ".."):
+            raise CpOnnxError(f"{where} has name {name[:60]!r}; use up to 100 letters, digits, '.', '_' or '-' (it names the output folder)")
         if name in names:
             raise CpOnnxError(f"two models of {path} are named {name!r}; give each a distinct name = \"...\"")
         names.add(name)
@@ -347,5 +347,12 @@ def _source(base: Path, source: str) -> str:
 
 
 def _relative(base: Path, value: str) -> Path:
+    """``value`` relative to the manifest's folder; refused when no file system could hold it (too long, a NUL byte)."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
+    path = path if path.is_absolute() else base / path
+    try:
+        path.exists()
+    except (OSError, ValueError) as exc:
+        raise CpOnnxError(f"the batch manifest names the path {value[:60]!r}, which is not a usable path ({type(exc).__name__}); "
+                          "fix the manifest") from None
+    return path

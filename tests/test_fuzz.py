@@ -232,3 +232,13 @@ def test_a_manifest_with_a_null_model_path_means_model_onnx(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "cp_onnx.json").write_text(json.dumps({"source": "m", "onnx": {"model": None}}))
     assert open_model(tmp_path).onnx_path == (tmp_path / "model.onnx").resolve()
+
+
+@pytest.mark.parametrize("line", ['out = "' + "x" * 5000 + '"', 'out = "a\\u0000b"', 'settings = {calibration = "' + "y" * 5000 + '.txt"}'])
+def test_batch_manifests_with_impossible_paths_found_by_fuzzing(tmp_path, line):
+    from cp_onnx.batch import load_manifest
+    from cp_onnx.errors import CpOnnxError
+
+    (tmp_path / "batch.toml").write_text(f'{line}\n[[models]]\nsource = "smollm2"\nname = "{"n" * 101}"\n')
+    with pytest.raises(CpOnnxError, match="not a usable path|up to 100 letters"):
+        load_manifest(tmp_path / "batch.toml")
