@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cp_onnx import calibration, predict, scores
+from cp_onnx import budget, calibration, predict, scores
 from cp_onnx.activations import ActivationReader
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
@@ -66,6 +66,16 @@ def collect_statistics(reader: ActivationReader, token_lists: Sequence[Sequence[
     return accumulator.result()
 
 
+def check_settings(settings: Settings) -> None:
+    """The counts a user types, each a positive integer (argparse takes 0 and negatives as integers too)."""
+    for name in ("max_length", "batch_size", "threads"):
+        value = getattr(settings, name)
+        if value is None and name == "threads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CpOnnxError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+
+
 def _encode(model: ModelFolder, texts: list[str], settings: Settings, log: Callable[[str], None]) -> list[list[int]]:
     if not texts:
         raise CpOnnxError("no calibration texts; give a file with at least one non-empty line")
@@ -80,10 +90,12 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     """Run the paper's statistics and every requested method on one model (``block_progress``: the default method's blocks)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    check_settings(settings)
     texts = calibration.load_calibration(settings.calibration, n=settings.n, language=settings.language)
     token_lists = _encode(model, texts, settings, log)
     reader = ActivationReader(model, threads=settings.threads)
     scores.candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
+    budget.check_batches(budget.model_shape(model, reader.layer_map), token_lists, settings.batch_size, patterns=reader.with_patterns)
     timings["load_and_rewrite_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from cp_onnx import analyze, calibration
+from cp_onnx import analyze, calibration, inputs
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_text
 from cp_onnx.executors import Executor, InProcessExecutor
@@ -76,7 +76,7 @@ def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
         raise CpOnnxError("reading a batch manifest needs Python 3.11 or later (tomllib)") from None
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(inputs.read_text(path, "batch manifest"))
     except FileNotFoundError:
         raise CpOnnxError(f"no batch manifest at {path}; write a TOML file with [[models]] entries (see `cp-onnx batch --help`)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -97,8 +97,8 @@ def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
             raise CpOnnxError(f"{where} has no source; give source = a model folder, .onnx, .gguf or a packaged name such as smollm2")
         source = _source(base, entry["source"])
         name = entry.get("name") or default_name(source)
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
-            raise CpOnnxError(f"{where} has name {name!r}; use letters, digits, '.', '_' or '-' only (it names the output folder)")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name) or name in (".", ".."):
+            raise CpOnnxError(f"{where} has name {name[:60]!r}; use up to 100 letters, digits, '.', '_' or '-' (it names the output folder)")
         if name in names:
             raise CpOnnxError(f"two models of {path} are named {name!r}; give each a distinct name = \"...\"")
         names.add(name)
@@ -147,7 +147,7 @@ def run_batch(batch: Batch, executor: Executor | None = None, *, log: Callable[[
 def report_identity(path: Path) -> dict | None:
     """What decides whether a report can be reused: model, calibration, methods (None without a readable report)."""
     try:
-        report = read_report(path)
+        report = read_report(path, complete=True)
     except CpOnnxError:
         return None
     model = report.get("model") or {}
@@ -170,7 +170,7 @@ def run_model(job: ModelJob) -> dict:
         model = open_model(job.source, tokenizer_dir=job.tokenizer, log=notes.append)
         report_path = job.folder / "report.json"
         if _is_current(job, model):
-            report, result["status"] = read_report(report_path), "skipped"
+            report, result["status"] = read_report(report_path, complete=True), "skipped"
         else:
             report = build_report(analyze.analyze(model, job.settings, log=notes.append))
             write_json(report, report_path)
@@ -347,5 +347,12 @@ def _source(base: Path, source: str) -> str:
 
 
 def _relative(base: Path, value: str) -> Path:
+    """``value`` relative to the manifest's folder; refused when no file system could hold it (too long, a NUL byte)."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
+    path = path if path.is_absolute() else base / path
+    try:
+        path.exists()
+    except (OSError, ValueError) as exc:
+        raise CpOnnxError(f"the batch manifest names the path {value[:60]!r}, which is not a usable path ({type(exc).__name__}); "
+                          "fix the manifest") from None
+    return path

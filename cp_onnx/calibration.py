@@ -10,6 +10,7 @@ import json
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Iterator
 
+from cp_onnx import inputs
 from cp_onnx.errors import CpOnnxError
 
 DATA_DIR = Path(__file__).with_name("data")
@@ -51,9 +52,9 @@ def read_texts(path: str | Path) -> list[str]:
         raise CpOnnxError(f"no calibration file at {path}; pass an existing .txt or .jsonl file, or one of the shipped sets (reasoning, general, mixed)")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        texts = [line.strip() for line in read_lines(path)]
+        texts = [line.strip() for line in read_lines(path, "calibration file")]
     elif suffix == ".jsonl":
-        texts = [_text_field(record, number, path) for number, record in iter_jsonl(path, TEXT_LINE)]
+        texts = [_text_field(record, number, path) for number, record in iter_jsonl(path, TEXT_LINE, "calibration file")]
     else:
         raise CpOnnxError(f"calibration file {path} is neither .txt nor .jsonl; use .txt (one text per line) or .jsonl (one {TEXT_LINE} per line)")
     texts = [text for text in texts if text.strip()]
@@ -62,17 +63,14 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (a byte-order mark is tolerated)."""
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise CpOnnxError(f"{path} is not UTF-8 text; save it with UTF-8 encoding") from None
+def read_lines(path: Path, what: str = "text file") -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark is tolerated), within the size limits of ``inputs``."""
+    return inputs.check_lines(inputs.read_text(path, what, encoding="utf-8-sig").splitlines(), path, what)
 
 
-def iter_jsonl(path: Path, example: str) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: Path, example: str, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; ``example`` shows a good line in errors."""
-    for number, line in enumerate(read_lines(path), start=1):
+    for number, line in enumerate(read_lines(path, what), start=1):
         if not line.strip():
             continue
         try:

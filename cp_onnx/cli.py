@@ -155,9 +155,9 @@ def cmd_validate(args) -> int:
     header, rows = read_sweep(Path(args.sweep))
     result = validate(data, rows, top_k=args.top_k, sweep_header=header)
     out = Path(args.out)
-    report.write_json(result, out / "validation.json")
     predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
-    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric)
+    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric)  # first: it refuses a metric the sweep lacks
+    report.write_json(result, out / "validation.json")
     print(format_validation(result))
     log(f"validation written to {out / 'validation.json'}, heatmap to {out / 'sweep_heatmap.png'}")
     return 0
@@ -168,16 +168,21 @@ def format_validation(result: dict) -> str:
     lines = []
     for metric, best in result["best"].items():
         where = f"[{best['start']}, {best['end']})" if best else "none"
-        lines.append(f"{metric}: best block {where}, gain {best['gain']:+.4f}" if best else f"{metric}: no block")
+        lines.append(f"{metric}: best block {where}, gain {_signed(best['gain'])}" if best else f"{metric}: no block")
         for method, judged in result["methods"].items():
             j, top = judged[metric], judged[metric]["top1"]
             ratio = "n/a" if j["gain_ratio"] is None else f"{j['gain_ratio']:+.2f}"
             lines.append(
-                f"  {method:>12}: top-1 [{top['start']}, {top['end']}) gain {top['gain']:+.4f} (x{ratio} of best), "
+                f"  {method:>12}: top-1 [{top['start']}, {top['end']}) gain {_signed(top['gain'])} (x{ratio} of best), "
                 f"best in top-{result['top_k']}: {'yes' if j['best_in_top_k'] else 'no'}, within +-{result['tolerance']}: "
                 f"{'yes' if j['near_best_in_top_k'] else 'no'}, rank of best {j['best_rank']}"
             )
     return "\n".join(lines)
+
+
+def _signed(value) -> str:
+    """A gain, or n/a where the sweep lacks the metric for that block."""
+    return "n/a" if value is None else f"{value:+.4f}"
 
 
 def cmd_batch(args) -> int:

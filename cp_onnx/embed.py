@@ -39,7 +39,7 @@ def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
         "report_format": REPORT_FORMAT,
         "report_version": str(REPORT_VERSION),
         "version": __version__,
-        "model_sha256": model["onnx_sha256"],
+        "model_sha256": model.get("onnx_sha256") or "",
         "weights_sha256": model.get("weights_sha256") or "",
         "calibration_identity": calibration.get("identity") or "",
         "num_layers": str(model["num_layers"]),
@@ -73,9 +73,9 @@ def embed(report: dict, model_path: str | Path, out: str | Path | None = None, *
     except Exception as exc:
         raise CpOnnxError(f"{source} is not a readable ONNX model ({type(exc).__name__}); give the model.onnx the report was made on") from None
     existing = {p.key: p.value for p in proto.metadata_props}
-    analysed = report["model"]["onnx_sha256"]
+    analysed = report["model"].get("onnx_sha256")
     if not force and analysed not in (existing.get(PREFIX + "model_sha256"), file_sha256(source)):
-        raise CpOnnxError(f"{source} is not the model the report analysed (onnx sha256 {analysed[:12]}...); give that model, or pass --force")
+        raise CpOnnxError(f"{source} is not the model the report analysed (onnx sha256 {str(analysed)[:12]}...); give that model, or pass --force")
     if _has_external_data(proto) and target.parent.resolve() != source.parent.resolve():
         raise CpOnnxError(f"{source} keeps its weights in external files, which are found relative to it; write into its own folder (omit --out)")
     kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]

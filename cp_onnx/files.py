@@ -33,8 +33,10 @@ def atomic_open(path: str | Path, *, binary: bool = False, mode: int | None = No
             yield out
         os.chmod(temp, _default_mode() if mode is None else mode)
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk or a file-size limit: the previous file, if any, is untouched
+            raise CpOnnxError(f"cannot write {path} ({exc.strerror or exc}); free space on that disk or choose another output folder") from None
         raise
 
 

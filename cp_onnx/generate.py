@@ -10,7 +10,7 @@ import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
-from cp_onnx.runner import Runner, cache_feeds
+from cp_onnx.runner import Runner, cache_feeds, run_session
 from graph_passes import graph_io
 from graph_passes.route import PAST
 
@@ -95,7 +95,7 @@ class CachedDecoder:
         feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, total), dtype=np.int64), **self.past}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(self.length, total, dtype=np.int64)[None]
-        values = dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        values = dict(zip(self.outputs, run_session(self.session, self.outputs, feeds)))
         self.past = {name: values[name.replace("past_key_values.", "present.", 1)] for name in self.past}
         self.length = total
         return values["logits"][0, -1]

@@ -30,7 +30,7 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
         f"<h1>{_e(title)}</h1>",
         f"<p class='meta'>{_e(model.get('family', '?'))}, {model['num_layers']} layers; "
         f"{calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens, {_e(calibration.get('source', '?'))}, "
-        f"{_e(calibration.get('language', '?'))}); onnx sha256 {_e(model['onnx_sha256'][:16])}&hellip;; "
+        f"{_e(calibration.get('language', '?'))}); onnx sha256 {_e(str(model.get('onnx_sha256', '?'))[:16])}&hellip;; "
         f"cp-onnx {_e((report.get('versions') or {}).get('cp_onnx', '?'))}</p>",
         "<h2>Top circuits</h2>", _circuits_table(report, top),
     ]

@@ -1,11 +1,11 @@
 """An exported model as the analysis sees it: the ONNX graph, its tokenizer and its manifest."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from cp_onnx import inputs, shapes
 from cp_onnx.errors import CpOnnxError
 
 MANIFEST = "cp_onnx.json"
@@ -58,37 +58,51 @@ def load_tokenizer(folder: Path):
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise CpOnnxError(f"no tokenizer.json in {folder}; export the model with `cp-onnx export` or pass --tokenizer DIR")
+    text = inputs.read_text(path, "tokenizer")  # within the file limit: a huge one would be parsed whole into memory
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(text)
     except Exception as exc:
         raise CpOnnxError(f"{path} is not a valid tokenizers file ({type(exc).__name__}); re-export the model") from exc
 
 
 def _inside(folder: Path, relative: str) -> Path:
-    """Resolve a manifest path, refusing anything that leaves the model folder."""
-    target = (folder / relative).resolve()
+    """Resolve a manifest path, refusing anything that leaves the model folder (or that no file system can hold)."""
+    try:
+        target = (folder / relative).resolve()
+        target.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, or with a NUL byte
+        raise CpOnnxError(f"the manifest in {folder} names an impossible path ({type(exc).__name__}); re-export the model") from None
     if not target.is_relative_to(folder.resolve()):
         raise CpOnnxError(f"the manifest in {folder} points outside the model folder ({relative!r}); re-export the model")
     return target
+
+
+_NAME = {"type": ["string", "null"]}
+_COUNT = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31}
+# The manifest fields the analysis reads (exporters.manifest checks the whole manifest of a cache entry).
+MANIFEST_SCHEMA = {"type": "object", "properties": {
+    "format": _NAME, "source": _NAME, "family": _NAME, "weights_sha256": _NAME, "cache_key": _NAME, "layer_path": _NAME,
+    "onnx": {"type": ["object", "null"], "additionalProperties": _NAME},
+    "num_layers": _COUNT, "hidden_size": _COUNT, "num_heads": _COUNT, "num_kv_heads": _COUNT, "head_dim": _COUNT, "vocab_size": _COUNT,
+    "eos_token_id": {"type": ["integer", "array", "null"], "items": {"type": "integer"}}, "bos_token_id": {"type": ["integer", "null"]},
+    "add_bos": {"type": ["boolean", "null"]}}}
 
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CpOnnxError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); re-export the model") from exc
+    manifest = shapes.parse_json(inputs.read_text(path, "manifest"), path, "re-export the model")
     if not isinstance(manifest, dict):
         raise CpOnnxError(f"{path} is not a cp-onnx manifest; re-export the model")
+    shapes.check(manifest, MANIFEST_SCHEMA, str(path), "re-export the model")
     return manifest
 
 
 def open_folder(folder: Path, *, tokenizer_dir: Path | None = None) -> ModelFolder:
     """Open an exported folder: model.onnx (or the manifest's model path) plus tokenizer."""
     manifest = read_manifest(folder)
-    relative = (manifest.get("onnx") or {}).get("model", "model.onnx")
+    relative = (manifest.get("onnx") or {}).get("model") or "model.onnx"
     onnx_path = _inside(folder, relative)
     if not onnx_path.is_file():
         raise CpOnnxError(f"no {relative} in {folder}; export a model there with `cp-onnx export SOURCE --out {folder}`")

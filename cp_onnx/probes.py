@@ -263,7 +263,7 @@ def load_suite(path: str | Path) -> list[ProbeItem]:
     items: list[ProbeItem] = []
     seen: dict[str, int] = {}
     per_kind: dict[str, int] = {}
-    for number, record in iter_jsonl(path, ITEM_LINE):
+    for number, record in iter_jsonl(path, ITEM_LINE, "probe suite"):
         item = _item_from_record(record, f"line {number} of {path}")
         if not item.id:  # numbered within its kind, as generated suites are
             item = replace(item, id=f"{item.kind}-{per_kind.get(item.kind, 0):03d}")

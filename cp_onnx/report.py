@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cp_onnx import __version__
+from cp_onnx import __version__, inputs, shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json  # noqa: F401  (re-exported: report.write_json)
 from cp_onnx.stats import STAT_NAMES
@@ -104,17 +104,34 @@ def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
     return json_ready(report)
 
 
-def read_report(path: Path) -> dict:
-    """Load a report and check its format and version."""
+def reading_schema(complete: bool = False) -> dict:
+    """The shipped schema, or (by default) the same with only the fields every reader indexes required: reports trimmed
+    by hand for other toolchains (examples/cpp reads the same) keep working, and no field present may be mistyped."""
+    checked = schema()
+    if not complete:
+        checked["required"] = ["format", "version", "model", "layers", "methods"]
+        checked["properties"]["model"]["required"] = ["name", "num_layers"]
+    return checked
+
+
+def read_report(path: Path, *, complete: bool = False) -> dict:
+    """Load a report and check it against the schema (so that no reader meets a missing or mistyped field);
+    ``complete``: every field ``cp-onnx analyze`` writes must be there (a batch reusing its reports needs them)."""
     path = Path(path)
+    hint = "give a report.json written by `cp-onnx analyze`"
     try:
-        data = json.loads(path.read_text())
+        data = shapes.parse_json(inputs.read_text(path, "report"), path, hint)
     except FileNotFoundError as exc:
         raise CpOnnxError(f"{path} does not exist; run `cp-onnx analyze --out DIR` to make a report") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CpOnnxError(f"{path} is not valid JSON; give a report.json written by `cp-onnx analyze`") from exc
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
-        raise CpOnnxError(f"{path} is not a cp-onnx report; give a report.json written by `cp-onnx analyze`")
+        raise CpOnnxError(f"{path} is not a cp-onnx report; {hint}")
     if data.get("version") != REPORT_VERSION:
         raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
+    shapes.check(data, reading_schema(complete), str(path), "re-run `cp-onnx analyze` to write it again")
+    layers = data["model"]["num_layers"]
+    for method, entry in data["methods"].items():
+        for block in entry["blocks"] + ((data.get("prediction") or {}).get("candidates") or [] if method == "duplication_loss" else []):
+            if not block["start"] < block["end"] <= layers:
+                raise CpOnnxError(f"{path}: method {method!r} names block [{block['start']}, {block['end']}), not a block of the "
+                                  f"model's {layers} layers; re-run `cp-onnx analyze` to write it again")
     return data

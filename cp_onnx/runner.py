@@ -183,6 +183,10 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
 
     Big weights still inline in ``model`` (graphs built in memory) are moved out of the proto first, so
     the serialised graph stays small. The session keeps what it reads (``session.cp_onnx_weights``)."""
+    try:
+        graph_passes.limits.check_graph(model.graph)  # onnxruntime allocates what a graph declares, however absurd
+    except graph_passes.GraphPassError as exc:
+        raise CpOnnxError(str(exc)) from None
     model, inline = _detach(model)
     sources = [s for s in (weights, SharedWeights(inline) if inline else None) if s is not None]
     used = _names_read(model.graph)  # onnxruntime drops unread initializers before it looks for supplied ones
@@ -219,6 +223,21 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
             source.release(used)
     session.cp_onnx_weights = sources  # the buffers onnxruntime reads in place live as long as the session
     return session
+
+
+_STATE = ort.capi.onnxruntime_pybind11_state
+_ORT_ERRORS = tuple(getattr(_STATE, name) for name in ("Fail", "InvalidArgument", "InvalidGraph", "RuntimeException", "NotImplemented",
+                                                        "EPFail", "EngineError") if hasattr(_STATE, name))
+
+
+def run_session(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run``, with onnxruntime's failures (a graph that loads but cannot run these inputs) as one-line errors."""
+    try:
+        return session.run(names, feeds)
+    except _ORT_ERRORS as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CpOnnxError(f"onnxruntime cannot run the model: {lines[0] if lines else type(exc).__name__}; "
+                          "re-export it with `cp-onnx export`") from exc
 
 
 def segment_session(model: onnx.ModelProto, weights: SharedWeights | None, threads: int | None, *, arena: bool = False) -> ort.InferenceSession:
@@ -273,8 +292,7 @@ class Runner:
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
             raise CpOnnxError(f"the model has no output named {unknown[0]!r}; expose it first (graph_passes.expose)")
-        values = self.session.run(names, self.feeds(input_ids, attention_mask, extra))
-        return dict(zip(names, values))
+        return dict(zip(names, run_session(self.session, names, self.feeds(input_ids, attention_mask, extra))))
 
     def run_texts(self, token_lists: Sequence[Sequence[int]], *, batch_size: int = 8, outputs: Iterable[str] | None = None, side: str = "right") -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         """Run token lists in order, ``batch_size`` at a time; yields (outputs, attention_mask) per batch."""

@@ -12,7 +12,8 @@ def depth(block: dict, num_layers: int) -> str:
 def format_summary(report: dict, top: int = 5) -> str:
     """Text table of the top blocks of each circuit kind found in a report."""
     n = report["model"]["num_layers"]
-    lines = [f"{report['model']['name']}: {n} layers, {report['calibration']['n']} calibration texts ({report['calibration']['tokens']} tokens)"]
+    calibration = report.get("calibration") or {}
+    lines = [f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)"]
     if report.get("prediction"):
         lines.append(format_prediction(report["prediction"]))
     for kind, method, where in KIND_METHODS:
@@ -40,16 +41,20 @@ def format_summary(report: dict, top: int = 5) -> str:
 
 
 def format_prediction(prediction: dict) -> str:
-    """The default method's decision in one line, with the figures behind it."""
+    """The default method's decision in one line, with the figures behind it (a report trimmed by hand may lack them)."""
+    if not prediction.get("candidates") or prediction.get("predicted_gain") is None or prediction.get("gain_lower_bound") is None:
+        from cp_onnx.embed import decision_text
+
+        return f"\nprediction ({prediction.get('method', 'duplication_loss')}): {decision_text(prediction)}"
     top = prediction["candidates"][0]
     costs = {key: "n/a" if top["metrics"].get(key) is None else f"{-top['metrics'][key]:+.4f}" for key in ("text_nll_change", "general_nll_change")}
-    figures = (f"gain on the numbers of the reasoning texts {prediction['predicted_gain']:+.4f} nats/token (lower {prediction['confidence']:.0%} "
+    figures = (f"gain on the numbers of the reasoning texts {prediction['predicted_gain']:+.4f} nats/token (lower {prediction.get('confidence', 0.95):.0%} "
                f"bound {prediction['gain_lower_bound']:+.4f}); all their tokens {costs['text_nll_change']}, general text {costs['general_nll_change']}")
     if prediction["decision"] == "help":
-        return f"\nprediction ({prediction['method']}): duplicate [{top['start']}, {top['end']}): {figures}"
+        return f"\nprediction ({prediction.get('method', 'duplication_loss')}): duplicate [{top['start']}, {top['end']}): {figures}"
     others = ", ".join(f"[{b['start']}, {b['end']})" for b in prediction["candidates"])
     why = f" ({prediction['reason']})" if prediction.get("reason") else ""
-    return f"\nprediction ({prediction['method']}): no block is predicted to help{why}; least harmful {others}; top: {figures}"
+    return f"\nprediction ({prediction.get('method', 'duplication_loss')}): no block is predicted to help{why}; least harmful {others}; top: {figures}"
 
 
 def print_summary(report: dict, top: int = 5) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 import graph_passes
-from cp_onnx import probes
+from cp_onnx import inputs, probes, shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
@@ -40,6 +40,15 @@ BASELINE: Config = (None, None)
 SWEEP_FORMAT = "cp-onnx-sweep"
 SWEEP_VERSION = 1
 MODES = ("reuse", "naive")
+_SCORE = {"type": ["number", "null"]}
+# What readers of a sweep file (validate, the HTML page, a resumed sweep) index, checked line by line.
+HEADER_SCHEMA = {"type": "object", "required": ["format", "version", "model", "suite"], "properties": {
+    "model": {"type": "object", "required": ["onnx_sha256"], "properties": {"onnx_sha256": {"type": "string"}}},
+    "suite": {"type": "object", "properties": {"identity": {"type": "string"}}}}}
+ROW_SCHEMA = {"type": "object", "required": ["start", "end", "answer_logprob"], "properties": {
+    "start": {"type": ["integer", "null"], "minimum": 0}, "end": {"type": ["integer", "null"], "minimum": 1},
+    "answer_logprob": _SCORE, "greedy_accuracy": _SCORE, "choice_accuracy": _SCORE, "general_nll": _SCORE,
+    "by_kind": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": _SCORE}}}}
 HEAD_ROWS = 256  # logits rows per head run: 256 x 49152 floats is 50 MB
 
 
@@ -316,7 +325,7 @@ def read_sweep(path: Path) -> tuple[dict, list[dict]]:
 def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
     """Header, rows, and the byte length to cut a partial last line to (None if there is none)."""
     try:
-        data = path.read_bytes()
+        data = inputs.read_bytes(path, "sweep file")
     except FileNotFoundError:
         raise CpOnnxError(f"no sweep file at {path}; run `cp-onnx sweep --out {path}` first") from None
     lines = data.split(b"\n")
@@ -326,15 +335,18 @@ def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
         raise CpOnnxError(f"{path} is not a cp-onnx sweep file; give the JSONL file written by `cp-onnx sweep`")
     if header.get("version") != SWEEP_VERSION:
         raise CpOnnxError(f"{path} is sweep format version {header.get('version')}, this cp-onnx reads version {SWEEP_VERSION}; run the sweep again")
+    shapes.check(header, HEADER_SCHEMA, f"line 1 of {path}", "delete the file to start the sweep over")
     rows = [_parse(line, path, number) for number, line in enumerate(complete[1:], 2)]
+    for number, row in enumerate(rows, 2):
+        shapes.check(row, ROW_SCHEMA, f"line {number} of {path}", "delete the file to start the sweep over")
+        if (row["start"] is None) != (row["end"] is None) or (row["start"] is not None and row["start"] >= row["end"]):
+            raise CpOnnxError(f"line {number} of {path} names block [{row['start']}, {row['end']}), which is not a block; "
+                              "delete the file to start the sweep over")
     return header, rows, (len(data) - len(tail)) if tail else None
 
 
 def _parse(line: bytes, path: Path, number: int) -> dict:
-    try:
-        return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CpOnnxError(f"line {number} of {path} is not valid JSON; delete the file to start the sweep over") from None
+    return shapes.parse_json(line, f"line {number} of {path}", "delete the file to start the sweep over")
 
 
 def _write_header(path: Path, header: dict) -> None:
@@ -348,7 +360,12 @@ def _write_header(path: Path, header: dict) -> None:
 
 def append_row(path: Path, row: dict) -> None:
     """Append one line and force it to disk: a killed run loses at most the config in progress."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row, allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    line = json.dumps(row, allow_nan=False) + "\n"
+    try:
+        with open(path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # the line may be cut: the next run drops a partial last line and redoes that config
+        raise CpOnnxError(f"cannot append to the sweep {path} ({err.strerror or err}); free space on that disk and run the sweep again "
+                          "to resume") from None

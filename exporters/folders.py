@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import ExportError
 
@@ -27,13 +27,17 @@ def writable_parent(folder: Path, what: str, hint: str = "choose a writable fold
 
 
 @contextlib.contextmanager
-def staging_folder(final: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder of ``final``; on success it replaces ``final``, on failure it is removed."""
+def staging_folder(final: Path, keep_existing: Callable[[], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty sibling folder of ``final``; on success it replaces ``final``, on failure it is removed.
+
+    ``keep_existing``: asked at the end; True keeps a ``final`` that appeared meanwhile (another process
+    finished the same cache entry first: replacing it would pull it from under that process's reader)."""
     final = Path(final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING_MARK}", dir=final.parent))
     try:
         yield staging
-        replace_folder(staging, final)
+        if keep_existing is None or not keep_existing():
+            replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

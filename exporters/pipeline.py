@@ -141,7 +141,7 @@ def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bo
     from .runtime_env import quiet_transformers
     from .tokenizer_files import load_tokenizer, save_tokenizer
 
-    with folders.staging_folder(entry) as stage, quiet_transformers():
+    with folders.staging_folder(entry, keep_existing=lambda: cached(entry, key)) as stage, quiet_transformers():
         hf_dir = src.path
         if src.is_gguf:  # transformers reads the GGUF's config and weights in one go
             hf_dir = stage / f"{SCRATCH_PREFIX}dequantized"

@@ -3,7 +3,7 @@ perturb, ablate, segment).
 
 Depends on onnx and numpy only; knows nothing of onnxruntime or of the analysis.
 """
-from graph_passes import graph_io, graph_utils, mapped
+from graph_passes import graph_io, graph_utils, limits, mapped
 from graph_passes.discovery import discover
 from graph_passes.errors import GraphPassError
 from graph_passes.expose import expose
@@ -13,5 +13,5 @@ from graph_passes.perturb import perturb
 from graph_passes.route import route
 from graph_passes.segment import segment
 
-__all__ = ["GraphPassError", "Layer", "LayerMap", "ablate", "block_name", "discover", "expose", "graph_io", "graph_utils", "mapped", "parse_name",
+__all__ = ["GraphPassError", "Layer", "LayerMap", "ablate", "block_name", "discover", "expose", "graph_io", "graph_utils", "limits", "mapped", "parse_name",
            "perturb", "route", "segment"]

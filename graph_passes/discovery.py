@@ -179,13 +179,16 @@ def _sizes(index: GraphIndex, types: dict, layer: Layer) -> tuple[int | None, in
 
 def _value_heads(index: GraphIndex, types: dict, head_ctx: str) -> int | None:
     """Head count read from the values' [batch, heads, seq, dim] shape, when the context's is unknown."""
-    tensor = index.nodes[index.producer[head_ctx]].input[1]
+    inputs = index.nodes[index.producer[head_ctx]].input
+    if len(inputs) < 2:
+        return None
+    tensor = inputs[1]
     for _ in range(8):
         dims = static_dims(types.get(tensor))
         if dims and len(dims) == 4 and dims[1]:
             return dims[1]
         i = index.producer.get(tensor)
-        if i is None:
+        if i is None or not index.nodes[i].input:
             return None
         tensor = index.nodes[i].input[0]
     return None

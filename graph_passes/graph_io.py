@@ -87,9 +87,11 @@ def save(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None
         except ValueError as exc:  # over 2 GB even without the initializers: huge Constant nodes
             raise GraphPassError(f"cannot write {path}: the graph is too big for one protobuf ({exc}); move its constants to initializers") from None
         written.append((_write_temp(folder, path.name, [(0, payload)]), path))
-    except BaseException:
+    except BaseException as exc:
         for temp, _ in written:
             temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk or a file-size limit: the previous file, if any, is untouched
+            raise GraphPassError(f"cannot write {path} ({exc.strerror or exc}); free space on that disk or choose another folder") from None
         raise
     for temp, final in written:  # data first, the model last: a reader never sees a model without its data
         os.replace(temp, final)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from graph_passes import limits
 from graph_passes.errors import GraphPassError
 from graph_passes.graph_io import EXTERNAL_MIN_BYTES, external_stub
 
@@ -32,7 +33,8 @@ def load_mapped(path: str | Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray
     so a reader that does not take the mapped arrays can still find the bytes.
 
     Small tensors, and tensors numpy cannot hold as they are (bfloat16, 4-bit), stay inline in the graph.
-    External data must lie inside the model's folder and be as long as the tensor's shape says.
+    External data must lie inside the model's folder and be as long as the tensor's shape says; no
+    tensor may declare more than ``limits.tensor_limit()`` bytes (checked before anything is read).
     """
     path = Path(path)
     if not path.is_file():
@@ -44,6 +46,8 @@ def load_mapped(path: str | Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray
         buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         return _split(buffer, path)
+    except GraphPassError:
+        raise
     except (IndexError, ValueError, DecodeError) as exc:
         raise GraphPassError(f"cannot read {path} as an ONNX model ({type(exc).__name__}: {exc}); re-export it") from None
     finally:
@@ -68,7 +72,9 @@ def _split(buffer: mmap.mmap, path: Path) -> tuple[onnx.ModelProto, dict[str, np
     model = bytearray()
     for number, wire, tag_start, start, end in fields:
         model += _encode_field(_MODEL_GRAPH, bytes(graph)) if number == _MODEL_GRAPH else buffer[tag_start:end]
-    return onnx.ModelProto.FromString(bytes(model)), weights
+    proto = onnx.ModelProto.FromString(bytes(model))
+    limits.check_graph(proto.graph)  # Constant / ConstantOfShape declarations, inline bytes against their shapes
+    return proto, weights
 
 
 def _tensor(buffer: mmap.mmap, start: int, end: int, path: Path, weights: dict[str, np.ndarray]) -> onnx.TensorProto:
@@ -80,6 +86,7 @@ def _tensor(buffer: mmap.mmap, start: int, end: int, path: Path, weights: dict[s
         else:
             header += buffer[tag_start:value_end]
     tensor = onnx.TensorProto.FromString(bytes(header))
+    limits.declared_bytes(tensor.dims, tensor.data_type, f"weight {tensor.name!r}")  # before any byte of it is read
     dtype = _numpy_dtype(tensor.data_type)
     if raw is not None:
         offset, length = raw[0], raw[1] - raw[0]

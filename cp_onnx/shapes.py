@@ -1,0 +1,88 @@
+"""JSON files from elsewhere (reports, sweeps, manifests) checked against a schema before any field is used.
+
+A report is read by the summary, the text form, the HTML page, embed and validate; each indexes it
+freely, so a hand-edited or hostile file would otherwise end in a KeyError or TypeError traceback.
+The schema shipped for users (``data/report.schema.json``) is the one checked here, by this small
+subset of JSON Schema (type, const, enum, required, properties, additionalProperties, items,
+minItems, minimum, maximum, pattern, local $ref), so jsonschema is not needed at run time.
+
+"number" means a finite number: JSON has no NaN or Infinity, though Python's reader accepts them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from cp_onnx.errors import CpOnnxError
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    # finite, and (for integers) small enough to become a float: readers compute with these
+    "number": lambda v: (isinstance(v, float) and math.isfinite(v)) or (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1e300),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def parse_json(text: str | bytes, path: Path, hint: str):
+    """The JSON value of ``text`` (a file's contents), or a one-line error ending in ``hint``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CpOnnxError(f"{path} nests JSON too deeply to be a cp-onnx file; {hint}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CpOnnxError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}); {hint}") from None
+    except ValueError as exc:  # numbers with more digits than Python converts
+        raise CpOnnxError(f"{path} is not valid JSON ({exc}); {hint}") from None
+
+
+def check(value, schema: dict, where: str, hint: str, *, root: dict | None = None, at: str = "") -> None:
+    """CpOnnxError naming the first place where ``value`` breaks ``schema``."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+
+    def fail(what: str) -> None:
+        raise CpOnnxError(f"{where}: {at or 'the top level'} {what}; {hint}")
+
+    types = schema.get("type")
+    if types is not None and not any(_TYPES[t](value) for t in ([types] if isinstance(types, str) else types)):
+        fail(f"should be {' or '.join([types] if isinstance(types, str) else types)}, not {_shown(value)}")
+    if "const" in schema and value != schema["const"]:
+        fail(f"should be {schema['const']!r}, not {_shown(value)}")
+    if "enum" in schema and value not in schema["enum"]:
+        fail(f"should be one of {', '.join(map(repr, schema['enum']))}, not {_shown(value)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and not value >= schema["minimum"]:
+            fail(f"should be at least {schema['minimum']}, not {_shown(value)}")
+        if "maximum" in schema and not value <= schema["maximum"]:
+            fail(f"should be at most {schema['maximum']}, not {_shown(value)}")
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        fail(f"does not match {schema['pattern']}")
+    if isinstance(value, dict):
+        missing = [key for key in schema.get("required", ()) if key not in value]
+        if missing:
+            fail(f"lacks {', '.join(missing)}")
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for key, item in value.items():
+            sub = properties.get(key, extra)
+            if sub is False:
+                fail(f"has an unexpected key {key!r}")
+            if isinstance(sub, dict):
+                check(item, sub, where, hint, root=root, at=f"{at}.{key}" if at else key)
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            fail(f"should hold at least {schema['minItems']} item(s)")
+        if isinstance(schema.get("items"), dict):
+            for index, item in enumerate(value):
+                check(item, schema["items"], where, hint, root=root, at=f"{at}[{index}]")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, allow_nan=True, default=str) if not isinstance(value, (dict, list)) else type(value).__name__.replace("dict", "an object").replace("list", "an array")
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,182 @@
+"""Resource bombs refused before anything is allocated: tensors declaring terabytes, oversized files and
+lines, texts too long for memory. Each refusal is one line naming the limit and how to raise it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cp_onnx import budget
+from cp_onnx.cli import main
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.runner import Runner
+from graph_passes.errors import GraphPassError
+from graph_passes.mapped import load_mapped
+from test_embed import tiny_folder
+
+TERA = [1 << 20, 1 << 20]  # 2**40 float32 elements: 4.4 TB
+
+
+def _model(nodes, initializers=(), outputs=("y",)) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _declaring(dims, data=b"\0" * 16) -> TensorProto:
+    """A float tensor whose dims say one size while it holds 16 bytes (the bomb: the shape is what gets allocated)."""
+    tensor = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=dims)
+    tensor.raw_data = data
+    return tensor
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cp-onnx: error: ") and "\n" not in err
+    return err
+
+
+@pytest.fixture
+def constant_of_shape_bomb() -> onnx.ModelProto:
+    shape = numpy_helper.from_array(np.array([1 << 20, 1 << 20, 1 << 10], dtype=np.int64), "shape")
+    return _model([helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("Add", ["x", "big"], ["y"])], [shape])
+
+
+def test_initializer_declaring_terabytes_is_refused_naming_the_limit(tmp_path):
+    onnx.save_model(_model([helper.make_node("Add", ["x", "w"], ["y"])], [_declaring(TERA)]), tmp_path / "model.onnx")
+    with pytest.raises(GraphPassError, match=r"initializer|weight 'w' declares shape \[1048576, 1048576\] \(4\.4 TB\).*CP_ONNX_MAX_TENSOR_GB=N"):
+        load_mapped(tmp_path / "model.onnx")
+
+
+def test_constant_and_constant_of_shape_bombs_are_refused_on_disk_and_in_memory(tmp_path, constant_of_shape_bomb):
+    constant = _model([helper.make_node("Constant", [], ["c"], value=_declaring(TERA)), helper.make_node("Add", ["x", "c"], ["y"])])
+    for model, node in ((constant, "Constant node 'c'"), (constant_of_shape_bomb, "ConstantOfShape node 'big'")):
+        onnx.save_model(model, tmp_path / "model.onnx")
+        with pytest.raises(GraphPassError, match=re.escape(node) + r" declares shape .* [TP]B\)"):
+            load_mapped(tmp_path / "model.onnx")
+        with pytest.raises(CpOnnxError, match=re.escape(node)):  # a graph built in memory, before onnxruntime sees it
+            Runner(model, threads=1)
+
+
+def test_the_limit_is_an_option_and_bytes_must_still_match_the_shape(tmp_path, monkeypatch):
+    onnx.save_model(_model([helper.make_node("Add", ["x", "w"], ["y"])], [_declaring([2, 2], b"\0" * 8)]), tmp_path / "model.onnx")
+    monkeypatch.setenv("CP_ONNX_MAX_TENSOR_GB", "1e-8")  # 10 bytes: the 16-byte tensor is over it
+    with pytest.raises(GraphPassError, match=r"\(1\.6e-08 GB\), more than the 1e-08 GB limit"):
+        load_mapped(tmp_path / "model.onnx")
+    monkeypatch.setenv("CP_ONNX_MAX_TENSOR_GB", "1")  # within the limit, but 8 bytes cannot fill a 16-byte shape
+    with pytest.raises(GraphPassError, match=r"holds 8 bytes but its shape \[2, 2\] needs 16"):
+        load_mapped(tmp_path / "model.onnx")
+
+
+def test_refused_before_allocation_under_a_small_address_space(tmp_path, constant_of_shape_bomb):
+    """A child limited to 3 GB of address space gets the one-line refusal (allocating first would end in MemoryError or a kill)."""
+    onnx.save_model(constant_of_shape_bomb, tmp_path / "model.onnx")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
+            "from cp_onnx.runner import Runner; from cp_onnx.errors import CpOnnxError\n"
+            f"try: Runner({str(tmp_path / 'model.onnx')!r}, threads=1)\nexcept CpOnnxError as e: print(e); sys.exit(2)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "ConstantOfShape node 'big' declares shape [1048576, 1048576, 1024]" in done.stdout
+
+
+def test_external_data_longer_than_declared_is_refused(tmp_path):
+    weight = np.arange(512, dtype=np.float32)
+    model = _model([helper.make_node("Add", ["x", "w"], ["y"])], [numpy_helper.from_array(weight, "w")])
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    with open(tmp_path / "w.bin", "ab") as handle:  # appended bytes; the reference gives no length, so the file's size counts
+        handle.write(b"\0" * 64)
+    stub = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+    for entry in stub.graph.initializer[0].external_data:
+        if entry.key == "length":
+            entry.value = str(weight.nbytes + 64)
+    onnx.save_model(stub, tmp_path / "model.onnx")
+    with pytest.raises(GraphPassError, match=r"weight 'w' holds 2112 bytes but its shape \[512\] needs 2048"):
+        load_mapped(tmp_path / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model, tmp_path_factory) -> Path:
+    return tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("limits") / "llama")
+
+
+def _sparse(path: Path, size: int, head: bytes = b"") -> Path:
+    """A file of ``size`` bytes that takes no disk (and whose reading would take ``size`` of memory)."""
+    with open(path, "wb") as handle:
+        handle.write(head)
+        handle.truncate(size)
+    return path
+
+
+def test_oversized_tokenizer_calibration_and_probe_files_are_refused_unread(folder, tmp_path, capsys):
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    shutil.copy(folder / "model.onnx", huge / "model.onnx")
+    _sparse(huge / "tokenizer.json", 5 << 30, b'{"version": "1.0", "model": {"vocab": {"')
+    err = _one_line_error(capsys, ["analyze", huge, "--out", tmp_path / "o"])
+    assert err == f"cp-onnx: error: the tokenizer {huge / 'tokenizer.json'} is larger than 256 MB; if it is genuine, raise the limit with CP_ONNX_MAX_FILE_MB=N"
+
+    texts = _sparse(tmp_path / "texts.txt", 1 << 30, b"A gigabyte-long line ")  # one line: no newline anywhere
+    err = _one_line_error(capsys, ["analyze", folder, "--calibration", texts, "--out", tmp_path / "o"])
+    assert "calibration file" in err and "larger than 256 MB" in err
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"kind": "arithmetic", "prompt": "2+2=" + "7" * 2_000_000, "answer": "4"}) + "\n")
+    err = _one_line_error(capsys, ["sweep", folder, "--suite", suite, "--out", tmp_path / "s.jsonl"])
+    assert err == f"cp-onnx: error: line 1 of the probe suite {suite} is longer than 1 MB; split it, or raise the limit with CP_ONNX_MAX_LINE_MB=N"
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_file_limits_are_options(folder, tmp_path, monkeypatch):
+    from cp_onnx.calibration import read_texts
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("x" * 1500 + "\nshort\n")
+    monkeypatch.setenv("CP_ONNX_MAX_LINE_MB", "0.001")
+    with pytest.raises(CpOnnxError, match=r"line 1 of the calibration file .* longer than 0\.001 MB"):
+        read_texts(texts)
+    monkeypatch.setenv("CP_ONNX_MAX_LINE_MB", "0.002")
+    assert read_texts(texts) == ["x" * 1500, "short"]
+    monkeypatch.setenv("CP_ONNX_MAX_FILE_MB", "0.001")
+    with pytest.raises(CpOnnxError, match=r"larger than 0\.001 MB"):
+        read_texts(texts)
+
+
+def test_a_fifo_is_refused_instead_of_blocking(tmp_path, capsys):
+    os.mkfifo(tmp_path / "report.json")  # opening it would wait for a writer forever
+    err = _one_line_error(capsys, ["report", tmp_path / "report.json"])
+    assert err == f"cp-onnx: error: the report {tmp_path / 'report.json'} is not a regular file; give the path of a file"
+
+
+def test_texts_too_long_for_memory_are_refused_with_what_fits(folder, tmp_path, capsys, monkeypatch):
+    texts = tmp_path / "long.txt"
+    texts.write_text("a" * 3000 + "\n")  # byte-level tokenizer: 3000 tokens
+    monkeypatch.setenv("CP_ONNX_MEMORY_GB", "0.05")
+    err = _one_line_error(capsys, ["analyze", folder, "--calibration", texts, "--max-length", "100000", "--out", tmp_path / "o"])
+    found = re.fullmatch(r"cp-onnx: error: texts of 3000 tokens in batches of 1 need about ([\d.]+) GB of memory \(3 layers, hidden 64, "
+                         r"4 heads, vocabulary (\d+)\), and 0\.05 GB is available; --max-length (\d+) fits \(or lower --batch-size; "
+                         r"\$CP_ONNX_MEMORY_GB sets the memory to plan for\)", err)
+    assert found, err
+    # The attention patterns alone (3 layers x 4 heads x 3000^2 floats) are a floor on the need.
+    assert float(found[1]) * 1e9 >= 3 * 4 * 3000**2 * 4
+    fits = int(found[3])
+    shape = budget.Shape(3, 64, 4, int(found[2]))
+    assert budget.batch_bytes(shape, 1, fits) <= 0.05e9 < budget.batch_bytes(shape, 1, fits + 1)
+    assert main(["analyze", str(folder), "--calibration", str(texts), "--max-length", str(fits), "--method", "stability",
+                 "--block-sizes", "1", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("option", ["--max-length", "--batch-size", "--threads"])
+def test_counts_must_be_positive(folder, tmp_path, capsys, option):
+    err = _one_line_error(capsys, ["analyze", folder, option, "0", "--out", tmp_path / "o"])
+    assert err == f"cp-onnx: error: {option} must be a positive integer, not 0"
