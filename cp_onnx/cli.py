@@ -130,17 +130,20 @@ def cmd_sweep(args) -> int:
     model = open_model(args.model, with_past=True, log=log)  # the KV cache lets shared few-shot examples run once
     from cp_onnx import executors
 
+    if args.skip and (args.all or args.blocks):
+        raise CpOnnxError("give --skip SIZES (blocks removed) or --blocks / --all (blocks duplicated), not both")
+    operation = "skip" if args.skip else "duplicate"
     executor = executors.executor_from_args(args)
     try:
-        rows = sweep(model, items=items, out=Path(args.out), sizes=args.blocks, all_blocks=args.all, threads=args.threads,
-                     batch_size=args.batch_size, executor=executor, progress=Progress("sweep configs"), log=log)
+        rows = sweep(model, items=items, out=Path(args.out), sizes=args.skip or args.blocks or (3, 4, 5), all_blocks=args.all, threads=args.threads,
+                     batch_size=args.batch_size, executor=executor, operation=operation, progress=Progress("sweep configs"), log=log)
     finally:
         executors.close(executor)
     baseline = next(r for r in rows if r["start"] is None)
     best = max((r for r in rows if r["start"] is not None), key=lambda r: r["answer_logprob"], default=None)
     print(f"baseline answer_logprob {baseline['answer_logprob']:.4f}, greedy {baseline['greedy_accuracy']:.3f}")
     if best:
-        print(f"best block [{best['start']}, {best['end']}): answer_logprob {best['answer_logprob']:.4f} "
+        print(f"best block {'removed' if args.skip else 'duplicated'} [{best['start']}, {best['end']}): answer_logprob {best['answer_logprob']:.4f} "
               f"({best['answer_logprob'] - baseline['answer_logprob']:+.4f}), greedy {best['greedy_accuracy']:.3f}")
     log(f"sweep written to {args.out}")
     return 0
@@ -297,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("sweep", help="brute-force ground truth: score every duplicated block on the probe suite (JSONL, resumable)")
+    p = sub.add_parser("sweep", help="brute-force ground truth: score every duplicated (or removed) block on the probe suite (JSONL, resumable)")
     p.add_argument("model", nargs="?", default=None, help="exported folder or anything `export` accepts (default: smollm2)")
-    p.add_argument("--blocks", type=_int_list, default=(3, 4, 5), help="block sizes to sweep (default 3,4,5)")
+    p.add_argument("--blocks", type=_int_list, default=None, help="sizes of the blocks to duplicate (default 3,4,5)")
+    p.add_argument("--skip", type=_int_list, metavar="SIZES", help="remove blocks of these sizes instead of duplicating (e.g. 1,2,3,4): pruning's ground truth")
     p.add_argument("--all", action="store_true", help="every block [i, j) with j > i instead of --blocks")
     p.add_argument("--suite", help="a JSONL probe suite (default: the shipped suite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shipped probe suite (default 0)")
