@@ -112,6 +112,34 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from cp_onnx.model import open_model
+    from cp_onnx.pruned_folder import choose, prune_folder
+
+    if not (args.layers or args.skip or args.heads):
+        raise CpOnnxError("give what to remove: --layers N, --skip I:J and/or --heads N")
+    if args.layers and args.skip:
+        raise CpOnnxError("give --layers N (chosen by --method) or --skip I:J (a block you name), not both")
+    model = open_model(args.model, with_past=True, log=log)  # generation with the pruned model then has its KV cache
+    skipped = list(range(*args.skip)) if args.skip else []
+    removed, heads = choose(model, layers=args.layers or 0, heads=args.heads or 0, layer_method=args.method, head_method=args.head_method,
+                            removed=skipped, calibration_source=args.calibration, n=args.n, max_length=args.max_length, threads=args.threads,
+                            progress=Progress("pruning candidates"), log=log)
+    print(prune_folder(model, Path(args.out), layers=removed or skipped, heads=heads, log=log))
+    return 0
+
+
+def _block(text: str) -> tuple[int, int]:
+    start, _, end = text.partition(":")
+    try:
+        block = (int(start), int(end))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block I:J (layers I..J-1, J exclusive) such as 20:26, not {text!r}") from None
+    if not 0 <= block[0] < block[1]:
+        raise argparse.ArgumentTypeError(f"block {text!r} is empty or negative; give I:J with 0 <= I < J")
+    return block
+
+
 def cmd_generate(args) -> int:
     from cp_onnx.generate import generate
     from cp_onnx.model import open_model
@@ -291,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="any layer path, ranges inclusive: 0..14,12,13,14,15..29")
     p.add_argument("--out", required=True, help="folder to write the new model to")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("prune", help="write the model without some layers and heads: gone from the graphs and weights, smaller and faster")
+    p.add_argument("model", help="exported folder, or anything `export` accepts (exported with its KV-cache graph)")
+    p.add_argument("--layers", type=int, metavar="N", help="remove N layers, chosen by --method on the calibration texts")
+    p.add_argument("--skip", type=_block, metavar="I:J", help="remove layers I..J-1 (J exclusive)")
+    p.add_argument("--heads", type=int, metavar="N", help="remove N attention heads, chosen by --head-method (every layer keeps one)")
+    p.add_argument("--method", default="removal_loss", choices=["removal_loss", "sleb", "block_influence", "angular_distance"],
+                   help="how --layers chooses (default removal_loss: the exact calibration loss of each removal; the others are the published baselines)")
+    p.add_argument("--head-method", default="head_ablation", choices=["head_ablation", "head_first_order"],
+                   help="how --heads chooses (default head_ablation: each head's exact effect on the calibration loss)")
+    p.add_argument("--calibration", help="reasoning texts: 'reasoning' (default) or a .txt/.jsonl file; the shipped general texts are added")
+    p.add_argument("-n", type=int, default=10, help="calibration texts of each set (default 10)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="folder to write the pruned model to")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("generate", help="greedy generation with the KV cache, for original and applied models")
     p.add_argument("model", help="exported or applied folder, or anything `export` accepts")
