@@ -77,6 +77,8 @@ def cmd_analyze(args) -> int:
     data = report.build_report(result)
     if args.jacobian or args.heads:
         _add_circuit_analysis(data, model, settings, with_heads=args.heads)
+    if args.prune:
+        _add_pruning(data, model, settings)
     out = report.write_json(data, Path(args.out) / "report.json")
     if args.jacobian or args.heads:
         from cp_onnx.circuit import build_circuit_graph, write_circuit
@@ -99,6 +101,18 @@ def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool) -> N
     data["methods"].update(sections.pop("methods"))
     data["timings"].update(sections.pop("timings"))
     data.update(sections)
+
+
+def _add_pruning(data: dict, model, settings) -> None:
+    """The pruning candidates (every layer method; heads from the head influence when --heads ran), same texts."""
+    from cp_onnx.calibration import load_calibration
+    from cp_onnx.pruning_report import pruning_section
+
+    began = time.perf_counter()
+    texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
+    data["pruning"] = pruning_section(model, texts, load_calibration("general", n=settings.n), data, max_length=settings.max_length,
+                                      threads=settings.threads, progress=Progress("removals"))
+    data["timings"]["pruning_s"] = time.perf_counter() - began
 
 
 def cmd_apply(args) -> int:
@@ -179,17 +193,23 @@ def cmd_sweep(args) -> int:
 
 def cmd_validate(args) -> int:
     from cp_onnx import report
-    from cp_onnx.sweep import read_sweep
-    from cp_onnx.validate import heatmap, validate
+    from cp_onnx.sweep import operation_of, read_sweep
+    from cp_onnx.validate import check_same_model, heatmap, validate, validate_removals
 
     data = report.read_report(Path(args.report))
     header, rows = read_sweep(Path(args.sweep))
-    result = validate(data, rows, top_k=args.top_k, sweep_header=header)
+    removals = operation_of(header) == "skip"
+    if removals:
+        check_same_model(data, header)
+        result = validate_removals((data.get("pruning") or {}).get("layers"), rows, top_k=args.top_k)
+        predictions = {name: method["blocks"][: args.top_k] for name, method in data["pruning"]["layers"]["methods"].items()}
+    else:
+        result = validate(data, rows, top_k=args.top_k, sweep_header=header)
+        predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
     out = Path(args.out)
     report.write_json(result, out / "validation.json")
-    predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
-    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric)
-    print(format_validation(result))
+    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric, what="Removed" if removals else "Duplicated")
+    print(format_removal_validation(result) if removals else format_validation(result))
     log(f"validation written to {out / 'validation.json'}, heatmap to {out / 'sweep_heatmap.png'}")
     return 0
 
@@ -208,6 +228,21 @@ def format_validation(result: dict) -> str:
                 f"best in top-{result['top_k']}: {'yes' if j['best_in_top_k'] else 'no'}, within +-{result['tolerance']}: "
                 f"{'yes' if j['near_best_in_top_k'] else 'no'}, rank of best {j['best_rank']}"
             )
+    return "\n".join(lines)
+
+
+def format_removal_validation(result: dict) -> str:
+    """Per removal size and metric: the least harmful block, then each method's choice and top-ranked block beside it."""
+    lines = []
+    for n, entry in result["sizes"].items():
+        for metric, best in entry["best"].items():
+            lines.append(f"{n} layer{'s' * (n != '1')}, {metric}: least harmful removal [{best['start']}, {best['end']}), change {best['gain']:+.4f}")
+            for method, judged in entry["methods"].items():
+                j, choice, top = judged[metric], judged[metric]["choice"], judged[metric]["top1"]
+                cost = "not in the sweep" if choice["gain"] is None else f"change {choice['gain']:+.4f}"
+                ratio = "" if j["cost_ratio"] is None else f", x{j['cost_ratio']:.2f} the best's cost"
+                ranked = "" if top is None else f"; top block [{top['start']}, {top['end']}), rank of best {j['best_rank']}"
+                lines.append(f"  {method:>16}: removes {choice['layers']} {cost}{ratio}{ranked}")
     return "\n".join(lines)
 
 
@@ -308,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")
     p.add_argument("--jacobian", action="store_true", help="add finite-difference Jacobian stability and Mahalanobis anomaly scores; write circuit.graphml/json/dot")
     p.add_argument("--heads", action="store_true", help="add head influence (first-order estimates and exact ablations); implies the circuit graph")
+    p.add_argument("--prune", action="store_true",
+                   help="add pruning candidates: the layers each method (ShortGPT, Gromov, SLEB, the default removal_loss) would remove, 1 to L/4 "
+                        "of them, and with --heads the cheapest heads (check them with `cp-onnx sweep --skip` and `cp-onnx validate`)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--out", default="cp-onnx-out", help="output folder for report.json (default ./cp-onnx-out)")

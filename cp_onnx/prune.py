@@ -65,7 +65,7 @@ class LayerPruning:
     token_layers: int = 0  # the work the loss methods ran: tokens (padding included) times layers
     timings: dict[str, float] = field(default_factory=dict)
 
-    def as_dict(self, top: int = 5) -> dict:
+    def as_dict(self, top: int | None = 5) -> dict:
         return {
             "default": DEFAULT,
             "papers": PAPERS,

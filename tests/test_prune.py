@@ -2,6 +2,7 @@
 (layers gone from the graphs, heads from the weights) against torch with the same layers dropped and heads zeroed."""
 from __future__ import annotations
 
+import json
 from itertools import combinations
 
 import numpy as np
@@ -168,3 +169,43 @@ def test_prune_layers_by_a_method_and_its_refusals(llama_folder, tmp_path, capsy
         line = err.strip().splitlines()[-1]
         assert code == 2 and line.startswith("cp-onnx: error: ") and fragment in line, line
         assert not target.exists()
+
+
+def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, capsys):  # noqa: F811
+    import jsonschema
+
+    from cp_onnx import report as report_mod
+    from test_sweep import ITEMS
+
+    _, folder = llama_folder
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"id": i.id, "kind": i.kind, "prompt": i.prompt, "answer": i.answer, **({"options": list(i.options)} if i.options else {})}) + "\n"
+                             for i in ITEMS))
+    args = ["-n", "2", "--max-length", "32", "--block-sizes", "1,2"]
+    assert run(["analyze", folder, "--prune", "--heads", "--out", tmp_path / "report", *args], capsys)[0] == 0
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    jsonschema.validate(data, report_mod.schema())
+    layers = data["pruning"]["layers"]
+    assert set(layers["methods"]) == {"block_influence", "angular_distance", "sleb", "removal_loss"} and layers["num_layers"] == 3
+    assert all(len(m["blocks"]) == 3 and [c["n"] for c in m["choices"]] == [1] for m in layers["methods"].values())  # L/4 rounds to 1 layer
+    heads = data["pruning"]["heads"]["methods"]["head_ablation"]
+    zero = {(r["layer"], r["head"]): r["loss_zero"] for r in data["heads"]["heads"]}
+    assert [zero[(h["layer"], h["head"])] for h in heads["cheapest"]] == sorted(zero.values())[: len(heads["cheapest"])]
+    code, out, _ = run(["sweep", folder, "--skip", "1", "--suite", suite, "--out", tmp_path / "skip.jsonl"], capsys)
+    assert code == 0 and "best block removed" in out
+    assert run(["validate", tmp_path / "report" / "report.json", tmp_path / "skip.jsonl", "--out", tmp_path / "validation"], capsys)[0] == 0
+    result = json.loads((tmp_path / "validation" / "validation.json").read_text())
+    rows = {(r["start"], r["end"]): r for r in map(json.loads, (tmp_path / "skip.jsonl").read_text().splitlines()[1:])}
+    for method, entry in result["sizes"]["1"]["methods"].items():
+        layer = layers["methods"][method]["choices"][0]["layers"][0]
+        change = rows[(layer, layer + 1)]["answer_logprob"] - rows[(None, None)]["answer_logprob"]
+        assert entry["answer_logprob"]["choice"]["gain"] == pytest.approx(change)
+    best = result["sizes"]["1"]["best"]["answer_logprob"]
+    assert best["gain"] == max(r["answer_logprob"] for r in rows.values() if r["start"] is not None) - rows[(None, None)]["answer_logprob"]
+    code, text, _ = run(["report", tmp_path / "report" / "report.json", "--text"], capsys)
+    assert code == 0 and "prune removal_loss 1 " in text and "prune_head head_ablation " in text
+    code, summary, _ = run(["report", tmp_path / "report" / "report.json"], capsys)
+    assert "pruning candidates" in summary and "cheapest heads (head_ablation)" in summary
+    page = tmp_path / "page.html"
+    assert run(["report", tmp_path / "report" / "report.json", "--html", page, "--sweep", tmp_path / "skip.jsonl"], capsys)[0] == 0
+    assert "id='pruning'" in page.read_text() and "id='removals'" in page.read_text()
