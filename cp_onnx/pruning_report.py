@@ -38,10 +38,10 @@ def summary_lines(report: dict, top: int = 3) -> list[str]:
     if layers:
         lines.append(f"\npruning candidates (layers each method would remove; default {layers['default']})")
         for method, data in layers["methods"].items():
-            picks = "; ".join(f"{c['n']}: {_layers(c['layers'])}" + ("" if not c.get("nll") else f" ({c['nll']['all'] - layers['base_nll']['all']:+.3f})")
+            picks = "; ".join(f"{c['n']}: {_layers(c['layers'])}" + ("" if not c.get("nll") else f" ({_added(c, layers, 'reasoning')}/{_added(c, layers, 'general')})")
                               for c in data["choices"][:4])
             lines.append(f"  {method:>16}: {picks}")
-        lines.append("  (in brackets: the calibration loss added, nats/token)")
+        lines.append("  (in brackets: the loss added on the reasoning / general calibration texts, nats/token)")
     for method, data in ((pruning.get("heads") or {}).get("methods") or {}).items():
         cheapest = ", ".join(f"L{h['layer']}.H{h['head']} {h['score']:+.4f}" for h in data["cheapest"][:top])
         lines.append(f"  cheapest heads ({method}): {cheapest}")
@@ -62,6 +62,10 @@ def html_rows(report: dict) -> list[list[str]]:
     """Table rows (method, layers removed for n = 1, 2, ...) for the HTML page."""
     layers = (report.get("pruning") or {}).get("layers") or {}
     return [[method, *(_layers(c["layers"]) for c in data["choices"])] for method, data in (layers.get("methods") or {}).items()]
+
+
+def _added(choice: dict, layers: dict, group: str) -> str:
+    return f"{choice['nll'][group] - layers['base_nll'][group]:+.3f}"
 
 
 def _layers(layers: list[int]) -> str:

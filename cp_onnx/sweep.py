@@ -58,9 +58,9 @@ def layer_path(config: Config, num_layers: int, operation: str = "duplicate") ->
     return list(range(num_layers)) if start is None else OPERATIONS[operation](start, end, num_layers)
 
 
-def departure(path: Sequence[int], num_layers: int) -> int:
-    """How many leading layers ``path`` shares with the base model's 0..L-1: up to there, its outputs are the base model's."""
-    return next((k for k, (layer, base) in enumerate(zip(path, range(num_layers))) if layer != base), min(len(path), num_layers))
+def departure(path: Sequence[int], base: Sequence[int]) -> int:
+    """How many leading layers ``path`` shares with the ``base`` path: up to there, its outputs are the base's."""
+    return next((k for k, (layer, kept) in enumerate(zip(path, base)) if layer != kept), min(len(path), len(base)))
 
 
 class ReuseEvaluator:
@@ -89,6 +89,7 @@ class ReuseEvaluator:
             ids = np.asarray([prefix], dtype=np.int64)
             context = self._context(ids, np.ones_like(ids), None)
             self.prefixes[prefix] = (context, self._run(range(self.num_layers), context[self.embed], context, None))
+        self.base_path = list(range(self.num_layers))  # the path whose outputs are kept (see rebase)
         self.contexts, self.outputs = [], KeptOutputs()  # per batch: context tensors; every layer's output
         for batch in plan.batches:
             past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
@@ -142,7 +143,7 @@ class ReuseEvaluator:
 
     def path_scores(self, path: Sequence[int], batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per batch, ``scoring.token_scores`` of its targets when the layers run along ``path``."""
-        resume_at = departure(path, self.num_layers)  # the base model's output of layer resume_at - 1 (or its embedding) is reused
+        resume_at = departure(path, self.base_path)  # the base's output at position resume_at - 1 (or the embedding) is reused
         remaining = list(path[resume_at:])
         prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0] if resume_at else context[self.embed], context, None)]
                          for prefix, (context, base) in self.prefixes.items()}
@@ -156,6 +157,16 @@ class ReuseEvaluator:
 
     def evaluate(self, path: Sequence[int]) -> dict:
         return self.plan.metrics(self.path_scores(path))
+
+    def rebase(self, path: Sequence[int]) -> None:
+        """Keep the outputs of ``path`` instead of the base model's: paths that share more of it then resume later
+        (a greedy search that removes one more layer each step departs from the last step's path, not the model's)."""
+        if self.prefixes:
+            raise CpOnnxError("rebase needs a plan without shared prefixes (their caches follow the base model)")
+        kept = KeptOutputs()
+        for b in range(len(self.plan.batches)):
+            kept.append([stream for stream, _ in self._run(path, self.contexts[b][self.embed], self.contexts[b], None)])
+        self.base_path, self.outputs = list(path), kept
 
 
 class KeptOutputs:

@@ -116,35 +116,34 @@ def _prune_layer(graph, index: GraphIndex, types, weights: "_Weights", members: 
 
 def _scores_matmul(index: GraphIndex, members: set[int], pattern: str) -> int | None:
     """The MatMul of queries and keys that the Softmax (``pattern``) reads, through masks and scales."""
-    todo, seen = [index.nodes[index.producer[pattern]].input[0]], set()
-    while todo:
-        i = index.producer.get(todo.pop())
-        if i is None or i not in members or i in seen:
-            continue
-        seen.add(i)
-        node = index.nodes[i]
-        if node.op_type == "MatMul" and not set(node.input) & index.constants:
-            return i
-        todo.extend(name for name in node.input if name and name not in index.constants)
-    return None
+    found = _walk_back(index, members, index.nodes[index.producer[pattern]].input[0],
+                       lambda node: node.op_type == "MatMul" and not set(node.input) & index.constants)
+    return found[0] if found else None
 
 
 def _projection(index: GraphIndex, members: set[int], types, tensor: str, role: str, l: int) -> int:
     """The weight MatMul a float path walked back from ``tensor`` reaches first (through reshapes, rotary, norms, the KV cache)."""
-    todo, seen, found = [tensor], set(), set()
+    found = set(_walk_back(index, members, tensor, lambda node: node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants,
+                           lambda name: _is_float(types, name)))
+    if len(found) != 1:
+        raise GraphPassError(f"layer {l}: found {len(found)} projections feeding the attention's {role} side, expected one; its heads cannot be pruned")
+    return found.pop()
+
+
+def _walk_back(index: GraphIndex, members: set[int], tensor: str, stop, follow=lambda name: True) -> list[int]:
+    """The layer's nodes that ``stop`` accepts, reached walking back from ``tensor`` through computed inputs that ``follow``
+    accepts (not walking past an accepted node), in the order found."""
+    todo, seen, found = [tensor], set(), []
     while todo:
         i = index.producer.get(todo.pop())
         if i is None or i not in members or i in seen:
             continue
         seen.add(i)
-        node = index.nodes[i]
-        if node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants:
-            found.add(i)
+        if stop(index.nodes[i]):
+            found.append(i)
             continue
-        todo.extend(name for name in node.input if name and name not in index.constants and _is_float(types, name))
-    if len(found) != 1:
-        raise GraphPassError(f"layer {l}: found {len(found)} projections feeding the attention's {role} side, expected one; its heads cannot be pruned")
-    return found.pop()
+        todo.extend(name for name in index.nodes[i].input if name and name not in index.constants and follow(name))
+    return found
 
 
 def _output_projection(index: GraphIndex, members: set[int], head_ctx: str, l: int) -> int:

@@ -78,17 +78,17 @@ def test_statistics_losses_and_greedy_choices_match_torch(llama_folder):  # noqa
         values["all"] = sum(values[g] * tokens[g] for g in groups) / sum(tokens.values())
     for g in ("reasoning", "general", "all"):
         assert found.base_nll[g] == pytest.approx(nll[()][g], abs=1e-4)
-    for method, group in (("sleb", "general"), ("removal_loss", "all")):
+    for method, group in (("sleb", "general"), ("removal_loss", "reasoning")):
         first = min(((l,) for l in range(3)), key=lambda r: nll[r][group])
         second = min((tuple(sorted((*first, l))) for l in range(3) if l not in first), key=lambda r: nll[r][group])
         greedy = {1: first, 2: second}
         for n in (1, 2):
             chosen = found.choices[method][n]
-            expected = greedy[n] if method == "sleb" else min([greedy[n], *[tuple(range(s, s + n)) for s in range(4 - n)]], key=lambda r: nll[r]["all"])
+            expected = greedy[n] if method == "sleb" else min([greedy[n], *[tuple(range(s, s + n)) for s in range(4 - n)]], key=lambda r: nll[r]["reasoning"])
             assert chosen.layers == expected
             assert chosen.nll[group] == pytest.approx(nll[expected][group], abs=1e-4)
     ranked = [(b.start, b.end) for b in found.blocks["removal_loss"]]
-    assert ranked == sorted(ranked, key=lambda b: nll[tuple(range(*b))]["all"])
+    assert ranked == sorted(ranked, key=lambda b: nll[tuple(range(*b))]["reasoning"])
 
 
 def test_choose_heads_keeps_a_head_in_every_layer():
