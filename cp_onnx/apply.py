@@ -26,15 +26,27 @@ DERIVED_FROM_KEYS = ("source", "source_kind", "weights_sha256", "num_layers", "c
 
 def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Callable[[str], None] = print) -> Path:
     """Write ``out``: the model's graphs routed along ``path`` (``"0..14,12..14,15..29"``, ``"12:15"`` or a list), tokenizer and manifest."""
+    graphs = load_graphs(model, log=log)
+    num_layers = next(iter(graphs.values()))[1].num_layers
+    layers = parse_spec(path, num_layers) if isinstance(path, str) else list(check_path(path, num_layers))
+    text = format_path(layers)
+
+    def routed(slot: str, graph: onnx.ModelProto, layer_map, source: Path) -> onnx.ModelProto:
+        log(f"routing {GRAPH_FILES[slot]} along {text} ({len(layers)} layers instead of {num_layers})")
+        return route(graph, layer_map, layers)
+
+    return write_derived(model, graphs, routed, out, {"num_layers": len(layers), "layer_path": text}, log=log)
+
+
+def load_graphs(model: ModelFolder, *, weights: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Slot ("model", "with_past") -> (graph, its layer map, its file), after checking the folder can be derived from.
+
+    ``weights=False`` leaves external-data weights on disk (a derived folder then links the same data file)."""
     manifest = model.manifest
     if not manifest.get("format") and not takes_cache(model.onnx_path):
         raise CpOnnxError(f"{model.path} has no {MANIFEST_NAME}; export the model with `cp-onnx export SOURCE --with-past` first")
-    if not manifest.get("format"):  # a deployed build (onnxruntime-genai): one graph, with its KV cache
-        manifest = manifest_for(model.path, model.onnx_path)
     if manifest.get("layer_path"):
         raise CpOnnxError(f"{model.path} is already routed (layer path {manifest['layer_path']}); apply to the original model it was derived from")
-    out = Path(out).expanduser()
-    _check_out(out, model.path)
     sources = {"model": model.onnx_path, "with_past": with_past_graph(model)}
     if sources["with_past"] is None:
         if not takes_cache(model.onnx_path):
@@ -42,37 +54,42 @@ def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Call
         del sources["with_past"]
     graphs = {}
     for slot, source in sources.items():
-        graph = graph_io.load(source, weights=False)
-        graphs[slot] = (graph, discover(graph))
-    counts = {slot: layer_map.num_layers for slot, (_, layer_map) in graphs.items()}
+        graph = graph_io.load(source, weights=weights)
+        graphs[slot] = (graph, discover(graph), source)
+    counts = {slot: layer_map.num_layers for slot, (_, layer_map, _) in graphs.items()}
     if len(set(counts.values())) != 1:
         raise CpOnnxError(f"the graphs of {model.path} disagree on the layer count ({counts}); re-export the model")
-    num_layers = counts["model"]
-    layers = parse_spec(path, num_layers) if isinstance(path, str) else list(check_path(path, num_layers))
-    text = format_path(layers)
+    return graphs
+
+
+def write_derived(model: ModelFolder, graphs: dict, transform: Callable, out: Path, changes: dict, *, log: Callable[[str], None] = print) -> Path:
+    """Write ``out``: each graph of ``graphs`` (from ``load_graphs``) through ``transform(slot, graph, layer_map, source)``, the
+    tokenizer and config files, and the manifest with ``changes`` (``num_layers`` among them) and where it came from."""
+    manifest = model.manifest if model.manifest.get("format") else manifest_for(model.path, model.onnx_path)  # a deployed build: one graph
+    out = Path(out).expanduser()
+    _check_out(out, model.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging_folder(out) as stage:
         _copy_side_files(model, stage)
         files = {"model": None, "with_past": None, "model_data": None, "with_past_data": None}
         for slot in list(graphs):
-            graph, layer_map = graphs.pop(slot)  # popped so each graph's weights are freed once it is written
-            log(f"routing {GRAPH_FILES[slot]} along {text} ({len(layers)} layers instead of {num_layers})")
+            graph, layer_map, source = graphs.pop(slot)  # popped so each graph's weights are freed once it is written
             target = stage / GRAPH_FILES[slot]
             target.parent.mkdir(parents=True, exist_ok=True)
-            routed = route(graph, layer_map, layers)
+            derived = transform(slot, graph, layer_map, source)
             del graph
-            graph_io.save(routed, target, weights_dir=sources[slot].parent)
-            files[slot], files[f"{slot}_data"] = GRAPH_FILES[slot], _data_file(routed, GRAPH_FILES[slot], stage)
-            del routed
-            _check(target, sources[slot])
-        set_layer_count(stage, len(layers))
+            graph_io.save(derived, target, weights_dir=source.parent)
+            files[slot], files[f"{slot}_data"] = GRAPH_FILES[slot], _data_file(derived, GRAPH_FILES[slot], stage)
+            del derived
+            _check(target, source)
+        set_layer_count(stage, changes["num_layers"])
+        identity = "|".join(f"{key}={changes[key]}" for key in sorted(changes) if key != "num_layers")
         write_manifest(stage, {
             **manifest,
-            "num_layers": len(layers),
+            **changes,
             "onnx": files,
-            "layer_path": text,
             "derived_from": {key: manifest.get(key) for key in DERIVED_FROM_KEYS},
-            "cache_key": hashlib.sha256(f"{manifest.get('cache_key')}|layer_path={text}".encode()).hexdigest()[:24],
+            "cache_key": hashlib.sha256(f"{manifest.get('cache_key')}|{identity}".encode()).hexdigest()[:24],
         })
     log(f"wrote {out}")
     return out

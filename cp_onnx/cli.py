@@ -77,6 +77,8 @@ def cmd_analyze(args) -> int:
     data = report.build_report(result)
     if args.jacobian or args.heads:
         _add_circuit_analysis(data, model, settings, with_heads=args.heads)
+    if args.prune:
+        _add_pruning(data, model, settings)
     out = report.write_json(data, Path(args.out) / "report.json")
     if args.jacobian or args.heads:
         from cp_onnx.circuit import build_circuit_graph, write_circuit
@@ -101,6 +103,18 @@ def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool) -> N
     data.update(sections)
 
 
+def _add_pruning(data: dict, model, settings) -> None:
+    """The pruning candidates (every layer method; heads from the head influence when --heads ran), same texts."""
+    from cp_onnx.calibration import load_calibration
+    from cp_onnx.pruning_report import pruning_section
+
+    began = time.perf_counter()
+    texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
+    data["pruning"] = pruning_section(model, texts, load_calibration("general", n=settings.n), data, max_length=settings.max_length,
+                                      threads=settings.threads, progress=Progress("removals"))
+    data["timings"]["pruning_s"] = time.perf_counter() - began
+
+
 def cmd_apply(args) -> int:
     from cp_onnx.apply import apply
     from cp_onnx.model import open_model
@@ -110,6 +124,34 @@ def cmd_apply(args) -> int:
     folder = apply(open_model(args.model, log=log), args.duplicate or args.path, Path(args.out), log=log)
     print(folder)
     return 0
+
+
+def cmd_prune(args) -> int:
+    from cp_onnx.model import open_model
+    from cp_onnx.pruned_folder import choose, prune_folder
+
+    if not (args.layers or args.skip or args.heads):
+        raise CpOnnxError("give what to remove: --layers N, --skip I:J and/or --heads N")
+    if args.layers and args.skip:
+        raise CpOnnxError("give --layers N (chosen by --method) or --skip I:J (a block you name), not both")
+    model = open_model(args.model, with_past=True, log=log)  # generation with the pruned model then has its KV cache
+    skipped = list(range(*args.skip)) if args.skip else []
+    removed, heads = choose(model, layers=args.layers or 0, heads=args.heads or 0, layer_method=args.method, head_method=args.head_method,
+                            removed=skipped, calibration_source=args.calibration, n=args.n, max_length=args.max_length, threads=args.threads,
+                            progress=Progress("pruning candidates"), log=log)
+    print(prune_folder(model, Path(args.out), layers=removed or skipped, heads=heads, log=log))
+    return 0
+
+
+def _block(text: str) -> tuple[int, int]:
+    start, _, end = text.partition(":")
+    try:
+        block = (int(start), int(end))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block I:J (layers I..J-1, J exclusive) such as 20:26, not {text!r}") from None
+    if not 0 <= block[0] < block[1]:
+        raise argparse.ArgumentTypeError(f"block {text!r} is empty or negative; give I:J with 0 <= I < J")
+    return block
 
 
 def cmd_generate(args) -> int:
@@ -130,17 +172,20 @@ def cmd_sweep(args) -> int:
     model = open_model(args.model, with_past=True, log=log)  # the KV cache lets shared few-shot examples run once
     from cp_onnx import executors
 
+    if args.skip and (args.all or args.blocks):
+        raise CpOnnxError("give --skip SIZES (blocks removed) or --blocks / --all (blocks duplicated), not both")
+    operation = "skip" if args.skip else "duplicate"
     executor = executors.executor_from_args(args)
     try:
-        rows = sweep(model, items=items, out=Path(args.out), sizes=args.blocks, all_blocks=args.all, threads=args.threads,
-                     batch_size=args.batch_size, executor=executor, progress=Progress("sweep configs"), log=log)
+        rows = sweep(model, items=items, out=Path(args.out), sizes=args.skip or args.blocks or (3, 4, 5), all_blocks=args.all, threads=args.threads,
+                     batch_size=args.batch_size, executor=executor, operation=operation, progress=Progress("sweep configs"), log=log)
     finally:
         executors.close(executor)
     baseline = next(r for r in rows if r["start"] is None)
     best = max((r for r in rows if r["start"] is not None), key=lambda r: r["answer_logprob"], default=None)
     print(f"baseline answer_logprob {baseline['answer_logprob']:.4f}, greedy {baseline['greedy_accuracy']:.3f}")
     if best:
-        print(f"best block [{best['start']}, {best['end']}): answer_logprob {best['answer_logprob']:.4f} "
+        print(f"best block {'removed' if args.skip else 'duplicated'} [{best['start']}, {best['end']}): answer_logprob {best['answer_logprob']:.4f} "
               f"({best['answer_logprob'] - baseline['answer_logprob']:+.4f}), greedy {best['greedy_accuracy']:.3f}")
     log(f"sweep written to {args.out}")
     return 0
@@ -148,17 +193,24 @@ def cmd_sweep(args) -> int:
 
 def cmd_validate(args) -> int:
     from cp_onnx import report
-    from cp_onnx.sweep import read_sweep
-    from cp_onnx.validate import heatmap, validate
+    from cp_onnx.sweep import operation_of, read_sweep
+    from cp_onnx.validate import check_same_model, heatmap, validate, validate_removals
 
     data = report.read_report(Path(args.report))
     header, rows = read_sweep(Path(args.sweep))
-    result = validate(data, rows, top_k=args.top_k, sweep_header=header)
+    removals = operation_of(header) == "skip"
+    if removals:
+        check_same_model(data, header)
+        result = validate_removals((data.get("pruning") or {}).get("layers"), rows, top_k=args.top_k)
+        predictions = {name: method["blocks"][: args.top_k] for name, method in data["pruning"]["layers"]["methods"].items()}
+    else:
+        result = validate(data, rows, top_k=args.top_k, sweep_header=header)
+        predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
     out = Path(args.out)
-    predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
-    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric)  # first: it refuses a metric the sweep lacks
+    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric,  # first: it refuses a metric the sweep lacks
+            what="Removed" if removals else "Duplicated")
     report.write_json(result, out / "validation.json")
-    print(format_validation(result))
+    print(format_removal_validation(result) if removals else format_validation(result))
     log(f"validation written to {out / 'validation.json'}, heatmap to {out / 'sweep_heatmap.png'}")
     return 0
 
@@ -183,6 +235,21 @@ def format_validation(result: dict) -> str:
 def _signed(value) -> str:
     """A gain, or n/a where the sweep lacks the metric for that block."""
     return "n/a" if value is None else f"{value:+.4f}"
+
+
+def format_removal_validation(result: dict) -> str:
+    """Per removal size and metric: the least harmful block, then each method's choice and top-ranked block beside it."""
+    lines = []
+    for n, entry in result["sizes"].items():
+        for metric, best in entry["best"].items():
+            lines.append(f"{n} layer{'s' * (n != '1')}, {metric}: least harmful removal [{best['start']}, {best['end']}), change {best['gain']:+.4f}")
+            for method, judged in entry["methods"].items():
+                j, choice, top = judged[metric], judged[metric]["choice"], judged[metric]["top1"]
+                cost = "not in the sweep" if choice["gain"] is None else f"change {choice['gain']:+.4f}"
+                ratio = "" if j["cost_ratio"] is None else f", x{j['cost_ratio']:.2f} the best's cost"
+                ranked = "" if top is None else f"; top block [{top['start']}, {top['end']}), rank of best {j['best_rank']}"
+                lines.append(f"  {method:>16}: removes {choice['layers']} {cost}{ratio}{ranked}")
+    return "\n".join(lines)
 
 
 def cmd_batch(args) -> int:
@@ -282,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")
     p.add_argument("--jacobian", action="store_true", help="add finite-difference Jacobian stability and Mahalanobis anomaly scores; write circuit.graphml/json/dot")
     p.add_argument("--heads", action="store_true", help="add head influence (first-order estimates and exact ablations); implies the circuit graph")
+    p.add_argument("--prune", action="store_true",
+                   help="add pruning candidates: the layers each method (ShortGPT, Gromov, SLEB, the default removal_loss) would remove, 1 to L/4 "
+                        "of them, and with --heads the cheapest heads (check them with `cp-onnx sweep --skip` and `cp-onnx validate`)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--out", default="cp-onnx-out", help="output folder for report.json (default ./cp-onnx-out)")
@@ -294,6 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the new model to")
     p.set_defaults(func=cmd_apply)
 
+    p = sub.add_parser("prune", help="write the model without some layers and heads: gone from the graphs and weights, smaller and faster")
+    p.add_argument("model", help="exported folder, or anything `export` accepts (exported with its KV-cache graph)")
+    p.add_argument("--layers", type=int, metavar="N", help="remove N layers, chosen by --method on the calibration texts")
+    p.add_argument("--skip", type=_block, metavar="I:J", help="remove layers I..J-1 (J exclusive)")
+    p.add_argument("--heads", type=int, metavar="N", help="remove N attention heads, chosen by --head-method (every layer keeps one)")
+    p.add_argument("--method", default="removal_loss", choices=["removal_loss", "sleb", "block_influence", "angular_distance"],
+                   help="how --layers chooses (default removal_loss: the exact calibration loss of each removal; the others are the published baselines)")
+    p.add_argument("--head-method", default="head_ablation", choices=["head_ablation", "head_first_order"],
+                   help="how --heads chooses (default head_ablation: each head's exact effect on the calibration loss)")
+    p.add_argument("--calibration", help="reasoning texts: 'reasoning' (default) or a .txt/.jsonl file; the shipped general texts are added")
+    p.add_argument("-n", type=int, default=10, help="calibration texts of each set (default 10)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="folder to write the pruned model to")
+    p.set_defaults(func=cmd_prune)
+
     p = sub.add_parser("generate", help="greedy generation with the KV cache, for original and applied models")
     p.add_argument("model", help="exported or applied folder, or anything `export` accepts")
     p.add_argument("prompt")
@@ -302,9 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("sweep", help="brute-force ground truth: score every duplicated block on the probe suite (JSONL, resumable)")
+    p = sub.add_parser("sweep", help="brute-force ground truth: score every duplicated (or removed) block on the probe suite (JSONL, resumable)")
     p.add_argument("model", nargs="?", default=None, help="exported folder or anything `export` accepts (default: smollm2)")
-    p.add_argument("--blocks", type=_int_list, default=(3, 4, 5), help="block sizes to sweep (default 3,4,5)")
+    p.add_argument("--blocks", type=_int_list, default=None, help="sizes of the blocks to duplicate (default 3,4,5)")
+    p.add_argument("--skip", type=_int_list, metavar="SIZES", help="remove blocks of these sizes instead of duplicating (e.g. 1,2,3,4): pruning's ground truth")
     p.add_argument("--all", action="store_true", help="every block [i, j) with j > i instead of --blocks")
     p.add_argument("--suite", help="a JSONL probe suite (default: the shipped suite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shipped probe suite (default 0)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cp_onnx import __version__
+from cp_onnx import __version__, pruning_report
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
 from cp_onnx.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
@@ -116,6 +116,7 @@ def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
         for rank, b in enumerate(blocks, 1):
             depth = f"{100 * b['start'] / num_layers:.1f}-{100 * b['end'] / num_layers:.1f}%"
             lines.append(f"  {rank} [{b['start']}, {b['end']}) {depth} score {_number(b['score'])}")
+    lines += pruning_report.text_lines(report)
     lines.append("per-layer statistics")
     for row in report["layers"]:
         values = " ".join(f"{key}={_number(value)}" for key, value in row.items() if key != "layer")

@@ -5,7 +5,7 @@ import base64
 import html
 from pathlib import Path
 
-from cp_onnx import plots
+from cp_onnx import plots, pruning_report
 from cp_onnx.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.files import write_text
 from cp_onnx.summary import KIND_METHODS
@@ -34,7 +34,11 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
         f"cp-onnx {_e((report.get('versions') or {}).get('cp_onnx', '?'))}</p>",
         "<h2>Top circuits</h2>", _circuits_table(report, top),
     ]
-    if sweep_rows:
+    if pruning_report.html_rows(report):
+        parts += ["<h2>Pruning candidates</h2>", _pruning_table(report)]
+    if sweep_rows and plots.is_removal_sweep(sweep_rows):
+        parts += ["<h2>Removals against the sweep</h2>", _removal_table(report, sweep_rows, sweep_header)]
+    elif sweep_rows:
         parts += ["<h2>Against the sweep</h2>", _validation_table(report, sweep_rows, sweep_header)]
     parts += ["<h2>Per-layer statistics</h2>", _layers_table(report), "<h2>Plots</h2>",
               _image(plots.png_bytes(plots.layer_profile(report)), "Per-layer statistics; each method's top-1 block shaded.")]
@@ -42,8 +46,9 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
     if heads is not None:
         parts.append(_image(plots.png_bytes(plots.head_heatmap(heads)), f"Head influence, layers by heads ({plots.HEAD_COLUMN})."))
     if sweep_rows:
+        what = "removed" if plots.is_removal_sweep(sweep_rows) else "duplicated"
         parts.append(_image(plots.sweep_heatmap_png(sweep_rows, report),
-                            "Sweep: answer log-probability gain of every duplicated block [start, end); markers: each method's top-1, star: best."))
+                            f"Sweep: answer log-probability gain of every {what} block [start, end); markers: each method's top-1, star: best."))
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
@@ -99,6 +104,35 @@ def _validation_table(report: dict, sweep_rows: list[dict], sweep_header: dict |
                         f"<td>{_num(top1.get('gain'))}</td><td>{_num(top1.get('general_cost'))}</td><td>{_span(best)}</td>"
                         f"<td>{_num(best.get('gain'))}</td><td>{judged['best_rank'] or '&ndash;'}</td></tr>")
     return f"<table id='validation'>{head}{''.join(rows)}</table>"
+
+
+def _pruning_table(report: dict) -> str:
+    """Per layer method, the layers it would remove for n = 1, 2, ...; then the cheapest heads, when the report has them."""
+    rows = pruning_report.html_rows(report)
+    head = "<tr><th class='name'>method</th>" + "".join(f"<th>remove {n}</th>" for n in range(1, len(rows[0]))) + "</tr>"
+    body = "".join("<tr><td class='name'>" + _e(row[0]) + "</td>" + "".join(f"<td>{_e(cell)}</td>" for cell in row[1:]) + "</tr>" for row in rows)
+    heads = ((report.get("pruning") or {}).get("heads") or {}).get("methods") or {}
+    cheapest = "".join(f"<p>cheapest heads ({_e(m)}): " + ", ".join(f"L{h['layer']}.H{h['head']} ({_num(h['score'])})" for h in d["cheapest"][:DEFAULT_TOP]) + "</p>"
+                       for m, d in heads.items())
+    return f"<table id='pruning'>{head}{body}</table>{cheapest}"
+
+
+def _removal_table(report: dict, sweep_rows: list[dict], sweep_header: dict | None) -> str:
+    """Per removal size: the least harmful block the sweep found, and each method's choice and its cost beside it."""
+    from cp_onnx.validate import check_same_model, validate_removals
+
+    if sweep_header is not None:
+        check_same_model(report, sweep_header)
+    result = validate_removals((report.get("pruning") or {}).get("layers"), sweep_rows)
+    head = "<tr><th>layers</th><th class='name'>method</th><th class='name'>removes</th><th>answer log-prob change</th><th>general NLL change</th><th>least harmful</th><th>its change</th></tr>"
+    rows = []
+    for n, entry in result["sizes"].items():
+        best = entry["best"].get("answer_logprob") or {}
+        for method, judged in entry["methods"].items():
+            choice = judged["answer_logprob"]["choice"]
+            rows.append(f"<tr><td>{n}</td><td class='name'>{_e(method)}</td><td class='name'>{_e(choice['layers'])}</td><td>{_num(choice['gain'])}</td>"
+                        f"<td>{_num(choice['general_cost'])}</td><td>{_span(best)}</td><td>{_num(best.get('gain'))}</td></tr>")
+    return f"<table id='removals'>{head}{''.join(rows)}</table>"
 
 
 def _image(png: bytes, caption: str) -> str:

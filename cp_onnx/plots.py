@@ -104,8 +104,15 @@ def sweep_heatmap(sweep_rows: list[dict], report: dict, path: str | Path, metric
     """validate.heatmap of block gains, with each method's top-1 and the best block marked."""
     from cp_onnx.validate import heatmap
 
-    predictions = {m: e.get("blocks", []) for m, e in (report.get("methods") or {}).items()}
-    return heatmap(sweep_rows, predictions, path, metric=metric)
+    removals = is_removal_sweep(sweep_rows)
+    methods = ((report.get("pruning") or {}).get("layers") or {}).get("methods") if removals else report.get("methods")
+    predictions = {m: e.get("blocks", []) for m, e in (methods or {}).items()}
+    return heatmap(sweep_rows, predictions, path, metric=metric, what="Removed" if removals else "Duplicated")
+
+
+def is_removal_sweep(sweep_rows: list[dict]) -> bool:
+    """Whether the rows come from ``cp-onnx sweep --skip`` (blocks removed, not duplicated)."""
+    return any(row.get("operation") == "skip" for row in sweep_rows)
 
 
 def sweep_heatmap_png(sweep_rows: list[dict], report: dict, metric: str = "answer_logprob") -> bytes:

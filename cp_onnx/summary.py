@@ -1,6 +1,8 @@
 """The ranked table `cp-onnx analyze` prints: predicted circuits of both kinds, with depth."""
 from __future__ import annotations
 
+from cp_onnx import pruning_report
+
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
 
@@ -32,6 +34,7 @@ def format_summary(report: dict, top: int = 5) -> str:
         best = report["methods"][method]["blocks"][:1]
         if best:
             lines.append(f"\n{method}: top block [{best[0]['start']}, {best[0]['end']}) ({depth(best[0], n)}), score {best[0]['score']:.3f}")
+    lines += pruning_report.summary_lines(report)
     if "languages" in report:
         lines.append("\nlanguage check (top-1 per language)")
         for method, spread in report["languages"]["spread"].items():

@@ -1,8 +1,10 @@
-"""Brute-force ground truth: every duplicated block [start, end) scored on a probe suite, one JSONL line each.
+"""Brute-force ground truth: every duplicated (or removed) block [start, end) scored on a probe suite, one JSONL line each.
 
-Block [i, j) runs layers 0..j-1, then i..j-1 again, then j..L-1, so everything up to layer j-1's
-output is the base model's. The reuse mode runs the base model once, layer by layer (segment pass),
-keeps every layer's output, and for each block runs only i..L-1 from the kept output of layer j-1,
+Block [i, j) duplicated runs layers 0..j-1, then i..j-1 again, then j..L-1, so everything up to layer
+j-1's output is the base model's; removed (operation "skip"), it runs 0..i-1, then j..L-1. Any layer
+path is the base model's up to the first layer where it departs from 0..L-1. The reuse mode runs the
+base model once, layer by layer (segment pass), keeps every layer's output, and for each path runs
+only what follows that point (for a duplicated block, i..L-1 from the kept output of layer j-1),
 then the head at the scored positions. The naive mode builds each routed model (route pass) and runs
 it from scratch; it exists to check and time the reuse mode.
 
@@ -31,12 +33,13 @@ from cp_onnx.report import json_ready, file_sha256
 from cp_onnx.runner import Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
 from cp_onnx.scores import candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
-from graph_passes.layer_path import duplicate, format_path
+from graph_passes.layer_path import duplicate, format_path, skip
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment
 
-Config = tuple[int | None, int | None]  # (start, end) of the duplicated block, end exclusive; (None, None) = baseline
+Config = tuple[int | None, int | None]  # (start, end) of the duplicated or removed block, end exclusive; (None, None) = baseline
 BASELINE: Config = (None, None)
+OPERATIONS = {"duplicate": duplicate, "skip": skip}  # what a config does to its block; sweeps of each are kept apart
 SWEEP_FORMAT = "cp-onnx-sweep"
 SWEEP_VERSION = 1
 MODES = ("reuse", "naive")
@@ -58,10 +61,15 @@ def block_configs(num_layers: int, sizes: Sequence[int] = (3, 4, 5), *, all_bloc
     return [BASELINE, *candidate_blocks(num_layers, tuple(sizes))]
 
 
-def layer_path(config: Config, num_layers: int) -> list[int]:
-    """The layers a config runs, in order."""
+def layer_path(config: Config, num_layers: int, operation: str = "duplicate") -> list[int]:
+    """The layers a config runs, in order: its block duplicated, or removed (``operation="skip"``)."""
     start, end = config
-    return list(range(num_layers)) if start is None else duplicate(start, end, num_layers)
+    return list(range(num_layers)) if start is None else OPERATIONS[operation](start, end, num_layers)
+
+
+def departure(path: Sequence[int], base: Sequence[int]) -> int:
+    """How many leading layers ``path`` shares with the ``base`` path: up to there, its outputs are the base's."""
+    return next((k for k, (layer, kept) in enumerate(zip(path, base)) if layer != kept), min(len(path), len(base)))
 
 
 class ReuseEvaluator:
@@ -90,6 +98,7 @@ class ReuseEvaluator:
             ids = np.asarray([prefix], dtype=np.int64)
             context = self._context(ids, np.ones_like(ids), None)
             self.prefixes[prefix] = (context, self._run(range(self.num_layers), context[self.embed], context, None))
+        self.base_path = list(range(self.num_layers))  # the path whose outputs are kept (see rebase)
         self.contexts, self.outputs = [], KeptOutputs()  # per batch: context tensors; every layer's output
         for batch in plan.batches:
             past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
@@ -138,22 +147,35 @@ class ReuseEvaluator:
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
     def token_scores(self, config: Config, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets under ``config``."""
-        start, end = config
-        resume_at = self.num_layers if start is None else end  # layer j-1's output is the base model's
-        remaining = layer_path(config, self.num_layers)[resume_at:]
-        prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0], context, None)]
+        """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets with block ``config`` duplicated."""
+        return self.path_scores(layer_path(config, self.num_layers), batches)
+
+    def path_scores(self, path: Sequence[int], batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per batch, ``scoring.token_scores`` of its targets when the layers run along ``path``."""
+        resume_at = departure(path, self.base_path)  # the base's output at position resume_at - 1 (or the embedding) is reused
+        remaining = list(path[resume_at:])
+        prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0] if resume_at else context[self.embed], context, None)]
                          for prefix, (context, base) in self.prefixes.items()}
         results = []
         for b in range(len(self.plan.batches)) if batches is None else batches:
             batch = self.plan.batches[b]
-            stream = self.outputs.get(b, resume_at - 1)
+            stream = self.outputs.get(b, resume_at - 1) if resume_at else self.contexts[b][self.embed]
             runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
             results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))
         return results
 
-    def evaluate(self, config: Config) -> dict:
-        return self.plan.metrics(self.token_scores(config))
+    def evaluate(self, path: Sequence[int]) -> dict:
+        return self.plan.metrics(self.path_scores(path))
+
+    def rebase(self, path: Sequence[int]) -> None:
+        """Keep the outputs of ``path`` instead of the base model's: paths that share more of it then resume later
+        (a greedy search that removes one more layer each step departs from the last step's path, not the model's)."""
+        if self.prefixes:
+            raise CpOnnxError("rebase needs a plan without shared prefixes (their caches follow the base model)")
+        kept = KeptOutputs()
+        for b in range(len(self.plan.batches)):
+            kept.append([stream for stream, _ in self._run(path, self.contexts[b][self.embed], self.contexts[b], None)])
+        self.base_path, self.outputs = list(path), kept
 
 
 class KeptOutputs:
@@ -200,8 +222,8 @@ class NaiveEvaluator:
         self.layer_map = graph_passes.discover(self.proto)
         self.num_layers, self.plan, self.threads = self.layer_map.num_layers, plan, threads
 
-    def evaluate(self, config: Config) -> dict:
-        routed = route(self.proto, self.layer_map, layer_path(config, self.num_layers))
+    def evaluate(self, path: Sequence[int]) -> dict:
+        routed = route(self.proto, self.layer_map, path)
         return score_model(Runner(routed, threads=self.threads, weights=self.weights), self.plan, logits=self.layer_map.logits)
 
 
@@ -212,16 +234,18 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
           out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
           sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
           batch_size: int = 16, max_length: int = 256, threads: int | None = None,
-          executor: Executor | None = None, log: Callable[[str], None] = print) -> list[dict]:
+          executor: Executor | None = None, operation: str = "duplicate", log: Callable[[str], None] = print) -> list[dict]:
     """Score the baseline and every config on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
 
     ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
-    always added. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
+    always added. Each block is duplicated, or with ``operation="skip"`` removed. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
     ``workers`` processes share the configs and ``threads`` (default: every core), or an ``executor``
     (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on none of these. Returns the rows of all requested configs, in config order.
     """
     if mode not in MODES:
         raise CpOnnxError(f"unknown sweep mode {mode!r}; use one of {', '.join(MODES)}")
+    if operation not in OPERATIONS:
+        raise CpOnnxError(f"unknown sweep operation {operation!r}; use one of {', '.join(OPERATIONS)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise CpOnnxError(f"workers must be a whole number >= 1, not {workers!r}")
     items = probes.probe_suite(0) if items is None else list(items)
@@ -231,8 +255,8 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
     cached = mode == "reuse" and model.with_past_path is not None  # shared few-shot prefixes run once per config
     plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general, batch_size=batch_size, max_length=max_length, share_prefixes=cached)
     num_layers = _num_layers(model)
-    configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers)
-    header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION,
+    configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers, operation)
+    header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation,
               "model": {"name": model.name, "onnx_sha256": file_sha256(model.onnx_path), "num_layers": num_layers},
               "suite": {"identity": plan.identity, "items": len(items), "sequences": len(plan.sequences), "tokens": plan.tokens}}
     done = open_log(Path(out), header)
@@ -243,7 +267,8 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
         log(f"sweep: {model.path} has no with_past graph, so every sequence runs its few-shot examples itself; "
             "`cp-onnx export SOURCE --with-past` makes the sweep about 2.5x faster")
     executor = executor or make_executor(workers=workers)
-    for count, (config, row) in enumerate(_evaluate_all(model.with_past_path if cached else model.onnx_path, plan, todo, mode, executor, threads), 1):
+    graph = model.with_past_path if cached else model.onnx_path
+    for count, (config, row) in enumerate(_evaluate_all(graph, plan, todo, mode, executor, threads, operation), 1):
         append_row(Path(out), row)
         done[config] = row
         if progress:
@@ -258,25 +283,27 @@ def _num_layers(model: ModelFolder) -> int:
     return graph_passes.discover(graph_passes.graph_io.load(model.onnx_path, weights=False)).num_layers
 
 
-def _checked_configs(configs: Iterable[Config], num_layers: int) -> list[Config]:
+def _checked_configs(configs: Iterable[Config], num_layers: int, operation: str = "duplicate") -> list[Config]:
     """Configs as (start, end) tuples, baseline first, each once; CpOnnxError for a block that does not fit."""
     checked = [BASELINE]
     for config in configs:
         start, end = tuple(config) if isinstance(config, Sequence) and len(config) == 2 else (-1, -1)
         if (start, end) != BASELINE and not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= num_layers):
             raise CpOnnxError(f"config {config!r} is not a block of this {num_layers}-layer model; give (start, end) with 0 <= start < end <= {num_layers}, end exclusive")
+        if operation == "skip" and (start, end) == (0, num_layers):
+            raise CpOnnxError(f"config {config!r} removes all {num_layers} layers; give smaller blocks")
         if (start, end) not in checked:
             checked.append((start, end))
     return checked
 
 
-def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode: str, executor: Executor, threads: int | None):
+def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode: str, executor: Executor, threads: int | None, operation: str):
     """(config, row) for every config, in order, from the executor's workers (this process by default)."""
     if not configs:
         return
     threads = threads or executor.threads_per_task or default_threads()
     try:
-        yield from executor.map(_run_config, configs, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads))
+        yield from executor.map(_run_config, configs, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads, operation))
     finally:
         _WORKER.clear()  # in-process: the sessions and kept layer outputs go with the sweep
 
@@ -284,16 +311,18 @@ def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode:
 _WORKER: dict = {}
 
 
-def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int) -> None:
+def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int, operation: str = "duplicate") -> None:
     _WORKER["evaluator"] = EVALUATORS[mode](onnx_path, plan, threads)
+    _WORKER["operation"] = operation
 
 
 def _run_config(config: Config) -> tuple[Config, dict]:
-    evaluator = _WORKER["evaluator"]
+    evaluator, operation = _WORKER["evaluator"], _WORKER["operation"]
     began = time.perf_counter()
-    metrics = evaluator.evaluate(config)
+    path = layer_path(config, evaluator.num_layers, operation)
+    metrics = evaluator.evaluate(path)
     start, end = config
-    row = {"start": start, "end": end, "path": format_path(layer_path(config, evaluator.num_layers)), **metrics,
+    row = {"start": start, "end": end, "operation": operation, "path": format_path(path), **metrics,
            "seconds": round(time.perf_counter() - began, 3)}
     return config, json_ready(row)
 
@@ -309,11 +338,21 @@ def open_log(path: Path, header: dict) -> dict[Config, dict]:
     for what, key, field in (("model", "model", "onnx_sha256"), ("probe suite", "suite", "identity")):
         if found.get(key, {}).get(field) != header[key][field]:
             raise CpOnnxError(f"{path} holds a sweep of another {what}; pass a new output file, or delete {path} to start over")
+    if operation_of(found) != header["operation"]:
+        raise CpOnnxError(f"{path} holds a sweep of {_DONE[operation_of(found)]} blocks, not {_DONE[header['operation']]} ones; pass a new output file")
     if good_end is not None:
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
             os.fsync(fh.fileno())
     return {(row["start"], row["end"]): row for row in rows}
+
+
+_DONE = {"duplicate": "duplicated", "skip": "removed"}
+
+
+def operation_of(header: dict) -> str:
+    """What a sweep did to its blocks: "duplicate" (files written before removal sweeps existed say nothing) or "skip"."""
+    return header.get("operation", "duplicate")
 
 
 def read_sweep(path: Path) -> tuple[dict, list[dict]]:

@@ -22,9 +22,7 @@ def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: S
     With ``sweep_header`` (from ``sweep.read_sweep``), a report and sweep of different ONNX files are refused.
     """
     if sweep_header is not None:
-        ours, theirs = (report.get("model") or {}).get("onnx_sha256"), (sweep_header.get("model") or {}).get("onnx_sha256")
-        if ours != theirs:
-            raise CpOnnxError(f"the report and the sweep were made on different models (onnx sha256 {str(ours)[:12]} vs {str(theirs)[:12]}); analyze and sweep the same model folder")
+        check_same_model(report, sweep_header)
     if top_k < 1:
         raise CpOnnxError(f"top_k must be at least 1, not {top_k}")
     methods = report.get("methods")
@@ -44,6 +42,49 @@ def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: S
         predicted = [(b["start"], b["end"]) for b in entry.get("blocks", [])]
         result["methods"][method] = {metric: _judge(predicted, baseline, blocks, best[metric], metric, top_k) for metric in metrics}
     return result
+
+
+def check_same_model(report: dict, sweep_header: dict) -> None:
+    """CpOnnxError unless the report and the sweep (its header, from ``sweep.read_sweep``) were made on the same ONNX file."""
+    ours, theirs = (report.get("model") or {}).get("onnx_sha256"), (sweep_header.get("model") or {}).get("onnx_sha256")
+    if ours != theirs:
+        raise CpOnnxError(f"the report and the sweep were made on different models (onnx sha256 {str(ours)[:12]} vs {str(theirs)[:12]}); analyze and sweep the same model folder")
+
+
+def validate_removals(pruning: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: Sequence[str] = METRICS) -> dict:
+    """Pruning predictions (report["pruning"]["layers"]) against a sweep of removed blocks, per removal size and metric:
+    the sweep's least harmful block, where each method ranks it, and what the method's own choice costs when it is a
+    contiguous block the sweep measured (a cost is the metric's loss against the baseline: positive is worse)."""
+    methods = (pruning or {}).get("methods")
+    if not methods:
+        raise CpOnnxError("the report has no pruning predictions; run `cp-onnx analyze --prune` first")
+    baseline, blocks = split_rows(sweep_rows)
+    metrics = [m for m in metrics if baseline.get(m) is not None]
+    result = {"operation": "skip", "top_k": top_k, "tolerance": TOLERANCE, "baseline": {key: baseline.get(key) for key in (*metrics, "general_nll")}, "sizes": {}}
+    for n in sorted({end - start for start, end in blocks}):
+        sized = {b: row for b, row in blocks.items() if b[1] - b[0] == n}
+        best = {metric: best_block(baseline, sized, metric) for metric in metrics}
+        entry = {"best": {metric: {"start": b[0], "end": b[1], **_block_summary(baseline, sized[b], metric)} for metric, b in best.items() if b}, "methods": {}}
+        for method, data in methods.items():
+            ranked = [(b["start"], b["end"]) for b in data.get("blocks", []) if b["end"] - b["start"] == n]
+            layers = next((c["layers"] for c in data.get("choices", []) if c["n"] == n), None)
+            block = (layers[0], layers[-1] + 1) if layers and layers == list(range(layers[0], layers[-1] + 1)) else None
+            judged = {}
+            for metric in metrics:
+                choice = {"layers": layers, **_block_summary(baseline, sized.get(block), metric)}
+                judged[metric] = {**_judge(ranked, baseline, sized, best[metric], metric, top_k), "choice": choice,
+                                  **_excess(choice["gain"], gain(sized.get(best[metric]), baseline, metric), baseline[metric])}
+            entry["methods"][method] = judged
+        result["sizes"][str(n)] = entry
+    return result
+
+
+def _excess(choice_gain: float | None, best_gain: float | None, base: float) -> dict:
+    """How much more the choice costs than the sweep's best: as a ratio of the two costs, and as a share of the baseline's loss."""
+    if choice_gain is None or best_gain is None:
+        return {"cost_ratio": None, "excess_of_baseline": None}
+    ratio = (-choice_gain) / (-best_gain) if best_gain < 0 else None
+    return {"cost_ratio": ratio, "excess_of_baseline": (best_gain - choice_gain) / abs(base) if base else None}
 
 
 def split_rows(rows: Sequence[dict]) -> tuple[dict, dict[tuple[int, int], dict]]:
@@ -107,7 +148,8 @@ def _judge(predicted: list[tuple[int, int]], baseline: dict, blocks: dict, best:
     }
 
 
-def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], out_png: str | Path, metric: str = "answer_logprob") -> Path:
+def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], out_png: str | Path, metric: str = "answer_logprob",
+            what: str = "Duplicated") -> Path:
     """A start x end map of each block's gain on ``metric``, each method's top-1 and the best block marked; PNG written atomically."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -140,7 +182,7 @@ def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], o
             top1 = predicted[0]
             axes.scatter([top1["end"]], [top1["start"]], marker=marker, s=110, facecolors="none", edgecolors="black", linewidths=1.5,
                          label=f"{method} top-1 {top1['start']}:{top1['end']}", zorder=3)
-    axes.set(xlabel="end (exclusive)", ylabel="start", title=f"Duplicated block [start, end): {metric} gain")
+    axes.set(xlabel="end (exclusive)", ylabel="start", title=f"{what} block [start, end): {metric} gain")
     axes.legend(loc="upper left", fontsize=8)
     return save_png(figure, Path(out_png))
 

@@ -50,6 +50,15 @@ def duplicate(i: int, j: int, num_layers: int) -> list[int]:
     return [*range(j), *range(i, j), *range(j, num_layers)]
 
 
+def skip(i: int, j: int, num_layers: int) -> list[int]:
+    """The path without block ``[i, j)``: ``0..i-1, j..L-1`` (layers removed, the rest in order)."""
+    if not 0 <= i < j <= num_layers:
+        raise GraphPassError(f"cannot remove block {i}:{j}: need 0 <= i < j <= {num_layers} (the model has {num_layers} layers; j is exclusive)")
+    if j - i == num_layers:
+        raise GraphPassError(f"cannot remove all {num_layers} layers; remove fewer")
+    return [*range(i), *range(j, num_layers)]
+
+
 def parse_spec(text: str, num_layers: int) -> list[int]:
     """A layer path (``0..14,12..14,15..29``) or the duplication shorthand ``i:j`` (block [i, j) run twice)."""
     block = _BLOCK.match(text)

@@ -127,6 +127,25 @@ def test_baseline_and_blocks_match_torch_with_layers_repeated(tiny_llama, tmp_pa
     assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
 
 
+def test_removed_blocks_match_torch_without_those_layers_and_naive_routed_models(tiny_llama_cached, tmp_path):
+    """Removal sweeps (pruning's ground truth): from the embedding (block 0:1) and mid-model, with the KV-cached prefixes."""
+    hf, model = tiny_llama_cached
+    kwargs = dict(general=GENERAL, batch_size=3, operation="skip", log=lambda _: None)
+    rows = sweep(model, [(0, 1), (1, 3)], ITEMS, out=tmp_path / "skip.jsonl", **kwargs)
+    assert [(r["start"], r["end"], r["path"], r["operation"]) for r in rows] == [(None, None, "0..2", "skip"), (0, 1, "1..2", "skip"), (1, 3, "0", "skip")]
+    encode = encoder(model)
+    assert_metrics_close(rows[1], torch_metrics(hf, encode, [1, 2]))
+    assert_metrics_close(rows[2], torch_metrics(hf, encode, [0]))
+    naive = sweep(model, [(0, 1), (1, 3)], ITEMS, out=tmp_path / "naive.jsonl", mode="naive", **kwargs)
+    for fast, slow in zip(rows, naive):
+        assert_metrics_close(fast, slow, atol=1e-5)
+    assert read_sweep(tmp_path / "skip.jsonl")[0]["operation"] == "skip"
+    with pytest.raises(CpOnnxError, match="holds a sweep of removed blocks, not duplicated ones"):
+        sweep(model, [(0, 1)], ITEMS, out=tmp_path / "skip.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
+    with pytest.raises(CpOnnxError, match="removes all 3 layers"):
+        sweep(model, [(0, 3)], ITEMS, out=tmp_path / "all.jsonl", **kwargs)
+
+
 def test_layer_outputs_kept_in_files_past_the_budget_give_the_same_rows(tiny_llama, tmp_path, monkeypatch):
     _, model = tiny_llama
     kwargs = dict(general=GENERAL, batch_size=3, log=lambda _: None)

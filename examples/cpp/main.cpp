@@ -68,6 +68,25 @@ int main(int argc, char** argv) {
     }
   }
 
+  if (report.contains("pruning") && report["pruning"].is_object()) {  // pruning candidates, when analyze --prune made them
+    const json& pruning = report["pruning"];
+    if (pruning.contains("layers"))
+      for (const auto& [method, entry] : pruning["layers"]["methods"].items())
+        for (const json& choice : entry["choices"]) {
+          std::string layers;
+          for (const json& layer : choice["layers"]) layers += (layers.empty() ? "" : ",") + std::to_string(layer.get<int>());
+          std::printf("prune %s %d %s\n", method.c_str(), choice["n"].get<int>(), layers.c_str());
+        }
+    if (pruning.contains("heads"))
+      for (const auto& [method, entry] : pruning["heads"]["methods"].items()) {
+        long rank = 0;
+        for (const json& head : entry["cheapest"]) {
+          if (++rank > 5) break;
+          std::printf("prune_head %s %d %d\n", method.c_str(), head["layer"].get<int>(), head["head"].get<int>());
+        }
+      }
+  }
+
   std::printf("per-layer statistics\n");
   for (const json& row : report["layers"]) {
     std::printf("  layer %d", row["layer"].get<int>());

@@ -1,0 +1,260 @@
+"""Pruning's trade on one model (issue 15): what each method removes, what it costs, how much faster and smaller it gets.
+
+    python benchmarks/bench_prune.py [MODEL] --name NAME --sweep SKIP.jsonl [--sizes 1,2,3,4] [--fractions 0.1,0.2,0.3]
+                                     [--threads 2] [--rounds 7] [--prompt-tokens 256] [--decode-tokens 32]
+
+1. Predictions from the calibration texts alone (10 reasoning, 10 general): every layer method's choice of
+   n layers (``cp_onnx.prune``) and both head methods' scores (``cp_onnx.head_pruning``), timed.
+2. Removals of ``--sizes`` layers: each method's choice scored on the probe suite (seed 0, the sweep's
+   evaluator and plan, so its numbers are the sweep's), beside the sweep's least harmful block of that
+   size: the cost (baseline answer log-prob minus the choice's), its ratio to the best's cost, and the
+   excess as a share of the baseline's loss (-answer log-prob).
+3. The trade at ``--fractions`` of the layers and of the heads: every method's choice scored the same way
+   (heads: the pruned model itself), and the default's pruned model (and each head method's) written by
+   ``prune_folder`` and timed against the unpruned model in the same run: file size; prefill tokens/s (one
+   forward of the no-cache graph over ``--prompt-tokens`` tokens) and decode tokens/s (KV-cached greedy
+   steps after that prompt). Baseline and pruned model alternate for ``--rounds`` rounds; the speed-up is
+   the median over rounds of the per-round ratio, from wall time and from this process's CPU time (the
+   CPU-time ratio stays meaningful on a busy machine).
+Writes results/bench_prune_NAME.json, results/prune_NAME.md and results/prune_NAME.png (cost against speed-up).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_common import RESULTS, Stopwatch, say_load, write_results
+
+from cp_onnx import head_pruning, probes, prune
+from cp_onnx.calibration import load_calibration
+from cp_onnx.generate import CachedDecoder
+from cp_onnx.model import open_model
+from cp_onnx.pruned_folder import prune_folder
+from cp_onnx.runner import Runner
+from cp_onnx.scoring import ProbePlan
+from cp_onnx.sweep import ReuseEvaluator, read_sweep
+from cp_onnx.validate import best_block, split_rows
+from graph_passes.layer_path import format_path
+
+METRIC = "answer_logprob"
+
+
+class Quality:
+    """Probe-suite metrics of any layer path of the model, or of a pruned folder: the sweep's plan and evaluator."""
+
+    def __init__(self, model, sweep_rows: list[dict], threads: int | None):
+        self.items = probes.probe_suite(0)
+        self.encode = lambda text: model.encode([text])[0][0]
+        self.plan = ProbePlan(self.items, self.encode, probes.general_texts(), batch_size=16, max_length=256, share_prefixes=True)
+        self.threads, self.graph = threads, model.with_past_path
+        self.known = {row["path"]: row for row in sweep_rows}  # the sweep already scored these paths, identically
+        self.evaluator = None
+
+    def path(self, path: list[int]) -> dict:
+        text = format_path(path)
+        if text not in self.known:
+            self.evaluator = self.evaluator or ReuseEvaluator(self.graph, self.plan, self.threads)
+            self.known[text] = self.evaluator.evaluate(path)
+        return self.known[text]
+
+    def folder(self, folder: Path) -> dict:
+        pruned = open_model(folder)
+        evaluator = ReuseEvaluator(pruned.with_past_path, self.plan, self.threads)
+        return evaluator.evaluate(list(range(evaluator.num_layers)))
+
+
+def speed(base: Path, pruned: Path, *, threads: int, rounds: int, prompt_tokens: int, decode_tokens: int) -> dict:
+    """Prefill and decode throughput of ``pruned`` against ``base``, alternating; medians over rounds."""
+    runs = {"base": _Timed(open_model(base), threads), "pruned": _Timed(open_model(pruned), threads)}
+    vocab = open_model(base).manifest.get("vocab_size") or 256
+    ids = np.random.default_rng(0).integers(3, min(vocab, 20000), size=(1, prompt_tokens))  # what the tokens are does not change the work
+    for timed in runs.values():
+        timed.prefill(ids), timed.decode(ids[0, :16].tolist(), 2)  # warm up
+    samples = {name: {"prefill": [], "decode": []} for name in runs}
+    for _ in range(rounds):
+        for name, timed in runs.items():
+            samples[name]["prefill"].append(timed.prefill(ids))
+            samples[name]["decode"].append(timed.decode(ids[0].tolist(), decode_tokens))
+    result = {}
+    for phase, tokens in (("prefill", prompt_tokens), ("decode", decode_tokens)):
+        base_s, pruned_s = (np.array(samples[name][phase]) for name in ("base", "pruned"))  # [rounds, (wall, cpu)]
+        result[phase] = {
+            "base_tokens_per_s": tokens / float(np.median(base_s[:, 0])), "pruned_tokens_per_s": tokens / float(np.median(pruned_s[:, 0])),
+            "speedup_wall": float(np.median(base_s[:, 0] / pruned_s[:, 0])), "speedup_cpu": float(np.median(base_s[:, 1] / pruned_s[:, 1])),
+        }
+    return result
+
+
+class _Timed:
+    """One model's sessions: the no-cache graph for prefill, the KV-cache graph for decoding (its cache emptied per run)."""
+
+    def __init__(self, model, threads: int):
+        self.runner = Runner(model.onnx_path, threads=threads)
+        self.decoder = CachedDecoder(model.with_past_path, model.manifest, threads)
+        self.empty = dict(self.decoder.past)
+
+    def prefill(self, ids: np.ndarray) -> tuple[float, float]:
+        with Stopwatch() as watch:
+            self.runner.run(ids, np.ones_like(ids), ["logits"])
+        return watch.wall, watch.cpu
+
+    def decode(self, prompt: list[int], steps: int) -> tuple[float, float]:
+        self.decoder.past, self.decoder.length = dict(self.empty), 0
+        logits = self.decoder.start(prompt)
+        with Stopwatch() as watch:
+            for _ in range(steps):
+                logits = self.decoder.step(int(np.argmax(logits)))
+        return watch.wall, watch.cpu
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.onnx*") if p.is_file())
+
+
+def cost(row: dict, baseline: dict) -> float:
+    """Answer log-probability lost against the baseline, nats per item (positive: worse)."""
+    return baseline[METRIC] - row[METRIC]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default="smollm2")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--sweep", required=True, help="`cp-onnx sweep --skip` file of this model, suite seed 0")
+    parser.add_argument("--sizes", default="1,2,3,4")
+    parser.add_argument("--fractions", default="0.1,0.2,0.3")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args()
+    load = [say_load("start")]
+    model = open_model(args.model, with_past=True, log=print)
+    header, rows = read_sweep(Path(args.sweep))
+    baseline, blocks = split_rows(rows)
+    num_layers, heads_per_layer = model.manifest["num_layers"], model.manifest["num_heads"]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    layer_counts = {f: max(1, round(f * num_layers)) for f in fractions}
+    head_counts = {f: max(1, round(f * num_layers * heads_per_layer)) for f in fractions}
+    reasoning, general = load_calibration("reasoning", n=10), load_calibration("general", n=10)
+
+    with Stopwatch() as layer_watch:
+        found = prune.predict_layers(model, reasoning, general, max_layers=max([*sizes, *layer_counts.values()]), threads=args.threads)
+    with Stopwatch() as head_watch:
+        head_scores = head_pruning.head_scores(model, [*reasoning, *general], threads=args.threads)
+    print(f"predictions: layers {layer_watch.wall:.0f} s, heads {head_watch.wall:.0f} s")
+    quality = Quality(model, rows, args.threads)
+
+    removals = {}
+    for n in sizes:
+        sized = {b: r for b, r in blocks.items() if b[1] - b[0] == n}
+        best = best_block(baseline, sized, METRIC)
+        entry = {"best": {"layers": list(range(*best)), "cost": cost(sized[best], baseline), "general_nll_change": sized[best]["general_nll"] - baseline["general_nll"]} if best else None}
+        for method in prune.METHODS:
+            layers = list(found.choices[method][n].layers)
+            row = quality.path([l for l in range(num_layers) if l not in layers])
+            c = cost(row, baseline)
+            best_cost = entry["best"]["cost"] if entry["best"] else None
+            entry[method] = {"layers": layers, "cost": c, "general_nll_change": row["general_nll"] - baseline["general_nll"],
+                             "cost_ratio": c / best_cost if best_cost and best_cost > 0 else None,
+                             "excess_of_baseline": (c - best_cost) / abs(baseline[METRIC]) if best_cost is not None else None}
+        removals[n] = entry
+        print(f"{n} layers: best {entry['best']}; " + "; ".join(f"{m} {entry[m]['layers']} cost {entry[m]['cost']:+.3f}" for m in prune.METHODS))
+
+    trade, written = [], tempfile.TemporaryDirectory(prefix="bench-prune-")
+    original = Path(model.path)
+    for fraction in fractions:
+        n = layer_counts[fraction]
+        sized = {b: r for b, r in blocks.items() if b[1] - b[0] == n}
+        best = best_block(baseline, sized, METRIC)
+        choices = {m: list(found.choices[m][n].layers) for m in prune.METHODS}
+        if best:
+            choices["sweep_best"] = list(range(*best))
+        folder = prune_folder(model, Path(written.name) / f"layers{n}", layers=choices[prune.DEFAULT], log=lambda _: None)
+        timing = speed(original, folder, threads=args.threads, rounds=args.rounds, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+        size = folder_bytes(folder) / folder_bytes(original)
+        for method, layers in choices.items():
+            row = quality.path([l for l in range(num_layers) if l not in layers])
+            trade.append({"what": "layers", "fraction": fraction, "count": n, "method": method, "removed": layers, "metrics": row,
+                          "cost": cost(row, baseline), "size_ratio": size, "speed": timing})
+        for method, scores in head_scores.items():
+            chosen = head_pruning.choose_heads(scores, head_counts[fraction])
+            folder = prune_folder(model, Path(written.name) / f"heads_{method}_{head_counts[fraction]}", heads=chosen, log=lambda _: None)
+            row = quality.folder(folder)
+            trade.append({"what": "heads", "fraction": fraction, "count": head_counts[fraction], "method": method,
+                          "removed": {str(l): hs for l, hs in chosen.items()}, "metrics": row, "cost": cost(row, baseline),
+                          "size_ratio": folder_bytes(folder) / folder_bytes(original),
+                          "speed": speed(original, folder, threads=args.threads, rounds=args.rounds, prompt_tokens=args.prompt_tokens,
+                                         decode_tokens=args.decode_tokens)})
+        print(f"{fraction:.0%}: " + "; ".join(f"{t['what']} {t['method']} cost {t['cost']:+.3f} prefill x{t['speed']['prefill']['speedup_wall']:.2f}"
+                                             for t in trade if t["fraction"] == fraction))
+    written.cleanup()
+    load.append(say_load("end"))
+    data = {"model": model.name, "num_layers": num_layers, "heads_per_layer": heads_per_layer, "sweep": {"file": str(args.sweep), "suite": header["suite"]},
+            "baseline": {k: baseline[k] for k in (METRIC, "greedy_accuracy", "choice_accuracy", "general_nll", "by_kind")},
+            "prediction_seconds": {"layers": layer_watch.wall, "heads": head_watch.wall}, "pruning": found.as_dict(top=3),
+            "removals": removals, "trade": trade, "settings": vars(args), "load_average": load}
+    write_results(f"bench_prune_{args.name}", data)
+    (RESULTS / f"prune_{args.name}.md").write_text(markdown(data))
+    plot(data, RESULTS / f"prune_{args.name}.png")
+    print(markdown(data))
+
+
+def markdown(data: dict) -> str:
+    """The two tables: removals of 1-4 layers against the sweep's best, and the trade at each fraction."""
+    base = data["baseline"]
+    lines = [f"# Pruning {data['model']} ({data['num_layers']} layers, {data['heads_per_layer']} heads each)", "",
+             f"Baseline: answer log-prob {base[METRIC]:.3f} nats/item, greedy {base['greedy_accuracy']:.3f}, choice {base['choice_accuracy']:.3f}, "
+             f"general NLL {base['general_nll']:.3f}. Predictions from 10 reasoning + 10 general calibration texts: layers "
+             f"{data['prediction_seconds']['layers']:.0f} s, heads {data['prediction_seconds']['heads']:.0f} s.", "",
+             "## Removing n layers: each method's choice against the sweep's least harmful block", "",
+             "cost: answer log-prob lost (nats/item); ratio: cost / the best block's cost; excess: (cost - best cost) / baseline loss.", "",
+             "| n | sweep best | cost | method | removes | cost | ratio | excess | general NLL change |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n, entry in data["removals"].items():
+        best = entry["best"] or {}
+        for method in prune.METHODS:
+            e = entry[method]
+            ratio = "n/a" if e["cost_ratio"] is None else f"{e['cost_ratio']:.2f}"
+            excess = "n/a" if e["excess_of_baseline"] is None else f"{e['excess_of_baseline']:+.1%}"
+            lines.append(f"| {n} | {best.get('layers')} | {best.get('cost', float('nan')):+.3f} | {method} | {e['layers']} | {e['cost']:+.3f} | {ratio} | {excess} | {e['general_nll_change']:+.3f} |")
+    lines += ["", "## The trade: quality cost against size and speed (pruned model beside the unpruned one, same run)", "",
+              "| removed | count | method | cost | greedy | choice | general NLL | file | prefill x (wall / cpu) | decode x (wall / cpu) | prefill tok/s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in data["trade"]:
+        m, s = t["metrics"], t["speed"]
+        lines.append(f"| {t['what']} {t['fraction']:.0%} | {t['count']} | {t['method']} | {t['cost']:+.3f} | {m['greedy_accuracy']:.3f} | {m['choice_accuracy']:.3f} | "
+                     f"{m['general_nll']:.3f} | {t['size_ratio']:.2f} | {s['prefill']['speedup_wall']:.2f} / {s['prefill']['speedup_cpu']:.2f} | "
+                     f"{s['decode']['speedup_wall']:.2f} / {s['decode']['speedup_cpu']:.2f} | {s['prefill']['pruned_tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    """Cost against prefill speed-up, one line per method and kind of pruning."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cp_onnx.validate import save_png
+
+    figure = Figure(figsize=(7, 5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for key in dict.fromkeys((t["what"], t["method"]) for t in data["trade"]):
+        points = [t for t in data["trade"] if (t["what"], t["method"]) == key]
+        axes.plot([t["speed"]["prefill"]["speedup_wall"] for t in points], [t["cost"] for t in points], marker="o" if key[0] == "layers" else "s",
+                  label=f"{key[0]}: {key[1]}")
+    axes.axhline(0, color="grey", linewidth=0.5)
+    axes.set(xlabel="prefill speed-up over the unpruned model (wall time)", ylabel="answer log-prob lost (nats/item)",
+             title=f"Pruning {data['model']}: 10/20/30% of layers or heads")
+    axes.legend(fontsize=8)
+    save_png(figure, path)
+
+
+if __name__ == "__main__":
+    began = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - began:.0f} s")

@@ -1,0 +1,242 @@
+"""Which layers a model can lose: pruning predictions from calibration texts alone.
+
+One ReuseEvaluator (the sweep's) runs the calibration texts through the base model once, layer by
+layer, and keeps every layer's output. The published statistics read those outputs; the loss methods
+run any removal exactly, from the layer where its path departs from the base model's, so a removal
+of late layers costs only those layers and the head. For each n = 1..max_layers each method names the
+n layers it would remove (its *choice*) and, where it has one, a ranking of the contiguous blocks of n:
+
+- ``block_influence`` (ShortGPT, Men et al. 2024): BI_i = 1 - mean over all tokens of cos(x_i, x_{i+1}),
+  the layer's input and output; the n layers with the lowest BI. Blocks are ranked by their summed BI
+  (ShortGPT ranks layers only; the block ranking is there to compare it with the sweep).
+- ``angular_distance`` (Gromov et al. 2024): d(l, n) = arccos(cos(x_l, x_{l+n})) / pi between the
+  streams entering layers l and l+n, at each text's last token as the paper computes it, averaged over
+  texts; the block [l, l+n) with the smallest d.
+- ``sleb`` (Song et al. 2024): remove layers one at a time, each time the one whose removal raises the
+  mean next-token loss (NLL) of the general calibration texts least (SLEB calibrates on general text).
+  Blocks are ranked by the same loss.
+- ``removal_loss`` (the default): the same exact loss on the reasoning calibration texts, searched both
+  ways: the choice is the lower-loss of the best contiguous block of n and SLEB's greedy set of n. The
+  texts matter more than the search: on SmolLM2 the general texts' loss (SLEB's) picks layer 9 as the
+  cheapest single layer, which costs 0.43 nats per probe item, and the reasoning texts' loss picks layer
+  3, which costs nothing (+0.01; benchmarks/results/prune_smollm2.md).
+
+Lower scores mean "cheaper to remove" for every method.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cp_onnx.errors import CpOnnxError
+from cp_onnx.model import ModelFolder
+from cp_onnx.scores import Block
+from cp_onnx.scoring import ProbePlan
+from cp_onnx.sweep import ReuseEvaluator
+
+DEFAULT = "removal_loss"
+OBJECTIVE = {"sleb": "general", DEFAULT: "reasoning"}  # whose calibration texts' loss each loss method minimises
+METHODS = ("block_influence", "angular_distance", "sleb", DEFAULT)
+PAPERS = {"block_influence": "ShortGPT (Men et al., 2024)", "angular_distance": "Gromov et al., 2024", "sleb": "SLEB (Song et al., 2024)",
+          DEFAULT: "cp-onnx: exact loss of the removal on the reasoning texts, blocks and greedy sets"}
+
+
+@dataclass(frozen=True)
+class Removal:
+    """The layers one method would remove (ascending), with the method's score for them (lower = cheaper)."""
+
+    layers: tuple[int, ...]
+    score: float
+    nll: dict[str, float] | None = None  # the calibration loss of this removal per text set, where it was run
+
+    def as_dict(self) -> dict:
+        return {"layers": list(self.layers), "score": self.score, "nll": self.nll}
+
+
+@dataclass
+class LayerPruning:
+    """Per method: its choice for each n, and its ranking of the contiguous blocks (cheapest first)."""
+
+    num_layers: int
+    choices: dict[str, dict[int, Removal]]
+    blocks: dict[str, list[Block]]
+    per_layer: dict[str, list[float]]  # block_influence per layer; the default's loss increase with each single layer removed
+    base_nll: dict[str, float]
+    texts: dict[str, int]
+    token_layers: int = 0  # the work the loss methods ran: tokens (padding included) times layers
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self, top: int | None = 5) -> dict:
+        return {
+            "default": DEFAULT,
+            "papers": PAPERS,
+            "num_layers": self.num_layers,
+            "texts": self.texts,
+            "base_nll": self.base_nll,
+            "per_layer": self.per_layer,
+            "methods": {m: {"choices": [{"n": n, **r.as_dict()} for n, r in sorted(self.choices[m].items())],
+                            "blocks": [b.as_dict() for b in _top_per_size(self.blocks[m], top)]} for m in self.choices},
+            "units": "score: lower is cheaper to remove; nll: mean next-token loss (nats) of the calibration texts with the layers removed",
+        }
+
+
+class RemovalLoss:
+    """The calibration texts' mean NLL per token with any set of layers removed, each set run once (cached)."""
+
+    def __init__(self, model: ModelFolder, texts: dict[str, Sequence[str]], *, max_length: int, threads: int | None):
+        encode = lambda text: model.encode([text])[0][0]  # noqa: E731
+        flat = [text for group in texts.values() for text in group]
+        self.plan = ProbePlan([], encode, flat, max_length=max_length)
+        if len(self.plan.continuations) != len(flat):
+            raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
+        bounds = np.cumsum([0, *(len(group) for group in texts.values())])
+        self.groups = {name: slice(a, b) for name, a, b in zip(texts, bounds[:-1], bounds[1:]) if b > a}
+        self.tokens = np.array([len(c.tokens) for c in self.plan.continuations], dtype=np.float64)
+        self.evaluator = ReuseEvaluator(model.onnx_path, self.plan, threads)
+        self.num_layers = self.evaluator.num_layers
+        self._cache: dict[tuple[int, ...], dict[str, float]] = {}
+
+    def __call__(self, removed: Sequence[int]) -> dict[str, float]:
+        """Mean NLL per text set (and "all") with ``removed`` gone."""
+        key = tuple(sorted(set(removed)))
+        if key not in self._cache:
+            path = [l for l in range(self.num_layers) if l not in key]
+            logprob = self.plan.continuation_scores(self.evaluator.path_scores(path))[0]
+            if not np.isfinite(logprob).all():
+                raise CpOnnxError(f"the model's log-probabilities are not finite with layers {list(key)} removed; check the exported model")
+            found = {name: float(-logprob[s].sum() / self.tokens[s].sum()) for name, s in self.groups.items()}
+            self._cache[key] = {**found, "all": float(-logprob.sum() / self.tokens.sum())}
+        return self._cache[key]
+
+    def rebase(self, removed: Sequence[int]) -> None:
+        """Keep the outputs of the model without ``removed``: a greedy step's candidates then resume from them."""
+        path = [l for l in range(self.num_layers) if l not in set(removed)]
+        if path != self.evaluator.base_path:
+            self.evaluator.rebase(path)
+
+    def streams(self):
+        """Per batch: the residual stream entering every layer and leaving the last, [layers + 1, rows, seq, hidden], and the mask."""
+        self.rebase(())
+        ev = self.evaluator
+        for b, batch in enumerate(self.plan.batches):
+            yield np.stack([ev.contexts[b][ev.embed], *(ev.outputs.get(b, l) for l in range(self.num_layers))]), batch.attention_mask
+
+
+def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, max_layers: int | None = None,
+                   methods: Sequence[str] = METHODS, max_length: int = 128, threads: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> LayerPruning:
+    """Each method's choice of 1..``max_layers`` layers (default a quarter of them) and block ranking, from the calibration texts.
+
+    With only some ``methods`` (what `cp-onnx prune` asks for), the loss methods run the blocks of
+    ``max_layers`` layers alone, not every size."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CpOnnxError(f"unknown layer pruning method {unknown[0] if unknown else None!r}; choose from {', '.join(METHODS)}")
+    if not general:
+        raise CpOnnxError("pruning predictions need general calibration texts (SLEB's loss is theirs); give at least one")
+    began = time.perf_counter()
+    loss = RemovalLoss(model, {"reasoning": reasoning, "general": general}, max_length=max_length, threads=threads)
+    L = loss.num_layers
+    max_layers = max(1, L // 4) if max_layers is None else max_layers
+    if not 1 <= max_layers < L:
+        raise CpOnnxError(f"can remove 1 to {L - 1} layers of this {L}-layer model, not {max_layers}")
+    sizes = range(1, max_layers + 1)
+    blocks = [(s, s + n) for n in sizes for s in range(L - n + 1)]
+    run_sizes = sizes if set(methods) == set(METHODS) else [max_layers]
+    losses = [m for m in ("sleb", DEFAULT) if m in methods]
+    total = (sum(L - n + 1 for n in run_sizes) if DEFAULT in methods or "sleb" in methods else 0) + len(losses) * sum(L - k for k in range(max_layers))
+    done = 0
+
+    def measured(removed) -> dict[str, float]:
+        nonlocal done
+        fresh = tuple(sorted(removed)) not in loss._cache
+        result = loss(removed)
+        if progress and fresh:
+            done += 1
+            progress(done, total)
+        return result
+
+    base = measured(())
+    bi, angular = _statistics(loss)
+    run = [b for b in blocks if b[1] - b[0] in run_sizes] if losses else []
+    by_block = {b: measured(range(*b)) for b in run}
+    ranked = {
+        "block_influence": _rank(blocks, lambda b: float(bi[b[0] : b[1]].sum())),
+        "angular_distance": _rank(blocks, lambda b: float(angular[b[1] - b[0]][b[0]])),
+        "sleb": _rank(run, lambda b: by_block[b]["general"] - base["general"]),
+        DEFAULT: _rank(run, lambda b: by_block[b][OBJECTIVE[DEFAULT]] - base[OBJECTIVE[DEFAULT]]),
+    }
+    greedy = {m: _greedy(measured, loss.rebase, L, max_layers, OBJECTIVE[m]) for m in losses}
+    choices: dict[str, dict[int, Removal]] = {m: {} for m in methods}
+    for n in sizes:
+        if "block_influence" in methods:
+            lowest = tuple(sorted(np.argsort(bi, kind="stable")[:n].tolist()))
+            choices["block_influence"][n] = Removal(lowest, float(bi[list(lowest)].sum()))
+        if "angular_distance" in methods:
+            start = int(np.argmin(angular[n]))  # the first of equal distances
+            choices["angular_distance"][n] = Removal(tuple(range(start, start + n)), float(angular[n][start]))
+        if "sleb" in methods:
+            choices["sleb"][n] = Removal(greedy["sleb"][n], measured(greedy["sleb"][n])["general"] - base["general"], measured(greedy["sleb"][n]))
+        if DEFAULT in methods and n in run_sizes:
+            block = next(b for b in ranked[DEFAULT] if b.end - b.start == n)
+            objective = OBJECTIVE[DEFAULT]
+            pick = min([tuple(range(block.start, block.end)), greedy[DEFAULT][n]], key=lambda layers: (measured(layers)[objective], layers))
+            choices[DEFAULT][n] = Removal(pick, measured(pick)[objective] - base[objective], measured(pick))
+    for method in ("block_influence", "angular_distance"):
+        for n, removal in choices.get(method, {}).items():
+            choices[method][n] = Removal(removal.layers, removal.score, loss._cache.get(removal.layers))
+    if progress:
+        progress(done, done)  # greedy steps reuse blocks already run, so fewer than the estimate may have run
+    per_layer = {"block_influence": bi.tolist()}
+    if all((l, l + 1) in by_block for l in range(L)):
+        per_layer[DEFAULT] = [by_block[(l, l + 1)][OBJECTIVE[DEFAULT]] - base[OBJECTIVE[DEFAULT]] for l in range(L)]
+    texts = {"reasoning": len(reasoning), "general": len(general), "tokens": int(loss.tokens.sum())}
+    return LayerPruning(L, choices, {m: ranked[m] for m in methods}, per_layer, base, texts, loss.evaluator.layer_tokens,
+                        {"pruning_layers_s": time.perf_counter() - began})
+
+
+def _statistics(loss: RemovalLoss) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """ShortGPT's Block Influence per layer, and Gromov's angular distance d[n][l] at each text's last token."""
+    L = loss.num_layers
+    cos_sum, count = np.zeros(L), 0
+    angle_sum, texts = np.zeros((L + 1, L + 1)), 0
+    for streams, mask in loss.streams():
+        x = streams.astype(np.float64)
+        unit = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+        real = mask.astype(bool)
+        cos_sum += np.einsum("lrsd,lrsd->lrs", unit[:-1], unit[1:])[:, real].sum(axis=1)
+        count += int(real.sum())
+        last = unit[:, np.arange(len(mask)), real.sum(axis=1) - 1]  # [L + 1, rows, hidden]: each text's last token
+        angle_sum += (np.arccos(np.clip(np.einsum("ard,brd->abr", last, last), -1.0, 1.0)) / np.pi).sum(axis=2)
+        texts += len(mask)
+    angle = angle_sum / texts  # each text's distance, then the mean over texts
+    return 1.0 - cos_sum / count, {n: np.array([angle[l, l + n] for l in range(L - n + 1)]) for n in range(1, L)}
+
+
+def _greedy(measured: Callable[[Sequence[int]], dict[str, float]], rebase: Callable[[Sequence[int]], None], num_layers: int, steps: int,
+            group: str) -> dict[int, tuple[int, ...]]:
+    """SLEB's search: remove the layer whose removal (beside those already gone) gives the lowest loss, ``steps`` times.
+    Each step's candidates resume from the outputs of the model as the last step left it (``rebase``)."""
+    removed: tuple[int, ...] = ()
+    found = {}
+    for n in range(1, steps + 1):
+        rebase(removed)
+        options = [tuple(sorted((*removed, l))) for l in range(num_layers) if l not in removed]
+        removed = min(options, key=lambda layers: (measured(layers)[group], layers))
+        found[n] = removed
+    return found
+
+
+def _rank(blocks: list[tuple[int, int]], score: Callable[[tuple[int, int]], float]) -> list[Block]:
+    """Blocks cheapest first (ties: smaller, then earlier)."""
+    scored = [(score(b), b) for b in blocks]
+    return [Block(b[0], b[1], s, {}) for s, b in sorted(scored, key=lambda sb: (sb[0], sb[1][1] - sb[1][0], sb[1][0]))]
+
+
+def _top_per_size(blocks: list[Block], top: int) -> list[Block]:
+    """The ``top`` cheapest blocks of each size, size by size."""
+    sizes = sorted({b.end - b.start for b in blocks})
+    return [b for n in sizes for b in [b for b in blocks if b.end - b.start == n][:top]]

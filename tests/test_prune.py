@@ -1,0 +1,211 @@
+"""Pruning on the tiny Llama: the methods' statistics and losses against torch, the greedy search, and `cp-onnx prune`
+(layers gone from the graphs, heads from the weights) against torch with the same layers dropped and heads zeroed."""
+from __future__ import annotations
+
+import json
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from cp_onnx.cli import main
+from cp_onnx.generate import generate
+from cp_onnx.head_pruning import choose_heads
+from cp_onnx.model import open_model
+from cp_onnx.prune import predict_layers
+from cp_onnx.runner import Runner
+from exporters.manifest import read_manifest
+from graph_passes import ablate, discover, graph_io, route
+from test_apply_generate import llama_folder, quiet  # noqa: F401  (the module fixture: torch model + exported folder with past)
+from test_expose import rel_err
+from test_route import repeated_layers
+
+REASONING = ["Tom has 3 apples and buys 4 more, so he has 7.", "Half of 18 is 9, and 9 + 6 = 15 in all."]
+GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets while the boats came in."]
+
+
+def torch_streams(hf, ids: list[int]) -> np.ndarray:
+    """[layers + 1, seq, hidden]: the embedding and every decoder layer's output (hooks: the last one before the final norm)."""
+    import torch
+
+    found = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: found.append((out[0] if isinstance(out, tuple) else out)[0].double().numpy()))
+             for layer in hf.model.layers]
+    hooks.append(hf.model.embed_tokens.register_forward_hook(lambda m, a, out: found.insert(0, out[0].double().numpy())))
+    try:
+        with torch.no_grad():
+            hf(torch.tensor([ids]), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.stack(found)
+
+
+def torch_nll(hf, token_lists: list[list[int]], kept: list[int]) -> float:
+    """Mean next-token loss over all tokens of the texts, the model running only the ``kept`` layers."""
+    import torch
+
+    total = count = 0.0
+    with repeated_layers(hf, "llama", kept), torch.no_grad():
+        for ids in token_lists:
+            logprobs = torch.log_softmax(hf(torch.tensor([ids]), use_cache=False).logits[0].double(), dim=-1)
+            total -= sum(logprobs[p - 1, ids[p]].item() for p in range(1, len(ids)))
+            count += len(ids) - 1
+    return total / count
+
+
+def test_statistics_losses_and_greedy_choices_match_torch(llama_folder):  # noqa: F811
+    hf, folder = llama_folder
+    model = open_model(folder)
+    found = predict_layers(model, REASONING, GENERAL, max_layers=2)
+    encode = lambda text: model.encode([text])[0][0]  # noqa: E731
+    streams = [torch_streams(hf, encode(t)) for t in REASONING + GENERAL]
+    unit = [s / np.linalg.norm(s, axis=-1, keepdims=True) for s in streams]
+    cosines = np.concatenate([np.einsum("lsd,lsd->ls", u[:-1], u[1:]) for u in unit], axis=1)
+    np.testing.assert_allclose(found.per_layer["block_influence"], 1 - cosines.mean(axis=1), atol=1e-5)
+    for n in (1, 2):
+        distance = {l: np.mean([np.arccos(np.clip(u[l, -1] @ u[l + n, -1], -1, 1)) / np.pi for u in unit]) for l in range(4 - n)}
+        start = min(distance, key=lambda l: (distance[l], l))
+        chosen = found.choices["angular_distance"][n]
+        assert chosen.layers == tuple(range(start, start + n)) and chosen.score == pytest.approx(distance[start], abs=1e-5)
+        lowest = tuple(sorted(np.argsort(1 - cosines.mean(axis=1), kind="stable")[:n]))
+        assert found.choices["block_influence"][n].layers == lowest
+    groups = {"reasoning": [encode(t) for t in REASONING], "general": [encode(t) for t in GENERAL]}
+    nll = {removed: {g: torch_nll(hf, ids, [l for l in range(3) if l not in removed]) for g, ids in groups.items()}
+           for removed in [(), *combinations(range(3), 1), *combinations(range(3), 2)]}
+    tokens = {g: sum(len(ids) - 1 for ids in groups[g]) for g in groups}
+    for values in nll.values():
+        values["all"] = sum(values[g] * tokens[g] for g in groups) / sum(tokens.values())
+    for g in ("reasoning", "general", "all"):
+        assert found.base_nll[g] == pytest.approx(nll[()][g], abs=1e-4)
+    for method, group in (("sleb", "general"), ("removal_loss", "reasoning")):
+        first = min(((l,) for l in range(3)), key=lambda r: nll[r][group])
+        second = min((tuple(sorted((*first, l))) for l in range(3) if l not in first), key=lambda r: nll[r][group])
+        greedy = {1: first, 2: second}
+        for n in (1, 2):
+            chosen = found.choices[method][n]
+            expected = greedy[n] if method == "sleb" else min([greedy[n], *[tuple(range(s, s + n)) for s in range(4 - n)]], key=lambda r: nll[r]["reasoning"])
+            assert chosen.layers == expected
+            assert chosen.nll[group] == pytest.approx(nll[expected][group], abs=1e-4)
+    ranked = [(b.start, b.end) for b in found.blocks["removal_loss"]]
+    assert ranked == sorted(ranked, key=lambda b: nll[tuple(range(*b))]["reasoning"])
+
+
+def test_choose_heads_keeps_a_head_in_every_layer():
+    scores = np.array([[0.1, 0.0, 0.3], [0.05, 0.2, 0.01], [0.9, 0.8, 0.7]])
+    assert choose_heads(scores, 3) == {0: [1], 1: [0, 2]}
+    assert choose_heads(scores, 5) == {0: [0, 1], 1: [0, 2], 2: [2]}  # (1, 1) and (0, 2) would be their layers' last heads
+    assert choose_heads(scores, 6) == {0: [0, 1], 1: [0, 2], 2: [1, 2]}
+    assert choose_heads(scores, 2, skip_layers=[0]) == {1: [0, 2]}
+    with pytest.raises(Exception, match="can remove at most 6 heads"):
+        choose_heads(scores, 7)
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def torch_pruned_logits(hf, ids: np.ndarray, kept_layers: list[int], heads: dict[int, list[int]]) -> np.ndarray:
+    """transformers' logits running only ``kept_layers``, with the removed heads' o_proj columns zeroed."""
+    import torch
+
+    saved = {l: hf.model.layers[l].self_attn.o_proj.weight.clone() for l in heads}
+    dim = hf.config.hidden_size // hf.config.num_attention_heads
+    try:
+        with torch.no_grad():
+            for l, hs in heads.items():
+                for h in hs:
+                    hf.model.layers[l].self_attn.o_proj.weight[:, h * dim : (h + 1) * dim] = 0
+            with repeated_layers(hf, "llama", kept_layers):
+                return hf(torch.from_numpy(ids), use_cache=False).logits.numpy()
+    finally:
+        with torch.no_grad():
+            for l, weight in saved.items():
+                hf.model.layers[l].self_attn.o_proj.weight.copy_(weight)
+
+
+def test_prune_writes_a_smaller_model_equal_to_torch_with_the_layers_dropped_and_heads_zeroed(llama_folder, tmp_path, capsys):  # noqa: F811
+    hf, folder = llama_folder
+    out = tmp_path / "pruned"
+    code, stdout, _ = run(["prune", folder, "--skip", "1:2", "--heads", "3", "--out", out, "-n", "2", "--max-length", "32"], capsys)
+    assert code == 0 and stdout.strip() == str(out)
+    pruned = read_manifest(out)["pruned"]
+    heads = {int(l): hs for l, hs in pruned["heads"].items()}
+    assert pruned["layers"] == [1] and sum(map(len, heads.values())) == 3 and set(heads) <= {0, 2}
+    assert read_manifest(out)["num_layers"] == 2 and read_manifest(out)["layer_path"] == "0,2"
+    ids = np.array([[1, 40, 41, 42, 7, 80, 80, 3]])
+    logits = Runner(out / "model.onnx").run(ids, np.ones_like(ids), ["logits"])["logits"]
+    assert rel_err(logits, torch_pruned_logits(hf, ids, [0, 2], heads)) < 1e-4
+    original = graph_io.load(folder / "model.onnx")
+    ablated = ablate(original, discover(original), heads)
+    expected = Runner(route(ablated, discover(ablated), [0, 2])).run(ids, np.ones_like(ids), ["logits"])["logits"]
+    assert rel_err(logits, expected) < 1e-4
+    for graph in ("model.onnx", "with_past/model.onnx"):
+        assert (out / graph).stat().st_size < 0.8 * (folder / graph).stat().st_size
+    model = open_model(out)
+    _, cached = generate(model, "Hello there", 10, log=quiet)
+    _, uncached = generate(model, "Hello there", 10, use_cache=False, log=quiet)
+    prompt = model.encode(["Hello there"])[0][0]
+    expected_ids, tokens = [], list(prompt)
+    for _ in range(len(cached)):  # greedy decoding by torch, one full forward per token
+        expected_ids.append(int(np.argmax(torch_pruned_logits(hf, np.array([tokens]), [0, 2], heads)[0, -1])))
+        tokens.append(expected_ids[-1])
+    assert cached == uncached == expected_ids and len(set(cached)) > 1
+
+
+def test_prune_layers_by_a_method_and_its_refusals(llama_folder, tmp_path, capsys):  # noqa: F811
+    _, folder = llama_folder
+    out = tmp_path / "sleb"
+    assert run(["prune", folder, "--layers", "1", "--method", "sleb", "-n", "2", "--max-length", "32", "--out", out], capsys)[0] == 0
+    manifest = read_manifest(out)
+    assert len(manifest["pruned"]["layers"]) == 1 and manifest["pruned"]["heads"] == {} and manifest["num_layers"] == 2
+    for args, fragment in (([], "give what to remove"), (["--layers", "1", "--skip", "0:1"], "not both"),
+                           (["--skip", "0:3"], "cannot remove layers [0, 1, 2] of this 3-layer model"),
+                           (["--heads", "10", "-n", "1"], "can remove at most 9 heads")):
+        target = tmp_path / "refused"
+        code, _, err = run(["prune", folder, *args, "--out", target], capsys)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith("cp-onnx: error: ") and fragment in line, line
+        assert not target.exists()
+
+
+def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, capsys):  # noqa: F811
+    import jsonschema
+
+    from cp_onnx import report as report_mod
+    from test_sweep import ITEMS
+
+    _, folder = llama_folder
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"id": i.id, "kind": i.kind, "prompt": i.prompt, "answer": i.answer, **({"options": list(i.options)} if i.options else {})}) + "\n"
+                             for i in ITEMS))
+    args = ["-n", "2", "--max-length", "32", "--block-sizes", "1,2"]
+    assert run(["analyze", folder, "--prune", "--heads", "--out", tmp_path / "report", *args], capsys)[0] == 0
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    jsonschema.validate(data, report_mod.schema())
+    layers = data["pruning"]["layers"]
+    assert set(layers["methods"]) == {"block_influence", "angular_distance", "sleb", "removal_loss"} and layers["num_layers"] == 3
+    assert all(len(m["blocks"]) == 3 and [c["n"] for c in m["choices"]] == [1] for m in layers["methods"].values())  # L/4 rounds to 1 layer
+    heads = data["pruning"]["heads"]["methods"]["head_ablation"]
+    zero = {(r["layer"], r["head"]): r["loss_zero"] for r in data["heads"]["heads"]}
+    assert [zero[(h["layer"], h["head"])] for h in heads["cheapest"]] == sorted(zero.values())[: len(heads["cheapest"])]
+    code, out, _ = run(["sweep", folder, "--skip", "1", "--suite", suite, "--out", tmp_path / "skip.jsonl"], capsys)
+    assert code == 0 and "best block removed" in out
+    assert run(["validate", tmp_path / "report" / "report.json", tmp_path / "skip.jsonl", "--out", tmp_path / "validation"], capsys)[0] == 0
+    result = json.loads((tmp_path / "validation" / "validation.json").read_text())
+    rows = {(r["start"], r["end"]): r for r in map(json.loads, (tmp_path / "skip.jsonl").read_text().splitlines()[1:])}
+    for method, entry in result["sizes"]["1"]["methods"].items():
+        layer = layers["methods"][method]["choices"][0]["layers"][0]
+        change = rows[(layer, layer + 1)]["answer_logprob"] - rows[(None, None)]["answer_logprob"]
+        assert entry["answer_logprob"]["choice"]["gain"] == pytest.approx(change)
+    best = result["sizes"]["1"]["best"]["answer_logprob"]
+    assert best["gain"] == max(r["answer_logprob"] for r in rows.values() if r["start"] is not None) - rows[(None, None)]["answer_logprob"]
+    code, text, _ = run(["report", tmp_path / "report" / "report.json", "--text"], capsys)
+    assert code == 0 and "prune removal_loss 1 " in text and "prune_head head_ablation " in text
+    code, summary, _ = run(["report", tmp_path / "report" / "report.json"], capsys)
+    assert "pruning candidates" in summary and "cheapest heads (head_ablation)" in summary
+    page = tmp_path / "page.html"
+    assert run(["report", tmp_path / "report" / "report.json", "--html", page, "--sweep", tmp_path / "skip.jsonl"], capsys)[0] == 0
+    assert "id='pruning'" in page.read_text() and "id='removals'" in page.read_text()
