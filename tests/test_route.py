@@ -265,7 +265,7 @@ def test_with_past_slots_follow_the_path(with_past, graphs, tmp_path, family):
     _, plain, plain_map = graphs(family)
     for layers, graph in ((path, routed), ([2, 0], skipped)):
         graph_io.save(graph, tmp_path / "past.onnx")
-        decoder = CachedDecoder(tmp_path / "past.onnx", {}, threads=1)
+        decoder = CachedDecoder(Runner(tmp_path / "past.onnx", threads=1), {})
         tokens = [5, 17, 99, 3, 42, 42, 7]
         steps = [decoder.start(tokens[:4])] + [decoder.step(t) for t in tokens[4:]]
         ids = np.array([tokens], dtype=np.int64)
