@@ -74,8 +74,9 @@ def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
     assert run_reader(reader, path).stdout.splitlines()[2] == "prediction abstain"
 
     pruned = {**data, "pruning": {
-        "layers": {"methods": {"removal_loss": {"choices": [{"n": 1, "layers": [2], "score": 0.1}, {"n": 2, "layers": [1, 3], "score": 0.3}], "blocks": []}}},
-        "heads": {"methods": {"head_ablation": {"cheapest": [{"layer": 3, "head": k, "score": 0.0} for k in range(7)]}}}}}
+        "layers": {"default": "removal_loss", "num_layers": 4, "base_nll": 2.5,
+                   "methods": {"removal_loss": {"choices": [{"n": 1, "layers": [2], "score": 0.1}, {"n": 2, "layers": [1, 3], "score": 0.3}], "blocks": []}}},
+        "heads": {"default": "head_ablation", "methods": {"head_ablation": {"cheapest": [{"layer": 3, "head": k, "score": 0.0} for k in range(7)]}}}}}
     path.write_text(json.dumps(pruned))
     lines = run_reader(reader, path).stdout.splitlines()
     assert lines[4:11] == ["prune removal_loss 1 2", "prune removal_loss 2 1,3", *(f"prune_head head_ablation 3 {k}" for k in range(5))]
