@@ -351,6 +351,8 @@ def _relative(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
     try:
+        if "\0" in value:  # pathlib's exists() answers False for these rather than raising
+            raise ValueError("embedded null byte")
         path.exists()
     except (OSError, ValueError) as exc:
         raise CpOnnxError(f"the batch manifest names the path {value[:60]!r}, which is not a usable path ({type(exc).__name__}); "

@@ -44,6 +44,8 @@ def read_bytes(path: Path, what: str) -> bytes:
     """The bytes of ``path``, refused past CP_ONNX_MAX_FILE_MB (FileNotFoundError passes through for the caller's hint)."""
     cap = limit(FILE_LIMIT_ENV, FILE_LIMIT_MB)
     try:
+        if "\0" in str(path):  # pathlib's exists() answers False for these rather than raising
+            raise ValueError("embedded null byte")
         special = path.exists() and not path.is_dir() and not path.is_file()  # a FIFO or device would block or never end
     except (OSError, ValueError) as exc:  # a name too long, or with a NUL byte
         raise CpOnnxError(f"the {what} path {str(path)[:80]!r} is not usable ({type(exc).__name__}); give the path of a file") from None
