@@ -4,7 +4,7 @@
                                      [--threads 2] [--rounds 7] [--prompt-tokens 256] [--decode-tokens 32]
 
 1. Predictions from the calibration texts alone (10 reasoning, 10 general): every layer method's choice of
-   n layers (``cp_onnx.prune``) and both head methods' scores (``cp_onnx.head_pruning``), timed.
+   n layers (``cp_onnx.prune``) and both head methods' scores on the reasoning texts (``cp_onnx.head_pruning``), timed.
 2. Removals of ``--sizes`` layers: each method's choice scored on the probe suite (seed 0, the sweep's
    evaluator and plan, so its numbers are the sweep's), beside the sweep's least harmful block of that
    size: the cost (baseline answer log-prob minus the choice's), its ratio to the best's cost, and the
@@ -146,7 +146,7 @@ def main() -> None:
     with Stopwatch() as layer_watch:
         found = prune.predict_layers(model, reasoning, general, max_layers=max([*sizes, *layer_counts.values()]), threads=args.threads)
     with Stopwatch() as head_watch:
-        head_scores = head_pruning.head_scores(model, [*reasoning, *general], threads=args.threads)
+        head_scores = head_pruning.head_scores(model, reasoning, threads=args.threads)
     print(f"predictions: layers {layer_watch.wall:.0f} s, heads {head_watch.wall:.0f} s")
     quality = Quality(model, rows, args.threads)
 

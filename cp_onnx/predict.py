@@ -26,7 +26,7 @@ from cp_onnx.model import ModelFolder
 from cp_onnx.runner import pad_batch
 from cp_onnx.scores import Block, candidate_blocks
 from cp_onnx.scoring import ProbePlan, TokenBatch
-from cp_onnx.sweep import BASELINE, ReuseEvaluator
+from cp_onnx.sweep import BASELINE, Batches, ReuseEvaluator
 
 METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided: the top block's gain must be above zero in 95% of resamples
@@ -96,7 +96,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
         raise NoNumbersError("the reasoning calibration texts hold no numbers, and this method scores the numbers a text states or derives; "
                              "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
     ranking = _digit_batches(token_lists, digits)
-    evaluator = ReuseEvaluator(model.onnx_path, _Batches([*ranking, *cost_plan.batches]), threads)
+    evaluator = ReuseEvaluator(model.onnx_path, Batches([*ranking, *cost_plan.batches]), threads)
     ranked_part, cost_part = range(len(ranking)), range(len(ranking), len(ranking) + len(cost_plan.batches))
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
     owners = np.concatenate([batch.owners for batch in ranking])
@@ -151,13 +151,6 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
 SCREEN_TOP = 3
 COST_BLOCKS = 3  # the best blocks (the candidates a report shows) whose cost side (all tokens, general texts) is measured
 _NO_COST = {"text_nll_change": None, "general_nll_change": None}
-
-
-@dataclass(frozen=True)
-class _Batches:
-    """What ReuseEvaluator reads of a plan: its batches."""
-
-    batches: list[TokenBatch]
 
 
 def _digit_batches(token_lists: list[list[int]], digits: list[np.ndarray], batch_size: int = 16) -> list[TokenBatch]:

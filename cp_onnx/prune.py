@@ -35,7 +35,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
 from cp_onnx.scores import Block
 from cp_onnx.scoring import ProbePlan
-from cp_onnx.sweep import ReuseEvaluator
+from cp_onnx.sweep import Batches, ReuseEvaluator
 
 DEFAULT = "removal_loss"
 OBJECTIVE = {"sleb": "general", DEFAULT: "reasoning"}  # whose calibration texts' loss each loss method minimises
@@ -84,32 +84,42 @@ class LayerPruning:
 
 
 class RemovalLoss:
-    """The calibration texts' mean NLL per token with any set of layers removed, each set run once (cached)."""
+    """The calibration texts' mean NLL per token with any set of layers removed, per text set, each run once (cached).
+
+    Each set's texts are batched apart, so a search that minimises one set's loss runs only its texts."""
 
     def __init__(self, model: ModelFolder, texts: dict[str, Sequence[str]], *, max_length: int, threads: int | None):
         encode = lambda text: model.encode([text])[0][0]  # noqa: E731
-        flat = [text for group in texts.values() for text in group]
-        self.plan = ProbePlan([], encode, flat, max_length=max_length)
-        if len(self.plan.continuations) != len(flat):
+        self.plans = {name: ProbePlan([], encode, group, max_length=max_length) for name, group in texts.items() if group}
+        if any(len(plan.continuations) != len(texts[name]) for name, plan in self.plans.items()):
             raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
-        bounds = np.cumsum([0, *(len(group) for group in texts.values())])
-        self.groups = {name: slice(a, b) for name, a, b in zip(texts, bounds[:-1], bounds[1:]) if b > a}
-        self.tokens = np.array([len(c.tokens) for c in self.plan.continuations], dtype=np.float64)
-        self.evaluator = ReuseEvaluator(model.onnx_path, self.plan, threads)
+        batches, self.parts = [], {}
+        for name, plan in self.plans.items():
+            self.parts[name] = range(len(batches), len(batches) + len(plan.batches))
+            batches += plan.batches
+        self.tokens = {name: float(sum(len(c.tokens) for c in plan.continuations)) for name, plan in self.plans.items()}
+        self.evaluator = ReuseEvaluator(model.onnx_path, Batches(batches), threads)
         self.num_layers = self.evaluator.num_layers
-        self._cache: dict[tuple[int, ...], dict[str, float]] = {}
+        self._cache: dict[tuple[tuple[int, ...], str], float] = {}
 
-    def __call__(self, removed: Sequence[int]) -> dict[str, float]:
-        """Mean NLL per text set (and "all") with ``removed`` gone."""
-        key = tuple(sorted(set(removed)))
+    def __call__(self, removed: Sequence[int], group: str) -> float:
+        """Mean NLL per token of one text set with ``removed`` gone."""
+        key = (tuple(sorted(set(removed))), group)
         if key not in self._cache:
-            path = [l for l in range(self.num_layers) if l not in key]
-            logprob = self.plan.continuation_scores(self.evaluator.path_scores(path))[0]
+            path = [l for l in range(self.num_layers) if l not in key[0]]
+            logprob = self.plans[group].continuation_scores(self.evaluator.path_scores(path, self.parts[group]))[0]
             if not np.isfinite(logprob).all():
-                raise CpOnnxError(f"the model's log-probabilities are not finite with layers {list(key)} removed; check the exported model")
-            found = {name: float(-logprob[s].sum() / self.tokens[s].sum()) for name, s in self.groups.items()}
-            self._cache[key] = {**found, "all": float(-logprob.sum() / self.tokens.sum())}
+                raise CpOnnxError(f"the model's log-probabilities are not finite with layers {list(key[0])} removed; check the exported model")
+            self._cache[key] = float(-logprob.sum() / self.tokens[group])
         return self._cache[key]
+
+    def known(self, removed: Sequence[int], group: str) -> bool:
+        return (tuple(sorted(set(removed))), group) in self._cache
+
+    def every_set(self, removed: Sequence[int]) -> dict[str, float]:
+        """The loss of every text set, and of all their tokens together ("all")."""
+        found = {group: self(removed, group) for group in self.plans}
+        return {**found, "all": sum(found[g] * self.tokens[g] for g in found) / sum(self.tokens.values())}
 
     def rebase(self, removed: Sequence[int]) -> None:
         """Keep the outputs of the model without ``removed``: a greedy step's candidates then resume from them."""
@@ -121,7 +131,7 @@ class RemovalLoss:
         """Per batch: the residual stream entering every layer and leaving the last, [layers + 1, rows, seq, hidden], and the mask."""
         self.rebase(())
         ev = self.evaluator
-        for b, batch in enumerate(self.plan.batches):
+        for b, batch in enumerate(ev.plan.batches):
             yield np.stack([ev.contexts[b][ev.embed], *(ev.outputs.get(b, l) for l in range(self.num_layers))]), batch.attention_mask
 
 
@@ -147,54 +157,49 @@ def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequen
     blocks = [(s, s + n) for n in sizes for s in range(L - n + 1)]
     run_sizes = sizes if set(methods) == set(METHODS) else [max_layers]
     losses = [m for m in ("sleb", DEFAULT) if m in methods]
-    total = (sum(L - n + 1 for n in run_sizes) if DEFAULT in methods or "sleb" in methods else 0) + len(losses) * sum(L - k for k in range(max_layers))
+    total = len(losses) * (sum(L - n + 1 for n in run_sizes) + sum(L - k for k in range(1, max_layers)))  # blocks, then greedy steps 2..
     done = 0
 
-    def measured(removed) -> dict[str, float]:
+    def measured(removed, group: str) -> float:
         nonlocal done
-        fresh = tuple(sorted(removed)) not in loss._cache
-        result = loss(removed)
+        fresh = not loss.known(removed, group)
+        value = loss(removed, group)
         if progress and fresh:
             done += 1
             progress(done, total)
-        return result
+        return value
 
-    base = measured(())
+    base = loss.every_set(())
     bi, angular = _statistics(loss)
-    run = [b for b in blocks if b[1] - b[0] in run_sizes] if losses else []
-    by_block = {b: measured(range(*b)) for b in run}
-    ranked = {
-        "block_influence": _rank(blocks, lambda b: float(bi[b[0] : b[1]].sum())),
-        "angular_distance": _rank(blocks, lambda b: float(angular[b[1] - b[0]][b[0]])),
-        "sleb": _rank(run, lambda b: by_block[b]["general"] - base["general"]),
-        DEFAULT: _rank(run, lambda b: by_block[b][OBJECTIVE[DEFAULT]] - base[OBJECTIVE[DEFAULT]]),
-    }
+    run = [b for b in blocks if b[1] - b[0] in run_sizes]
+    cost = {m: {b: measured(range(*b), OBJECTIVE[m]) - base[OBJECTIVE[m]] for b in run} for m in losses}
+    ranked = {"block_influence": _rank(blocks, lambda b: float(bi[b[0] : b[1]].sum())),
+              "angular_distance": _rank(blocks, lambda b: float(angular[b[1] - b[0]][b[0]])),
+              **{m: _rank(run, cost[m].__getitem__) for m in losses}}
     greedy = {m: _greedy(measured, loss.rebase, L, max_layers, OBJECTIVE[m]) for m in losses}
-    choices: dict[str, dict[int, Removal]] = {m: {} for m in methods}
+    choices: dict[str, dict[int, tuple[tuple[int, ...], float]]] = {m: {} for m in methods}
     for n in sizes:
         if "block_influence" in methods:
             lowest = tuple(sorted(np.argsort(bi, kind="stable")[:n].tolist()))
-            choices["block_influence"][n] = Removal(lowest, float(bi[list(lowest)].sum()))
+            choices["block_influence"][n] = (lowest, float(bi[list(lowest)].sum()))
         if "angular_distance" in methods:
             start = int(np.argmin(angular[n]))  # the first of equal distances
-            choices["angular_distance"][n] = Removal(tuple(range(start, start + n)), float(angular[n][start]))
+            choices["angular_distance"][n] = (tuple(range(start, start + n)), float(angular[n][start]))
         if "sleb" in methods:
-            choices["sleb"][n] = Removal(greedy["sleb"][n], measured(greedy["sleb"][n])["general"] - base["general"], measured(greedy["sleb"][n]))
+            choices["sleb"][n] = (greedy["sleb"][n], measured(greedy["sleb"][n], "general") - base["general"])
         if DEFAULT in methods and n in run_sizes:
             block = next(b for b in ranked[DEFAULT] if b.end - b.start == n)
             objective = OBJECTIVE[DEFAULT]
-            pick = min([tuple(range(block.start, block.end)), greedy[DEFAULT][n]], key=lambda layers: (measured(layers)[objective], layers))
-            choices[DEFAULT][n] = Removal(pick, measured(pick)[objective] - base[objective], measured(pick))
-    for method in ("block_influence", "angular_distance"):
-        for n, removal in choices.get(method, {}).items():
-            choices[method][n] = Removal(removal.layers, removal.score, loss._cache.get(removal.layers))
+            pick = min([tuple(range(block.start, block.end)), greedy[DEFAULT][n]], key=lambda layers: (measured(layers, objective), layers))
+            choices[DEFAULT][n] = (pick, measured(pick, objective) - base[objective])
+    removals = {m: {n: Removal(layers, score, loss.every_set(layers)) for n, (layers, score) in found.items()} for m, found in choices.items()}
     if progress:
-        progress(done, done)  # greedy steps reuse blocks already run, so fewer than the estimate may have run
+        progress(done, done)  # greedy steps reuse blocks already run, and every choice's loss is added: the estimate is rough
     per_layer = {"block_influence": bi.tolist()}
-    if all((l, l + 1) in by_block for l in range(L)):
-        per_layer[DEFAULT] = [by_block[(l, l + 1)][OBJECTIVE[DEFAULT]] - base[OBJECTIVE[DEFAULT]] for l in range(L)]
-    texts = {"reasoning": len(reasoning), "general": len(general), "tokens": int(loss.tokens.sum())}
-    return LayerPruning(L, choices, {m: ranked[m] for m in methods}, per_layer, base, texts, loss.evaluator.layer_tokens,
+    if DEFAULT in cost and all((l, l + 1) in cost[DEFAULT] for l in range(L)):
+        per_layer[DEFAULT] = [cost[DEFAULT][(l, l + 1)] for l in range(L)]
+    texts = {"reasoning": len(reasoning), "general": len(general), "tokens": int(sum(loss.tokens.values()))}
+    return LayerPruning(L, removals, {m: ranked[m] for m in methods}, per_layer, base, texts, loss.evaluator.layer_tokens,
                         {"pruning_layers_s": time.perf_counter() - began})
 
 
@@ -216,7 +221,7 @@ def _statistics(loss: RemovalLoss) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     return 1.0 - cos_sum / count, {n: np.array([angle[l, l + n] for l in range(L - n + 1)]) for n in range(1, L)}
 
 
-def _greedy(measured: Callable[[Sequence[int]], dict[str, float]], rebase: Callable[[Sequence[int]], None], num_layers: int, steps: int,
+def _greedy(measured: Callable[[Sequence[int], str], float], rebase: Callable[[Sequence[int]], None], num_layers: int, steps: int,
             group: str) -> dict[int, tuple[int, ...]]:
     """SLEB's search: remove the layer whose removal (beside those already gone) gives the lowest loss, ``steps`` times.
     Each step's candidates resume from the outputs of the model as the last step left it (``rebase``)."""
@@ -225,7 +230,7 @@ def _greedy(measured: Callable[[Sequence[int]], dict[str, float]], rebase: Calla
     for n in range(1, steps + 1):
         rebase(removed)
         options = [tuple(sorted((*removed, l))) for l in range(num_layers) if l not in removed]
-        removed = min(options, key=lambda layers: (measured(layers)[group], layers))
+        removed = min(options, key=lambda layers: (measured(layers, group), layers))
         found[n] = removed
     return found
 

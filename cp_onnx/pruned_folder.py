@@ -67,7 +67,7 @@ def choose(model: ModelFolder, *, layers: int = 0, heads: int = 0, layer_method:
         log(f"{layer_method} removes layers {removed}")
     chosen: dict[int, list[int]] = {}
     if heads:
-        scores = head_pruning.head_scores(model, [*reasoning, *general], max_length=max_length, threads=threads, progress=progress)
+        scores = head_pruning.head_scores(model, reasoning, max_length=max_length, threads=threads, progress=progress)  # as removal_loss: the reasoning texts
         chosen = head_pruning.choose_heads(scores[head_method], heads, skip_layers=removed)
         log(f"{head_method} removes {heads} heads: " + ", ".join(f"layer {l}: {hs}" for l, hs in chosen.items()))
     return removed, chosen

@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -70,6 +71,13 @@ def layer_path(config: Config, num_layers: int, operation: str = "duplicate") ->
 def departure(path: Sequence[int], base: Sequence[int]) -> int:
     """How many leading layers ``path`` shares with the ``base`` path: up to there, its outputs are the base's."""
     return next((k for k, (layer, kept) in enumerate(zip(path, base)) if layer != kept), min(len(path), len(base)))
+
+
+@dataclass(frozen=True)
+class Batches:
+    """What ReuseEvaluator reads of a plan: its batches (for token batches built without a ProbePlan)."""
+
+    batches: list[TokenBatch]
 
 
 class ReuseEvaluator:
