@@ -53,9 +53,9 @@ class CpOnnxLM(TemplateLM):
             raise CpOnnxError("give at most one of duplicate=I:J and path=LAYERS in model_args")
         self.folder = open_model(None if model is None else str(model), log=_stderr)
         self.spec = duplicate if duplicate is not None else path
-        self.threads = None if threads is None else int(threads)
-        self.batch_rows = _batch_rows(batch_size)
-        self._max_length = int(max_length) if max_length else _context_length(self.folder.path)
+        self.threads = None if threads is None else _whole("threads", threads)
+        self.batch_rows = DEFAULT_BATCH if str(batch_size).startswith("auto") else _whole("batch_size", batch_size)
+        self._max_length = _whole("max_length", max_length) if max_length else _context_length(self.folder.path)
         self.runner, self.layers = self._runner(self.folder.onnx_path)
         self.logits = "logits" if "logits" in self.runner.output_names else self.runner.output_names[0]
         self.vocab = _vocab_size(self.runner, self.logits, self.folder)
@@ -237,12 +237,11 @@ def run_cli(argv: Sequence[str]) -> int:
     return 0
 
 
-def _batch_rows(batch_size) -> int:
-    text = str(batch_size)
-    if text.startswith("auto"):
-        return DEFAULT_BATCH
+def _whole(name: str, value) -> int:
+    """A model_args number (lm-eval hands them over as strings or ints), checked to be a whole number >= 1."""
+    text = str(value).strip()
     if not text.isdigit() or int(text) < 1:
-        raise CpOnnxError(f"batch_size must be a whole number >= 1 or 'auto', not {batch_size!r}")
+        raise CpOnnxError(f"{name} must be a whole number >= 1{' or auto' if name == 'batch_size' else ''}, not {value!r}")
     return int(text)
 
 

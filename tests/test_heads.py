@@ -37,13 +37,13 @@ def log_probs(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-_BASES: dict = {}
+_BASES: dict = {}  # keyed by family, not id(hf): a freed model's id can come back as the next family's model
 
 
 def _base_logits(hf, family: str, ids: tuple) -> np.ndarray:
-    if (id(hf), ids) not in _BASES:
-        _BASES[id(hf), ids] = torch_logits(hf, family, ids=list(ids))
-    return _BASES[id(hf), ids]
+    if (family, ids) not in _BASES:
+        _BASES[family, ids] = torch_logits(hf, family, ids=list(ids))
+    return _BASES[family, ids]
 
 
 def torch_effects(hf, family: str, layer: int, head: int, scale: float, shift=None) -> tuple[float, float, float]:

@@ -149,6 +149,8 @@ def test_bad_model_args_are_one_line_errors(llama_folder, capsys):
         CpOnnxLM(model=source, duplicate="1:3", path="0..2")
     with pytest.raises(CpOnnxError, match="unknown cp-onnx model_args pretrained"):
         CpOnnxLM.create_from_arg_string(f"model={source},pretrained=gpt2")
+    with pytest.raises(CpOnnxError, match="max_length must be a whole number >= 1, not 'long'"):
+        CpOnnxLM.create_from_arg_string(f"model={source},max_length=long")
     with pytest.raises(CpOnnxError, match="decodes greedily"):
         CpOnnxLM(model=source).generate_until([Instance("generate_until", {}, ("Q:", {"do_sample": True}), 0)])
 
