@@ -53,7 +53,7 @@ ROW_SCHEMA = {"type": "object", "required": ["start", "end", "answer_logprob"], 
     "start": {"type": ["integer", "null"], "minimum": 0}, "end": {"type": ["integer", "null"], "minimum": 1},
     "answer_logprob": _SCORE, "greedy_accuracy": _SCORE, "choice_accuracy": _SCORE, "general_nll": _SCORE,
     "by_kind": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": _SCORE}}}}
-HEAD_ROWS = 256  # logits rows per head run: 256 x 49152 floats is 50 MB
+HEAD_BYTES = 64 * 2**20  # float32 logits per head run; scoring holds a few float64 copies (Gemma 3's 262k vocabulary: 64 rows)
 
 
 def block_configs(num_layers: int, sizes: Sequence[int] = (3, 4, 5), *, all_blocks: bool = False) -> list[Config]:
@@ -99,8 +99,10 @@ class ReuseEvaluator:
         self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
         models = [parts.preamble, *parts.layers, parts.head]
         del parts
-        # Every segment reads the one mapping of the weights; the head (last) keeps an arena (its calls are HEAD_ROWS rows).
+        # Every segment reads the one mapping of the weights; the head (last) keeps an arena (its calls are HEAD_BYTES of logits).
         self.preamble, *self.layers, self.head = [segment_session(m, weights, threads, arena=k == len(models) - 1) for k, m in enumerate(models)]
+        vocab = self.head.get_outputs()[0].shape[-1]
+        self.head_rows = max(1, HEAD_BYTES // (4 * vocab)) if isinstance(vocab, int) and vocab > 0 else 256
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
         for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
             ids = np.asarray([prefix], dtype=np.int64)
@@ -149,9 +151,9 @@ class ReuseEvaluator:
         resid_in = self.resid_in[-1]
         feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in self.head.get_inputs() if i.name != POSITIONS}
         scores = []
-        for k in range(0, len(batch.positions), HEAD_ROWS):
-            logits = self.head.run(None, {**feeds, POSITIONS: batch.positions[k : k + HEAD_ROWS]})[0]
-            scores.append(token_scores(logits, batch.targets[k : k + HEAD_ROWS]))
+        for k in range(0, len(batch.positions), self.head_rows):
+            logits = self.head.run(None, {**feeds, POSITIONS: batch.positions[k : k + self.head_rows]})[0]
+            scores.append(token_scores(logits, batch.targets[k : k + self.head_rows]))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
     def token_scores(self, config: Config, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
