@@ -85,7 +85,7 @@ def write_derived(model: ModelFolder, graphs: dict, transform: Callable, out: Pa
         set_layer_count(stage, changes["num_layers"])
         identity = "|".join(f"{key}={changes[key]}" for key in sorted(changes) if key != "num_layers")
         write_manifest(stage, {
-            **manifest,
+            **{key: value for key, value in manifest.items() if key != "graph_sha256"},  # the source's files' digests
             **changes,
             "onnx": files,
             "derived_from": {key: manifest.get(key) for key in DERIVED_FROM_KEYS},

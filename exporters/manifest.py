@@ -29,7 +29,9 @@ KEYS = (
     "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
     "bos_token_id", "add_bos", "exporter", "onnx", "layer_path", "cache_key",
 )
-OPTIONAL_KEYS = ("eos_token_id",)  # written by export(); absent from manifests older than EXPORT_VERSION 2
+# Written by export(); absent from older manifests: eos_token_id (before EXPORT_VERSION 2), graph_sha256
+# (the sha256 of each ONNX file, by its path in the folder: a cache entry changed since is exported again).
+OPTIONAL_KEYS = ("eos_token_id", "graph_sha256")
 # Written by export() since quantized and genai exports exist; older manifests lack them: these are their values.
 DEFAULTS = {"precision": "fp32", "graph_format": "optimum"}
 # manifest "exporter" field -> distribution whose version it records

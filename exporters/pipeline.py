@@ -56,7 +56,7 @@ def export(source: str | Path, out: Path | None = None, *, with_past: bool = Fal
             )
         key = cache_key(weights_sha, folders.sha256_files(src.extras), with_past, precision, graph_format)
         entry = root / key
-        if cached(entry, key):
+        if cached(entry, key, log):
             log(f"reusing the cached export {entry} (same weights and settings)")
         else:
             folders.writable_parent(entry, "cache folder", f"set ${CACHE_ENV} or pass cache_dir")
@@ -89,9 +89,25 @@ def cache_key(weights_sha: str, extras_sha: str, with_past: bool, precision: str
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def cached(entry: Path, key: str) -> bool:
-    """Whether ``entry`` holds a complete export made with ``key``."""
-    return entry.is_dir() and is_export(entry) and read_manifest(entry)["cache_key"] == key
+def cached(entry: Path, key: str, log: Log | None = None) -> bool:
+    """Whether ``entry`` holds a complete export made with ``key`` whose ONNX files are still the ones it wrote."""
+    if not (entry.is_dir() and is_export(entry) and read_manifest(entry)["cache_key"] == key):
+        return False
+    recorded = read_manifest(entry).get("graph_sha256") or {}
+    changed = [rel for rel, digest in recorded.items() if graph_digests(entry, [rel]).get(rel) != digest]
+    if changed and log:
+        log(f"the cached export {entry} was changed after it was written ({', '.join(changed)} no longer match their sha256); exporting again")
+    return not changed
+
+
+def graph_digests(folder: Path, relative: list[str]) -> dict[str, str | None]:
+    """sha256 of each named file of ``folder`` (None where it is missing or leads out of the folder)."""
+    found = {}
+    for rel in relative:
+        path = (folder / rel).resolve()
+        ok = path.is_relative_to(folder.resolve()) and path.is_file()
+        found[rel] = folders.sha256_files([path]) if ok else None
+    return found
 
 
 def check_out(out: Path) -> None:
@@ -163,9 +179,9 @@ def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bo
         bos = save_tokenizer(tokenizer, stage, config.model_type, config.bos_token_id, log)
         for scratch in stage.glob(f"{SCRATCH_PREFIX}*"):
             shutil.rmtree(scratch)
-        write_manifest(stage, build_manifest(source=src.label, source_kind=src.kind, weights_sha256=weights_sha, config=config,
-                                             kind=kind, tokenizer=bos, onnx=onnx, cache_key=key, precision=precision,
-                                             graph_format=graph_format))
+        manifest = build_manifest(source=src.label, source_kind=src.kind, weights_sha256=weights_sha, config=config,
+                                  kind=kind, tokenizer=bos, onnx=onnx, cache_key=key, precision=precision, graph_format=graph_format)
+        write_manifest(stage, {**manifest, "graph_sha256": graph_digests(stage, [rel for rel in onnx.values() if rel])})
     log(f"exported to {entry}")
 
 

@@ -208,6 +208,23 @@ def test_second_export_is_a_cache_hit(tiny, cache, exported):
     assert any("reusing" in line for line in lines) and not any("Optimum" in line for line in lines)
 
 
+def test_a_cache_entry_changed_after_export_is_exported_again(tiny, cache, exported):
+    from exporters.folders import sha256_files
+
+    folder, _ = exported
+    manifest = json.loads((folder / "cp_onnx.json").read_text())
+    assert set(manifest["graph_sha256"]) == {rel for rel in manifest["onnx"].values() if rel}
+    graph = folder / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte different
+    graph.write_bytes(bytes(data))
+    lines = []
+    again = export(tiny[0], with_past=True, cache_dir=cache, log=lines.append)
+    assert any("changed after it was written (model.onnx" in line for line in lines) and any("Optimum" in line for line in lines)
+    rewritten = json.loads((again / "cp_onnx.json").read_text())["graph_sha256"]
+    assert all(sha256_files([again / rel]) == digest for rel, digest in rewritten.items())
+
+
 def test_with_past_graph_takes_past_key_values_and_agrees_with_the_plain_graph(tiny, exported):
     import onnx
 
