@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import onnx
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import check_real_folder
 from cp_onnx.deployed_folder import manifest_for, set_layer_count
 from cp_onnx.generate import takes_cache, with_past_graph
 from cp_onnx.model import ModelFolder
@@ -109,7 +110,8 @@ def _check(target: Path, source: Path) -> None:
 
 
 def _check_out(out: Path, source: Path) -> None:
-    """Refuse to write over the source, over a file, or over a folder that is not a cp-onnx model folder."""
+    """Refuse to write over the source, over a file, through a symbolic link, or over a folder that is not a cp-onnx model folder."""
+    check_real_folder(out)
     if out.resolve() == Path(source).resolve():
         raise CpOnnxError(f"{out} is the source model folder; choose another --out folder")
     if out.exists() and not out.is_dir():

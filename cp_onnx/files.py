@@ -19,10 +19,18 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def check_real_folder(folder: str | Path, what: str = "output folder") -> None:
+    """Refuse an output folder that is a symbolic link: writing through it would land wherever it points."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise CpOnnxError(f"the {what} {folder} is a symbolic link (to {os.readlink(folder)}); give the real folder instead")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, *, binary: bool = False, mode: int | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on success it replaces ``path``, on error it vanishes."""
     path = Path(path)
+    check_real_folder(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -111,7 +111,9 @@ def graph_digests(folder: Path, relative: list[str]) -> dict[str, str | None]:
 
 
 def check_out(out: Path) -> None:
-    """ExportError unless ``out`` can receive an export: absent, empty, or a previous cp-onnx export."""
+    """ExportError unless ``out`` can receive an export: absent, empty, or a previous cp-onnx export (not a symbolic link)."""
+    if out.is_symlink():
+        raise ExportError(f"the output folder {out} is a symbolic link (to {os.readlink(out)}); give the real folder instead")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):

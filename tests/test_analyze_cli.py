@@ -126,6 +126,24 @@ def test_unwritable_output(tiny_folder, tmp_path, capsys):
     _assert_fails(["analyze", tiny_folder, "--out", blocker / "sub", *TINY_ARGS], capsys, "cannot write")
 
 
+def test_output_folders_that_are_symbolic_links_are_refused(tiny_folder, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    _assert_fails(["analyze", tiny_folder, "--out", link, *TINY_ARGS], capsys, "is a symbolic link")
+    assert not any(elsewhere.iterdir())  # nothing written where the link points
+    from cp_onnx.apply import _check_out as check_apply_out  # apply and prune write through it
+    from cp_onnx.errors import CpOnnxError
+    from exporters.errors import ExportError
+    from exporters.pipeline import check_out
+
+    with pytest.raises(CpOnnxError, match="is a symbolic link"):
+        check_apply_out(link, tiny_folder)
+    with pytest.raises(ExportError, match="is a symbolic link"):
+        check_out(link)
+
+
 def _report(folder, out, capsys, *args):
     code, _, err = run(["analyze", folder, "--out", out, *TINY_ARGS[2:], *args], capsys)
     assert code == 0, err
