@@ -83,7 +83,7 @@ def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
         raise CpOnnxError(f"{path} is not valid TOML ({exc}); fix the manifest") from None
     _check_keys(data, TOP_TYPES, f"{path}")
     base = path.resolve().parent  # absolute paths: Ray workers do not share this process's working directory
-    out_dir = Path(out).resolve() if out is not None else _relative(base, data.get("out", f"{path.stem}-out"))
+    out_dir = Path(out).resolve() if out is not None else _inside(base, data.get("out", f"{path.stem}-out"), path)
     defaults = _settings_kwargs(data.get("settings", {}), base, f"[settings] of {path}")
     sweep = _sweep_options(data.get("sweep"), base, path)
     models = data.get("models") or []
@@ -338,6 +338,15 @@ def _positive_ints(values: list, key: str, where: str) -> tuple[int, ...]:
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise CpOnnxError(f"{where}: {key} must be a list of positive whole numbers such as [3, 4, 5], not {values!r}")
     return tuple(values)
+
+
+def _inside(base: Path, value: str, manifest: Path) -> Path:
+    """The manifest's output folder, which must lie inside the manifest's own folder (--out may name any other)."""
+    folder = _relative(base, value).resolve()
+    if not folder.is_relative_to(base):
+        raise CpOnnxError(f"{manifest} names the output folder {value[:60]!r}, outside the manifest's folder {base}; "
+                          "give a folder inside it, or pass --out on the command line")
+    return folder
 
 
 def _source(base: Path, source: str) -> str:

@@ -152,6 +152,8 @@ def test_manifest_accepts_every_analyze_method(tmp_path):
     ('models = 3', "must be a list"),
     ("[[models]\nsource = 'a'", "not valid TOML"),
     ("", "lists no models"),
+    ('out = "../elsewhere"\n[[models]]\nsource = "a"', "outside the manifest's folder"),
+    ('out = "/tmp/cp-onnx-elsewhere"\n[[models]]\nsource = "a"', "outside the manifest's folder"),
 ])
 def test_manifest_errors_are_one_line(tmp_path, capsys, body, fragment):
     path = tmp_path / "bad.toml"
