@@ -148,6 +148,9 @@ def _judge(predicted: list[tuple[int, int]], baseline: dict, blocks: dict, best:
     }
 
 
+MAX_GAIN = 1e12  # a larger gain on any metric (nats, accuracy) can only come from a damaged sweep file
+
+
 def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], out_png: str | Path, metric: str = "answer_logprob",
             what: str = "Duplicated") -> Path:
     """A start x end map of each block's gain on ``metric``, each method's top-1 and the best block marked; PNG written atomically."""
@@ -168,6 +171,9 @@ def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], o
         value = gain(row, baseline, metric)
         grid[start, end - 1] = np.nan if value is None else value
     limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    if not limit < MAX_GAIN:  # matplotlib's colour bar overflows on such a range: and no probe suite gives it
+        raise CpOnnxError(f"the sweep's {metric} gains reach {limit:.3g}, far beyond any log-probability or accuracy; "
+                          "the sweep file is damaged: run cp-onnx sweep again")
     figure = Figure(figsize=(7, 6))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()

@@ -112,3 +112,15 @@ def test_report_and_sweep_of_different_models_are_refused():
     assert validate(report, ROWS, sweep_header={"model": {"onnx_sha256": "a" * 64}})["top_k"] == 5
     with pytest.raises(CpOnnxError, match="different models"):
         validate(report, ROWS, sweep_header={"model": {"onnx_sha256": "b" * 64}})
+
+
+def test_a_sweep_whose_gains_are_absurd_is_a_one_line_error(tmp_path):
+    """Found by fuzzing: a metric of 1e308 in one sweep line overflowed matplotlib's colour bar (a traceback)."""
+    from cp_onnx.errors import CpOnnxError
+    from cp_onnx.validate import heatmap
+
+    rows = [{"start": None, "end": None, "answer_logprob": -3.0}, {"start": 0, "end": 2, "answer_logprob": 1e308},
+            {"start": 1, "end": 3, "answer_logprob": -2.0}]
+    with pytest.raises(CpOnnxError, match="the sweep file is damaged"):
+        heatmap(rows, {}, tmp_path / "heatmap.png")
+    assert not (tmp_path / "heatmap.png").exists()
