@@ -40,7 +40,7 @@ def main() -> None:
     model = open_model(args.model, log=lambda _: None)
     items = probes.probe_suite(0, per_kind=math.ceil(args.items / len(probes.PROBE_KINDS)))[: args.items]
     general = probes.general_texts()[:GENERAL_TEXTS]
-    num_layers = sweep_module._num_layers(model)
+    num_layers = model.num_layers
     blocks = sweep_module.block_configs(num_layers, (3, 4, 5))[1:]
     configs = blocks[:: max(1, len(blocks) // args.configs)][: args.configs]  # spread over depth and sizes
 

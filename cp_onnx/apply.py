@@ -27,8 +27,8 @@ DERIVED_FROM_KEYS = ("source", "source_kind", "weights_sha256", "num_layers", "c
 
 def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Callable[[str], None] = print) -> Path:
     """Write ``out``: the model's graphs routed along ``path`` (``"0..14,12..14,15..29"``, ``"12:15"`` or a list), tokenizer and manifest."""
-    graphs = load_graphs(model, log=log)
-    num_layers = next(iter(graphs.values()))[1].num_layers
+    sources = graph_sources(model, log=log)
+    num_layers = model.num_layers
     layers = parse_spec(path, num_layers) if isinstance(path, str) else list(check_path(path, num_layers))
     text = format_path(layers)
 
@@ -36,13 +36,11 @@ def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Call
         log(f"routing {GRAPH_FILES[slot]} along {text} ({len(layers)} layers instead of {num_layers})")
         return route(graph, layer_map, layers)
 
-    return write_derived(model, graphs, routed, out, {"num_layers": len(layers), "layer_path": text}, log=log)
+    return write_derived(model, sources, routed, out, {"num_layers": len(layers), "layer_path": text}, log=log)
 
 
-def load_graphs(model: ModelFolder, *, weights: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Slot ("model", "with_past") -> (graph, its layer map, its file), after checking the folder can be derived from.
-
-    ``weights=False`` leaves external-data weights on disk (a derived folder then links the same data file)."""
+def graph_sources(model: ModelFolder, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Slot ("model", "with_past") -> graph file, after checking the folder can be derived from."""
     manifest = model.manifest
     if not manifest.get("format") and not takes_cache(model.onnx_path):
         raise CpOnnxError(f"{model.path} has no {MANIFEST_NAME}; export the model with `cp-onnx export SOURCE --with-past` first")
@@ -53,19 +51,16 @@ def load_graphs(model: ModelFolder, *, weights: bool = False, log: Callable[[str
         if not takes_cache(model.onnx_path):
             log(f"{model.path} has no with_past graph: routing model.onnx only (generation will re-run the whole sequence per token)")
         del sources["with_past"]
-    graphs = {}
-    for slot, source in sources.items():
-        graph = graph_io.load(source, weights=weights)
-        graphs[slot] = (graph, discover(graph), source)
-    counts = {slot: layer_map.num_layers for slot, (_, layer_map, _) in graphs.items()}
-    if len(set(counts.values())) != 1:
-        raise CpOnnxError(f"the graphs of {model.path} disagree on the layer count ({counts}); re-export the model")
-    return graphs
+    return sources
 
 
-def write_derived(model: ModelFolder, graphs: dict, transform: Callable, out: Path, changes: dict, *, log: Callable[[str], None] = print) -> Path:
-    """Write ``out``: each graph of ``graphs`` (from ``load_graphs``) through ``transform(slot, graph, layer_map, source)``, the
-    tokenizer and config files, and the manifest with ``changes`` (``num_layers`` among them) and where it came from."""
+def write_derived(model: ModelFolder, sources: dict[str, Path], transform: Callable, out: Path, changes: dict, *, weights: bool = False,
+                  log: Callable[[str], None] = print) -> Path:
+    """Write ``out``: each graph of ``sources`` (from ``graph_sources``) through ``transform(slot, graph, layer_map, source)``,
+    the tokenizer and config files, and the manifest with ``changes`` (``num_layers`` among them) and where it came from.
+
+    One graph is in memory at a time. ``weights=False`` leaves external-data weights on disk (the derived
+    folder then links the same data file); True loads them, so the new files hold only what the graphs read."""
     manifest = model.manifest if model.manifest.get("format") else manifest_for(model.path, model.onnx_path)  # a deployed build: one graph
     out = Path(out).expanduser()
     _check_out(out, model.path)
@@ -73,8 +68,13 @@ def write_derived(model: ModelFolder, graphs: dict, transform: Callable, out: Pa
     with staging_folder(out) as stage:
         _copy_side_files(model, stage)
         files = {"model": None, "with_past": None, "model_data": None, "with_past_data": None}
-        for slot in list(graphs):
-            graph, layer_map, source = graphs.pop(slot)  # popped so each graph's weights are freed once it is written
+        counts = {}
+        for slot, source in sources.items():
+            graph = graph_io.load(source, weights=weights)
+            layer_map = discover(graph)
+            counts[slot] = layer_map.num_layers
+            if len(set(counts.values())) != 1:
+                raise CpOnnxError(f"the graphs of {model.path} disagree on the layer count ({counts}); re-export the model")
             target = stage / GRAPH_FILES[slot]
             target.parent.mkdir(parents=True, exist_ok=True)
             derived = transform(slot, graph, layer_map, source)

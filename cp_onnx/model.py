@@ -34,6 +34,15 @@ class ModelFolder:
         return path if path is not None and path.is_file() else None
 
     @property
+    def num_layers(self) -> int:
+        """Layer count from the manifest, else by discovery on the graph (without its external weights)."""
+        if isinstance(self.manifest.get("num_layers"), int):
+            return self.manifest["num_layers"]
+        import graph_passes  # discovery reads the graph; a manifest alone needs neither onnx nor the passes
+
+        return graph_passes.discover(graph_passes.graph_io.load(self.onnx_path, weights=False)).num_layers
+
+    @property
     def tokenizer(self):
         """The `tokenizers` tokenizer saved beside the model (no transformers, no torch)."""
         if self._tokenizer is None:

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import onnx
 
 from cp_onnx import calibration, head_pruning, prune
-from cp_onnx.apply import GRAPH_FILES, load_graphs, write_derived
+from cp_onnx.apply import GRAPH_FILES, graph_sources, write_derived
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.model import ModelFolder
 from graph_passes import discover
@@ -22,8 +22,8 @@ def prune_folder(model: ModelFolder, out: Path, *, layers: Sequence[int] = (), h
                  log: Callable[[str], None] = print) -> Path:
     """Write ``out``: the model without ``layers`` and without ``heads`` ({layer: [head, ...]}, original layer numbers)."""
     heads = {int(l): sorted({int(h) for h in hs}) for l, hs in (heads or {}).items() if len(hs)}
-    graphs = load_graphs(model, weights=True, log=log)  # weights in memory: the new files hold only what is kept
-    num_layers = next(iter(graphs.values()))[1].num_layers
+    sources = graph_sources(model, log=log)
+    num_layers = model.num_layers
     removed = sorted({int(l) for l in layers})
     if any(not 0 <= l < num_layers for l in removed) or len(removed) >= num_layers:
         raise CpOnnxError(f"cannot remove layers {removed} of this {num_layers}-layer model: give layers 0..{num_layers - 1}, fewer than all")
@@ -47,7 +47,7 @@ def prune_folder(model: ModelFolder, out: Path, *, layers: Sequence[int] = (), h
 
     changes = {"num_layers": len(path), "layer_path": format_path(path) if removed else None,
                "pruned": {"layers": removed, "heads": {str(l): hs for l, hs in sorted(heads.items())}}}
-    return write_derived(model, graphs, pruned, out, changes, log=log)
+    return write_derived(model, sources, pruned, out, changes, weights=True, log=log)  # the new files hold only what is kept
 
 
 def choose(model: ModelFolder, *, layers: int = 0, heads: int = 0, layer_method: str = prune.DEFAULT, head_method: str = head_pruning.DEFAULT,

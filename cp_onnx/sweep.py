@@ -264,7 +264,7 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
     general = probes.general_texts() if general is None else general
     cached = mode == "reuse" and model.with_past_path is not None  # shared few-shot prefixes run once per config
     plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general, batch_size=batch_size, max_length=max_length, share_prefixes=cached)
-    num_layers = _num_layers(model)
+    num_layers = model.num_layers
     configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers, operation)
     header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation,
               "model": {"name": model.name, "onnx_sha256": file_sha256(model.onnx_path), "num_layers": num_layers},
@@ -284,13 +284,6 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
         if progress:
             progress(count, len(todo))
     return [done[c] for c in configs]
-
-
-def _num_layers(model: ModelFolder) -> int:
-    """Layer count from the manifest, else by discovery on the graph (without its weights)."""
-    if isinstance(model.manifest.get("num_layers"), int):
-        return model.manifest["num_layers"]
-    return graph_passes.discover(graph_passes.graph_io.load(model.onnx_path, weights=False)).num_layers
 
 
 def _checked_configs(configs: Iterable[Config], num_layers: int, operation: str = "duplicate") -> list[Config]:

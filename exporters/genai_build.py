@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import ExportError
 from .graph_files import move_graph
+from .quantize import quantize_graph
 
 GRAPH_FORMATS = ("optimum", "genai")
 DEFAULT_GRAPH_FORMAT = "optimum"
@@ -41,18 +42,23 @@ def build_genai(hf_dir: Path, stage: Path, precision: str, family: str) -> dict:
     """Run the builder on ``hf_dir`` (which must hold tokenizer files) into ``stage``; return the manifest's "onnx" entry."""
     check_installed()
     out, cache = stage / SCRATCH, stage / f"{SCRATCH}_cache"
-    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out), "-p", precision,
+    # The builder runs at fp32 and cp-onnx quantizes its graph (exporters.quantize: the same MatMulNBits, blocks
+    # of 32, symmetric, one weight in memory at a time). The builder's own int4 step serialises the whole float
+    # model beside the torch model it loaded: two float32 copies, OOM-killed at 24 GB on a 3B model (measured).
+    command = [sys.executable, "-m", BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out), "-p", "fp32",
                "-e", "cpu", "-c", str(cache), "--extra_options", "hf_token=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=stage)
     produced = out / "model.onnx"
     if done.returncode != 0 or not produced.is_file():
         raise ExportError(f"onnxruntime-genai's builder failed on this {family} model ({last_error_line(done)}); "
-                          f"run `python -m {BUILDER_MODULE} -i {hf_dir} -o OUT -p {precision} -e cpu` to see its output")
+                          f"run `python -m {BUILDER_MODULE} -i {hf_dir} -o OUT -p fp32 -e cpu` to see its output")
     for name in KEPT_FILES:
         if (out / name).is_file():
             os.replace(out / name, stage / name)
     rel, data = move_graph(produced, stage, "model.onnx")
+    if precision != "fp32":
+        rel, data = quantize_graph(stage, rel, precision)
     return {"model": rel, "with_past": None, "model_data": data, "with_past_data": None}
 
 

@@ -21,6 +21,9 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import onnx
+
 from .errors import ExportError
 from .graph_files import DATA_SUFFIX
 
@@ -43,21 +46,59 @@ def quantize_graph(folder: Path, rel: str, precision: str) -> tuple[str, str]:
     """Replace ``folder/rel`` (and its external data ``rel`` + DATA_SUFFIX, where it has one) by its weight-only quantized form.
 
     Returns the graph and data paths relative to ``folder``.
-    Memory: the float32 weights plus their quantized copy while quantizing (a quarter of their size at
-    int8, an eighth at int4, plus scales), then the quantized weights twice while writing them.
+    Memory: one float weight at a time. The weights are memory-mapped and each MatMul's is handed to
+    onnxruntime's quantizer alone, so a 3B model's 12.8 GB of float32 weights quantize in a few GB
+    (quantizing the whole loaded model, as MatMulNBitsQuantizer.process does, holds them twice).
     """
-    from graph_passes.graph_io import load, save
+    from graph_passes.graph_io import save
+    from graph_passes.mapped import load_mapped
 
     path = Path(folder) / rel
-    quantizer = new_quantizer(load(path, weights=True), BITS[check_precision(precision)])
-    with quiet(QUANTIZER_LOGGER):
-        quantizer.process()
-    quantized = quantizer.model.model
-    del quantizer
+    model, mapped = load_mapped(path)
+    quantize_model(model, mapped, BITS[check_precision(precision)])
     # Always external data: graph_io.save starts each big tensor on a page, so the analysis maps the weights
     # as they lie (inside one protobuf file a float32 tensor sits at any offset and must be copied to be aligned).
-    save(quantized, path, external_data=True)  # atomic; its data (rel + DATA_SUFFIX) replaces the float32 one
+    save(model, path, external_data=True)  # atomic; its data (rel + DATA_SUFFIX) replaces the float32 one
     return rel, rel + DATA_SUFFIX
+
+
+def quantize_model(model, mapped: dict, bits: int) -> None:
+    """Rewrite ``model`` in place: each MatMul by a constant weight becomes MatMulNBits, as onnxruntime's quantizer does.
+
+    ``mapped`` holds the weights that ``model`` has as external stubs (graph_passes.mapped); the ones left
+    float afterwards (embeddings, norms) are copied into the model, the rest are never read in full.
+    The node rewrite is onnxruntime's own (``quantize`` of its node quantizer, the same call its
+    ``process`` makes per node), so the result is what MatMulNBitsQuantizer writes for a top-level graph.
+    """
+    from onnx import GraphProto, numpy_helper
+
+    quantizer = new_quantizer(model, bits)
+    graph = model.graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    quantized: dict[str, list] = {}  # weight name -> the initializers its quantized form adds (a shared weight once)
+    nodes = []
+    for node in graph.node:
+        name = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if name not in weights:
+            nodes.append(node)
+            continue
+        scratch = GraphProto()  # the quantizer looks weights up in the graphs it is given: this one holds one weight
+        scratch.initializer.append(numpy_helper.from_array(np.asarray(mapped[name]), name) if name in mapped else weights[name])
+        with quiet(QUANTIZER_LOGGER):
+            replaced = quantizer.node_quantizer.quantize(node, [scratch])
+        nodes.extend(replaced)
+        if replaced != [node]:
+            quantized.setdefault(name, list(scratch.initializer)[1:])
+    model.opset_import.extend([] if any(o.domain == "com.microsoft" for o in model.opset_import) else
+                              [onnx.helper.make_opsetid("com.microsoft", 1)])
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    used = {value for node in nodes for value in node.input}
+    kept = [weights[name] for name in weights if name in used]
+    kept = [numpy_helper.from_array(np.asarray(mapped[t.name]), t.name) if t.name in mapped else t for t in kept]
+    added = [tensor for tensors in quantized.values() for tensor in tensors]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept + added)
 
 
 def new_quantizer(model, bits: int):

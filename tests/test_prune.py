@@ -209,3 +209,29 @@ def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, ca
     page = tmp_path / "page.html"
     assert run(["report", tmp_path / "report" / "report.json", "--html", page, "--sweep", tmp_path / "skip.jsonl"], capsys)[0] == 0
     assert "id='pruning'" in page.read_text() and "id='removals'" in page.read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_pruned_matches_torch_and_zero_ablation_and_generates(smollm2_dir, smollm2_torch, tmp_path):
+    """20% of SmolLM2's layers and heads of two layers (one whole key/value group, one split) gone from the written model."""
+    from cp_onnx.pruned_folder import prune_folder
+
+    model = open_model(smollm2_dir)
+    layers, heads = [3, 4, 5, 6, 7, 17], {12: [0, 1, 2], 20: [1, 5, 7]}
+    out = prune_folder(model, tmp_path / "pruned", layers=layers, heads=heads, log=quiet)
+    assert (out / "model.onnx").stat().st_size < 0.85 * model.onnx_path.stat().st_size
+    kept = [l for l in range(30) if l not in layers]
+    ids = np.array([model.encode(["The capital of France is"])[0][0]])
+    logits = Runner(out / "model.onnx").run(ids, np.ones_like(ids), ["logits"])["logits"]
+    assert rel_err(logits, torch_pruned_logits(smollm2_torch, ids, kept, heads)) < 1e-4
+    original = graph_io.load(model.onnx_path)
+    ablated = ablate(original, discover(original), heads)
+    del original
+    zeroed = Runner(route(ablated, discover(ablated), kept)).run(ids, np.ones_like(ids), ["logits"])["logits"]
+    assert rel_err(logits, zeroed) < 1e-4
+    text, new = generate(open_model(out), "The capital of France is", 6, use_cache=False, log=quiet)
+    tokens, expected = list(ids[0]), []
+    for _ in range(len(new)):
+        expected.append(int(np.argmax(torch_pruned_logits(smollm2_torch, np.array([tokens]), kept, heads)[0, -1])))
+        tokens.append(expected[-1])
+    assert new == expected and text.strip()

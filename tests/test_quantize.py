@@ -109,6 +109,33 @@ def test_quantized_files_are_smaller(exports):
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"] * 0.6
 
 
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantizing_one_weight_at_a_time_equals_onnxruntimes_whole_model_quantizer(exports, tmp_path, precision, external):
+    """quantize_graph (mapped weights, one MatMul at a time) writes what MatMulNBitsQuantizer.process writes, byte for byte."""
+    from exporters.quantize import QUANTIZER_LOGGER, new_quantizer, quantize_graph, quiet
+    from graph_passes.graph_io import load, save
+
+    source = exports["llama", "fp32"] / "model.onnx"
+    whole = new_quantizer(load(source), BITS[precision])
+    with quiet(QUANTIZER_LOGGER):
+        whole.process()
+    expected = whole.model.model
+    save(load(source), tmp_path / "model.onnx", external_data=external)
+    quantize_graph(tmp_path, "model.onnx", precision)
+    actual = load(tmp_path / "model.onnx")
+
+    def nodes(model):
+        return [(n.op_type, n.domain, list(n.input), list(n.output), [onnx.helper.get_attribute_value(a) for a in n.attribute]) for n in model.graph.node]
+
+    def weights(model):
+        return {t.name: (t.data_type, onnx.numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer}
+
+    assert sum(n.op_type == "MatMulNBits" for n in actual.graph.node) == weight_matmuls(source)
+    assert nodes(actual) == nodes(expected)
+    assert weights(actual) == weights(expected)
+
+
 def test_manifest_records_precision_and_cache_keys_differ(exports, sources, cache):
     manifests = {p: read_manifest(exports["llama", p]) for p in PRECISIONS}
     assert [manifests[p]["precision"] for p in PRECISIONS] == list(PRECISIONS)
