@@ -69,7 +69,8 @@ def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
     no_cost = {**ABSTAIN, "candidates": [{**ABSTAIN["candidates"][0], "metrics": {"gain_lower_bound": -0.1, "general_nll_change": None}}]}
     predictions = [HELP, ABSTAIN, no_cost, {**HELP, "block": {"start": 4, "end": 5}, "confidence": None, "metric": ""},
                    {**ABSTAIN, "reason": "two\nlines\r", "method": None, "candidates": []},
-                   {"decision": "help", "block": {"start": 1, "end": 3}}, {"decision": "abstain", "block": None}]
+                   {"decision": "help", "block": {"start": 1, "end": 3}}, {"decision": "abstain", "block": None},
+                   {**HELP, "predicted_gain": 1e300, "gain_lower_bound": -2.5e-300}]
     path = tmp_path / "report.json"
     for prediction in predictions:
         path.write_text(json.dumps({**base, "prediction": prediction}))
