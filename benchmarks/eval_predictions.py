@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=10, help="calibration texts (default 10, as `cp-onnx analyze`)")
     parser.add_argument("--naive", type=int, default=0, metavar="K", help="also time brute force (naive sweep) on K blocks and scale it to all")
     args = parser.parse_args(argv)
-    from cp_onnx.summary import format_prediction
+    from cp_onnx.decision import decision_line
 
     load = say_load("start")
     model = open_model(args.model)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     judged = judge(report, mean_rows(sweeps), noise_level(sweeps))
     command = "python benchmarks/eval_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"name": args.name, "command": command, "analysis_s": clock.wall, "sweep_s": sweep_s, "speedup": sweep_s / clock.wall,
-              "timings": report["timings"], "prediction": report["prediction"], "prediction_line": format_prediction(report["prediction"]).strip(),
+              "timings": report["timings"], "prediction": report["prediction"], "prediction_line": decision_line(report),
               "judged": judged, "load_average": {"start": load, "end": say_load("end")}}
     if args.naive:
         result["naive"] = naive_sweep_seconds(model, report["model"]["num_layers"], args.naive)

@@ -1,9 +1,10 @@
 """The circuit summary for C++ and edge toolchains: in an ONNX model's metadata_props, and as plain text.
 
-Metadata keys (all values strings, as ONNX requires; documented in examples/cpp/README.md):
-``cp_onnx.report_format``, ``cp_onnx.report_version``, ``cp_onnx.version``, ``cp_onnx.model_sha256``
-(sha256 of the analysed ONNX file, before embedding), ``cp_onnx.weights_sha256``,
-``cp_onnx.calibration_identity``, ``cp_onnx.num_layers``, ``cp_onnx.top_blocks`` ("method=start:end;..."
+Metadata keys (all values strings, as ONNX requires; documented in examples/cpp/README.md): first
+``cp_onnx.decision`` (the answer in one line: the block to duplicate with its gain and cost, that none is
+predicted to help, or that the report holds no prediction), then ``cp_onnx.report_format``,
+``cp_onnx.report_version``, ``cp_onnx.version``, ``cp_onnx.model_sha256`` (sha256 of the analysed ONNX file,
+before embedding), ``cp_onnx.weights_sha256``, ``cp_onnx.calibration_identity``, ``cp_onnx.num_layers``, ``cp_onnx.top_blocks`` ("method=start:end;..."
 for parsers without JSON), ``cp_onnx.circuits`` (JSON: method -> top blocks {start, end, score}) and,
 when the report has the default method's decision, ``cp_onnx.prediction`` ("help start:end" or "abstain").
 
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 from cp_onnx import __version__, pruning_report
+from cp_onnx.decision import decision_line
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
 from cp_onnx.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
@@ -36,6 +38,7 @@ def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
     circuits = top_circuits(report, top)
     model, calibration = report["model"], report.get("calibration") or {}
     entries = {
+        "decision": decision_line(report),  # first: a reader listing the keys meets the answer before the details
         "report_format": REPORT_FORMAT,
         "report_version": str(REPORT_VERSION),
         "version": __version__,
@@ -106,9 +109,10 @@ def _mode(target: Path) -> int | None:
 
 
 def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
-    """Top circuits per method and per-layer statistics, one fact a line (examples/cpp/main.cpp prints the same)."""
+    """The decision, then top circuits per method and per-layer statistics, one fact a line (examples/cpp/main.cpp
+    prints the same)."""
     num_layers = report["model"]["num_layers"]
-    lines = [f"model {report['model']['name']}", f"layers {num_layers}"]
+    lines = [decision_line(report), f"model {report['model']['name']}", f"layers {num_layers}"]
     if report.get("prediction"):
         lines.append(f"prediction {decision_text(report['prediction'])}")
     for method, blocks in top_circuits(report, top).items():

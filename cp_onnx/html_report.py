@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from cp_onnx import plots, pruning_report
+from cp_onnx.decision import decision_line, helps, layers_run_twice, scope as scope_text, span
 from cp_onnx.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.files import write_text
 from cp_onnx.summary import KIND_METHODS
@@ -17,9 +18,13 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top
 th, td { border: 1px solid #ddd; padding: 3px 9px; text-align: right; } th { background: #f3f4f6; }
 td.name, th.name { text-align: left; } tr.top1 td { background: #eef6ff; font-weight: 600; }
 tr.in-block td { background: #fff7e0; } figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
+figcaption { color: #555; font-size: 0.9em; } caption { text-align: left; color: #555; }
+#decision { border: 2px solid #1d4ed8; border-radius: 6px; padding: 0.2em 1.2em 0.8em; margin: 1em 0 2em; background: #f5f8ff; }
+#decision h2 { margin-top: 0.6em; } .answer { font-size: 1.3em; font-weight: 600; } dt { font-weight: 600; float: left; width: 13em; }
+.line code { font-size: 0.85em; color: #444; white-space: pre-wrap; } .note { color: #555; }
 """
-KIND_OF_METHOD = {method: f"{kind} circuits, {where}" for kind, method, where in KIND_METHODS}
+KIND_OF_METHOD = {method: f"{kind} circuits, {where}" for kind, method, where in KIND_METHODS} | {
+    "duplication_loss": "the default method: gain on the calibration digits; the decision judges its first block"}
 
 
 def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | None = None, sweep_header: dict | None = None) -> str:
@@ -27,12 +32,15 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
     model, calibration = report["model"], report.get("calibration") or {}
     title = f"cp-onnx report: {model['name']}"
     parts = [
-        f"<h1>{_e(title)}</h1>",
+        f"<h1>{_e(title)}</h1>", _decision_panel(report),
         f"<p class='meta'>{_e(model.get('family', '?'))}, {model['num_layers']} layers; "
         f"{calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens, {_e(calibration.get('source', '?'))}, "
         f"{_e(calibration.get('language', '?'))}); onnx sha256 {_e(str(model.get('onnx_sha256', '?'))[:16])}&hellip;; "
         f"cp-onnx {_e((report.get('versions') or {}).get('cp_onnx', '?'))}</p>",
-        "<h2>Top circuits</h2>", _circuits_table(report, top),
+        "<h2>Rankings by method</h2>",
+        "<p class='note'>Each method's blocks in the order of its own score: rankings, not recommendations. "
+        "The decision above is the recommendation; a first-ranked block is not predicted to help unless it says so.</p>",
+        _circuits_table(report, top),
     ]
     if pruning_report.html_rows(report):
         parts += ["<h2>Pruning candidates</h2>", _pruning_table(report)]
@@ -41,7 +49,7 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
     elif sweep_rows:
         parts += ["<h2>Against the sweep</h2>", _validation_table(report, sweep_rows, sweep_header)]
     parts += ["<h2>Per-layer statistics</h2>", _layers_table(report), "<h2>Plots</h2>",
-              _image(plots.png_bytes(plots.layer_profile(report)), "Per-layer statistics; each method's top-1 block shaded.")]
+              _image(plots.png_bytes(plots.layer_profile(report)), "Per-layer statistics; each method's first-ranked block shaded (a ranking, not a recommendation).")]
     heads = plots.head_matrix(report)
     if heads is not None:
         parts.append(_image(plots.png_bytes(plots.head_heatmap(heads)), f"Head influence, layers by heads ({plots.HEAD_COLUMN})."))
@@ -64,6 +72,34 @@ def write_html(report: dict, out: str | Path, *, top: int = DEFAULT_TOP, sweep_r
     return out
 
 
+def _decision_panel(report: dict) -> str:
+    """The answer, before anything else: the block to duplicate with its gain, bound and cost, or why none, and the
+    least harmful blocks; the one-line form below it is the line `report --text` and the model metadata carry."""
+    prediction = report.get("prediction")
+    line = f"<p class='line'><code>{_e(decision_line(report))}</code></p>"
+    if not isinstance(prediction, dict):
+        return f"<section id='decision'><h2>Decision</h2><p class='answer'>No prediction in this report.</p>{line}</section>"
+    candidates = prediction.get("candidates") or []
+    level = f"lower {prediction['confidence']:.0%} bound" if prediction.get("confidence") is not None else "lower bound"
+    why = f"<p>Why: {_e(prediction['reason'])}.</p>" if prediction.get("reason") else ""
+    if helps(prediction):
+        block = prediction["block"]
+        answer = f"Duplicate block {span(block)} ({layers_run_twice(block)})."
+        metrics = (candidates[0].get("metrics") or {}) if candidates else {}
+        facts = [("expected gain", f"{_signed(prediction.get('predicted_gain'))} nats per digit token"),
+                 (level, f"{_signed(prediction.get('gain_lower_bound'))} nats per digit token"),
+                 ("cost on general text", f"{_signed(metrics.get('general_nll_change'))} nats per token (NLL change)")]
+        details = "<dl>" + "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts) + "</dl>" + why
+    else:
+        answer = "No block is predicted to help."
+        rows = "".join(f"<tr><td>{_e(span(b))}</td><td>{_signed(b.get('score'))}</td><td>{_signed((b.get('metrics') or {}).get('gain_lower_bound'))}</td>"
+                       f"<td>{_signed((b.get('metrics') or {}).get('general_nll_change'))}</td></tr>" for b in candidates)
+        details = why + (f"<table id='least-harmful'><caption>Least harmful blocks</caption><tr><th>block</th><th>gain</th>"
+                         f"<th>{level}</th><th>general-text cost</th></tr>{rows}</table>" if rows else "")
+    scope = f"<p class='scope'>{_e(scope_text(prediction))}; gains in nats per digit token, costs as NLL change in nats per token.</p>"
+    return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{scope}{line}</section>"
+
+
 def _circuits_table(report: dict, top: int) -> str:
     n = report["model"]["num_layers"]
     rows = []
@@ -73,14 +109,15 @@ def _circuits_table(report: dict, top: int) -> str:
             rows.append(f"<tr>{label}<td>{rank}</td><td>[{b['start']}, {b['end']})</td><td>{b['start']}&ndash;{b['end'] - 1}</td>"
                         f"<td>{100 * b['start'] / n:.0f}&ndash;{100 * b['end'] / n:.0f}%</td><td>{_num(b['score'])}</td></tr>")
     head = "<tr><th class='name'>method</th><th>rank</th><th>block</th><th>layers</th><th>depth</th><th>score</th></tr>"
-    return f"<table id='top-circuits'>{head}{''.join(rows)}</table>"
+    caption = "<caption>Rankings (not recommendations): each method's highest-scoring blocks</caption>"
+    return f"<table id='top-circuits'>{caption}{head}{''.join(rows)}</table>"
 
 
 def _layers_table(report: dict) -> str:
     rows = report["layers"]
     names = [k for k in rows[0] if k != "layer"]
     first = plots.top_blocks(report)
-    head = "<tr><th>layer</th>" + "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in names) + "<th class='name'>in top-1 block of</th></tr>"
+    head = "<tr><th>layer</th>" + "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in names) + "<th class='name'>in first-ranked block of</th></tr>"
     body = []
     for row in rows:
         inside = [m for m, (s, e) in first.items() if s <= row["layer"] < e]
@@ -142,6 +179,10 @@ def _image(png: bytes, caption: str) -> str:
 
 def _span(block: dict) -> str:
     return f"[{block['start']}, {block['end']})" if block.get("start") is not None else "&ndash;"
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
 
 
 def _num(value) -> str:

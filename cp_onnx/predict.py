@@ -35,6 +35,11 @@ SEED = 0  # the bootstrap's generator: the same texts give the same decision
 # A percentile bootstrap over a handful of texts understates the spread (few distinct resamples): with
 # 5 texts (4 holding numbers) SmolLM2's top block looked certain (+0.12 lower bound) and did not help.
 MIN_TEXTS = 8  # texts holding numbers below which the method abstains whatever the bound says
+# What the gain is measured on, for readers of the decision: the texts run as they are written (each states a
+# problem and works it, like a few-shot prompt; no chat template, no question-then-answer split), scored on
+# the tokens holding digits, which is where a text states its answers.
+REGIME = "calibration texts as given"
+METRIC = "answer log-probability (digit tokens)"
 
 
 class NoNumbersError(CpOnnxError):
@@ -67,6 +72,8 @@ class Prediction:
             "texts": dict(self.texts),
             "blocks_scored": len(self.blocks),
             "candidate_blocks": self.candidate_blocks,
+            "regime": REGIME,
+            "metric": METRIC,
             "units": "nats per digit token of the reasoning calibration texts; positive = the duplicated model predicts them better",
         }
 

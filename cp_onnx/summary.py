@@ -1,7 +1,10 @@
-"""The ranked table `cp-onnx analyze` prints: predicted circuits of both kinds, with depth."""
+"""What `cp-onnx analyze` and `cp-onnx report` print: the decision first, then the ranked blocks, with depth."""
 from __future__ import annotations
 
+import textwrap
+
 from cp_onnx import pruning_report
+from cp_onnx.decision import decision_line, span
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
@@ -12,28 +15,28 @@ def depth(block: dict, num_layers: int) -> str:
 
 
 def format_summary(report: dict, top: int = 5) -> str:
-    """Text table of the top blocks of each circuit kind found in a report."""
+    """The decision first, then the ranked blocks of each circuit kind found in a report."""
     n = report["model"]["num_layers"]
     calibration = report.get("calibration") or {}
-    lines = [f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)"]
-    if report.get("prediction"):
-        lines.append(format_prediction(report["prediction"]))
+    lines = [textwrap.fill(decision_line(report), WIDTH, subsequent_indent="  ", break_on_hyphens=False), "",
+             f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)",
+             RANKINGS_NOTE]
+    lines += candidate_lines(report.get("prediction") or {}, n)
     for kind, method, where in KIND_METHODS:
         blocks = report["methods"].get(method, {}).get("blocks")
         if not blocks:
             continue
-        lines.append(f"\n{kind} circuits (method {method}; the paper expects them {where})")
+        lines.append(f"\n{kind} circuits ranked (method {method}; the paper expects them {where})")
         lines.append(f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'score':>8}")
         for rank, block in enumerate(blocks[:top], 1):
-            span = f"[{block['start']}, {block['end']})"
             score = "n/a" if block["score"] is None else f"{block['score']:8.3f}"
-            lines.append(f"  {rank:>4}  {span:>9}  {depth(block, n):>9}  {score:>8}")
-    shown = {method for _, method, _ in KIND_METHODS} | {(report.get("prediction") or {}).get("method")}  # the prediction line covers its method
+            lines.append(f"  {rank:>4}  {span(block):>9}  {depth(block, n):>9}  {score:>8}")
+    shown = {method for _, method, _ in KIND_METHODS} | {(report.get("prediction") or {}).get("method")}  # the candidates cover its method
     others = [m for m in report["methods"] if m not in shown]
     for method in others:
         best = report["methods"][method]["blocks"][:1]
         if best:
-            lines.append(f"\n{method}: top block [{best[0]['start']}, {best[0]['end']}) ({depth(best[0], n)}), score {best[0]['score']:.3f}")
+            lines.append(f"\n{method}: first-ranked block {span(best[0])} ({depth(best[0], n)}), score {best[0]['score']:.3f}")
     lines += pruning_report.summary_lines(report)
     if "languages" in report:
         lines.append("\nlanguage check (top-1 per language)")
@@ -43,21 +46,24 @@ def format_summary(report: dict, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def format_prediction(prediction: dict) -> str:
-    """The default method's decision in one line, with the figures behind it (a report trimmed by hand may lack them)."""
-    if not prediction.get("candidates") or prediction.get("predicted_gain") is None or prediction.get("gain_lower_bound") is None:
-        from cp_onnx.embed import decision_text
+WIDTH = 100
+RANKINGS_NOTE = "the rankings below order blocks by each method's score; they are not recommendations (the decision above is)"
 
-        return f"\nprediction ({prediction.get('method', 'duplication_loss')}): {decision_text(prediction)}"
-    top = prediction["candidates"][0]
-    costs = {key: "n/a" if top["metrics"].get(key) is None else f"{-top['metrics'][key]:+.4f}" for key in ("text_nll_change", "general_nll_change")}
-    figures = (f"gain on the numbers of the reasoning texts {prediction['predicted_gain']:+.4f} nats/token (lower {prediction.get('confidence', 0.95):.0%} "
-               f"bound {prediction['gain_lower_bound']:+.4f}); all their tokens {costs['text_nll_change']}, general text {costs['general_nll_change']}")
-    if prediction["decision"] == "help":
-        return f"\nprediction ({prediction.get('method', 'duplication_loss')}): duplicate [{top['start']}, {top['end']}): {figures}"
-    others = ", ".join(f"[{b['start']}, {b['end']})" for b in prediction["candidates"])
-    why = f" ({prediction['reason']})" if prediction.get("reason") else ""
-    return f"\nprediction ({prediction.get('method', 'duplication_loss')}): no block is predicted to help{why}; least harmful {others}; top: {figures}"
+
+def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
+    """The default method's best candidates with the figures behind the decision (none for a report without them)."""
+    candidates = prediction.get("candidates") or []
+    if not candidates:
+        return []
+    lines = [f"\n{prediction.get('method') or 'duplication_loss'} ranked (gain: log-probability of the digit tokens, nats per token; "
+             "cost: NLL change, nats per token)",
+             f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'gain':>8}  {'lower':>8}  {'all tokens':>10}  {'general':>8}"]
+    for rank, block in enumerate(candidates, 1):
+        metrics = block.get("metrics") or {}
+        cells = [block["score"], metrics.get("gain_lower_bound"), metrics.get("text_nll_change"), metrics.get("general_nll_change")]
+        gain, lower, text, general = ("n/a" if v is None else f"{v:+.4f}" for v in cells)
+        lines.append(f"  {rank:>4}  {span(block):>9}  {depth(block, num_layers):>9}  {gain:>8}  {lower:>8}  {text:>10}  {general:>8}")
+    return lines
 
 
 def print_summary(report: dict, top: int = 5) -> None:

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from cp_onnx import report as report_mod
 from cp_onnx.cli import main
+from cp_onnx.decision import NO_PREDICTION
 from tiny import write_byte_tokenizer
 
 TINY_ARGS = ["-n", "6", "--block-sizes", "1,2"]
@@ -209,11 +210,13 @@ def test_default_method_decides_and_is_skipped_on_texts_without_numbers(tiny_fol
     data = json.loads((tmp_path / "default" / "report.json").read_text())
     prediction = data["prediction"]
     assert list(data["methods"])[0] == prediction["method"] == "duplication_loss"
-    assert prediction["decision"] in ("help", "abstain") and "prediction (duplication_loss): " in out
+    assert prediction["decision"] in ("help", "abstain") and out.startswith("decision: ")
+    assert (prediction["metric"], prediction["regime"]) == ("answer log-probability (digit tokens)", "calibration texts as given")
     assert [(c["start"], c["end"]) for c in prediction["candidates"]] == [(b["start"], b["end"]) for b in data["methods"]["duplication_loss"]["blocks"][:3]]
     # General texts hold no numbers: with the paper's methods beside it, the default method is skipped with a note ...
-    code, _, err = run(["analyze", tiny_folder, "--calibration", "general", "--out", tmp_path / "general", *TINY_ARGS], capsys)
+    code, out, err = run(["analyze", tiny_folder, "--calibration", "general", "--out", tmp_path / "general", *TINY_ARGS], capsys)
     assert code == 0 and "note: duplication_loss skipped: the reasoning calibration texts hold no numbers" in err
+    assert " ".join(out.split("\n\n")[0].split()) == NO_PREDICTION  # the summary says first (wrapped) that nothing is recommended
     data = json.loads((tmp_path / "general" / "report.json").read_text())
     assert "prediction" not in data and list(data["methods"]) == ["stability", "anomaly", "composite", "boundary"]
     # ... and asked for alone, it is an error.

@@ -10,6 +10,7 @@ import pytest
 
 from cp_onnx import report as report_mod
 from cp_onnx.cli import main
+from cp_onnx.decision import NO_PREDICTION, decision_line
 from test_embed import tiny_folder, tiny_report
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
@@ -55,7 +56,27 @@ def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
         expected = cli_text(path, top, capsys)
         assert done.stdout == expected
         assert expected.count("\n  1 [") == 5  # a first-ranked block for the default method and the paper's four
-        assert expected.splitlines()[2] in ("prediction abstain", *(f"prediction help {s}:{e}" for s in range(3) for e in range(s + 1, 4)))
+        assert expected.splitlines()[0] == decision_line(json.loads(path.read_text()))  # the answer first
+        assert expected.splitlines()[3] in ("prediction abstain", *(f"prediction help {s}:{e}" for s in range(3) for e in range(s + 1, 4)))
+
+
+def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
+    """Every branch of the decision line: help and abstain with their figures, trimmed and older predictions, a line
+    break in a hand-edited reason, null costs, a one-layer block and a missing confidence."""
+    from test_decision import ABSTAIN, HELP
+
+    base = {"format": "cp-onnx-report", "version": 1, "model": {"name": "toy", "num_layers": 30}, "methods": {}, "layers": []}
+    no_cost = {**ABSTAIN, "candidates": [{**ABSTAIN["candidates"][0], "metrics": {"gain_lower_bound": -0.1, "general_nll_change": None}}]}
+    predictions = [HELP, ABSTAIN, no_cost, {**HELP, "block": {"start": 4, "end": 5}, "confidence": None, "metric": ""},
+                   {**ABSTAIN, "reason": "two\nlines\r", "method": None, "candidates": []},
+                   {"decision": "help", "block": {"start": 1, "end": 3}}, {"decision": "abstain", "block": None},
+                   {**HELP, "predicted_gain": 1e300, "gain_lower_bound": -2.5e-300}]
+    path = tmp_path / "report.json"
+    for prediction in predictions:
+        path.write_text(json.dumps({**base, "prediction": prediction}))
+        done = run_reader(reader, path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == decision_line({"prediction": prediction}), prediction
 
 
 def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
@@ -65,13 +86,13 @@ def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(data))
     done = run_reader(reader, path)
-    assert done.stdout == "model toy\nlayers 4\nmethod boundary\n  1 [0, 3) 0.0-75.0% score n/a\nper-layer statistics\n  layer 0 norm_growth=n/a\n  layer 1 norm_growth=2\n"
+    assert done.stdout == NO_PREDICTION + "\nmodel toy\nlayers 4\nmethod boundary\n  1 [0, 3) 0.0-75.0% score n/a\nper-layer statistics\n  layer 0 norm_growth=n/a\n  layer 1 norm_growth=2\n"
 
     helped = {**data, "prediction": {"decision": "help", "block": {"start": 1, "end": 3}}}
     path.write_text(json.dumps(helped))
-    assert run_reader(reader, path).stdout.splitlines()[2] == "prediction help 1:3" == cli_text(path, 5, capsys).splitlines()[2]
+    assert run_reader(reader, path).stdout.splitlines()[3] == "prediction help 1:3" == cli_text(path, 5, capsys).splitlines()[3]
     path.write_text(json.dumps({**data, "prediction": {"decision": "abstain", "block": None}}))
-    assert run_reader(reader, path).stdout.splitlines()[2] == "prediction abstain"
+    assert run_reader(reader, path).stdout.splitlines()[3] == "prediction abstain"
 
     pruned = {**data, "pruning": {
         "layers": {"default": "removal_loss", "num_layers": 4, "base_nll": 2.5,
@@ -79,7 +100,7 @@ def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
         "heads": {"default": "head_ablation", "methods": {"head_ablation": {"cheapest": [{"layer": 3, "head": k, "score": 0.0} for k in range(7)]}}}}}
     path.write_text(json.dumps(pruned))
     lines = run_reader(reader, path).stdout.splitlines()
-    assert lines[4:11] == ["prune removal_loss 1 2", "prune removal_loss 2 1,3", *(f"prune_head head_ablation 3 {k}" for k in range(5))]
+    assert lines[5:12] == ["prune removal_loss 1 2", "prune removal_loss 2 1,3", *(f"prune_head head_ablation 3 {k}" for k in range(5))]
     assert run_reader(reader, path).stdout == cli_text(path, 5, capsys)
 
     path.write_text(json.dumps({**data, "format": "something-else"}))

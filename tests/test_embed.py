@@ -14,6 +14,7 @@ import pytest
 from cp_onnx import report as report_mod
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.cli import main
+from cp_onnx.decision import NO_PREDICTION, decision_line
 from cp_onnx.embed import format_text, read_metadata
 from cp_onnx.model import open_model
 from tiny import write_byte_tokenizer
@@ -90,6 +91,9 @@ def test_embed_writes_metadata_and_keeps_graph_and_logits(analysed, tmp_path, ca
     assert meta["cp_onnx.model_sha256"] == data["model"]["onnx_sha256"] == report_mod.file_sha256(folder / "model.onnx")
     assert meta["cp_onnx.calibration_identity"] == data["calibration"]["identity"]
     assert (meta["cp_onnx.report_format"], meta["cp_onnx.report_version"], meta["cp_onnx.num_layers"]) == ("cp-onnx-report", "1", "3")
+    assert meta["cp_onnx.decision"] == decision_line(data) and "\n" not in meta["cp_onnx.decision"]
+    ours = [p.key for p in onnx.load(str(source), load_external_data=False).metadata_props if p.key.startswith("cp_onnx.")]
+    assert ours[0] == "cp_onnx.decision"  # the answer is the first of its entries
 
     # Embedding again into the embedded file replaces the entries (the analysed sha256 still matches).
     assert main(["embed", str(report_path), str(source), "--top", "1"]) == 0
@@ -128,7 +132,7 @@ def test_text_format_worked_by_hand():
                    {"layer": 1, "representation_change": 3.0, "norm_growth": 1.0 / 3.0}],
     }
     assert format_text(data, top=2) == (
-        "model toy\nlayers 8\n"
+        f"{NO_PREDICTION}\nmodel toy\nlayers 8\n"
         "method stability\n  1 [1, 4) 12.5-50.0% score 2.5\n  2 [0, 3) 0.0-37.5% score n/a\n"
         "method anomaly\n  1 [5, 8) 62.5-100.0% score 1.23457e+06\n"
         "per-layer statistics\n"

@@ -15,6 +15,7 @@ import pytest
 from cp_onnx import report as report_mod
 from cp_onnx.circuit import build_circuit_graph, write_circuit
 from cp_onnx.cli import main
+from cp_onnx.decision import NO_PREDICTION
 from cp_onnx.embed import PREFIX, format_text
 from test_embed import tiny_folder
 from test_cpp_example import _missing, reader, run_reader  # noqa: F401  (reader: the built C++ example, a fixture)
@@ -112,7 +113,7 @@ def test_text_report_keeps_one_fact_a_line(hostile, capsys):
     text = capsys.readouterr().out
     assert text == format_text(data)
     lines = text.splitlines()
-    assert lines[0] == f"model {NAME}" and f"method {METHOD}" in lines
+    assert lines[0] == NO_PREDICTION and lines[1] == f"model {NAME}" and f"method {METHOD}" in lines
     assert all(re.fullmatch(rf"  layer \d .*{re.escape(STATISTIC)}=0\.5", line) for line in lines if line.startswith("  layer "))
 
 

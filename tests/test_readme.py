@@ -29,3 +29,23 @@ def test_every_readme_subcommand_exists():
     documented = set(re.findall(r"`cp-onnx ([\w-]+)", readme))
     choices = build_parser()._subparsers._group_actions[0].choices
     assert documented and documented <= set(choices)
+
+
+def test_readme_shows_the_decision_analyze_prints_first():
+    """The README's SmolLM2 printout opens with the decision line, formatted as the code formats it, for the prediction
+    the SmolLM2 benchmark recorded (recorded before `regime` and `metric` existed; the method measured the same)."""
+    import json
+    import textwrap
+
+    from cp_onnx import predict
+    from cp_onnx.decision import decision_line
+    from cp_onnx.summary import RANKINGS_NOTE, WIDTH
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## What `cp-onnx analyze` prints on the default model", 1)[1].split("\n## ", 1)[0]
+    shown = re.search(r"```\n(.+?)\n```", section, flags=re.S).group(1)
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "predictions_smollm2-135m.json").read_text())["prediction"]
+    prediction = recorded | {"regime": predict.REGIME, "metric": predict.METRIC}
+    assert shown.split("\n\n")[0] == textwrap.fill(decision_line({"prediction": prediction}), WIDTH, subsequent_indent="  ",
+                                                   break_on_hyphens=False)
+    assert RANKINGS_NOTE in shown.splitlines()

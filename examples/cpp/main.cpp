@@ -1,5 +1,5 @@
-// Reads a cp-onnx report.json (format "cp-onnx-report", version 1) and prints the top circuits of each
-// method and the per-layer statistics, in exactly the format of `cp-onnx report REPORT --text`.
+// Reads a cp-onnx report.json (format "cp-onnx-report", version 1) and prints the default prediction's decision,
+// the top circuits of each method and the per-layer statistics, in exactly the format of `cp-onnx report REPORT --text`.
 //
 //   report_reader REPORT.json [TOP]
 #include <cstdio>
@@ -20,6 +20,66 @@ std::string number(const json& value) {
   char buffer[32];
   std::snprintf(buffer, sizeof buffer, "%.6g", value.get<double>());
   return buffer;
+}
+
+std::string format(const char* pattern, double value) {  // sized to fit: a gain of 1e300 prints 300 digits
+  std::string text(std::snprintf(nullptr, 0, pattern, value) + 1, '\0');
+  std::snprintf(text.data(), text.size(), pattern, value);
+  text.pop_back();
+  return text;
+}
+
+std::string span(const json& block) {
+  return "[" + std::to_string(block["start"].get<int>()) + ", " + std::to_string(block["end"].get<int>()) + ")";
+}
+
+bool has_string(const json& object, const char* key) {
+  return object.contains(key) && object[key].is_string() && !object[key].get<std::string>().empty();
+}
+
+bool has_number(const json& object, const char* key) { return object.contains(key) && object[key].is_number(); }
+
+// The default prediction's decision in one line: cp_onnx/decision.py's decision_line, branch for branch.
+std::string decision_line(const json& report) {
+  if (!report.contains("prediction") || !report["prediction"].is_object())
+    return "decision: none: this report holds no default prediction (an older report, or duplication_loss was "
+           "skipped or not run), so no block is recommended; its rankings are not recommendations";
+  const json& prediction = report["prediction"];
+  const json empty = json::array();
+  const json& candidates = prediction.contains("candidates") && prediction["candidates"].is_array() ? prediction["candidates"] : empty;
+  std::string figures;  // gain, lower bound and general-text cost of the top candidate, when the report has them
+  if (!candidates.empty() && has_number(prediction, "predicted_gain") && has_number(prediction, "gain_lower_bound")) {
+    const json& metrics = candidates[0].contains("metrics") ? candidates[0]["metrics"] : json::object();
+    const std::string cost = has_number(metrics, "general_nll_change") ? format("%+.4f", metrics["general_nll_change"].get<double>()) : "n/a";
+    const std::string level = has_number(prediction, "confidence")
+        ? "lower " + format("%.0f%%", 100 * prediction["confidence"].get<double>()) + " bound" : "lower bound";
+    figures = "gain " + format("%+.4f", prediction["predicted_gain"].get<double>()) + " nats per digit token (" + level + " " +
+              format("%+.4f", prediction["gain_lower_bound"].get<double>()) + "), cost on general text " + cost + " nats per token";
+  }
+  std::string scope = has_string(prediction, "metric") && has_string(prediction, "regime")
+      ? "metric " + prediction["metric"].get<std::string>() + ", regime " + prediction["regime"].get<std::string>()
+      : "metric and regime not recorded (an older report)";
+  scope += ", method " + (has_string(prediction, "method") ? prediction["method"].get<std::string>() : std::string("duplication_loss"));
+  std::string line;
+  const json& block = prediction.contains("block") ? prediction["block"] : json();
+  if (prediction.value("decision", "") == "help" && block.is_object()) {
+    const int first = block["start"].get<int>(), last = block["end"].get<int>() - 1;
+    line = "decision: duplicate " + span(block) + " (" +
+           (first == last ? "layer " + std::to_string(first) : "layers " + std::to_string(first) + " to " + std::to_string(last)) + " run twice)";
+    if (!figures.empty()) line += "; " + figures;
+  } else {
+    line = "decision: no block is predicted to help";
+    if (has_string(prediction, "reason")) line += " (" + prediction["reason"].get<std::string>() + ")";
+    if (!candidates.empty()) {
+      line += "; least harmful ";
+      for (std::size_t k = 0; k < candidates.size(); ++k) line += (k ? ", " : "") + span(candidates[k]);
+    }
+    if (!figures.empty()) line += "; top " + figures;
+  }
+  line += "; " + scope;
+  for (char& c : line)  // a line break in a hand-edited string would split the one-line answer
+    if (c == '\n' || c == '\r') c = ' ';
+  return line;
 }
 
 int fail(const std::string& message) {
@@ -47,6 +107,7 @@ int main(int argc, char** argv) {
 
   const json& model = report["model"];
   const int layers = model["num_layers"].get<int>();
+  std::printf("%s\n", decision_line(report).c_str());  // the answer first
   std::printf("model %s\nlayers %d\n", model["name"].get<std::string>().c_str(), layers);
   if (report.contains("prediction") && report["prediction"].is_object()) {  // the default method's decision
     const json& prediction = report["prediction"];

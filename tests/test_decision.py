@@ -1,0 +1,140 @@
+"""The answer comes first: every output opens with the default prediction's decision (or says the report has none)."""
+from __future__ import annotations
+
+import copy
+import json
+import textwrap
+from html.parser import HTMLParser
+
+import pytest
+
+from cp_onnx.cli import main
+from cp_onnx.decision import NO_PREDICTION, decision_line
+from cp_onnx.embed import metadata
+from cp_onnx.report import write_json
+from test_embed import tiny_folder, tiny_report
+
+SCOPE = "metric answer log-probability (digit tokens), regime calibration texts as given, method duplication_loss"
+
+
+def _block(start, end, gain, lower, general):
+    return {"start": start, "end": end, "score": gain,
+            "metrics": {"gain_lower_bound": lower, "text_nll_change": 0.3, "general_nll_change": general}}
+
+
+ABSTAIN = {"method": "duplication_loss", "decision": "abstain", "block": None, "confidence": 0.95,
+           "reason": "no block's gain is above zero in 95% of 2000 resamples of the texts",
+           "predicted_gain": 0.1266, "gain_lower_bound": -0.0079,
+           "candidates": [_block(9, 14, 0.1266, -0.0079, 0.2297), _block(9, 13, 0.1123, 0.0025, 0.1591)],
+           "regime": "calibration texts as given", "metric": "answer log-probability (digit tokens)"}
+HELP = {**ABSTAIN, "decision": "help", "block": {"start": 9, "end": 14}, "gain_lower_bound": 0.0123, "reason": "sure"}
+
+
+def test_decision_lines_worked_by_hand():
+    assert decision_line({"prediction": HELP}) == (
+        "decision: duplicate [9, 14) (layers 9 to 13 run twice); gain +0.1266 nats per digit token (lower 95% bound +0.0123), "
+        f"cost on general text +0.2297 nats per token; {SCOPE}")
+    assert decision_line({"prediction": ABSTAIN}) == (
+        "decision: no block is predicted to help (no block's gain is above zero in 95% of 2000 resamples of the texts); "
+        "least harmful [9, 14), [9, 13); top gain +0.1266 nats per digit token (lower 95% bound -0.0079), "
+        f"cost on general text +0.2297 nats per token; {SCOPE}")
+    # Trimmed or older reports lose the parts whose fields are missing, and say so; none fails.
+    assert decision_line({"prediction": {"decision": "help", "block": {"start": 3, "end": 4}}}) == (
+        "decision: duplicate [3, 4) (layer 3 run twice); metric and regime not recorded (an older report), method duplication_loss")
+    assert decision_line({"prediction": {"decision": "abstain", "block": None, "reason": "a\nb"}}).startswith(
+        "decision: no block is predicted to help (a b); metric and regime")
+    assert decision_line({}) == NO_PREDICTION and "\n" not in NO_PREDICTION
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_model, tmp_path_factory):
+    """Report paths by case: the tiny llama's own report, with its decision set to help, and without a prediction."""
+    root = tmp_path_factory.mktemp("decision")
+    data = tiny_report(tiny_folder(tiny_model, "llama", root / "llama"))
+    helped = copy.deepcopy(data)
+    top = helped["prediction"]["candidates"][0]
+    helped["prediction"] |= {"decision": "help", "block": {"start": top["start"], "end": top["end"]}}
+    bare = {k: v for k, v in data.items() if k != "prediction"}
+    return {name: write_json(report, root / f"{name}.json") for name, report in (("analysed", data), ("help", helped), ("none", bare))}
+
+
+@pytest.mark.parametrize("case", ["analysed", "help", "none"])
+def test_summary_text_and_metadata_open_with_the_decision(reports, case, capsys):
+    data = json.loads(reports[case].read_text())
+    line = decision_line(data)
+    assert main(["report", str(reports[case])]) == 0
+    summary = capsys.readouterr().out
+    assert summary.split("\n\n")[0] == textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False)
+    assert " ".join(summary.split("\n\n")[0].split()) == " ".join(line.split())  # wrapped, not changed
+    assert main(["report", str(reports[case]), "--text"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == line
+    entries = metadata(data)
+    assert next(iter(entries)) == "cp_onnx.decision" and entries["cp_onnx.decision"] == line
+
+
+class Page(HTMLParser):
+    """Where the decision section starts and ends and where each table starts (in parse order), and its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.events, self.depth, self.text, self.inside = [], 0, [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section" and dict(attrs).get("id") == "decision":
+            self.events.append("decision")
+            self.inside = True
+        elif tag == "table":
+            self.events.append(("table", dict(attrs).get("id"), self.inside))
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.inside = False
+
+    def handle_data(self, data):
+        if self.inside:
+            self.text.append(data)
+
+
+def _page(path, tmp_path, capsys) -> Page:
+    out = tmp_path / "page.html"
+    assert main(["report", str(path), "--html", str(out)]) == 0
+    capsys.readouterr()
+    page = Page()
+    page.feed(out.read_text())
+    return page
+
+
+@pytest.mark.parametrize("case", ["analysed", "help", "none"])
+def test_html_opens_with_the_decision_panel(reports, case, tmp_path, capsys):
+    data = json.loads(reports[case].read_text())
+    page = _page(reports[case], tmp_path, capsys)
+    assert page.events[0] == "decision"  # before every table of the page
+    outside = [e for e in page.events[1:] if not e[2]]
+    assert [e[1] for e in outside][:1] == ["top-circuits"] and all(e[2] is False for e in outside)
+    text = " ".join(" ".join(page.text).split())  # elements' texts apart, spaces normalised
+    assert " ".join(decision_line(data).split()) in text
+    prediction = data.get("prediction")
+    if prediction is None:
+        assert text.startswith("Decision No prediction in this report.")
+    elif prediction["decision"] == "help":
+        block = prediction["block"]
+        assert text.startswith(f"Decision Duplicate block [{block['start']}, {block['end']})")
+        assert f"expected gain {prediction['predicted_gain']:+.4f} nats per digit token" in text
+        assert f"{prediction['gain_lower_bound']:+.4f}" in text and "cost on general text" in text
+    else:
+        assert text.startswith("Decision No block is predicted to help.") and prediction["reason"] in text
+        assert [e[1] for e in page.events[1:] if e[2]] == ["least-harmful"]
+        for block in prediction["candidates"]:
+            assert f"[{block['start']}, {block['end']})" in text
+    if prediction:
+        assert f"metric {prediction['metric']}, regime {prediction['regime']}" in text
+
+
+def test_rankings_are_labelled_as_rankings(reports, tmp_path, capsys):
+    out = tmp_path / "page.html"
+    assert main(["report", str(reports["analysed"]), "--html", str(out)]) == 0
+    capsys.readouterr()
+    markup = out.read_text()
+    table = markup.index("<table id='top-circuits'>")
+    assert "<h2>Rankings by method</h2>" in markup[:table] and "not recommendations" in markup[markup.index("<h2>Rankings"):table]
+    assert "Top circuits" not in markup
