@@ -37,6 +37,7 @@ from cp_onnx.pruned_folder import prune_folder
 from cp_onnx.runner import Runner
 from cp_onnx.scoring import ProbePlan
 from cp_onnx.sweep import ReuseEvaluator, read_sweep
+from cp_onnx.regimes import regime_rows
 from cp_onnx.validate import best_block, split_rows
 from graph_passes.layer_path import format_path
 
@@ -135,6 +136,7 @@ def main() -> None:
     load = [say_load("start")]
     model = open_model(args.model, with_past=True, log=print)
     header, rows = read_sweep(Path(args.sweep))
+    rows = regime_rows(rows, "few_shot")  # the Quality plan below is the shipped suite's few-shot regime
     baseline, blocks = split_rows(rows)
     num_layers, heads_per_layer = model.manifest["num_layers"], model.manifest["num_heads"]
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from cp_onnx import probes  # noqa: E402
 from cp_onnx.model import open_model  # noqa: E402
+from cp_onnx.regimes import regime_rows  # noqa: E402
 from cp_onnx.sweep import block_configs, read_sweep, sweep  # noqa: E402
 
 # Spread over the depth and sizes 3-5, rerunning on average about as many layers as the full sweep's blocks do.
@@ -46,7 +47,9 @@ def run_mode(mode: str, count: int, threads: int | None, out: Path) -> dict:
     """One mode's sweep in this process: wall time, per-config seconds, peak RSS."""
     model = open_model("smollm2", with_past=mode == "prefix", log=lambda _: None)
     began = time.perf_counter()
-    rows = sweep(model, CONFIGS, suite(count), out=out, mode="naive" if mode == "naive" else "reuse", threads=threads, log=lambda _: None)
+    rows = sweep(model, CONFIGS, suite(count), out=out, mode="naive" if mode == "naive" else "reuse", threads=threads, log=lambda _: None,
+                 regimes=("few_shot",))  # the regime its recorded figures were measured in
+    rows = regime_rows(rows, "few_shot")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"mode": mode, "seconds": time.perf_counter() - began, "rows": rows, "suite": read_sweep(out)[0]["suite"],
             "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}

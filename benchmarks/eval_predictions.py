@@ -37,6 +37,7 @@ from cp_onnx.model import open_model
 from cp_onnx.predict import METHOD
 from cp_onnx.report import build_report
 from cp_onnx.scores import candidate_blocks
+from cp_onnx.regimes import regime_rows
 from cp_onnx.sweep import read_sweep, sweep
 from cp_onnx.validate import gain, split_rows, validate
 
@@ -94,7 +95,7 @@ def naive_sweep_seconds(model, num_layers: int, count: int, seed: int = 0) -> di
     blocks = candidate_blocks(num_layers, (3, 4, 5))
     chosen = [blocks[round(k * (len(blocks) - 1) / max(count - 1, 1))] for k in range(count)]
     with tempfile.TemporaryDirectory() as folder:
-        rows = sweep(model, chosen, probes.probe_suite(seed), out=Path(folder) / "naive.jsonl", mode="naive", log=print,
+        rows = sweep(model, chosen, probes.probe_suite(seed), out=Path(folder) / "naive.jsonl", mode="naive", log=print, regimes=("few_shot",),
                      progress=lambda done, total: print(f"  naive {done}/{total}", file=sys.stderr, flush=True))
     per_block = [r["seconds"] for r in rows if r["start"] is not None]
     baseline = next(r["seconds"] for r in rows if r["start"] is None)
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--sweeps", nargs=2, required=True, help="sweep JSONL files of the same model at two suite seeds")
     parser.add_argument("-n", type=int, default=10, help="calibration texts (default 10, as `cp-onnx analyze`)")
+    parser.add_argument("--regime", default="few_shot", choices=("zero_shot", "few_shot"),
+                        help="the sweeps' prompting regime to judge on (default few_shot: version 1 sweep files hold only that)")
     parser.add_argument("--naive", type=int, default=0, metavar="K", help="also time brute force (naive sweep) on K blocks and scale it to all")
     args = parser.parse_args(argv)
     from cp_onnx.decision import decision_line
@@ -158,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         header, rows = read_sweep(path)
         if header["model"]["onnx_sha256"] != report["model"]["onnx_sha256"]:
             sys.exit(f"{path} is a sweep of another model; sweep {args.model} itself")
-        sweeps.append(rows)
+        sweeps.append(regime_rows(rows, args.regime))
+        if not sweeps[-1]:
+            sys.exit(f"{path} holds no {args.regime} rows; choose another --regime")
     sweep_s = float(np.mean([sum(r["seconds"] for r in rows) for rows in sweeps]))
     judged = judge(report, mean_rows(sweeps), noise_level(sweeps))
     command = "python benchmarks/eval_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])

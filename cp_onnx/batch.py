@@ -10,6 +10,7 @@ The manifest names the models and the settings (keys are checked; relative paths
     sizes = [3, 4, 5]
     per_kind = 8                       # probe items per kind (or probes = "suite.jsonl")
     general = true                     # also score general texts (the general-text cost)
+    regimes = "zero,few"               # prompting regimes, as `cp-onnx sweep --regimes` (default both)
     validate = true
     [[models]]
     source = "smollm2"                 # anything `cp-onnx export` accepts, an exported folder or a .onnx
@@ -33,6 +34,7 @@ from typing import Callable
 from cp_onnx import analyze, calibration, inputs
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_text
+from cp_onnx.regimes import parse_regimes, regimes_of
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.report import build_report, file_sha256, read_report, write_json
 
@@ -40,7 +42,7 @@ BATCH_FORMAT = "cp-onnx-batch"
 SETTING_TYPES = {"calibration": str, "n": int, "max_length": int, "language": str, "methods": list, "block_sizes": list,
                  "batch_size": int, "threads": int}
 SWEEP_TYPES = {"sizes": list, "all_blocks": bool, "mode": str, "per_kind": int, "probes": str, "batch_size": int,
-               "max_length": int, "general": bool, "validate": bool}
+               "max_length": int, "general": bool, "validate": bool, "regimes": str}
 MODEL_TYPES = {"source": str, "name": str, "tokenizer": str, **SETTING_TYPES}
 TOP_TYPES = {"out": str, "settings": dict, "sweep": dict, "models": list}
 METHODS = (*analyze.DEFAULT_METHODS, "contrastive")  # what `cp-onnx analyze --method` accepts
@@ -203,7 +205,7 @@ def _is_current(job: ModelJob, model) -> bool:
 def _sweep_and_validate(job: ModelJob, model, report: dict, notes: list) -> dict | None:
     from cp_onnx import probes
     from cp_onnx.sweep import read_sweep, sweep
-    from cp_onnx.validate import validate
+    from cp_onnx.validate import validate_regimes
 
     options = job.sweep
     items = probes.load_suite(options["probes"]) if "probes" in options else (
@@ -211,15 +213,18 @@ def _sweep_and_validate(job: ModelJob, model, report: dict, notes: list) -> dict
     path = job.folder / "sweep.jsonl"
     general = None if options.get("general", True) else []  # None: the shipped general texts (for the general-text cost)
     sweep(model, None, items, out=path, general=general, log=notes.append, threads=job.settings.threads,
-          **{k: (tuple(v) if k == "sizes" else v) for k, v in options.items() if k in ("sizes", "all_blocks", "mode", "batch_size", "max_length")})
+          **{k: (tuple(v) if k == "sizes" else v) for k, v in options.items() if k in ("sizes", "all_blocks", "mode", "batch_size", "max_length", "regimes")})
     if not options.get("validate", True):
         return None
     header, rows = read_sweep(path)
-    validation = validate(report, rows, sweep_header=header)
+    validation = validate_regimes(report, rows, sweep_header=header)
     write_json(validation, job.folder / "validation.json")
-    best = validation["best"].get(SUMMARY_METRIC) or {}
-    return {"metric": SUMMARY_METRIC, "best": [best.get("start"), best.get("end")], "best_gain": best.get("gain"),
-            "top1_gain": {m: (v.get(SUMMARY_METRIC, {}).get("top1") or {}).get("gain") for m, v in validation["methods"].items()}}
+    summary = {}
+    for regime, judged in validation["regimes"].items():
+        best = judged["best"].get(SUMMARY_METRIC) or {}
+        summary[regime] = {"best": [best.get("start"), best.get("end")], "best_gain": best.get("gain"),
+                           "top1_gain": {m: (v.get(SUMMARY_METRIC, {}).get("top1") or {}).get("gain") for m, v in judged["methods"].items()}}
+    return {"metric": SUMMARY_METRIC, "regimes": summary}
 
 
 def _model_fields(report: dict) -> dict:
@@ -245,26 +250,27 @@ def write_outputs(batch: Batch, results: list[dict]) -> None:
 
 
 def summary_table(results: list[dict]) -> tuple[list[str], list[list]]:
-    """Columns and one row per model: status, model, each method's top-1 block and score, sweep gains, time, error."""
+    """Columns and one row per model: status, model, each method's top-1 block and score, sweep gains per regime, time, error."""
     methods = list(dict.fromkeys(m for r in results for m in r["top"]))
-    validated = any(r.get("validation") for r in results)
+    regimes = regimes_of((r.get("validation") or {}) for r in results)  # validated regimes; gain columns name theirs
     columns = ["name", "status", "family", "layers"]
     for m in methods:
-        columns += [f"{m}_block", f"{m}_depth", f"{m}_score"] + ([f"{m}_gain"] if validated else [])
-    columns += ["best_block", "best_gain"] if validated else []
+        columns += [f"{m}_block", f"{m}_depth", f"{m}_score"] + [f"{m}_gain_{g}" for g in regimes]
+    for g in regimes:
+        columns += [f"best_block_{g}", f"best_gain_{g}"]
     columns += ["seconds", "error"]
     rows = []
     for r in results:
         model, layers = r["model"] or {}, (r["model"] or {}).get("num_layers")
         row = [r["name"], r["status"], model.get("family", ""), layers or ""]
-        validation = r.get("validation") or {}
+        validation = (r.get("validation") or {}).get("regimes") or {}
         for m in methods:
             top = r["top"].get(m)
             row += [f"{top['start']}:{top['end']}", f"{100 * top['start'] / layers:.0f}-{100 * top['end'] / layers:.0f}%", _cell(top["score"])] if top else ["", "", ""]
-            row += [_cell((validation.get("top1_gain") or {}).get(m))] if validated else []
-        if validated:
-            best = validation.get("best") or [None, None]
-            row += [f"{best[0]}:{best[1]}" if best[0] is not None else "", _cell(validation.get("best_gain"))]
+            row += [_cell(((validation.get(g) or {}).get("top1_gain") or {}).get(m)) for g in regimes]
+        for g in regimes:
+            best = (validation.get(g) or {}).get("best") or [None, None]
+            row += [f"{best[0]}:{best[1]}" if best[0] is not None else "", _cell((validation.get(g) or {}).get("best_gain"))]
         rows.append(row + [f"{r['seconds']:.1f}", r["error"] or ""])
     return columns, rows
 
@@ -331,6 +337,11 @@ def _sweep_options(table: dict | None, base: Path, path: Path) -> dict | None:
         options["sizes"] = list(_positive_ints(options["sizes"], "sizes", where))
     if "probes" in options:
         options["probes"] = str(_relative(base, options["probes"]))
+    if "regimes" in options:
+        try:
+            options["regimes"] = parse_regimes(options["regimes"])
+        except CpOnnxError as err:
+            raise CpOnnxError(f"{where}: {err}") from None
     return options
 
 

@@ -166,9 +166,11 @@ def cmd_generate(args) -> int:
 def cmd_sweep(args) -> int:
     from cp_onnx import probes
     from cp_onnx.model import open_model
+    from cp_onnx.regimes import parse_regimes, regime_rows, regimes_of
     from cp_onnx.sweep import sweep
 
     items = probes.load_suite(args.suite) if args.suite else probes.probe_suite(args.seed)
+    regimes = parse_regimes(args.regimes)
     model = open_model(args.model, with_past=True, log=log)  # the KV cache lets shared few-shot examples run once
     from cp_onnx import executors
 
@@ -178,15 +180,17 @@ def cmd_sweep(args) -> int:
     executor = executors.executor_from_args(args)
     try:
         rows = sweep(model, items=items, out=Path(args.out), sizes=args.skip or args.blocks or (3, 4, 5), all_blocks=args.all, threads=args.threads,
-                     batch_size=args.batch_size, executor=executor, operation=operation, progress=Progress("sweep configs"), log=log)
+                     batch_size=args.batch_size, executor=executor, operation=operation, regimes=regimes, progress=Progress("sweep configs"), log=log)
     finally:
         executors.close(executor)
-    baseline = next(r for r in rows if r["start"] is None)
-    best = max((r for r in rows if r["start"] is not None), key=lambda r: r["answer_logprob"], default=None)
-    print(f"baseline answer_logprob {baseline['answer_logprob']:.4f}, greedy {baseline['greedy_accuracy']:.3f}")
-    if best:
-        print(f"best block {'removed' if args.skip else 'duplicated'} [{best['start']}, {best['end']}): answer_logprob {best['answer_logprob']:.4f} "
-              f"({best['answer_logprob'] - baseline['answer_logprob']:+.4f}), greedy {best['greedy_accuracy']:.3f}")
+    for regime in regimes_of(rows):
+        flat = regime_rows(rows, regime)
+        baseline = next(r for r in flat if r["start"] is None)
+        best = max((r for r in flat if r["start"] is not None), key=lambda r: r["answer_logprob"], default=None)
+        print(f"{regime}: baseline answer_logprob {baseline['answer_logprob']:.4f}, greedy {baseline['greedy_accuracy']:.3f}")
+        if best:
+            print(f"{regime}: best block {'removed' if args.skip else 'duplicated'} [{best['start']}, {best['end']}): answer_logprob "
+                  f"{best['answer_logprob']:.4f} ({best['answer_logprob'] - baseline['answer_logprob']:+.4f}), greedy {best['greedy_accuracy']:.3f}")
     log(f"sweep written to {args.out}")
     return 0
 
@@ -194,24 +198,25 @@ def cmd_sweep(args) -> int:
 def cmd_validate(args) -> int:
     from cp_onnx import report
     from cp_onnx.sweep import operation_of, read_sweep
-    from cp_onnx.validate import check_same_model, heatmap, validate, validate_removals
+    from cp_onnx.regimes import regime_rows
+    from cp_onnx.validate import heatmap, validate_regimes
 
     data = report.read_report(Path(args.report))
     header, rows = read_sweep(Path(args.sweep))
     removals = operation_of(header) == "skip"
-    if removals:
-        check_same_model(data, header)
-        result = validate_removals((data.get("pruning") or {}).get("layers"), rows, top_k=args.top_k)
-        predictions = {name: method["blocks"][: args.top_k] for name, method in data["pruning"]["layers"]["methods"].items()}
-    else:
-        result = validate(data, rows, top_k=args.top_k, sweep_header=header)
-        predictions = {name: method["blocks"][: args.top_k] for name, method in data["methods"].items()}
+    result = validate_regimes(data, rows, top_k=args.top_k, sweep_header=header, removals=removals)
+    methods = data["pruning"]["layers"]["methods"] if removals else data["methods"]
+    predictions = {name: method["blocks"][: args.top_k] for name, method in methods.items()}
     out = Path(args.out)
-    heatmap(rows, predictions, out / "sweep_heatmap.png", metric=args.metric,  # first: it refuses a metric the sweep lacks
-            what="Removed" if removals else "Duplicated")
+    maps = []
+    for regime in result["regimes"]:  # first: a heatmap refuses a metric the sweep lacks
+        maps.append(heatmap(regime_rows(rows, regime), predictions, out / f"sweep_heatmap_{regime}.png", metric=args.metric,
+                            what=f"{regime.replace('_', '-')}: {'removed' if removals else 'duplicated'}"))
     report.write_json(result, out / "validation.json")
-    print(format_removal_validation(result) if removals else format_validation(result))
-    log(f"validation written to {out / 'validation.json'}, heatmap to {out / 'sweep_heatmap.png'}")
+    for regime, judged in result["regimes"].items():
+        print(f"== {regime} ==")
+        print(format_removal_validation(judged) if removals else format_validation(judged))
+    log(f"validation written to {out / 'validation.json'}, heatmaps to {', '.join(str(m) for m in maps)}")
     return 0
 
 
@@ -405,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every block [i, j) with j > i instead of --blocks")
     p.add_argument("--suite", help="a JSONL probe suite (default: the shipped suite)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shipped probe suite (default 0)")
+    p.add_argument("--regimes", default="zero,few", help="prompting regimes to score: zero (the question alone), few (its solved examples first), "
+                   "or zero,few (default); items without shots are zero-shot only")
     p.add_argument("--out", default="sweep.jsonl", help="JSONL file; configs already in it are skipped (default sweep.jsonl)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, or Ray actors with --executor ray (default 1)")
     add_executor_arguments(p)
@@ -412,12 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker (default: all cores)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("validate", help="compare a report's predictions with a sweep: hits, IoU, rank of the best block, realised gain")
+    p = sub.add_parser("validate", help="compare a report's predictions with a sweep, per regime: hits, IoU, rank of the best block, realised gain")
     p.add_argument("report")
     p.add_argument("sweep")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--metric", default="answer_logprob", help="metric for the heatmap (default answer_logprob)")
-    p.add_argument("--out", default="cp-onnx-out", help="folder for validation.json and sweep_heatmap.png")
+    p.add_argument("--out", default="cp-onnx-out", help="folder for validation.json and sweep_heatmap_REGIME.png (one per regime)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("batch", help="analyze (and sweep, validate) every model of a TOML manifest; resumable",
@@ -440,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report", help="report.json written by `cp-onnx analyze`")
     p.add_argument("--text", action="store_true", help="top circuits and per-layer statistics, as examples/cpp prints them")
     p.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML page with the tables and plots")
-    p.add_argument("--plots", metavar="DIR", help="write layers.png, heads.png and sweep.png into DIR")
+    p.add_argument("--plots", metavar="DIR", help="write layers.png, heads.png and sweep_REGIME.png (one per regime of --sweep) into DIR")
     p.add_argument("--sweep", metavar="SWEEP.jsonl", help="a sweep of the same model, for the sweep heatmap and the validation table")
     p.add_argument("--top", type=int, default=5, help="blocks per method (default 5)")
     p.set_defaults(func=cmd_report)

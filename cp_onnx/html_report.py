@@ -9,6 +9,7 @@ from cp_onnx import plots, pruning_report
 from cp_onnx.decision import decision_line, helps, layers_run_twice, scope as scope_text, span
 from cp_onnx.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.files import write_text
+from cp_onnx.regimes import regime_rows, regimes_of
 from cp_onnx.summary import KIND_METHODS
 
 CSS = """
@@ -44,19 +45,27 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
     ]
     if pruning_report.html_rows(report):
         parts += ["<h2>Pruning candidates</h2>", _pruning_table(report)]
-    if sweep_rows and plots.is_removal_sweep(sweep_rows):
-        parts += ["<h2>Removals against the sweep</h2>", _removal_table(report, sweep_rows, sweep_header)]
-    elif sweep_rows:
-        parts += ["<h2>Against the sweep</h2>", _validation_table(report, sweep_rows, sweep_header)]
+    regimes = regimes_of(sweep_rows or [])
+    if sweep_header is not None and regimes:
+        from cp_onnx.validate import check_same_model
+
+        check_same_model(report, sweep_header)
+    for regime in regimes:  # judged apart: solved examples in the prompt change which block helps
+        flat, name = regime_rows(sweep_rows, regime), _e(regime.replace("_", "-"))
+        if plots.is_removal_sweep(flat):
+            parts += [f"<h2>Removals against the sweep ({name})</h2>", _removal_table(report, flat, regime)]
+        else:
+            parts += [f"<h2>Against the sweep ({name})</h2>", _validation_table(report, flat, regime)]
     parts += ["<h2>Per-layer statistics</h2>", _layers_table(report), "<h2>Plots</h2>",
               _image(plots.png_bytes(plots.layer_profile(report)), "Per-layer statistics; each method's first-ranked block shaded (a ranking, not a recommendation).")]
     heads = plots.head_matrix(report)
     if heads is not None:
         parts.append(_image(plots.png_bytes(plots.head_heatmap(heads)), f"Head influence, layers by heads ({plots.HEAD_COLUMN})."))
-    if sweep_rows:
-        what = "removed" if plots.is_removal_sweep(sweep_rows) else "duplicated"
-        parts.append(_image(plots.sweep_heatmap_png(sweep_rows, report),
-                            f"Sweep: answer log-probability gain of every {what} block [start, end); markers: each method's top-1, star: best."))
+    for regime in regimes:
+        flat = regime_rows(sweep_rows, regime)
+        what = "removed" if plots.is_removal_sweep(flat) else "duplicated"
+        parts.append(_image(plots.sweep_heatmap_png(flat, report), f"Sweep ({regime.replace('_', '-')}): answer log-probability gain of every "
+                            f"{what} block [start, end); markers: each method's top-1, star: best."))
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
@@ -127,11 +136,11 @@ def _layers_table(report: dict) -> str:
     return f"<table id='layer-statistics'>{head}{''.join(body)}</table>"
 
 
-def _validation_table(report: dict, sweep_rows: list[dict], sweep_header: dict | None) -> str:
-    """Per method and metric: its top-1 block's gain over the baseline next to the sweep's best block."""
+def _validation_table(report: dict, sweep_rows: list[dict], regime: str) -> str:
+    """Per method and metric: its top-1 block's gain over the baseline next to the sweep's best block (rows of one regime)."""
     from cp_onnx.validate import validate
 
-    result = validate(report, sweep_rows, sweep_header=sweep_header)
+    result = validate(report, sweep_rows)
     head = "<tr><th class='name'>method</th><th class='name'>metric</th><th>top-1</th><th>top-1 gain</th><th>general-text cost</th><th>best block</th><th>best gain</th><th>best's rank</th></tr>"
     rows = []
     for method, by_metric in result["methods"].items():
@@ -140,7 +149,7 @@ def _validation_table(report: dict, sweep_rows: list[dict], sweep_header: dict |
             rows.append(f"<tr><td class='name'>{_e(method)}</td><td class='name'>{_e(metric)}</td><td>{_span(top1)}</td>"
                         f"<td>{_num(top1.get('gain'))}</td><td>{_num(top1.get('general_cost'))}</td><td>{_span(best)}</td>"
                         f"<td>{_num(best.get('gain'))}</td><td>{judged['best_rank'] or '&ndash;'}</td></tr>")
-    return f"<table id='validation'>{head}{''.join(rows)}</table>"
+    return f"<table id='validation-{_e(regime)}'>{head}{''.join(rows)}</table>"
 
 
 def _pruning_table(report: dict) -> str:
@@ -154,12 +163,10 @@ def _pruning_table(report: dict) -> str:
     return f"<table id='pruning'>{head}{body}</table>{cheapest}"
 
 
-def _removal_table(report: dict, sweep_rows: list[dict], sweep_header: dict | None) -> str:
-    """Per removal size: the least harmful block the sweep found, and each method's choice and its cost beside it."""
-    from cp_onnx.validate import check_same_model, validate_removals
+def _removal_table(report: dict, sweep_rows: list[dict], regime: str) -> str:
+    """Per removal size: the least harmful block the sweep found, and each method's choice and its cost beside it (one regime)."""
+    from cp_onnx.validate import validate_removals
 
-    if sweep_header is not None:
-        check_same_model(report, sweep_header)
     result = validate_removals((report.get("pruning") or {}).get("layers"), sweep_rows)
     head = "<tr><th>layers</th><th class='name'>method</th><th class='name'>removes</th><th>answer log-prob change</th><th>general NLL change</th><th>least harmful</th><th>its change</th></tr>"
     rows = []
@@ -169,7 +176,7 @@ def _removal_table(report: dict, sweep_rows: list[dict], sweep_header: dict | No
             choice = judged["answer_logprob"]["choice"]
             rows.append(f"<tr><td>{n}</td><td class='name'>{_e(method)}</td><td class='name'>{_e(choice['layers'])}</td><td>{_num(choice['gain'])}</td>"
                         f"<td>{_num(choice['general_cost'])}</td><td>{_span(best)}</td><td>{_num(best.get('gain'))}</td></tr>")
-    return f"<table id='removals'>{head}{''.join(rows)}</table>"
+    return f"<table id='removals-{_e(regime)}'>{head}{''.join(rows)}</table>"
 
 
 def _image(png: bytes, caption: str) -> str:

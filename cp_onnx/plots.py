@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.regimes import regime_rows, regimes_of
 from cp_onnx.validate import save_png
 
 PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"
@@ -121,12 +122,12 @@ def sweep_heatmap_png(sweep_rows: list[dict], report: dict, metric: str = "answe
 
 
 def write_plots(report: dict, folder: str | Path, sweep_rows: list[dict] | None = None) -> list[Path]:
-    """layers.png, heads.png (when the report has heads) and sweep.png (with sweep rows) in ``folder``."""
+    """layers.png, heads.png (when the report has heads) and sweep_REGIME.png per regime (with sweep rows) in ``folder``."""
     folder = Path(folder)
     written = [save_png(layer_profile(report), folder / "layers.png")]
     matrix = head_matrix(report)
     if matrix is not None:
         written.append(save_png(head_heatmap(matrix), folder / "heads.png"))
-    if sweep_rows:
-        written.append(sweep_heatmap(sweep_rows, report, folder / "sweep.png"))
+    for regime in regimes_of(sweep_rows or []):
+        written.append(sweep_heatmap(regime_rows(sweep_rows, regime), report, folder / f"sweep_{regime}.png"))
     return written

@@ -22,6 +22,7 @@ from cp_onnx.files import write_text
 PROBE_KINDS = ("arithmetic", "word_problem", "comparison", "ordering", "syllogism", "sequence", "multi_step")
 PROMPT = "Question: {question}\nAnswer:"
 ITEM_LINE = '{"kind": "arithmetic", "prompt": "Question: What is 2 + 3?\\nAnswer:", "answer": " 5"}'
+KIND_SHOTS_LINE = '{"kind": "arithmetic", "shots": "Question: What is 1 + 1?\\nAnswer: 2\\n\\n"}'
 
 # Names that are one token with a leading space in common BPE vocabularies, so name answers stay short.
 NAMES = ("Tom", "Anna", "Ben", "Mia", "Leo", "Max", "Emma", "Lily", "Jack", "Sam", "Omar", "Paul",
@@ -41,12 +42,17 @@ NONSENSE = ("wug", "blicket", "zorb", "glim", "tiv", "norp", "fep", "plonk")
 
 @dataclass(frozen=True)
 class ProbeItem:
-    """One teacher-forced item: ``prompt + answer`` is the full text; ``options`` (if any) include ``answer``."""
+    """One teacher-forced item: ``shots + prompt + answer`` is the full text; ``options`` (if any) include ``answer``.
+
+    ``shots`` are solved examples shown before the question (few-shot regime); the same item without
+    them is its zero-shot form. An item without shots exists in the zero-shot regime only.
+    """
     id: str
     kind: str
     prompt: str
     answer: str
     options: tuple[str, ...] = ()
+    shots: str = ""
 
 
 Generated = tuple[str, str, tuple[str, ...]]  # question, bare answer, bare options
@@ -192,9 +198,9 @@ GENERATORS: dict[str, Callable[[random.Random], Generated]] = {
 def probe_suite(seed: int = 0, per_kind: int = 48, *, shots: int = 2) -> list[ProbeItem]:
     """``per_kind`` distinct items of every kind in PROBE_KINDS, the same for the same seed.
 
-    Each prompt opens with ``shots`` solved questions of the same kind (small models answer in the
+    Each item's ``shots`` are ``shots`` solved questions of the same kind (small models answer in the
     expected form only after seeing it), the same ones for every item of the kind, so an evaluator
-    with a KV cache runs them once per kind; no item asks a question that is shown solved. Each kind draws from its own ``random.Random`` seeded with
+    with a KV cache runs them once per kind; its ``prompt`` is the question alone (the zero-shot form); no item asks a question that is shown solved. Each kind draws from its own ``random.Random`` seeded with
     (seed, kind), so a smaller ``per_kind`` gives a prefix of a larger one.
     """
     for name, value, least in (("per_kind", per_kind, 1), ("shots", shots, 0)):
@@ -215,8 +221,8 @@ def _generate(kind: str, seed: int, count: int, shots: int) -> list[ProbeItem]:
             break
         question, answer, options = make(rng)
         if question not in items and question not in shown:
-            items[question] = ProbeItem(f"{kind}-{len(items):03d}", kind, demonstrations + PROMPT.format(question=question),
-                                        " " + answer, tuple(" " + o for o in options))
+            items[question] = ProbeItem(f"{kind}-{len(items):03d}", kind, PROMPT.format(question=question),
+                                        " " + answer, tuple(" " + o for o in options), demonstrations)
     if len(items) < count:
         raise CpOnnxError(f"only {len(items)} distinct {kind} items could be made; ask for per_kind <= {len(items)}")
     return list(items.values())
@@ -237,13 +243,23 @@ def _demonstrations(kind: str, rng: random.Random, shots: int) -> list[tuple[str
 
 
 def save_suite(items: Iterable[ProbeItem], path: str | Path) -> Path:
-    """Write items as JSONL (id, kind, prompt, answer and options when there are any), atomically."""
+    """Write items as JSONL (id, kind, prompt, answer, options and shots when there are any), atomically.
+
+    Shots that every item of a kind shares are written once, on a ``{"kind", "shots"}`` line before its items."""
     path = Path(path)
-    lines = []
+    items = list(items)
+    shared = {kind: shots.pop() for kind in dict.fromkeys(i.kind for i in items)
+              if len(shots := {i.shots for i in items if i.kind == kind}) == 1 and "" not in shots}
+    lines, written = [], set()
     for item in items:
+        if item.kind in shared and item.kind not in written:
+            lines.append(json.dumps({"kind": item.kind, "shots": shared[item.kind]}, ensure_ascii=False) + "\n")
+            written.add(item.kind)
         record = {"id": item.id, "kind": item.kind, "prompt": item.prompt, "answer": item.answer}
         if item.options:
             record["options"] = list(item.options)
+        if item.shots and item.kind not in shared:
+            record["shots"] = item.shots
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,27 +270,47 @@ def save_suite(items: Iterable[ProbeItem], path: str | Path) -> Path:
 
 
 def load_suite(path: str | Path) -> list[ProbeItem]:
-    """Items from a JSONL file: kind, prompt, answer, and optionally id and options, one object per line."""
+    """Items from a JSONL file: kind, prompt, answer, and optionally id, options and shots, one object per line.
+
+    A line with only ``kind`` and ``shots`` gives the shots of every item of that kind without its own
+    ``"shots"`` (few-shot regime); items with no shots at all are asked zero-shot only."""
     path = Path(path)
     if not path.is_file():
         raise CpOnnxError(f"no probe suite at {path}; pass an existing .jsonl file with one item per line, like {ITEM_LINE}")
     if path.suffix.lower() != ".jsonl":
         raise CpOnnxError(f"probe suite {path} is not a .jsonl file; write one item per line, like {ITEM_LINE}")
     items: list[ProbeItem] = []
+    own_shots: list[bool] = []
+    kind_shots: dict[str, tuple[str, int]] = {}
     seen: dict[str, int] = {}
     per_kind: dict[str, int] = {}
     for number, record in iter_jsonl(path, ITEM_LINE, "probe suite"):
-        item = _item_from_record(record, f"line {number} of {path}")
+        where = f"line {number} of {path}"
+        if isinstance(record, dict) and set(record) == {"kind", "shots"}:
+            _kind_shots(record, where, kind_shots, number)
+            continue
+        item = _item_from_record(record, where)
         if not item.id:  # numbered within its kind, as generated suites are
             item = replace(item, id=f"{item.kind}-{per_kind.get(item.kind, 0):03d}")
         if item.id in seen:
-            raise CpOnnxError(f"line {number} of {path} repeats the id '{item.id}' of line {seen[item.id]}; give every item its own id")
+            raise CpOnnxError(f"{where} repeats the id '{item.id}' of line {seen[item.id]}; give every item its own id")
         seen[item.id] = number
         per_kind[item.kind] = per_kind.get(item.kind, 0) + 1
         items.append(item)
+        own_shots.append("shots" in record)
     if not items:
         raise CpOnnxError(f"no probe items in {path}; the file needs at least one line like {ITEM_LINE}")
-    return items
+    return [item if own or item.kind not in kind_shots else replace(item, shots=kind_shots[item.kind][0]) for item, own in zip(items, own_shots)]
+
+
+def _kind_shots(record: dict, where: str, kind_shots: dict[str, tuple[str, int]], number: int) -> None:
+    """Record a kind's shots line; CpOnnxError for a bad one or a second line for the same kind."""
+    kind, shots = record["kind"], record["shots"]
+    if not isinstance(kind, str) or not kind.strip() or not isinstance(shots, str) or not shots:
+        raise CpOnnxError(f'{where} gives a kind\'s shots, but "kind" and "shots" must be non-empty strings, like {KIND_SHOTS_LINE}')
+    if kind in kind_shots:
+        raise CpOnnxError(f"{where} gives the shots of kind '{kind}' again (line {kind_shots[kind][1]} gave them); keep one line per kind")
+    kind_shots[kind] = (shots, number)
 
 
 def _item_from_record(record: dict, where: str) -> ProbeItem:
@@ -290,7 +326,10 @@ def _item_from_record(record: dict, where: str) -> ProbeItem:
     item_id = record.get("id", "")
     if not isinstance(item_id, str) or ("id" in record and not item_id):
         raise CpOnnxError(f'{where} has an "id" that is not a non-empty string; use a string such as "arithmetic-007" or leave it out')
-    return ProbeItem(item_id, record["kind"], record["prompt"], record["answer"], tuple(options))
+    shots = record.get("shots", "")
+    if not isinstance(shots, str):
+        raise CpOnnxError(f'{where} has "shots" that are not a string; give the solved examples shown before the prompt as one string, or "" for none')
+    return ProbeItem(item_id, record["kind"], record["prompt"], record["answer"], tuple(options), shots)
 
 
 def general_texts() -> list[str]:

@@ -8,7 +8,8 @@ whose tokens, all but the last, begin another continuation of the same prompt is
 sequence (one-token options always are), so a yes/no item costs one sequence, not two. General texts
 are scored on every token after the first.
 
-With ``share_prefixes``, the sequences of one kind (few-shot prompts open with the same solved
+An item is asked as its shots followed by its prompt (a zero-shot item has no shots).
+With ``share_prefixes``, the sequences of one kind and shots (few-shot prompts open with the same solved
 examples) are batched together and the tokens they all begin with become the batch's ``prefix``: an
 evaluator that keeps a KV cache runs the prefix once and only the rest of each sequence per row.
 """
@@ -88,20 +89,20 @@ class ProbePlan:
             self.batches += [self._batch(order[k : k + batch_size], shared) for k in range(0, len(order), batch_size)]
 
     def _groups(self, by_kind: bool) -> list[list[int]]:
-        """Sequence indices batched together: one group, or one per item kind (general texts last)."""
+        """Sequence indices batched together: one group, or one per item kind and shots (general texts last)."""
         if not by_kind:
             return [list(range(len(self.sequences)))]
-        groups: dict[str | None, list[int]] = {}
+        groups: dict[tuple[str, str] | None, list[int]] = {}
         for s, seq in enumerate(self.sequences):
             item = self.continuations[seq.continuations[0]].item
-            groups.setdefault(None if item is None else self.items[item].kind, []).append(s)
-        return [groups[kind] for kind in sorted(groups, key=lambda kind: (kind is None, kind or ""))]
+            groups.setdefault(None if item is None else (self.items[item].kind, self.items[item].shots), []).append(s)
+        return [groups[key] for key in sorted(groups, key=lambda key: (key is None, key or ("", "")))]
 
     def _add_item(self, k: int, item: ProbeItem, encode: Encode) -> None:
         """The item's continuations, the answer first, each on the first sequence that can host it or on its own."""
         if item.options and item.answer not in item.options:
             raise CpOnnxError(f"probe item {item.id!r} has options {list(item.options)} without its answer {item.answer!r}; add the answer to the options")
-        prompt = tuple(encode(item.prompt))
+        prompt = tuple(encode(item.shots + item.prompt))
         if not prompt:
             raise CpOnnxError(f"probe item {item.id!r}: the prompt tokenizes to nothing, so its first answer token has no logits; give a prompt")
         choices = list(enumerate(item.options)) if item.options else [(None, item.answer)]
@@ -188,7 +189,7 @@ class ProbePlan:
 
 def _continuation(item: ProbeItem, prompt: tuple[int, ...], text: str, encode: Encode) -> tuple[int, ...]:
     """The tokens ``text`` adds after the prompt in the tokenization of prompt + text."""
-    joint = tuple(encode(item.prompt + text))
+    joint = tuple(encode(item.shots + item.prompt + text))
     if joint[: len(prompt)] != prompt or len(joint) == len(prompt):
         raise CpOnnxError(
             f"probe item {item.id!r}: the prompt's tokens are not followed by tokens of {text!r} in the tokenization of prompt + {text!r}; "

@@ -8,8 +8,10 @@ only what follows that point (for a duplicated block, i..L-1 from the kept outpu
 then the head at the scored positions. The naive mode builds each routed model (route pass) and runs
 it from scratch; it exists to check and time the reuse mode.
 
-The output is resumable: a header line names the model and suite, then one line per config,
-appended and fsynced as each finishes.
+The output is resumable: a header line names the model, suite and regimes, then one line per config,
+appended and fsynced as each finishes. Each row holds its metrics per prompting regime (cp_onnx.regimes):
+``"regimes": {"zero_shot": {...}, "few_shot": {...}}``. Files of version 1 (written before regimes) are
+read as few-shot only, and are not resumed.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import onnx
 
 import graph_passes
 from cp_onnx import inputs, probes, shapes
+from cp_onnx.regimes import REGIMES, RegimePlan
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
@@ -42,17 +45,20 @@ Config = tuple[int | None, int | None]  # (start, end) of the duplicated or remo
 BASELINE: Config = (None, None)
 OPERATIONS = {"duplicate": duplicate, "skip": skip}  # what a config does to its block; sweeps of each are kept apart
 SWEEP_FORMAT = "cp-onnx-sweep"
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: metrics per regime; 1: few-shot metrics at the top level of each row
 MODES = ("reuse", "naive")
 _SCORE = {"type": ["number", "null"]}
 # What readers of a sweep file (validate, the HTML page, a resumed sweep) index, checked line by line.
 HEADER_SCHEMA = {"type": "object", "required": ["format", "version", "model", "suite"], "properties": {
     "model": {"type": "object", "required": ["onnx_sha256"], "properties": {"onnx_sha256": {"type": "string"}}},
     "suite": {"type": "object", "properties": {"identity": {"type": "string"}}}}}
-ROW_SCHEMA = {"type": "object", "required": ["start", "end", "answer_logprob"], "properties": {
-    "start": {"type": ["integer", "null"], "minimum": 0}, "end": {"type": ["integer", "null"], "minimum": 1},
+_METRICS_SCHEMA = {"type": "object", "required": ["answer_logprob"], "properties": {
     "answer_logprob": _SCORE, "greedy_accuracy": _SCORE, "choice_accuracy": _SCORE, "general_nll": _SCORE,
     "by_kind": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": _SCORE}}}}
+_BLOCK = {"start": {"type": ["integer", "null"], "minimum": 0}, "end": {"type": ["integer", "null"], "minimum": 1}}
+ROW_SCHEMA = {"type": "object", "required": ["start", "end", "regimes"], "properties": {**_BLOCK, "regimes": {
+    "type": "object", "properties": {r: _METRICS_SCHEMA for r in REGIMES}, "additionalProperties": False}}}
+ROW_SCHEMA_V1 = {**_METRICS_SCHEMA, "required": ["start", "end", "answer_logprob"], "properties": {**_METRICS_SCHEMA["properties"], **_BLOCK}}
 HEAD_BYTES = 64 * 2**20  # float32 logits per head run; scoring holds a few float64 copies (Gemma 3's 262k vocabulary: 64 rows)
 
 
@@ -244,11 +250,13 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
           out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
           sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
           batch_size: int = 16, max_length: int = 256, threads: int | None = None,
-          executor: Executor | None = None, operation: str = "duplicate", log: Callable[[str], None] = print) -> list[dict]:
+          executor: Executor | None = None, operation: str = "duplicate", regimes: Sequence[str] = REGIMES,
+          log: Callable[[str], None] = print) -> list[dict]:
     """Score the baseline and every config on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
 
     ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
     always added. Each block is duplicated, or with ``operation="skip"`` removed. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
+    ``regimes`` (cp_onnx.regimes.REGIMES) are scored for every config; items without shots are zero-shot only.
     ``workers`` processes share the configs and ``threads`` (default: every core), or an ``executor``
     (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on none of these. Returns the rows of all requested configs, in config order.
     """
@@ -263,16 +271,18 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
         raise CpOnnxError("the probe suite is empty; give at least one item")
     general = probes.general_texts() if general is None else general
     cached = mode == "reuse" and model.with_past_path is not None  # shared few-shot prefixes run once per config
-    plan = ProbePlan(items, lambda text: model.encode([text])[0][0], general, batch_size=batch_size, max_length=max_length, share_prefixes=cached)
+    plan = RegimePlan(items, lambda text: model.encode([text])[0][0], general, regimes=regimes, batch_size=batch_size, max_length=max_length,
+                      share_prefixes=cached)
     num_layers = model.num_layers
     configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers, operation)
-    header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation,
+    header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation, "regimes": plan.regimes,
               "model": {"name": model.name, "onnx_sha256": file_sha256(model.onnx_path), "num_layers": num_layers},
               "suite": {"identity": plan.identity, "items": len(items), "sequences": len(plan.sequences), "tokens": plan.tokens}}
     done = open_log(Path(out), header)
     todo = [c for c in configs if c not in done]
     log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configs already in {out}; {len(todo)} to run "
-        f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {plan.tokens_run} run per config; {mode} mode, {workers} worker{'s' * (workers > 1)})")
+        f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {plan.tokens_run} run per config; regimes {', '.join(plan.regimes)}; "
+        f"{mode} mode, {workers} worker{'s' * (workers > 1)})")
     if mode == "reuse" and not cached:
         log(f"sweep: {model.path} has no with_past graph, so every sequence runs its few-shot examples itself; "
             "`cp-onnx export SOURCE --with-past` makes the sweep about 2.5x faster")
@@ -338,6 +348,12 @@ def open_log(path: Path, header: dict) -> dict[Config, dict]:
         _write_header(path, header)
         return {}
     found, rows, good_end = _read_lines(path)
+    if found["version"] != SWEEP_VERSION:
+        raise CpOnnxError(f"{path} is a version {found['version']} sweep (few-shot only, written before regimes) and cannot be resumed; "
+                          "pass a new output file")
+    if found.get("regimes") != header["regimes"]:  # before the suite: the regimes change its identity too
+        raise CpOnnxError(f"{path} holds a sweep of the regimes {', '.join(found.get('regimes') or [])}, not {', '.join(header['regimes'])}; "
+                          "pass the same --regimes or a new output file")
     for what, key, field in (("model", "model", "onnx_sha256"), ("probe suite", "suite", "identity")):
         if found.get(key, {}).get(field) != header[key][field]:
             raise CpOnnxError(f"{path} holds a sweep of another {what}; pass a new output file, or delete {path} to start over")
@@ -359,7 +375,7 @@ def operation_of(header: dict) -> str:
 
 
 def read_sweep(path: Path) -> tuple[dict, list[dict]]:
-    """(header, rows) of a sweep file, without a partial last line."""
+    """(header, rows) of a sweep file, without a partial last line; rows of a version 1 file come as few-shot only."""
     header, rows, _ = _read_lines(Path(path))
     return header, rows
 
@@ -375,16 +391,27 @@ def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
     header = _parse(complete[0] if complete else b"", path, 1)
     if not isinstance(header, dict) or header.get("format") != SWEEP_FORMAT:
         raise CpOnnxError(f"{path} is not a cp-onnx sweep file; give the JSONL file written by `cp-onnx sweep`")
-    if header.get("version") != SWEEP_VERSION:
-        raise CpOnnxError(f"{path} is sweep format version {header.get('version')}, this cp-onnx reads version {SWEEP_VERSION}; run the sweep again")
+    if header.get("version") not in (1, SWEEP_VERSION):
+        raise CpOnnxError(f"{path} is sweep format version {header.get('version')}, this cp-onnx reads versions 1 and {SWEEP_VERSION}; run the sweep again")
     shapes.check(header, HEADER_SCHEMA, f"line 1 of {path}", "delete the file to start the sweep over")
     rows = [_parse(line, path, number) for number, line in enumerate(complete[1:], 2)]
+    schema = ROW_SCHEMA if header["version"] == SWEEP_VERSION else ROW_SCHEMA_V1
     for number, row in enumerate(rows, 2):
-        shapes.check(row, ROW_SCHEMA, f"line {number} of {path}", "delete the file to start the sweep over")
+        shapes.check(row, schema, f"line {number} of {path}", "delete the file to start the sweep over")
         if (row["start"] is None) != (row["end"] is None) or (row["start"] is not None and row["start"] >= row["end"]):
             raise CpOnnxError(f"line {number} of {path} names block [{row['start']}, {row['end']}), which is not a block; "
                               "delete the file to start the sweep over")
+    if header["version"] == 1:
+        header, rows = {**header, "regimes": ["few_shot"]}, [_few_shot_row(row) for row in rows]
     return header, rows, (len(data) - len(tail)) if tail else None
+
+
+_V1_METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy", "items", "general_nll", "by_kind")
+
+
+def _few_shot_row(row: dict) -> dict:
+    """A version 1 row (the shipped 2-shot suite's metrics at its top level) in version 2's shape."""
+    return {**{k: v for k, v in row.items() if k not in _V1_METRICS}, "regimes": {"few_shot": {k: row[k] for k in _V1_METRICS if k in row}}}
 
 
 def _parse(line: bytes, path: Path, number: int) -> dict:

@@ -1,8 +1,8 @@
 """Predictions against the sweep's ground truth: does each method name the block that really helps?
 
 A block's gain on a metric is its sweep value minus the baseline's (higher is better for every metric
-here). Every comparison is made per method and per metric, with per-kind gains and the general-text
-cost beside it, never as one number alone.
+here). Every comparison is made per prompting regime, method and metric, with per-kind gains and the
+general-text cost beside it, never as one number alone.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
+from cp_onnx.regimes import regime_rows, regimes_of
 from cp_onnx.scoring import METRICS
 
 TOLERANCE = 2  # "within 2 layers": start and end each off by at most this much
@@ -42,6 +43,21 @@ def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: S
         predicted = [(b["start"], b["end"]) for b in entry.get("blocks", [])]
         result["methods"][method] = {metric: _judge(predicted, baseline, blocks, best[metric], metric, top_k) for metric in metrics}
     return result
+
+
+def validate_regimes(report: dict, sweep_rows: list[dict], *, top_k: int = 5, sweep_header: dict | None = None, removals: bool = False) -> dict:
+    """``{"regimes": {regime: validate(...)}}`` (``validate_removals`` with ``removals``) for every regime the sweep holds.
+
+    The regimes are judged apart: a block that helps zero-shot may be worth nothing once solved examples are shown."""
+    if sweep_header is not None:
+        check_same_model(report, sweep_header)
+    regimes = regimes_of(sweep_rows)
+    if not regimes:
+        raise CpOnnxError("the sweep has no rows with metrics; run `cp-onnx sweep` first")
+    if removals:
+        pruning = (report.get("pruning") or {}).get("layers")
+        return {"regimes": {r: validate_removals(pruning, regime_rows(sweep_rows, r), top_k=top_k) for r in regimes}}
+    return {"regimes": {r: validate(report, regime_rows(sweep_rows, r), top_k=top_k) for r in regimes}}
 
 
 def check_same_model(report: dict, sweep_header: dict) -> None:

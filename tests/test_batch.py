@@ -127,14 +127,16 @@ def test_batch_sweeps_and_validates(folders, tmp_path, capsys):
     lines = (out / "llama" / "sweep.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines[1:]]
     assert [(r["start"], r["end"]) for r in rows] == [(None, None), (0, 1), (1, 2), (2, 3)]
-    base = rows[0]["answer_logprob"]
-    gains = {(r["start"], r["end"]): r["answer_logprob"] - base for r in rows[1:]}
+    assert all(list(r["regimes"]) == ["zero_shot"] for r in rows)  # no item has shots: zero-shot only
+    base = rows[0]["regimes"]["zero_shot"]["answer_logprob"]
+    gains = {(r["start"], r["end"]): r["regimes"]["zero_shot"]["answer_logprob"] - base for r in rows[1:]}
     best = max(gains, key=gains.get)
-    validation = json.loads((out / "llama" / "validation.json").read_text())
-    assert (validation["best"]["answer_logprob"]["start"], validation["best"]["answer_logprob"]["end"]) == best
+    validation = json.loads((out / "llama" / "validation.json").read_text())["regimes"]
+    assert list(validation) == ["zero_shot"]
+    assert (validation["zero_shot"]["best"]["answer_logprob"]["start"], validation["zero_shot"]["best"]["answer_logprob"]["end"]) == best
     with open(out / "summary.csv", newline="") as fh:
         row = next(csv.DictReader(fh))
-    assert row["best_block"] == f"{best[0]}:{best[1]}" and float(row["best_gain"]) == pytest.approx(gains[best], rel=1e-3)
+    assert row["best_block_zero_shot"] == f"{best[0]}:{best[1]}" and float(row["best_gain_zero_shot"]) == pytest.approx(gains[best], rel=1e-3)
 
 
 def test_manifest_accepts_every_analyze_method(tmp_path):
@@ -149,6 +151,7 @@ def test_manifest_accepts_every_analyze_method(tmp_path):
     ('[[models]]\nsource = "a"\nname = "m"\n[[models]]\nsource = "b"\nname = "m"', "distinct name"),
     ('[settings]\nblock_sizes = [0]\n[[models]]\nsource = "a"', "positive whole numbers"),
     ('[settings]\nmethods = ["magic"]\n[[models]]\nsource = "a"', "unknown"),
+    ('[sweep]\nregimes = "zero,one"\n[[models]]\nsource = "a"', "unknown regimes 'zero,one'"),
     ('models = 3', "must be a list"),
     ("[[models]\nsource = 'a'", "not valid TOML"),
     ("", "lists no models"),

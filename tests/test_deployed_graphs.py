@@ -282,10 +282,11 @@ def test_int4_sweep_reuse_equals_routed_models_run_from_scratch(deployed, tmp_pa
     rows = {mode: sweep(folder, configs, items, general=general, out=tmp_path / f"{mode}.jsonl", mode=mode, max_length=64, log=quiet)
             for mode in ("reuse", "naive")}
     for reuse, naive in zip(rows["reuse"], rows["naive"]):
-        assert reuse["path"] == naive["path"]
-        for key, value in naive.items():
-            if isinstance(value, float) and key != "seconds":
-                assert reuse[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        assert reuse["path"] == naive["path"] and list(reuse["regimes"]) == list(naive["regimes"]) == ["zero_shot", "few_shot"]
+        for regime, metrics in naive["regimes"].items():
+            for key, value in metrics.items():
+                if isinstance(value, float):
+                    assert reuse["regimes"][regime][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (regime, key)
 
 
 # ---- head-level analysis -----------------------------------------------------------------------------------

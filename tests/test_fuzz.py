@@ -90,7 +90,7 @@ def make_case(kind: str, base: dict, rng: random.Random, case: Path) -> fuzzing.
             command = ["report", str(report), "--sweep", str(case / "sweep.jsonl"), "--text"]
         else:  # and validate's tables and heatmap
             command = ["validate", str(report), str(case / "sweep.jsonl"), "--out", str(out)]
-        return fuzzing.Case(kind, command, case, [out / "validation.json", out / "sweep_heatmap.png"], f"line {target + 1} {how}")
+        return fuzzing.Case(kind, command, case, [out / "validation.json", *(out / f"sweep_heatmap_{r}.png" for r in ("zero_shot", "few_shot"))], f"line {target + 1} {how}")
     if kind == "manifest":
         folder = _model_folder(base, case)
         text, how = fuzzing.mutate_json(base["manifest"], rng)

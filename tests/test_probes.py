@@ -152,22 +152,23 @@ def test_kinds_counts_and_ids(suites):
         assert len(items) == 336
         assert [item.kind for item in items] == [kind for kind in PROBE_KINDS for _ in range(48)]
         assert [item.id for item in items] == [f"{kind}-{i:03d}" for kind in PROBE_KINDS for i in range(48)]
-        asked = [solved_and_asked(item.prompt)[1] for item in items]
+        asked = [solved_and_asked(item.shots + item.prompt)[1] for item in items]
         assert len(set(asked)) == len(asked)
 
 
 def test_same_seed_same_suite_other_seed_other_items(suites):
     assert probe_suite(0) == suites[0]
     assert probe_suite(0, 7) == [item for item in suites[0] if int(item.id[-3:]) < 7]  # smaller suites are prefixes
-    asked = {seed: {solved_and_asked(item.prompt)[1] for item in items} for seed, items in suites.items()}
+    asked = {seed: {solved_and_asked(item.shots + item.prompt)[1] for item in items} for seed, items in suites.items()}
     assert len(asked[0] & asked[1]) < 0.1 * len(asked[0])
     assert probe_suite(2, 3) != probe_suite(3, 3)
 
 
 def test_prompt_and_answer_shape(suites):
     for item in suites[0]:
-        demos, _ = solved_and_asked(item.prompt)
-        assert item.prompt.startswith("Question: ") and item.prompt.endswith("\nAnswer:")
+        demos, asked = solved_and_asked(item.shots + item.prompt)
+        assert item.prompt == f"Question: {asked}\nAnswer:"  # the zero-shot form: the question alone
+        assert item.shots == "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in demos)
         assert len(demos) == 2
         assert re.fullmatch(r" [A-Za-z0-9]+", item.answer), item
         if item.kind in CHOICE_KINDS:
@@ -179,13 +180,13 @@ def test_prompt_and_answer_shape(suites):
     for item in suites[0] + suites[1]:
         assert not re.search(r"\b1 (?:more )?[a-z]+s\b", item.prompt), item  # "1 apple", never "1 apples"
     bare = probe_suite(0, 2, shots=0)
-    assert all(solved_and_asked(item.prompt)[0] == [] for item in bare)
+    assert all(solved_and_asked(item.shots + item.prompt)[0] == [] and item.shots == "" for item in bare)
 
 
 def test_every_answer_rederived_from_the_prompt(suites):
     for items in suites.values():
         for item in items:
-            demos, asked = solved_and_asked(item.prompt)
+            demos, asked = solved_and_asked(item.shots + item.prompt)
             solve = SOLVERS[item.kind]
             assert " " + solve(asked) == item.answer, item
             for question, answer in demos:
@@ -202,7 +203,7 @@ def test_answers_are_balanced_and_small(suites):
     for kind in ("comparison", "ordering"):
         positions = [i.options.index(i.answer) for i in items if i.kind == kind]
         assert len(set(positions)) >= 2 and positions.count(0) < 0.8 * len(positions)
-    operands = [n for i in items if i.kind == "arithmetic" for n in ints(solved_and_asked(i.prompt)[1])]
+    operands = [n for i in items if i.kind == "arithmetic" for n in ints(solved_and_asked(i.shots + i.prompt)[1])]
     assert sorted(operands)[len(operands) // 2] <= 20  # a 135M model should get some of these right
 
 
@@ -226,7 +227,9 @@ def test_save_then_load_round_trip(tmp_path, suites):
     assert load_suite(path) == items
     assert [p.name for p in path.parent.iterdir()] == ["suite.jsonl"]  # no temporary left behind
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert all(("options" in r) == (r["kind"] in CHOICE_KINDS) for r in records)
+    shots = [r for r in records if "prompt" not in r]  # a kind's shared shots, written once before its first item
+    assert [r["kind"] for r in shots] == list(dict.fromkeys(i.kind for i in items)) and all(set(r) == {"kind", "shots"} for r in shots)
+    assert all(("options" in r) == (r["kind"] in CHOICE_KINDS) and "shots" not in r for r in records if "prompt" in r)
     save_suite(items[:2], path)  # overwrites whole
     assert load_suite(path) == items[:2]
 
@@ -318,7 +321,7 @@ def test_calibration_texts_share_no_question_with_probes(suites):
     questions = set()
     for items in suites.values():
         for item in items:
-            demos, asked = solved_and_asked(item.prompt)
+            demos, asked = solved_and_asked(item.shots + item.prompt)
             questions |= {normal(asked)} | {normal(q) for q, _ in demos}
     assert len(questions) > 600
     clashes = [(q, c) for q in questions for c in calibration if q in c or c in q]
@@ -328,8 +331,8 @@ def test_calibration_texts_share_no_question_with_probes(suites):
 def test_items_of_a_kind_share_their_solved_examples(suites):
     for items in suites.values():
         for kind in PROBE_KINDS:
-            shown = {tuple(solved_and_asked(item.prompt)[0]) for item in items if item.kind == kind}
+            shown = {tuple(solved_and_asked(item.shots + item.prompt)[0]) for item in items if item.kind == kind}
             assert len(shown) == 1, kind  # one few-shot prefix per kind: a KV cache runs it once
             (demos,) = shown
-            assert all(solved_and_asked(item.prompt)[1] not in {q for q, _ in demos} for item in items if item.kind == kind)
-    assert solved_and_asked(suites[0][0].prompt)[0] != solved_and_asked(suites[1][0].prompt)[0]  # seeds differ
+            assert all(solved_and_asked(item.shots + item.prompt)[1] not in {q for q, _ in demos} for item in items if item.kind == kind)
+    assert solved_and_asked(suites[0][0].shots + suites[0][0].prompt)[0] != solved_and_asked(suites[1][0].shots + suites[1][0].prompt)[0]  # seeds differ

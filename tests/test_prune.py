@@ -175,12 +175,11 @@ def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, ca
     import jsonschema
 
     from cp_onnx import report as report_mod
-    from test_sweep import ITEMS
+    from cp_onnx.probes import save_suite
+    from test_sweep import SHOT_ITEMS
 
     _, folder = llama_folder
-    suite = tmp_path / "suite.jsonl"
-    suite.write_text("".join(json.dumps({"id": i.id, "kind": i.kind, "prompt": i.prompt, "answer": i.answer, **({"options": list(i.options)} if i.options else {})}) + "\n"
-                             for i in ITEMS))
+    suite = save_suite(SHOT_ITEMS, tmp_path / "suite.jsonl")  # both regimes: zero-shot and few-shot
     args = ["-n", "2", "--max-length", "32", "--block-sizes", "1,2"]
     assert run(["analyze", folder, "--prune", "--heads", "--out", tmp_path / "report", *args], capsys)[0] == 0
     data = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -192,23 +191,27 @@ def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, ca
     zero = {(r["layer"], r["head"]): r["loss_zero"] for r in data["heads"]["heads"]}
     assert [zero[(h["layer"], h["head"])] for h in heads["cheapest"]] == sorted(zero.values())[: len(heads["cheapest"])]
     code, out, _ = run(["sweep", folder, "--skip", "1", "--suite", suite, "--out", tmp_path / "skip.jsonl"], capsys)
-    assert code == 0 and "best block removed" in out
-    assert run(["validate", tmp_path / "report" / "report.json", tmp_path / "skip.jsonl", "--out", tmp_path / "validation"], capsys)[0] == 0
+    assert code == 0 and "zero_shot: best block removed" in out and "few_shot: best block removed" in out
+    code, printed, _ = run(["validate", tmp_path / "report" / "report.json", tmp_path / "skip.jsonl", "--out", tmp_path / "validation"], capsys)
+    assert code == 0 and printed.index("== zero_shot ==") < printed.index("== few_shot ==")
     result = json.loads((tmp_path / "validation" / "validation.json").read_text())
-    rows = {(r["start"], r["end"]): r for r in map(json.loads, (tmp_path / "skip.jsonl").read_text().splitlines()[1:])}
-    for method, entry in result["sizes"]["1"]["methods"].items():
-        layer = layers["methods"][method]["choices"][0]["layers"][0]
-        change = rows[(layer, layer + 1)]["answer_logprob"] - rows[(None, None)]["answer_logprob"]
-        assert entry["answer_logprob"]["choice"]["gain"] == pytest.approx(change)
-    best = result["sizes"]["1"]["best"]["answer_logprob"]
-    assert best["gain"] == max(r["answer_logprob"] for r in rows.values() if r["start"] is not None) - rows[(None, None)]["answer_logprob"]
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == ["sweep_heatmap_few_shot.png", "sweep_heatmap_zero_shot.png", "validation.json"]
+    lines = [json.loads(line) for line in (tmp_path / "skip.jsonl").read_text().splitlines()[1:]]
+    for regime in ("zero_shot", "few_shot"):  # each regime judged on its own metrics
+        rows = {(r["start"], r["end"]): r["regimes"][regime] for r in lines}
+        for method, entry in result["regimes"][regime]["sizes"]["1"]["methods"].items():
+            layer = layers["methods"][method]["choices"][0]["layers"][0]
+            change = rows[(layer, layer + 1)]["answer_logprob"] - rows[(None, None)]["answer_logprob"]
+            assert entry["answer_logprob"]["choice"]["gain"] == pytest.approx(change)
+        best = result["regimes"][regime]["sizes"]["1"]["best"]["answer_logprob"]
+        assert best["gain"] == max(r["answer_logprob"] for b, r in rows.items() if b[0] is not None) - rows[(None, None)]["answer_logprob"]
     code, text, _ = run(["report", tmp_path / "report" / "report.json", "--text"], capsys)
     assert code == 0 and "prune removal_loss 1 " in text and "prune_head head_ablation " in text
     code, summary, _ = run(["report", tmp_path / "report" / "report.json"], capsys)
     assert "pruning candidates" in summary and "cheapest heads (head_ablation)" in summary
     page = tmp_path / "page.html"
     assert run(["report", tmp_path / "report" / "report.json", "--html", page, "--sweep", tmp_path / "skip.jsonl"], capsys)[0] == 0
-    assert "id='pruning'" in page.read_text() and "id='removals'" in page.read_text()
+    assert "id='pruning'" in page.read_text() and "id='removals-zero_shot'" in page.read_text() and "id='removals-few_shot'" in page.read_text()
 
 
 @pytest.mark.slow

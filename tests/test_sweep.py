@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -23,6 +24,9 @@ ITEMS = [
     ProbeItem("o-0", "ordering", "Ann > Bob > Cy. Who is first?", " Ann", (" Bob", " Ann", " Cy")),
     ProbeItem("c-0", "comparison", "Which is larger, 1 or 2?", " 2", (" 1", " 2")),  # bytes " ", "1" and " ", "2": one sequence
 ]
+# The same questions with solved examples of their kind first (few-shot); one kind keeps none (zero-shot only).
+SHOTS = {"arithmetic": "Q: 1+1= 2\n", "syllogism": "All C are D. y is C. Is y D? yes\n", "ordering": "Di > Ed. Who is first? Di\n"}
+SHOT_ITEMS = [replace(item, shots=SHOTS.get(item.kind, "")) for item in ITEMS]
 GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets."]
 SMALL_BLOCKS = (1, 2)  # on 3 layers: [0,1) [1,2) [2,3) [0,2) [1,3)
 
@@ -66,8 +70,9 @@ def tiny_llama_cached(tiny_model, tmp_path_factory):
     return hf, open_model(folder)
 
 
-def torch_metrics(hf, encode, path=None) -> dict:
-    """The sweep's metrics computed independently: each sequence alone through torch, optionally with layers repeated."""
+def torch_metrics(hf, encode, path=None, items=ITEMS) -> dict:
+    """The sweep's metrics computed independently: each sequence (shots, prompt, continuation) alone through torch,
+    optionally with layers repeated."""
     import torch
 
     model = hf.model
@@ -83,9 +88,9 @@ def torch_metrics(hf, encode, path=None) -> dict:
             return sum(lp for lp, _ in picks), all(hit for _, hit in picks)
 
         rows = {}
-        for item in ITEMS:
-            prompt = encode(item.prompt)
-            results = {text: scored(encode(item.prompt + text), len(prompt)) for text in (item.options or (item.answer,))}
+        for item in items:
+            prompt = encode(item.shots + item.prompt)
+            results = {text: scored(encode(item.shots + item.prompt + text), len(prompt)) for text in (item.options or (item.answer,))}
             logprob, hit = results[item.answer]
             choice = float(max(results, key=lambda t: results[t][0]) == item.answer) if item.options else None
             rows[item.id] = (item.kind, logprob, float(hit), choice)
@@ -100,10 +105,29 @@ def torch_metrics(hf, encode, path=None) -> dict:
         return {"answer_logprob": np.mean([r[1] for r in chosen]), "greedy_accuracy": np.mean([r[2] for r in chosen]),
                 "choice_accuracy": np.mean(choices) if choices else None, "items": len(chosen)}
 
-    return {**summary(), "general_nll": general_nll, "by_kind": {kind: summary(kind) for kind in ("arithmetic", "syllogism", "ordering", "comparison")}}
+    return {**summary(), "general_nll": general_nll, "by_kind": {kind: summary(kind) for kind in dict.fromkeys(item.kind for item in items)}}
+
+
+def zero_shot(items):
+    return [replace(item, shots="") for item in items]
+
+
+def few_shot(items):
+    return [item for item in items if item.shots]
+
+
+def regime(row: dict, name: str = "zero_shot") -> dict:
+    """One regime's metrics of a sweep row (items without shots, like ITEMS, are zero-shot only)."""
+    assert set(row["regimes"]) <= {"zero_shot", "few_shot"}
+    return row["regimes"][name]
 
 
 def assert_metrics_close(got: dict, expected: dict, atol: float = 1e-4) -> None:
+    if "regimes" in got:  # a sweep row of ITEMS: zero-shot only
+        assert list(got["regimes"]) == ["zero_shot"]
+        got = got["regimes"]["zero_shot"]
+    if "regimes" in expected:
+        expected = expected["regimes"]["zero_shot"]
     for key in ("answer_logprob", "greedy_accuracy", "choice_accuracy", "general_nll"):
         assert got[key] == pytest.approx(expected[key], abs=atol), key
     for kind, values in expected["by_kind"].items():
@@ -115,16 +139,21 @@ def encoder(model):
     return lambda text: model.encode([text])[0][0]
 
 
-def test_baseline_and_blocks_match_torch_with_layers_repeated(tiny_llama, tmp_path):
-    hf, model = tiny_llama
+@pytest.mark.parametrize("cached", [False, True], ids=["whole-sequences", "kv-cached-shots"])
+def test_both_regimes_match_torch_with_layers_repeated(tiny_llama, tiny_llama_cached, cached, tmp_path):
+    """Zero-shot: every item's question alone; few-shot: its shots first (run once per kind through the KV cache when cached)."""
+    hf, model = tiny_llama_cached if cached else tiny_llama
     configs = [(0, 2), (1, 3)]
-    rows = sweep(model, configs, ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
+    rows = sweep(model, configs, SHOT_ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
     assert [(r["start"], r["end"], r["path"]) for r in rows] == [(None, None, "0..2"), (0, 2, "0..1,0..2"), (1, 3, "0..2,1..2")]
     encode = encoder(model)
     assert encode("x")[0] == encode("y")[0] != encode("x")[1]  # BOS first, the text after it
-    assert_metrics_close(rows[0], torch_metrics(hf, encode))
-    assert_metrics_close(rows[1], torch_metrics(hf, encode, [0, 1, 0, 1, 2]))
-    assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
+    for row, path in zip(rows, (None, [0, 1, 0, 1, 2], [0, 1, 2, 1, 2])):
+        assert list(row["regimes"]) == ["zero_shot", "few_shot"]
+        assert_metrics_close(regime(row, "zero_shot"), torch_metrics(hf, encode, path, zero_shot(SHOT_ITEMS)))
+        assert_metrics_close(regime(row, "few_shot"), torch_metrics(hf, encode, path, few_shot(SHOT_ITEMS)))
+    assert regime(rows[0], "few_shot")["items"] == 5 and "comparison" not in regime(rows[0], "few_shot")["by_kind"]
+    assert regime(rows[1], "zero_shot") != regime(rows[1], "few_shot")
 
 
 def test_removed_blocks_match_torch_without_those_layers_and_naive_routed_models(tiny_llama_cached, tmp_path):
@@ -263,3 +292,92 @@ def test_bad_configs_are_refused(tiny_llama, tmp_path):
     _, model = tiny_llama
     with pytest.raises(CpOnnxError, match=r"config \(2, 5\) is not a block of this 3-layer model"):
         sweep(model, [(2, 5)], ITEMS, out=tmp_path / "s.jsonl", general=GENERAL, log=lambda _: None)
+
+
+def test_a_user_suite_gives_shots_per_kind_and_per_item(tiny_llama_cached, tmp_path):
+    """A kind's shots line applies to its items without their own; an item's "shots" win, "" keeps it zero-shot only."""
+    from cp_onnx.probes import load_suite, save_suite
+
+    suite = tmp_path / "mine.jsonl"
+    lines = [{"kind": "arithmetic", "shots": "Q: 1+1= 2\n"},
+             {"id": "a-0", "kind": "arithmetic", "prompt": "Q: 2+3=", "answer": " 5"},
+             {"id": "a-1", "kind": "arithmetic", "prompt": "Q: 17+1=", "answer": " 18", "shots": "Q: 4+4= 8\n"},
+             {"id": "a-2", "kind": "arithmetic", "prompt": "Q: 3+3=", "answer": " 6", "shots": ""},
+             {"id": "s-0", "kind": "syllogism", "prompt": "All A are B. x is A. Is x B?", "answer": " yes", "options": [" yes", " no"],
+              "shots": "No C are D. y is C. Is y D? no\n"},
+             {"id": "c-0", "kind": "comparison", "prompt": "Which is larger, 1 or 2?", "answer": " 2", "options": [" 1", " 2"]}]
+    suite.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = load_suite(suite)
+    assert [item.shots for item in items] == ["Q: 1+1= 2\n", "Q: 4+4= 8\n", "", "No C are D. y is C. Is y D? no\n", ""]
+    assert load_suite(save_suite(items, tmp_path / "again.jsonl")) == items
+    assert load_suite(save_suite(SHOT_ITEMS, tmp_path / "kinds.jsonl")) == SHOT_ITEMS  # one shots line per kind
+    assert sum('"shots"' in line for line in (tmp_path / "kinds.jsonl").read_text().splitlines()) == 3
+    hf, model = tiny_llama_cached
+    rows = sweep(model, [(1, 3)], items, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=2, log=lambda _: None)
+    encode = encoder(model)
+    for row, path in zip(rows, (None, [0, 1, 2, 1, 2])):
+        assert_metrics_close(regime(row, "zero_shot"), torch_metrics(hf, encode, path, zero_shot(items)))
+        assert_metrics_close(regime(row, "few_shot"), torch_metrics(hf, encode, path, few_shot(items)))
+    assert regime(rows[0], "few_shot")["items"] == 3
+
+
+def test_bad_shots_lines_are_one_line_errors(tmp_path):
+    from cp_onnx.probes import load_suite
+
+    for lines, fragment in (([{"kind": "k", "shots": 3}], '"kind" and "shots" must be non-empty strings'),
+                            ([{"kind": "k", "shots": "a"}, {"kind": "k", "shots": "b"}], "gives the shots of kind 'k' again"),
+                            ([{"kind": "k", "prompt": "p", "answer": " a", "shots": ["x"]}], '"shots" that are not a string')):
+        path = tmp_path / "bad.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(CpOnnxError, match=fragment) as err:
+            load_suite(path)
+        assert "\n" not in str(err.value)
+
+
+def test_regimes_option_and_resume_of_a_two_regime_sweep(tiny_llama_cached, tmp_path, monkeypatch):
+    """A sweep killed half-way and resumed writes the same file as one run straight through; --regimes picks one."""
+    _, model = tiny_llama_cached
+    kwargs = dict(sizes=SMALL_BLOCKS, general=GENERAL, batch_size=3, log=lambda _: None)
+    whole = sweep(model, None, SHOT_ITEMS, out=tmp_path / "whole.jsonl", **kwargs)
+
+    def killed_after_2(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, None, SHOT_ITEMS, out=out, progress=killed_after_2, **kwargs)
+    with open(out, "a") as fh:
+        fh.write('{"start": 0, "end": 2, "regimes": {"zero_')  # cut short by the kill
+    resumed = sweep(model, None, SHOT_ITEMS, out=out, **kwargs)
+
+    def without_time(lines):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert without_time(out.read_text().splitlines()) == without_time((tmp_path / "whole.jsonl").read_text().splitlines())
+    assert [regime(r, "few_shot") for r in resumed] == [regime(r, "few_shot") for r in whole]
+    assert read_sweep(out)[0]["regimes"] == ["zero_shot", "few_shot"] and read_sweep(out)[0]["version"] == 2
+    with pytest.raises(CpOnnxError, match="regimes zero_shot, few_shot, not few_shot; pass the same --regimes"):
+        sweep(model, None, SHOT_ITEMS, out=out, regimes=("few_shot",), **kwargs)
+    few = sweep(model, None, SHOT_ITEMS, out=tmp_path / "few.jsonl", regimes=("few_shot",), **kwargs)
+    assert [list(r["regimes"]) for r in few] == [["few_shot"]] * len(whole)
+    assert [regime(r, "few_shot") for r in few] == [regime(r, "few_shot") for r in whole]  # the same numbers without the zero-shot items
+    with pytest.raises(CpOnnxError, match="no probe item has shots"):
+        sweep(model, None, ITEMS, out=tmp_path / "none.jsonl", regimes=("few_shot",), **kwargs)
+
+
+def test_version_1_files_are_read_as_few_shot_and_not_resumed(tiny_llama, tmp_path):
+    from cp_onnx.regimes import parse_regimes
+
+    out = tmp_path / "old.jsonl"
+    metrics = {"answer_logprob": -2.0, "greedy_accuracy": 0.5, "choice_accuracy": None, "items": 2, "general_nll": 3.0, "by_kind": {}}
+    header = {"format": "cp-onnx-sweep", "version": 1, "model": {"onnx_sha256": "0" * 64}, "suite": {"identity": "x"}}
+    out.write_text("".join(json.dumps(r) + "\n" for r in [header, {"start": None, "end": None, "path": "0..2", **metrics, "seconds": 1.0}]))
+    header, rows = read_sweep(out)
+    assert header["regimes"] == ["few_shot"] and rows == [{"start": None, "end": None, "path": "0..2", "seconds": 1.0, "regimes": {"few_shot": metrics}}]
+    _, model = tiny_llama
+    with pytest.raises(CpOnnxError, match=r"version 1 sweep \(few-shot only, written before regimes\) and cannot be resumed"):
+        sweep(model, None, ITEMS, out=out, general=GENERAL, log=lambda _: None)
+    assert parse_regimes("few, zero") == ("zero_shot", "few_shot") and parse_regimes("zero_shot") == ("zero_shot",)
+    with pytest.raises(CpOnnxError, match="unknown regimes 'one'"):
+        parse_regimes("one")

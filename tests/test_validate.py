@@ -124,3 +124,30 @@ def test_a_sweep_whose_gains_are_absurd_is_a_one_line_error(tmp_path):
     with pytest.raises(CpOnnxError, match="the sweep file is damaged"):
         heatmap(rows, {}, tmp_path / "heatmap.png")
     assert not (tmp_path / "heatmap.png").exists()
+
+
+def test_each_regime_is_judged_on_its_own_rows():
+    """A sweep of both regimes: the best block and each method's realised gain differ by regime, and are reported apart."""
+    from cp_onnx.regimes import regime_rows
+    from cp_onnx.validate import validate_regimes
+    from cp_onnx.cli import format_validation
+
+    zero = [row(None, None, -4.0, 0.0, 0.5, 3.0), row(0, 3, -3.0, 0.25, 0.5, 3.5), row(1, 4, -3.5, 0.0, 0.5, 3.0)]  # (0,3) +1.0
+    two = {(r["start"], r["end"]): r for r in ROWS}
+    rows = [{"start": z["start"], "end": z["end"], "regimes": {"zero_shot": strip(z), "few_shot": strip(two[(z["start"], z["end"])])}} for z in zero]
+    rows += [{"start": r["start"], "end": r["end"], "regimes": {"few_shot": strip(r)}} for r in ROWS if (r["start"], r["end"]) not in {(0, 3), (1, 4)} and r["start"] is not None]
+    result = validate_regimes(REPORT, rows, top_k=2)
+    assert list(result["regimes"]) == ["zero_shot", "few_shot"]
+    assert result["regimes"]["few_shot"] == validate(REPORT, ROWS, top_k=2)  # few-shot alone: as before regimes
+    best = result["regimes"]["zero_shot"]["best"]["answer_logprob"]
+    assert (best["start"], best["end"], best["gain"]) == (0, 3, 1.0)
+    assert result["regimes"]["zero_shot"]["methods"]["anomaly"]["answer_logprob"]["gain_ratio"] == 1.0  # its top-1 is (0, 3)
+    assert result["regimes"]["few_shot"]["methods"]["anomaly"]["answer_logprob"]["gain_ratio"] == pytest.approx(0.5)
+    assert regime_rows(rows, "zero_shot")[1] == {"start": 0, "end": 3, **strip(zero[1])}
+    assert "answer_logprob: best block [0, 3), gain +1.0000" in format_validation(result["regimes"]["zero_shot"])
+    with pytest.raises(CpOnnxError, match="no rows with metrics"):
+        validate_regimes(REPORT, [])
+
+
+def strip(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if k not in ("start", "end")}
