@@ -1,9 +1,11 @@
 """onnxruntime on the CPU: tokenized batches in, named numpy activations out."""
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -210,8 +212,10 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
         tmpdir = tempfile.TemporaryDirectory(prefix="cp-onnx-")
         payload = str(Path(tmpdir.name) / "model.onnx")
         onnx.save_model(model, payload, save_as_external_data=True, location="model.onnx.data")
+    releasing = _ReleaseWhilePacking(sources, used) if prepack else contextlib.nullcontext()
     try:
-        session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        with releasing:
+            session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CpOnnxError(f"onnxruntime cannot load {model.graph.name or 'the model'}: {first_line}; re-export it with `cp-onnx export`") from exc
@@ -223,6 +227,33 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
             source.release(used)
     session.cp_onnx_weights = sources  # the buffers onnxruntime reads in place live as long as the session
     return session
+
+
+class _ReleaseWhilePacking(threading.Thread):
+    """While a session packs quantized weights, drop the mapped pages it has read every RELEASE_EVERY seconds.
+
+    It reads each original once, to pack it; without this every page it read stays resident until the
+    session is built, beside the packed copies (3B int4 statistics: 5.6 GB peak). The mapping is read-only
+    and file-backed, so a dropped page that is read again comes back from the page cache, unchanged."""
+
+    RELEASE_EVERY = 0.1
+
+    def __init__(self, sources: list, names: set[str]):
+        super().__init__(daemon=True)
+        self.sources, self.names, self.done = sources, names, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.RELEASE_EVERY):
+            for source in self.sources:
+                source.release(self.names)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
 
 
 _STATE = ort.capi.onnxruntime_pybind11_state

@@ -91,6 +91,7 @@ def quantize_model(model, mapped: dict, bits: int) -> None:
             quantized.setdefault(name, list(scratch.initializer)[1:])
     model.opset_import.extend([] if any(o.domain == "com.microsoft" for o in model.opset_import) else
                               [onnx.helper.make_opsetid("com.microsoft", 1)])
+    nodes = _fold_lone_transposes(nodes, weights, mapped)
     graph.ClearField("node")
     graph.node.extend(nodes)
     used = {value for node in nodes for value in node.input}
@@ -99,6 +100,31 @@ def quantize_model(model, mapped: dict, bits: int) -> None:
     added = [tensor for tensors in quantized.values() for tensor in tensors]
     graph.ClearField("initializer")
     graph.initializer.extend(kept + added)
+
+
+def _fold_lone_transposes(nodes: list, weights: dict, mapped: dict) -> list:
+    """Nodes with each Transpose of a float weight that nothing else reads replaced by the transposed weight.
+
+    onnxruntime-genai's builder feeds a tied embedding's Gather from Transpose(lm_head weight), sharing one
+    float copy with the head's MatMul. Once that MatMul is quantized the float weight serves only the
+    Transpose, which onnxruntime then runs on every call (1.6 GB on a 3B model: too big to fold itself).
+    Stored transposed instead, the file holds the same bytes and a run copies nothing."""
+    from onnx import helper, numpy_helper
+
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    folded = []
+    for node in nodes:
+        source = node.input[0] if node.op_type == "Transpose" and node.input else None
+        if source not in weights or readers[source] != 1 or not onnx.helper.tensor_dtype_to_np_dtype(weights[source].data_type).kind == "f":
+            folded.append(node)
+            continue
+        array = np.asarray(mapped[source]) if source in mapped else numpy_helper.to_array(weights[source])
+        perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+        weights[node.output[0]] = numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)), node.output[0])
+    return folded
 
 
 def new_quantizer(model, bits: int):
