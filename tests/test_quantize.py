@@ -276,3 +276,30 @@ def test_genai_without_onnxruntime_genai_says_what_to_install(sources, tmp_path,
     assert not any((tmp_path / "cache").glob("*"))  # nothing half-written
     with pytest.raises(ExportError, match="drop --with-past"):
         export(sources["llama"][0], graph_format="genai", with_past=True, cache_dir=tmp_path / "cache", log=lambda line: None)
+
+
+def test_a_tied_embeddings_transpose_is_stored_transposed_once_its_matmul_is_quantized(tmp_path):
+    """The genai builder's tied embedding: Gather(Transpose(W)) beside MatMul(h, W). After quantization W feeds
+    only the Transpose, so the file stores W.T for the Gather (no Transpose runs) and the MatMul reads int4 blocks."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.quantize import quantize_graph
+
+    weight = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)  # [hidden, vocab]
+    nodes = [helper.make_node("Transpose", ["W"], ["WT"], perm=[1, 0]),
+             helper.make_node("Gather", ["WT", "ids"], ["embedded"]),
+             helper.make_node("MatMul", ["embedded", "W"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("embedded", "logits")],
+                              [numpy_helper.from_array(weight, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    quantize_graph(tmp_path, "model.onnx", "int4")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMulNBits"]
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "W" not in stored and np.array_equal(stored["WT"], weight.T)
+    ids = np.array([3, 0, 95, 17])
+    embedded, logits = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    assert np.array_equal(embedded, weight.T[ids])
+    assert relative_difference(logits, weight.T[ids] @ weight) < LOGIT_BOUND["int4"] / 4
