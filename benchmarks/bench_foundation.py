@@ -41,10 +41,10 @@ def export_child(cache: str | None) -> None:
 def measure(folder: Path, threads: int) -> tuple[list[tuple], dict]:
     """Every stage after the export, timed in this process; returns table rows and figures."""
     import graph_passes
-    from cp_onnx.activations import ActivationReader
+    from cp_onnx.analysis.activations import ActivationReader
     from cp_onnx.calibration import load_calibration
-    from cp_onnx.model import open_folder
-    from cp_onnx.runner import Runner, pad_batch
+    from cp_onnx.models.model import open_folder
+    from cp_onnx.models.runner import Runner, pad_batch
     from graph_passes.layer_map import block_name
 
     model = open_folder(folder)

@@ -22,12 +22,12 @@ from bench_common import Stopwatch, peak_rss_mb, print_table, say_load, write_re
 
 import numpy as np
 
+from cp_onnx.analysis.circuit import circuit_analysis
+from cp_onnx.analysis.jacobian import NUM_PROBES
+from cp_onnx.analysis.mahalanobis import NEURONS_PER_LAYER
 from cp_onnx.calibration import load_calibration
-from cp_onnx.circuit import circuit_analysis
-from cp_onnx.jacobian import NUM_PROBES
-from cp_onnx.mahalanobis import NEURONS_PER_LAYER
-from cp_onnx.model import open_model
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.models.model import open_model
+from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import discover, graph_io
 from graph_passes.segment import segment, split_unembedding
 

@@ -4,7 +4,7 @@
                                      [--threads 2] [--rounds 7] [--prompt-tokens 256] [--decode-tokens 32]
 
 1. Predictions from the calibration texts alone (10 reasoning, 10 general): every layer method's choice of
-   n layers (``cp_onnx.prune``) and both head methods' scores on the reasoning texts (``cp_onnx.head_pruning``), timed.
+   n layers (``cp_onnx.analysis.prune``) and both head methods' scores on the reasoning texts (``cp_onnx.analysis.head_pruning``), timed.
 2. Removals of ``--sizes`` layers: each method's choice scored on the probe suite (seed 0, the sweep's
    evaluator and plan, so its numbers are the sweep's), beside the sweep's least harmful block of that
    size: the cost (baseline answer log-prob minus the choice's), its ratio to the best's cost, and the
@@ -29,16 +29,17 @@ import numpy as np
 
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
-from cp_onnx import head_pruning, probes, prune
+from cp_onnx.analysis import head_pruning, prune
 from cp_onnx.calibration import load_calibration
-from cp_onnx.generate import CachedDecoder
-from cp_onnx.model import open_model
-from cp_onnx.pruned_folder import prune_folder
-from cp_onnx.runner import Runner
-from cp_onnx.scoring import ProbePlan
-from cp_onnx.sweep import ReuseEvaluator, read_sweep
-from cp_onnx.regimes import regime_rows
-from cp_onnx.validate import best_block, split_rows
+from cp_onnx.groundtruth import probes
+from cp_onnx.groundtruth.regimes import regime_rows
+from cp_onnx.groundtruth.scoring import ProbePlan
+from cp_onnx.groundtruth.sweep import ReuseEvaluator, read_sweep
+from cp_onnx.groundtruth.validate import best_block, split_rows
+from cp_onnx.models.generate import CachedDecoder
+from cp_onnx.models.model import open_model
+from cp_onnx.models.runner import Runner
+from cp_onnx.outputs.pruned_folder import prune_folder
 from graph_passes.layer_path import format_path
 
 METRIC = "answer_logprob"
@@ -240,7 +241,7 @@ def plot(data: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cp_onnx.validate import save_png
+    from cp_onnx.groundtruth.validate import save_png
 
     figure = Figure(figsize=(7, 5))
     FigureCanvasAgg(figure)

@@ -19,12 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cp_onnx import probes  # noqa: E402
-from cp_onnx import sweep as sweep_module  # noqa: E402
 from cp_onnx.executors import RayExecutor  # noqa: E402
-from cp_onnx.model import open_model  # noqa: E402
-from cp_onnx.runner import default_threads  # noqa: E402
-from cp_onnx.scoring import ProbePlan  # noqa: E402
+from cp_onnx.groundtruth import probes  # noqa: E402
+from cp_onnx.groundtruth import sweep as sweep_module  # noqa: E402
+from cp_onnx.groundtruth.scoring import ProbePlan  # noqa: E402
+from cp_onnx.models.model import open_model  # noqa: E402
+from cp_onnx.models.runner import default_threads  # noqa: E402
 
 GENERAL_TEXTS = 4  # a few general texts, so general_nll is compared too
 

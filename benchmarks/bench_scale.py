@@ -37,8 +37,8 @@ FORWARD = r"""
 import json, sys, time
 import numpy as np, onnxruntime as ort
 from cp_onnx import calibration
-from cp_onnx.model import open_model
-from cp_onnx.runner import cache_feeds, default_threads, open_graph, pad_batch, position_ids_for
+from cp_onnx.models.model import open_model
+from cp_onnx.models.runner import cache_feeds, default_threads, open_graph, pad_batch, position_ids_for
 from graph_passes.deployed import cache_dims
 model = open_model(sys.argv[1], log=lambda _: None)
 dims = cache_dims(open_graph(model.onnx_path)[0])  # sizes a genai build leaves symbolic
@@ -63,9 +63,9 @@ print(json.dumps({"forward_s": min(times), "first_forward_s": times[0], "tokens"
 SWEEP = r"""
 import json, sys, tempfile, time
 from pathlib import Path
-from cp_onnx import probes
-from cp_onnx.model import open_model
-from cp_onnx.sweep import sweep
+from cp_onnx.groundtruth import probes
+from cp_onnx.groundtruth.sweep import sweep
+from cp_onnx.models.model import open_model
 model = open_model(sys.argv[1], log=lambda _: None)
 items = probes.probe_suite(0)[: int(sys.argv[2])] if int(sys.argv[2]) else None
 configs = [tuple(int(v) for v in c.split(":")) for c in sys.argv[3].split(",")]
@@ -86,7 +86,7 @@ def weight_bytes(onnx_path: Path) -> int:
 
 
 def measure(source: str, threads: int, sweep_items: int | None = None, sweep_configs: str = "") -> dict:
-    from cp_onnx.model import open_model
+    from cp_onnx.models.model import open_model
 
     model = open_model(source, log=lambda line: print("  " + line))
     weights = weight_bytes(model.onnx_path)

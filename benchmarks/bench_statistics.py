@@ -33,9 +33,9 @@ def side(name: str, folder: str, threads: int, repeats: int, batch_size: int) ->
     """In a child process: load one side's model, then run the statistics pass ``repeats`` times."""
     token_lists = json.loads(FIXTURE.read_text())["input_ids"]
     if name == "onnx":
-        from cp_onnx.activations import ActivationReader
+        from cp_onnx.analysis.activations import ActivationReader
         from cp_onnx.analyze import collect_statistics
-        from cp_onnx.model import open_folder
+        from cp_onnx.models.model import open_folder
 
         with Stopwatch() as load:
             reader = ActivationReader(open_folder(Path(folder)), threads=threads)

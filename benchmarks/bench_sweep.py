@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cp_onnx import probes  # noqa: E402
-from cp_onnx.model import open_model  # noqa: E402
-from cp_onnx.regimes import regime_rows  # noqa: E402
-from cp_onnx.sweep import block_configs, read_sweep, sweep  # noqa: E402
+from cp_onnx.groundtruth import probes  # noqa: E402
+from cp_onnx.groundtruth.regimes import regime_rows  # noqa: E402
+from cp_onnx.groundtruth.sweep import block_configs, read_sweep, sweep  # noqa: E402
+from cp_onnx.models.model import open_model  # noqa: E402
 
 # Spread over the depth and sizes 3-5, rerunning on average about as many layers as the full sweep's blocks do.
 CONFIGS = [(3, 6), (9, 12), (12, 15), (15, 19), (20, 25), (26, 30)]
@@ -125,7 +125,7 @@ def main() -> None:
     for key, value in figures.items():
         print(f"{key:>24}: {value}")
     if args.json:
-        from cp_onnx.report import write_json
+        from cp_onnx.analysis.report import write_json
 
         write_json(figures, args.json)
 

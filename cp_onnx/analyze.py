@@ -8,11 +8,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cp_onnx import budget, calibration, predict, scores
-from cp_onnx.activations import ActivationReader
+from cp_onnx import calibration
+from cp_onnx.analysis import budget, predict, scores
+from cp_onnx.analysis.activations import ActivationReader
+from cp_onnx.analysis.stats import LayerStatistics
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
-from cp_onnx.stats import LayerStatistics
+from cp_onnx.models.model import ModelFolder
 
 # The paper's two kinds of circuit and the method that predicts each.
 KINDS = {"stability": "stability", "magnitude": "anomaly"}

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 from cp_onnx import analyze, calibration, inputs
+from cp_onnx.analysis.report import build_report, file_sha256, read_report, write_json
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.files import write_text
-from cp_onnx.regimes import parse_regimes, regimes_of
 from cp_onnx.executors import Executor, InProcessExecutor
-from cp_onnx.report import build_report, file_sha256, read_report, write_json
+from cp_onnx.files import write_text
+from cp_onnx.groundtruth.regimes import parse_regimes, regimes_of
 
 BATCH_FORMAT = "cp-onnx-batch"
 SETTING_TYPES = {"calibration": str, "n": int, "max_length": int, "language": str, "methods": list, "block_sizes": list,
@@ -164,7 +164,7 @@ def pending(job: ModelJob) -> dict:
 
 def run_model(job: ModelJob) -> dict:
     """One model: open (exporting if needed), analyze unless its report is current, then sweep and validate if asked."""
-    from cp_onnx.model import open_model
+    from cp_onnx.models.model import open_model
 
     began, notes = time.perf_counter(), []
     result = pending(job)
@@ -203,9 +203,9 @@ def _is_current(job: ModelJob, model) -> bool:
 
 
 def _sweep_and_validate(job: ModelJob, model, report: dict, notes: list) -> dict | None:
-    from cp_onnx import probes
-    from cp_onnx.sweep import read_sweep, sweep
-    from cp_onnx.validate import validate_regimes
+    from cp_onnx.groundtruth import probes
+    from cp_onnx.groundtruth.sweep import read_sweep, sweep
+    from cp_onnx.groundtruth.validate import validate_regimes
 
     options = job.sweep
     items = probes.load_suite(options["probes"]) if "probes" in options else (

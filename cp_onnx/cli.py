@@ -54,9 +54,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from cp_onnx import analyze, report
-    from cp_onnx.model import open_model
-    from cp_onnx.summary import print_summary
+    from cp_onnx import analyze
+    from cp_onnx.analysis import report
+    from cp_onnx.models.model import open_model
+    from cp_onnx.outputs.summary import print_summary
 
     methods = analyze.DEFAULT_METHODS if args.method == "all" else (args.method,)
     if args.method == "all" and args.contrastive:
@@ -67,7 +68,7 @@ def cmd_analyze(args) -> int:
     )
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
     if args.heads:
-        from cp_onnx.circuit import check_heads
+        from cp_onnx.analysis.circuit import check_heads
 
         check_heads(model)  # before the statistics: a graph with fused attention has no heads to analyse
     result = analyze.analyze(model, settings, log=log, progress=Progress("calibration texts"), block_progress=Progress("duplicated blocks"))
@@ -81,7 +82,7 @@ def cmd_analyze(args) -> int:
         _add_pruning(data, model, settings)
     out = report.write_json(data, Path(args.out) / "report.json")
     if args.jacobian or args.heads:
-        from cp_onnx.circuit import build_circuit_graph, write_circuit
+        from cp_onnx.analysis.circuit import build_circuit_graph, write_circuit
 
         paths = write_circuit(build_circuit_graph(data), Path(args.out))
         log("circuit graph written to " + ", ".join(str(p) for p in paths.values()))
@@ -92,8 +93,8 @@ def cmd_analyze(args) -> int:
 
 def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool) -> None:
     """Jacobian, Mahalanobis (and head-influence) sections and methods, on the same calibration texts."""
+    from cp_onnx.analysis.circuit import circuit_analysis
     from cp_onnx.calibration import load_calibration
-    from cp_onnx.circuit import circuit_analysis
 
     texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
     sections = circuit_analysis(model, texts, max_length=settings.max_length, with_heads=with_heads,
@@ -106,7 +107,7 @@ def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool) -> N
 def _add_pruning(data: dict, model, settings) -> None:
     """The pruning candidates (every layer method; heads from the head influence when --heads ran), same texts."""
     from cp_onnx.calibration import load_calibration
-    from cp_onnx.pruning_report import pruning_section
+    from cp_onnx.outputs.pruning_report import pruning_section
 
     began = time.perf_counter()
     texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
@@ -116,8 +117,8 @@ def _add_pruning(data: dict, model, settings) -> None:
 
 
 def cmd_apply(args) -> int:
-    from cp_onnx.apply import apply
-    from cp_onnx.model import open_model
+    from cp_onnx.models.apply import apply
+    from cp_onnx.models.model import open_model
 
     if bool(args.duplicate) == bool(args.path):
         raise CpOnnxError("give exactly one of --duplicate i:j or --path P (e.g. --duplicate 12:15 or --path 0..14,12..29)")
@@ -127,8 +128,8 @@ def cmd_apply(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from cp_onnx.model import open_model
-    from cp_onnx.pruned_folder import choose, prune_folder
+    from cp_onnx.models.model import open_model
+    from cp_onnx.outputs.pruned_folder import choose, prune_folder
 
     if not (args.layers or args.skip or args.heads):
         raise CpOnnxError("give what to remove: --layers N, --skip I:J and/or --heads N")
@@ -155,8 +156,8 @@ def _block(text: str) -> tuple[int, int]:
 
 
 def cmd_generate(args) -> int:
-    from cp_onnx.generate import generate
-    from cp_onnx.model import open_model
+    from cp_onnx.models.generate import generate
+    from cp_onnx.models.model import open_model
 
     text, _ = generate(open_model(args.model, log=log), args.prompt, args.max_new_tokens, use_cache=not args.no_cache, threads=args.threads, log=log)
     print(text)
@@ -164,10 +165,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from cp_onnx import probes
-    from cp_onnx.model import open_model
-    from cp_onnx.regimes import parse_regimes, regime_rows, regimes_of
-    from cp_onnx.sweep import sweep
+    from cp_onnx.groundtruth import probes
+    from cp_onnx.groundtruth.regimes import parse_regimes, regime_rows, regimes_of
+    from cp_onnx.groundtruth.sweep import sweep
+    from cp_onnx.models.model import open_model
 
     items = probes.load_suite(args.suite) if args.suite else probes.probe_suite(args.seed)
     regimes = parse_regimes(args.regimes)
@@ -196,10 +197,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cp_onnx import report
-    from cp_onnx.sweep import operation_of, read_sweep
-    from cp_onnx.regimes import regime_rows
-    from cp_onnx.validate import heatmap, validate_regimes
+    from cp_onnx.analysis import report
+    from cp_onnx.groundtruth.regimes import regime_rows
+    from cp_onnx.groundtruth.sweep import operation_of, read_sweep
+    from cp_onnx.groundtruth.validate import heatmap, validate_regimes
 
     data = report.read_report(Path(args.report))
     header, rows = read_sweep(Path(args.sweep))
@@ -274,9 +275,9 @@ def cmd_batch(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from cp_onnx.embed import embed
-    from cp_onnx.model import open_folder
-    from cp_onnx.report import read_report
+    from cp_onnx.analysis.report import read_report
+    from cp_onnx.models.model import open_folder
+    from cp_onnx.outputs.embed import embed
 
     model = Path(args.model)
     onnx_path = open_folder(model).onnx_path if model.is_dir() else model
@@ -285,29 +286,29 @@ def cmd_embed(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from cp_onnx.report import read_report
+    from cp_onnx.analysis.report import read_report
 
     data = read_report(Path(args.report))
     header, rows = None, None
     if args.sweep:
-        from cp_onnx.sweep import read_sweep
+        from cp_onnx.groundtruth.sweep import read_sweep
 
         header, rows = read_sweep(Path(args.sweep))
     if args.html:
-        from cp_onnx.html_report import write_html
+        from cp_onnx.outputs.html_report import write_html
 
         log(f"wrote {write_html(data, args.html, top=args.top, sweep_rows=rows, sweep_header=header)}")
     if args.plots:
-        from cp_onnx.plots import write_plots
+        from cp_onnx.outputs.plots import write_plots
 
         for path in write_plots(data, args.plots, rows):
             log(f"wrote {path}")
     if args.text:
-        from cp_onnx.embed import format_text
+        from cp_onnx.outputs.embed import format_text
 
         print(format_text(data, args.top), end="")
     elif not (args.html or args.plots):
-        from cp_onnx.summary import print_summary
+        from cp_onnx.outputs.summary import print_summary
 
         print_summary(data, args.top)
     return 0

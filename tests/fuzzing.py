@@ -36,8 +36,8 @@ import onnx
 OUTCOMES = ("ok", "error", "traceback", "crash", "hang", "partial")
 TIME_LIMIT_S = 60.0
 ADDRESS_SPACE = 6 << 30
-PRELOAD = ("cp_onnx.cli", "cp_onnx.analyze", "cp_onnx.sweep", "cp_onnx.batch", "cp_onnx.embed", "cp_onnx.summary",
-           "cp_onnx.apply", "cp_onnx.validate", "onnxruntime", "tokenizers", "matplotlib.figure")
+PRELOAD = ("cp_onnx.cli", "cp_onnx.analyze", "cp_onnx.groundtruth.sweep", "cp_onnx.batch", "cp_onnx.outputs.embed", "cp_onnx.outputs.summary",
+           "cp_onnx.models.apply", "cp_onnx.groundtruth.validate", "onnxruntime", "tokenizers", "matplotlib.figure")
 
 
 class ForkServer:

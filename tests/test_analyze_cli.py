@@ -8,9 +8,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from cp_onnx import report as report_mod
+from cp_onnx.analysis import report as report_mod
 from cp_onnx.cli import main
-from cp_onnx.decision import NO_PREDICTION
+from cp_onnx.outputs.decision import NO_PREDICTION
 from tiny import write_byte_tokenizer
 
 TINY_ARGS = ["-n", "6", "--block-sizes", "1,2"]
@@ -134,8 +134,8 @@ def test_output_folders_that_are_symbolic_links_are_refused(tiny_folder, tmp_pat
     link.symlink_to(elsewhere)
     _assert_fails(["analyze", tiny_folder, "--out", link, *TINY_ARGS], capsys, "is a symbolic link")
     assert not any(elsewhere.iterdir())  # nothing written where the link points
-    from cp_onnx.apply import _check_out as check_apply_out  # apply and prune write through it
     from cp_onnx.errors import CpOnnxError
+    from cp_onnx.models.apply import _check_out as check_apply_out  # apply and prune write through it
     from exporters.errors import ExportError
     from exporters.pipeline import check_out
 
@@ -176,8 +176,8 @@ def test_language_check_reports_each_languages_own_top_block(tiny_folder, tmp_pa
 
 
 def test_contrastive_equals_anomaly_of_both_sets_against_their_difference(tiny_folder, tmp_path, capsys):
+    from cp_onnx.analysis.scores import rank_blocks
     from cp_onnx.calibration import load_calibration
-    from cp_onnx.scores import rank_blocks
 
     data = _report(tiny_folder, tmp_path / "c", capsys, "-n", "4", "--method", "contrastive")
     both = tmp_path / "both.txt"

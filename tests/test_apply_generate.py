@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx.apply import apply
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.generate import CachedDecoder, eos_token_ids, generate, generate_ids, with_past_graph
-from cp_onnx.model import open_model
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.models.apply import apply
+from cp_onnx.models.generate import CachedDecoder, eos_token_ids, generate, generate_ids, with_past_graph
+from cp_onnx.models.model import open_model
+from cp_onnx.models.runner import Runner, pad_batch
 from exporters.manifest import read_manifest
 from graph_passes import GraphPassError, graph_io
 from graph_passes.route import routed_path

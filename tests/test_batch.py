@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from cp_onnx import report as report_mod
+from cp_onnx.analysis import report as report_mod
 from cp_onnx.batch import load_manifest
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError

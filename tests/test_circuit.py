@@ -8,9 +8,9 @@ import re
 import networkx as nx
 import pytest
 
-from cp_onnx.circuit import build_circuit_graph, circuit_analysis, head_node, layer_node, to_dot, write_circuit
+from cp_onnx.analysis.circuit import build_circuit_graph, circuit_analysis, head_node, layer_node, to_dot, write_circuit
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
+from cp_onnx.models.model import ModelFolder
 from tiny import write_byte_tokenizer
 
 TEXTS = ["the cat sat on it", "2 + 3 = 5, so 5 - 3 = 2"]

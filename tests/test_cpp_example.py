@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cp_onnx import report as report_mod
+from cp_onnx.analysis import report as report_mod
 from cp_onnx.cli import main
-from cp_onnx.decision import NO_PREDICTION, decision_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line
 from test_embed import tiny_folder, tiny_report
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cpp"

@@ -8,10 +8,10 @@ from html.parser import HTMLParser
 
 import pytest
 
+from cp_onnx.analysis.report import write_json
 from cp_onnx.cli import main
 from cp_onnx.decision import NO_PREDICTION, decision_line
-from cp_onnx.embed import metadata
-from cp_onnx.report import write_json
+from cp_onnx.outputs.embed import metadata
 from test_embed import tiny_folder, tiny_report
 
 SCOPE = "metric answer log-probability (digit tokens), regime calibration texts as given, method duplication_loss"

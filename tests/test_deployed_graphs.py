@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx.activations import ActivationReader
+from cp_onnx.analysis.activations import ActivationReader
 from cp_onnx.analyze import collect_statistics
-from cp_onnx.apply import apply
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.generate import generate_ids
-from cp_onnx.model import open_model
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.models.apply import apply
+from cp_onnx.models.generate import generate_ids
+from cp_onnx.models.model import open_model
+from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
 from graph_passes.route import route
 from test_route import repeated_layers, torch_logits
@@ -201,7 +201,7 @@ def test_routed_genai_build_equals_torch_with_repeated_layers(deployed, family, 
 
 @pytest.fixture(scope="module")
 def applied(deployed, tmp_path_factory):
-    """``applied(family, precision) -> folder``: the genai build with block 1:3 duplicated, through cp_onnx.apply."""
+    """``applied(family, precision) -> folder``: the genai build with block 1:3 duplicated, through cp_onnx.models.apply."""
     made = {}
 
     def get(family: str, precision: str) -> Path:
@@ -256,8 +256,8 @@ def test_applied_fp32_build_generates_as_torch_and_as_genai(deployed, applied, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int4_build_is_analysed_predicted_applied_and_generates(deployed, applied, family):
+    from cp_onnx.analysis.predict import predict
     from cp_onnx.calibration import load_calibration
-    from cp_onnx.predict import predict
 
     source = open_model(deployed(family)["int4"])
     stats = collect_statistics(ActivationReader(source), source.encode(TEXTS)[0], batch_size=2)
@@ -273,8 +273,8 @@ def test_int4_build_is_analysed_predicted_applied_and_generates(deployed, applie
 
 def test_int4_sweep_reuse_equals_routed_models_run_from_scratch(deployed, tmp_path):
     """The sweep's segment path (layer by layer, an empty cache per layer) against each routed graph run whole."""
-    from cp_onnx import probes
-    from cp_onnx.sweep import sweep
+    from cp_onnx.groundtruth import probes
+    from cp_onnx.groundtruth.sweep import sweep
 
     folder = open_model(deployed("qwen2")["int4"])
     items, general = probes.probe_suite(0)[:6], probes.general_texts()[:2]
@@ -293,7 +293,7 @@ def test_int4_sweep_reuse_equals_routed_models_run_from_scratch(deployed, tmp_pa
 
 
 def test_heads_on_fused_attention_fail_in_one_line(deployed, tmp_path, capsys):
-    from cp_onnx.circuit import circuit_analysis
+    from cp_onnx.analysis.circuit import circuit_analysis
 
     folder = deployed("llama")["fp32"]
     code = main(["analyze", str(folder / "model.onnx"), "--heads", "-n", "4", "--block-sizes", "1,2", "--out", str(tmp_path)])
@@ -302,8 +302,8 @@ def test_heads_on_fused_attention_fail_in_one_line(deployed, tmp_path, capsys):
     assert "fused (GroupQueryAttention): per-head tensors do not exist" in err and "cp-onnx export" in err
     with pytest.raises(GraphPassError, match="fused \\(GroupQueryAttention\\)"):
         circuit_analysis(folder, TEXTS, with_heads=True)
-    from cp_onnx.heads import head_means
-    from cp_onnx.perturbation import base_activations
+    from cp_onnx.analysis.heads import head_means
+    from cp_onnx.analysis.perturbation import base_activations
 
     proto = graph_io.load(folder / "model.onnx")
     layer_map = discover(proto)
@@ -313,7 +313,7 @@ def test_heads_on_fused_attention_fail_in_one_line(deployed, tmp_path, capsys):
 
 def test_layer_level_circuit_analysis_equals_optimum_export(deployed):
     """Jacobians and anomaly scores (perturbed segment runs, an empty cache per layer) on the genai build equal the Optimum export's."""
-    from cp_onnx.circuit import circuit_analysis
+    from cp_onnx.analysis.circuit import circuit_analysis
 
     models = deployed("llama")
     kwargs = dict(with_heads=False, num_probes=2, neurons_per_layer=2, block_sizes=(1, 2))
@@ -325,7 +325,7 @@ def test_layer_level_circuit_analysis_equals_optimum_export(deployed):
 
 
 def test_runner_without_graph_sizes_says_how_to_get_them():
-    from cp_onnx.runner import cache_feeds
+    from cp_onnx.models.runner import cache_feeds
 
     class Input:  # the fields of an onnxruntime NodeArg that cache_feeds reads
         name, type, shape = "past_key_values.0.key", "tensor(float)", ["batch", 2, "past", "kv_cache_dim"]

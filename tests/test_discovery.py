@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from cp_onnx.runner import Runner
+from cp_onnx.models.runner import Runner
 from graph_passes import GraphPassError, discover, graph_io
 from graph_passes.graph_utils import name_nodes, topological_order
 from test_expose import MODULES, module, rel_err, token_batch

@@ -11,12 +11,12 @@ import onnx
 import onnxruntime
 import pytest
 
-from cp_onnx import report as report_mod
+from cp_onnx.analysis import report as report_mod
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.cli import main
 from cp_onnx.decision import NO_PREDICTION, decision_line
-from cp_onnx.embed import format_text, read_metadata
-from cp_onnx.model import open_model
+from cp_onnx.models.model import open_model
+from cp_onnx.outputs.embed import format_text, read_metadata
 from tiny import write_byte_tokenizer
 
 TINY_SETTINGS = dict(n=6, block_sizes=(1, 2))

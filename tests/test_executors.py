@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cp_onnx import sweep as sweep_module
 from cp_onnx.batch import load_manifest, run_batch
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import InProcessExecutor, ProcessExecutor, RayExecutor, make_executor
-from cp_onnx.model import open_model
-from cp_onnx.probes import ProbeItem
+from cp_onnx.groundtruth import sweep as sweep_module
+from cp_onnx.groundtruth.probes import ProbeItem
+from cp_onnx.models.model import open_model
 from test_embed import tiny_folder
 
 ITEMS = [

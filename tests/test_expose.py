@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
 from tiny import TINY
 

@@ -15,9 +15,9 @@ import onnx
 import pytest
 
 import fuzzing
-from cp_onnx import probes
 from cp_onnx.calibration import shipped_texts
 from cp_onnx.cli import main
+from cp_onnx.groundtruth import probes
 from test_embed import tiny_folder
 
 ANALYZE = ["--method", "stability", "-n", "3", "--max-length", "12", "--block-sizes", "1", "--threads", "1"]
@@ -203,8 +203,8 @@ def test_damaged_graphs_found_by_fuzzing_are_one_line_errors(tmp_path, damage, m
      '"methods": {}}', r"layers\[0\].x should be number or null, not NaN"),
 ])
 def test_damaged_reports_found_by_fuzzing_are_one_line_errors(tmp_path, text, message):
+    from cp_onnx.analysis.report import read_report
     from cp_onnx.errors import CpOnnxError
-    from cp_onnx.report import read_report
 
     (tmp_path / "report.json").write_text(text)
     with pytest.raises(CpOnnxError, match=message):
@@ -218,7 +218,7 @@ def test_damaged_reports_found_by_fuzzing_are_one_line_errors(tmp_path, text, me
 ])
 def test_damaged_manifests_found_by_fuzzing_are_one_line_errors(tmp_path, onnx_entry, sizes, message):
     from cp_onnx.errors import CpOnnxError
-    from cp_onnx.model import open_model
+    from cp_onnx.models.model import open_model
 
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "cp_onnx.json").write_text(json.dumps({"source": "m", "onnx": onnx_entry, **sizes}))
@@ -227,7 +227,7 @@ def test_damaged_manifests_found_by_fuzzing_are_one_line_errors(tmp_path, onnx_e
 
 
 def test_a_manifest_with_a_null_model_path_means_model_onnx(tmp_path):
-    from cp_onnx.model import open_model
+    from cp_onnx.models.model import open_model
 
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "cp_onnx.json").write_text(json.dumps({"source": "m", "onnx": {"model": None}}))

@@ -6,9 +6,9 @@ import copy
 import numpy as np
 import pytest
 
-from cp_onnx import heads
-from cp_onnx.perturbation import PerturbedRuns, base_activations
-from cp_onnx.runner import Runner
+from cp_onnx.analysis import heads
+from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
+from cp_onnx.models.runner import Runner
 from graph_passes import discover, graph_io
 from graph_passes.ablate import ablate
 from test_perturb_ablate import torch_logits

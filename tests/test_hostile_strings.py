@@ -12,11 +12,11 @@ import networkx as nx
 import onnx
 import pytest
 
-from cp_onnx import report as report_mod
-from cp_onnx.circuit import build_circuit_graph, write_circuit
+from cp_onnx.analysis import report as report_mod
+from cp_onnx.analysis.circuit import build_circuit_graph, write_circuit
 from cp_onnx.cli import main
-from cp_onnx.decision import NO_PREDICTION
-from cp_onnx.embed import PREFIX, format_text
+from cp_onnx.outputs.decision import NO_PREDICTION
+from cp_onnx.outputs.embed import PREFIX, format_text
 from test_embed import tiny_folder
 from test_cpp_example import _missing, reader, run_reader  # noqa: F401  (reader: the built C++ example, a fixture)
 from test_html_report import CHROMIUM, rendered_dom

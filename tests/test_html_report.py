@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx import plots
+from cp_onnx.analysis.report import write_json
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.report import write_json
+from cp_onnx.outputs import plots
 from test_embed import tiny_folder, tiny_report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -138,7 +138,7 @@ def test_html_page_renders_with_tables_and_plots(tiny, tmp_path, capsys):
 
 
 def test_page_without_heads_or_sweep_has_one_plot(tiny, tmp_path):
-    from cp_onnx.html_report import render
+    from cp_onnx.outputs.html_report import render
 
     _, data = tiny
     plain = {k: v for k, v in data.items() if k != "heads"}

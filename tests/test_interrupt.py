@@ -81,7 +81,7 @@ def folder(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> Path:
-    from cp_onnx import probes
+    from cp_onnx.groundtruth import probes
 
     return probes.save_suite(probes.probe_suite(0, per_kind=1), tmp_path_factory.mktemp("suite") / "suite.jsonl")
 

@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from cp_onnx import jacobian
+from cp_onnx.analysis import jacobian
+from cp_onnx.analysis.perturbation import PerturbedRuns, Probe, Row, base_activations
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.perturbation import PerturbedRuns, Probe, Row, base_activations
 from graph_passes import discover, graph_io
 from test_perturb_ablate import module
 

@@ -15,10 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cp_onnx import budget
+from cp_onnx.analysis import budget
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.runner import Runner
+from cp_onnx.models.runner import Runner
 from graph_passes.errors import GraphPassError
 from graph_passes.mapped import load_mapped
 from test_embed import tiny_folder
@@ -82,7 +82,7 @@ def test_refused_before_allocation_under_a_small_address_space(tmp_path, constan
     """A child limited to 3 GB of address space gets the one-line refusal (allocating first would end in MemoryError or a kill)."""
     onnx.save_model(constant_of_shape_bomb, tmp_path / "model.onnx")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
-            "from cp_onnx.runner import Runner; from cp_onnx.errors import CpOnnxError\n"
+            "from cp_onnx.models.runner import Runner; from cp_onnx.errors import CpOnnxError\n"
             f"try: Runner({str(tmp_path / 'model.onnx')!r}, threads=1)\nexcept CpOnnxError as e: print(e); sys.exit(2)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from cp_onnx import mahalanobis
+from cp_onnx.analysis import mahalanobis
+from cp_onnx.analysis.perturbation import PerturbedRuns, TextBase, base_activations
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.perturbation import PerturbedRuns, TextBase, base_activations
 from graph_passes import discover, graph_io
 from test_perturb_ablate import torch_logits
 

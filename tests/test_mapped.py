@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.runner import Runner, open_graph
+from cp_onnx.models.runner import Runner, open_graph
 from graph_passes.errors import GraphPassError
 from graph_passes.mapped import load_mapped
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx.activations import ActivationReader
-from cp_onnx.model import open_model
-from cp_onnx.scores import rank_blocks
-from cp_onnx.stats import STAT_NAMES, LayerStatistics
+from cp_onnx.analysis.activations import ActivationReader
+from cp_onnx.analysis.scores import rank_blocks
+from cp_onnx.analysis.stats import STAT_NAMES, LayerStatistics
+from cp_onnx.models.model import open_model
 from test_scores import assert_same_top, load_reference, reference_stats
 
 pytestmark = pytest.mark.slow

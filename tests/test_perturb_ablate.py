@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cp_onnx.perturbation import perturb_feeds
-from cp_onnx.runner import Runner
+from cp_onnx.analysis.perturbation import perturb_feeds
+from cp_onnx.models.runner import Runner
 from graph_passes import GraphPassError, discover, graph_io
 from graph_passes.ablate import ablate
 from graph_passes.perturb import head_scale_input, head_shift_input, perturb, resid_input
@@ -150,7 +150,7 @@ def test_runner_feeds_extra_inputs_a_pass_added(tiny_model):
     # A perturbed graph has inputs a text batch cannot supply; Runner.run takes them through `extra`.
     import numpy as np
 
-    from cp_onnx.runner import Runner
+    from cp_onnx.models.runner import Runner
     from graph_passes import discover, graph_io
     from graph_passes.perturb import perturb, resid_input
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cp_onnx import predict as predict_module
+from cp_onnx.analysis import predict as predict_module
+from cp_onnx.analysis.predict import predict
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.predict import predict
 from test_sweep import tiny_llama  # noqa: F401  (the tiny llama with a BOS byte tokenizer, a module fixture)
 
 REASONING = ["If 3x + 5 = 20, then x = 5.", "All cats purr. Tom is a cat, so Tom purrs.", "2, 4, 6, 8: the next is 10."]

@@ -8,12 +8,12 @@ from itertools import combinations
 import numpy as np
 import pytest
 
+from cp_onnx.analysis.head_pruning import choose_heads
+from cp_onnx.analysis.prune import predict_layers
 from cp_onnx.cli import main
-from cp_onnx.generate import generate
-from cp_onnx.head_pruning import choose_heads
-from cp_onnx.model import open_model
-from cp_onnx.prune import predict_layers
-from cp_onnx.runner import Runner
+from cp_onnx.models.generate import generate
+from cp_onnx.models.model import open_model
+from cp_onnx.models.runner import Runner
 from exporters.manifest import read_manifest
 from graph_passes import ablate, discover, graph_io, route
 from test_apply_generate import llama_folder, quiet  # noqa: F401  (the module fixture: torch model + exported folder with past)
@@ -174,8 +174,8 @@ def test_prune_layers_by_a_method_and_its_refusals(llama_folder, tmp_path, capsy
 def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, capsys):  # noqa: F811
     import jsonschema
 
-    from cp_onnx import report as report_mod
-    from cp_onnx.probes import save_suite
+    from cp_onnx.analysis import report as report_mod
+    from cp_onnx.groundtruth.probes import save_suite
     from test_sweep import SHOT_ITEMS
 
     _, folder = llama_folder
@@ -217,7 +217,7 @@ def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, ca
 @pytest.mark.slow
 def test_smollm2_pruned_matches_torch_and_zero_ablation_and_generates(smollm2_dir, smollm2_torch, tmp_path):
     """20% of SmolLM2's layers and heads of two layers (one whole key/value group, one split) gone from the written model."""
-    from cp_onnx.pruned_folder import prune_folder
+    from cp_onnx.outputs.pruned_folder import prune_folder
 
     model = open_model(smollm2_dir)
     layers, heads = [3, 4, 5, 6, 7, 17], {12: [0, 1, 2], 20: [1, 5, 7]}

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from cp_onnx.runner import Runner
+from cp_onnx.models.runner import Runner
 from graph_passes import GraphPassError, ablate, discover, graph_io
 from graph_passes.prune_heads import kept_heads, prune_heads
 from test_expose import MODULES, module, rel_err

@@ -16,9 +16,9 @@ import onnx
 import pytest
 
 from cp_onnx import analyze
+from cp_onnx.analysis.predict import predict
 from cp_onnx.cli import main
-from cp_onnx.model import open_model
-from cp_onnx.predict import predict
+from cp_onnx.models.model import open_model
 from exporters import ExportError, export, graph_format_of, precision_of, read_manifest
 from exporters.manifest import MANIFEST_NAME
 from exporters.sources import resolve_source

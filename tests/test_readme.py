@@ -37,9 +37,9 @@ def test_readme_shows_the_decision_analyze_prints_first():
     import json
     import textwrap
 
-    from cp_onnx import predict
-    from cp_onnx.decision import decision_line
-    from cp_onnx.summary import RANKINGS_NOTE, WIDTH
+    from cp_onnx.analysis import predict
+    from cp_onnx.outputs.decision import decision_line
+    from cp_onnx.outputs.summary import RANKINGS_NOTE, WIDTH
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## What `cp-onnx analyze` prints on the default model", 1)[1].split("\n## ", 1)[0]

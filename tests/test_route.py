@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from cp_onnx.generate import CachedDecoder
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.models.generate import CachedDecoder
+from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
 from graph_passes.layer_path import check_path, duplicate, format_path, parse_path, parse_spec
 from graph_passes.route import KV_SLOTS_KEY, PATH_KEY, route, routed_path

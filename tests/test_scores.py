@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cp_onnx.analysis.scores import METHODS, candidate_blocks, layer_contrast, rank_blocks
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.scores import METHODS, candidate_blocks, layer_contrast, rank_blocks
 
 # The reference implementation's own outputs on SmolLM2 (copied from shared/fixtures).
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_smollm2.json"

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, graph_io
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment, split_unembedding

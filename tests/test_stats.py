@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from cp_onnx.analysis.stats import STAT_NAMES, LayerStatistics
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.stats import STAT_NAMES, LayerStatistics
 
 LAYERS, HIDDEN, HEADS = 3, 8, 2
 

@@ -9,12 +9,12 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import pytest
 
-from cp_onnx import sweep as sweep_module
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import open_model
-from cp_onnx.probes import ProbeItem
-from cp_onnx.scoring import ProbePlan
-from cp_onnx.sweep import read_sweep, sweep
+from cp_onnx.groundtruth import sweep as sweep_module
+from cp_onnx.groundtruth.probes import ProbeItem
+from cp_onnx.groundtruth.scoring import ProbePlan
+from cp_onnx.groundtruth.sweep import read_sweep, sweep
+from cp_onnx.models.model import open_model
 
 ITEMS = [
     ProbeItem("a-0", "arithmetic", "Q: 2+3=", " 5"),
@@ -296,7 +296,7 @@ def test_bad_configs_are_refused(tiny_llama, tmp_path):
 
 def test_a_user_suite_gives_shots_per_kind_and_per_item(tiny_llama_cached, tmp_path):
     """A kind's shots line applies to its items without their own; an item's "shots" win, "" keeps it zero-shot only."""
-    from cp_onnx.probes import load_suite, save_suite
+    from cp_onnx.groundtruth.probes import load_suite, save_suite
 
     suite = tmp_path / "mine.jsonl"
     lines = [{"kind": "arithmetic", "shots": "Q: 1+1= 2\n"},
@@ -322,7 +322,7 @@ def test_a_user_suite_gives_shots_per_kind_and_per_item(tiny_llama_cached, tmp_p
 
 
 def test_bad_shots_lines_are_one_line_errors(tmp_path):
-    from cp_onnx.probes import load_suite
+    from cp_onnx.groundtruth.probes import load_suite
 
     for lines, fragment in (([{"kind": "k", "shots": 3}], '"kind" and "shots" must be non-empty strings'),
                             ([{"kind": "k", "shots": "a"}, {"kind": "k", "shots": "b"}], "gives the shots of kind 'k' again"),
@@ -367,7 +367,7 @@ def test_regimes_option_and_resume_of_a_two_regime_sweep(tiny_llama_cached, tmp_
 
 
 def test_version_1_files_are_read_as_few_shot_and_not_resumed(tiny_llama, tmp_path):
-    from cp_onnx.regimes import parse_regimes
+    from cp_onnx.groundtruth.regimes import parse_regimes
 
     out = tmp_path / "old.jsonl"
     metrics = {"answer_logprob": -2.0, "greedy_accuracy": 0.5, "choice_accuracy": None, "items": 2, "general_nll": 3.0, "by_kind": {}}

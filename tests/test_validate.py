@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.validate import best_block, heatmap, iou, validate
+from cp_onnx.groundtruth.validate import best_block, heatmap, iou, validate
 
 
 def row(start, end, logprob, greedy, choice, nll, kinds=None):
@@ -117,7 +117,7 @@ def test_report_and_sweep_of_different_models_are_refused():
 def test_a_sweep_whose_gains_are_absurd_is_a_one_line_error(tmp_path):
     """Found by fuzzing: a metric of 1e308 in one sweep line overflowed matplotlib's colour bar (a traceback)."""
     from cp_onnx.errors import CpOnnxError
-    from cp_onnx.validate import heatmap
+    from cp_onnx.groundtruth.validate import heatmap
 
     rows = [{"start": None, "end": None, "answer_logprob": -3.0}, {"start": 0, "end": 2, "answer_logprob": 1e308},
             {"start": 1, "end": 3, "answer_logprob": -2.0}]
@@ -128,9 +128,9 @@ def test_a_sweep_whose_gains_are_absurd_is_a_one_line_error(tmp_path):
 
 def test_each_regime_is_judged_on_its_own_rows():
     """A sweep of both regimes: the best block and each method's realised gain differ by regime, and are reported apart."""
-    from cp_onnx.regimes import regime_rows
-    from cp_onnx.validate import validate_regimes
     from cp_onnx.cli import format_validation
+    from cp_onnx.groundtruth.regimes import regime_rows
+    from cp_onnx.groundtruth.validate import validate_regimes
 
     zero = [row(None, None, -4.0, 0.0, 0.5, 3.0), row(0, 3, -3.0, 0.25, 0.5, 3.5), row(1, 4, -3.5, 0.0, 0.5, 3.0)]  # (0,3) +1.0
     two = {(r["start"], r["end"]): r for r in ROWS}

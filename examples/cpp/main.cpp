@@ -39,7 +39,7 @@ bool has_string(const json& object, const char* key) {
 
 bool has_number(const json& object, const char* key) { return object.contains(key) && object[key].is_number(); }
 
-// The default prediction's decision in one line: cp_onnx/decision.py's decision_line, branch for branch.
+// The default prediction's decision in one line: cp_onnx/outputs/decision.py's decision_line, branch for branch.
 std::string decision_line(const json& report) {
   if (!report.contains("prediction") || !report["prediction"].is_object())
     return "decision: none: this report holds no default prediction (an older report, or duplication_loss was "

@@ -5,7 +5,7 @@
 - ``head_ablation`` (the default): the exact loss increase with the head alone zeroed, which is what
   pruning it does (the prune-heads pass computes exactly the zero-ablated model).
 
-Both are means over every next-token prediction of the calibration texts (``cp_onnx.heads``); the
+Both are means over every next-token prediction of the calibration texts (``cp_onnx.analysis.heads``); the
 heads with the lowest values are removed, every layer keeping at least ``min_kept`` heads (a layer
 without heads has no attention: remove the layer instead).
 """
@@ -15,11 +15,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cp_onnx import heads as head_influence
+from cp_onnx.analysis import heads as head_influence
+from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
-from cp_onnx.perturbation import PerturbedRuns, base_activations
-from cp_onnx.runner import open_graph
+from cp_onnx.models.model import ModelFolder
+from cp_onnx.models.runner import open_graph
 from graph_passes import discover
 from graph_passes.perturb import require_heads
 

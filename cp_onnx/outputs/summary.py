@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import textwrap
 
-from cp_onnx import pruning_report
-from cp_onnx.decision import decision_line, span
+from cp_onnx.outputs import pruning_report
+from cp_onnx.outputs.decision import decision_line, span
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cp_onnx import __version__, pruning_report
-from cp_onnx.decision import decision_line
+from cp_onnx import __version__
+from cp_onnx.analysis.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
-from cp_onnx.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
+from cp_onnx.outputs import pruning_report
+from cp_onnx.outputs.decision import decision_line
 
 PREFIX = "cp_onnx."
 DEFAULT_TOP = 5

@@ -118,7 +118,7 @@ def _checked(
     """The required (and present optional) statistics as float64 arrays of one length, all finite."""
     missing = [name for name in required if name not in stats]
     if missing:
-        raise CpOnnxError(f"{what} lack {', '.join(missing)}; collect them with cp_onnx.stats.LayerStatistics")
+        raise CpOnnxError(f"{what} lack {', '.join(missing)}; collect them with cp_onnx.analysis.stats.LayerStatistics")
     arrays = {name: np.asarray(stats[name], dtype=np.float64) for name in (*required, *optional) if name in stats}
     lengths = {name: a.shape for name, a in arrays.items()}
     if len(set(lengths.values())) != 1 or len(next(iter(lengths.values()))) != 1:

@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.probes import ProbeItem
-from cp_onnx.scoring import Encode, ProbePlan
+from cp_onnx.groundtruth.probes import ProbeItem
+from cp_onnx.groundtruth.scoring import Encode, ProbePlan
 
 REGIMES = ("zero_shot", "few_shot")  # the order rows and tables list them in
 SHORT = {"zero": "zero_shot", "few": "few_shot"}  # as --regimes spells them

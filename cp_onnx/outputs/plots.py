@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.regimes import regime_rows, regimes_of
-from cp_onnx.validate import save_png
+from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
+from cp_onnx.groundtruth.validate import save_png
 
 PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"
 HEAD_COLUMN = "kl_zero"  # exact effect of zeroing the head: the influence measure the circuit graph weighs heads by
@@ -103,7 +103,7 @@ def head_heatmap(matrix: np.ndarray, title: str = f"head influence ({HEAD_COLUMN
 
 def sweep_heatmap(sweep_rows: list[dict], report: dict, path: str | Path, metric: str = "answer_logprob") -> Path:
     """validate.heatmap of block gains, with each method's top-1 and the best block marked."""
-    from cp_onnx.validate import heatmap
+    from cp_onnx.groundtruth.validate import heatmap
 
     removals = is_removal_sweep(sweep_rows)
     methods = ((report.get("pruning") or {}).get("layers") or {}).get("methods") if removals else report.get("methods")

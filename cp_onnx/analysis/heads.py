@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
+from cp_onnx.analysis.perturbation import Probe, ProbeResult, Row, RowResult, TextBase
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.perturbation import Probe, ProbeResult, Row, RowResult, TextBase
 
 # Step toward removal, as a fraction of the way: the estimate's truncation error is O(ALPHA) (one-sided,
 # against the base row of the same batch); the float32 noise floor of a loss change is ~1e-7 nats, far

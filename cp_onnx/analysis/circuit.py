@@ -15,16 +15,16 @@ from typing import Callable, Sequence
 import networkx as nx
 import numpy as np
 
-from cp_onnx import heads as head_influence
-from cp_onnx import jacobian, mahalanobis
+from cp_onnx.analysis import heads as head_influence
+from cp_onnx.analysis import jacobian, mahalanobis
+from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
+from cp_onnx.analysis.report import json_ready
+from cp_onnx.analysis.scores import candidate_blocks
 from cp_onnx.calibration import load_calibration
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json, write_text
-from cp_onnx.model import ModelFolder, open_model
-from cp_onnx.perturbation import PerturbedRuns, base_activations
-from cp_onnx.report import json_ready
-from cp_onnx.scores import candidate_blocks
-from cp_onnx.runner import open_graph
+from cp_onnx.models.model import ModelFolder, open_model
+from cp_onnx.models.runner import open_graph
 from graph_passes import discover
 from graph_passes.perturb import require_heads
 

@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.runner import Runner, SharedWeights, cache_feeds, position_ids_for, segment_session
+from cp_onnx.models.runner import Runner, SharedWeights, cache_feeds, position_ids_for, segment_session
 from graph_passes import expose
 from graph_passes.layer_map import LayerMap, block_name
 from graph_passes.perturb import head_scale_input, head_shift_input, include_inserted, perturb, resid_input

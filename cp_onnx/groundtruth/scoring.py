@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.probes import ProbeItem
-from cp_onnx.runner import Runner, pad_batch
+from cp_onnx.groundtruth.probes import ProbeItem
+from cp_onnx.models.runner import Runner, pad_batch
 
 Encode = Callable[[str], Sequence[int]]
 METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy")

@@ -18,7 +18,7 @@ import numpy as np
 from cp_onnx import __version__, inputs, shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json  # noqa: F401  (re-exported: report.write_json)
-from cp_onnx.stats import STAT_NAMES
+from cp_onnx.analysis.stats import STAT_NAMES
 
 REPORT_FORMAT = "cp-onnx-report"
 REPORT_VERSION = 1

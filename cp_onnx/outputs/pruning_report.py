@@ -6,14 +6,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cp_onnx.model import ModelFolder
+from cp_onnx.models.model import ModelFolder
 
 
 def pruning_section(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], report: dict, *, max_length: int = 128,
                     threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """report.json's ``pruning``: every layer method's choices and block rankings and, when the report holds head
     influence (``analyze --heads``), the heads ranked by it."""
-    from cp_onnx import head_pruning, prune  # the analysis; formatting a report needs neither
+    from cp_onnx.analysis import head_pruning, prune  # the analysis; formatting a report needs neither
 
     layers = prune.predict_layers(model, reasoning, general, max_length=max_length, threads=threads, progress=progress)
     section = {"layers": layers.as_dict(top=None)}

@@ -22,12 +22,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cp_onnx.analysis.scores import Block, candidate_blocks
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
-from cp_onnx.runner import pad_batch
-from cp_onnx.scores import Block, candidate_blocks
-from cp_onnx.scoring import ProbePlan, TokenBatch
-from cp_onnx.sweep import BASELINE, Batches, ReuseEvaluator
+from cp_onnx.groundtruth.scoring import ProbePlan, TokenBatch
+from cp_onnx.groundtruth.sweep import BASELINE, Batches, ReuseEvaluator
+from cp_onnx.models.model import ModelFolder
+from cp_onnx.models.runner import pad_batch
 
 METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided, simultaneous: every scored block's bound holds at once in 95% of resamples

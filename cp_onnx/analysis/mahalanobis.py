@@ -22,10 +22,10 @@ from typing import Sequence
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from cp_onnx.analysis.heads import ALPHA
+from cp_onnx.analysis.perturbation import Probe, ProbeResult, Row, TextBase
+from cp_onnx.analysis.scores import EPS, Block, block_z, candidate_blocks
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.heads import ALPHA
-from cp_onnx.perturbation import Probe, ProbeResult, Row, TextBase
-from cp_onnx.scores import EPS, Block, block_z, candidate_blocks
 
 METHOD = "mahalanobis"
 NEURONS_PER_LAYER = 2  # candidates measured per layer (two forwards' worth of rows each)

@@ -5,12 +5,12 @@ import base64
 import html
 from pathlib import Path
 
-from cp_onnx import plots, pruning_report
-from cp_onnx.decision import decision_line, helps, layers_run_twice, scope as scope_text, span
-from cp_onnx.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.files import write_text
-from cp_onnx.regimes import regime_rows, regimes_of
-from cp_onnx.summary import KIND_METHODS
+from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
+from cp_onnx.outputs import plots, pruning_report
+from cp_onnx.outputs.decision import decision_line, helps, layers_run_twice, scope as scope_text, span
+from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits
+from cp_onnx.outputs.summary import KIND_METHODS
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #1d1d1f; padding: 0 1em; }
@@ -47,7 +47,7 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
         parts += ["<h2>Pruning candidates</h2>", _pruning_table(report)]
     regimes = regimes_of(sweep_rows or [])
     if sweep_header is not None and regimes:
-        from cp_onnx.validate import check_same_model
+        from cp_onnx.groundtruth.validate import check_same_model
 
         check_same_model(report, sweep_header)
     for regime in regimes:  # judged apart: solved examples in the prompt change which block helps
@@ -138,7 +138,7 @@ def _layers_table(report: dict) -> str:
 
 def _validation_table(report: dict, sweep_rows: list[dict], regime: str) -> str:
     """Per method and metric: its top-1 block's gain over the baseline next to the sweep's best block (rows of one regime)."""
-    from cp_onnx.validate import validate
+    from cp_onnx.groundtruth.validate import validate
 
     result = validate(report, sweep_rows)
     head = "<tr><th class='name'>method</th><th class='name'>metric</th><th>top-1</th><th>top-1 gain</th><th>general-text cost</th><th>best block</th><th>best gain</th><th>best's rank</th></tr>"
@@ -165,7 +165,7 @@ def _pruning_table(report: dict) -> str:
 
 def _removal_table(report: dict, sweep_rows: list[dict], regime: str) -> str:
     """Per removal size: the least harmful block the sweep found, and each method's choice and its cost beside it (one regime)."""
-    from cp_onnx.validate import validate_removals
+    from cp_onnx.groundtruth.validate import validate_removals
 
     result = validate_removals((report.get("pruning") or {}).get("layers"), sweep_rows)
     head = "<tr><th>layers</th><th class='name'>method</th><th class='name'>removes</th><th>answer log-prob change</th><th>general NLL change</th><th>least harmful</th><th>its change</th></tr>"

@@ -7,8 +7,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 import graph_passes
-from cp_onnx.model import ModelFolder
-from cp_onnx.runner import Runner, open_graph
+from cp_onnx.models.model import ModelFolder
+from cp_onnx.models.runner import Runner, open_graph
 from graph_passes.layer_map import LayerMap, block_name
 
 

@@ -9,7 +9,7 @@ then the head at the scored positions. The naive mode builds each routed model (
 it from scratch; it exists to check and time the reuse mode.
 
 The output is resumable: a header line names the model, suite and regimes, then one line per config,
-appended and fsynced as each finishes. Each row holds its metrics per prompting regime (cp_onnx.regimes):
+appended and fsynced as each finishes. Each row holds its metrics per prompting regime (cp_onnx.groundtruth.regimes):
 ``"regimes": {"zero_shot": {...}, "few_shot": {...}}``. Files of version 1 (written before regimes) are
 read as few-shot only, and are not resumed.
 """
@@ -27,16 +27,17 @@ import numpy as np
 import onnx
 
 import graph_passes
-from cp_onnx import inputs, probes, shapes
-from cp_onnx.regimes import REGIMES, RegimePlan
+from cp_onnx import inputs, shapes
+from cp_onnx.analysis.report import json_ready, file_sha256
+from cp_onnx.analysis.scores import candidate_blocks
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import write_text
-from cp_onnx.model import ModelFolder
-from cp_onnx.report import json_ready, file_sha256
-from cp_onnx.runner import Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
-from cp_onnx.scores import candidate_blocks
-from cp_onnx.scoring import ProbePlan, TokenBatch, score_model, token_scores
+from cp_onnx.groundtruth import probes
+from cp_onnx.groundtruth.regimes import REGIMES, RegimePlan
+from cp_onnx.groundtruth.scoring import ProbePlan, TokenBatch, score_model, token_scores
+from cp_onnx.models.model import ModelFolder
+from cp_onnx.models.runner import Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
 from graph_passes.layer_path import duplicate, format_path, skip
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment
@@ -256,7 +257,7 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
 
     ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
     always added. Each block is duplicated, or with ``operation="skip"`` removed. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
-    ``regimes`` (cp_onnx.regimes.REGIMES) are scored for every config; items without shots are zero-shot only.
+    ``regimes`` (cp_onnx.groundtruth.regimes.REGIMES) are scored for every config; items without shots are zero-shot only.
     ``workers`` processes share the configs and ``threads`` (default: every core), or an ``executor``
     (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on none of these. Returns the rows of all requested configs, in config order.
     """

@@ -10,9 +10,9 @@ import onnx
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import check_real_folder
-from cp_onnx.deployed_folder import manifest_for, set_layer_count
-from cp_onnx.generate import takes_cache, with_past_graph
-from cp_onnx.model import ModelFolder
+from cp_onnx.models.deployed_folder import manifest_for, set_layer_count
+from cp_onnx.models.generate import takes_cache, with_past_graph
+from cp_onnx.models.model import ModelFolder
 from exporters.folders import staging_folder
 from exporters.manifest import MANIFEST_NAME, is_export, write_manifest
 from graph_passes import discover, graph_io

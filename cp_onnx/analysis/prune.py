@@ -31,11 +31,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cp_onnx.analysis.scores import Block
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
-from cp_onnx.scores import Block
-from cp_onnx.scoring import ProbePlan
-from cp_onnx.sweep import Batches, ReuseEvaluator
+from cp_onnx.groundtruth.scoring import ProbePlan
+from cp_onnx.groundtruth.sweep import Batches, ReuseEvaluator
+from cp_onnx.models.model import ModelFolder
 
 DEFAULT = "removal_loss"
 OBJECTIVE = {"sleb": "general", DEFAULT: "reasoning"}  # whose calibration texts' loss each loss method minimises

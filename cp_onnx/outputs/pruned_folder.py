@@ -8,10 +8,11 @@ from typing import Callable, Mapping, Sequence
 
 import onnx
 
-from cp_onnx import calibration, head_pruning, prune
-from cp_onnx.apply import GRAPH_FILES, graph_sources, write_derived
+from cp_onnx import calibration
+from cp_onnx.analysis import head_pruning, prune
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
+from cp_onnx.models.apply import GRAPH_FILES, graph_sources, write_derived
+from cp_onnx.models.model import ModelFolder
 from graph_passes import discover
 from graph_passes.layer_path import format_path
 from graph_passes.prune_heads import prune_heads

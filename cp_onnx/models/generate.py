@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.model import ModelFolder
-from cp_onnx.runner import Runner, cache_feeds, run_session
+from cp_onnx.models.model import ModelFolder
+from cp_onnx.models.runner import Runner, cache_feeds, run_session
 from graph_passes import graph_io
 from graph_passes.route import PAST
 
