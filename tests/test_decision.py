@@ -10,7 +10,7 @@ import pytest
 
 from cp_onnx.analysis.report import write_json
 from cp_onnx.cli import main
-from cp_onnx.decision import NO_PREDICTION, decision_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line
 from cp_onnx.outputs.embed import metadata
 from test_embed import tiny_folder, tiny_report
 

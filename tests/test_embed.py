@@ -14,7 +14,7 @@ import pytest
 from cp_onnx.analysis import report as report_mod
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.cli import main
-from cp_onnx.decision import NO_PREDICTION, decision_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line
 from cp_onnx.models.model import open_model
 from cp_onnx.outputs.embed import format_text, read_metadata
 from tiny import write_byte_tokenizer
