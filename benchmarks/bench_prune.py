@@ -96,7 +96,7 @@ class _Timed:
 
     def __init__(self, model, threads: int):
         self.runner = Runner(model.onnx_path, threads=threads)
-        self.decoder = CachedDecoder(model.with_past_path, model.manifest, threads)
+        self.decoder = CachedDecoder(Runner(model.with_past_path, threads=threads), model.manifest)
         self.empty = dict(self.decoder.past)
 
     def prefill(self, ids: np.ndarray) -> tuple[float, float]:
