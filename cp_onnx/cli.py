@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -472,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("cp-onnx: interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (`cp-onnx report REPORT | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
     except Exception as exc:
         from exporters.errors import ExportError
         from graph_passes.errors import GraphPassError

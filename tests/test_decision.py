@@ -138,3 +138,16 @@ def test_rankings_are_labelled_as_rankings(reports, tmp_path, capsys):
     table = markup.index("<table id='top-circuits'>")
     assert "<h2>Rankings by method</h2>" in markup[:table] and "not recommendations" in markup[markup.index("<h2>Rankings"):table]
     assert "Top circuits" not in markup
+
+
+def test_a_reader_that_stops_after_the_decision_gets_no_traceback(reports):
+    """`cp-onnx report REPORT | head -1`: the pipe closes while cp-onnx still writes; it stops quietly (exit 141)."""
+    import subprocess
+    import sys
+
+    reader = subprocess.Popen([sys.executable, "-m", "cp_onnx.cli", "report", str(reports["analysed"])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    reader.stdout.close()  # the reader went away (as head does after its lines) before cp-onnx wrote anything
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
