@@ -70,7 +70,7 @@ def quantize_model(model, mapped: dict, bits: int) -> None:
     The node rewrite is onnxruntime's own (``quantize`` of its node quantizer, the same call its
     ``process`` makes per node), so the result is what MatMulNBitsQuantizer writes for a top-level graph.
     """
-    from onnx import GraphProto, numpy_helper
+    from onnx import GraphProto
 
     quantizer = new_quantizer(model, bits)
     graph = model.graph
@@ -83,7 +83,7 @@ def quantize_model(model, mapped: dict, bits: int) -> None:
             nodes.append(node)
             continue
         scratch = GraphProto()  # the quantizer looks weights up in the graphs it is given: this one holds one weight
-        scratch.initializer.append(numpy_helper.from_array(np.asarray(mapped[name]), name) if name in mapped else weights[name])
+        scratch.initializer.append(_with_data(weights[name], mapped))
         with quiet(QUANTIZER_LOGGER):
             replaced = quantizer.node_quantizer.quantize(node, [scratch])
         nodes.extend(replaced)
@@ -95,11 +95,17 @@ def quantize_model(model, mapped: dict, bits: int) -> None:
     graph.ClearField("node")
     graph.node.extend(nodes)
     used = {value for node in nodes for value in node.input}
-    kept = [weights[name] for name in weights if name in used]
-    kept = [numpy_helper.from_array(np.asarray(mapped[t.name]), t.name) if t.name in mapped else t for t in kept]
+    kept = [_with_data(weights[name], mapped) for name in weights if name in used]
     added = [tensor for tensors in quantized.values() for tensor in tensors]
     graph.ClearField("initializer")
     graph.initializer.extend(kept + added)
+
+
+def _with_data(tensor, mapped: dict):
+    """``tensor`` with its bytes: a mapped weight's stub read in full, any other tensor as it is."""
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(mapped[tensor.name]), tensor.name) if tensor.name in mapped else tensor
 
 
 def _fold_lone_transposes(nodes: list, weights: dict, mapped: dict) -> list:
@@ -118,7 +124,7 @@ def _fold_lone_transposes(nodes: list, weights: dict, mapped: dict) -> list:
     folded = []
     for node in nodes:
         source = node.input[0] if node.op_type == "Transpose" and node.input else None
-        if source not in weights or readers[source] != 1 or not onnx.helper.tensor_dtype_to_np_dtype(weights[source].data_type).kind == "f":
+        if source not in weights or readers[source] != 1 or helper.tensor_dtype_to_np_dtype(weights[source].data_type).kind != "f":
             folded.append(node)
             continue
         array = np.asarray(mapped[source]) if source in mapped else numpy_helper.to_array(weights[source])

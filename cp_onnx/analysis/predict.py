@@ -152,9 +152,9 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), **costs.get(blocks[b], _NO_COST)}) for b in ranked]
     if with_numbers < MIN_TEXTS:
         decision, reason = "abstain", f"only {with_numbers} calibration texts hold numbers; at least {MIN_TEXTS} are needed to decide (-n)"
-    elif any(b.metrics["gain_lower_bound"] > 0 for b in scored):
-        best = next(b for b in scored if b.metrics["gain_lower_bound"] > 0)
-        decision, reason = "help", (f"[{best.start}, {best.end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
+    elif named:
+        start, end = blocks[named[0]]
+        decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
                                     f"jointly with the bounds of all {len(scored)} blocks scored")
     else:
         decision, reason = "abstain", (f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
