@@ -233,6 +233,14 @@ def markdown(data: dict) -> str:
         lines.append(f"| {t['what']} {t['fraction']:.0%} | {t['count']} | {t['method']} | {t['cost']:+.3f} | {m['greedy_accuracy']:.3f} | {m['choice_accuracy']:.3f} | "
                      f"{m['general_nll']:.3f} | {t['size_ratio']:.2f} | {s['prefill']['speedup_wall']:.2f} / {s['prefill']['speedup_cpu']:.2f} | "
                      f"{s['decode']['speedup_wall']:.2f} / {s['decode']['speedup_cpu']:.2f} | {s['prefill']['pruned_tokens_per_s']:.0f} |")
+    kinds = list(base["by_kind"])
+    lines += ["", "## Per kind of task: answer log-prob lost (nats/item) and greedy accuracy after / before", "",
+              "| removed | method | " + " | ".join(kinds) + " |", "| --- | --- | " + " | ".join("---" for _ in kinds) + " |"]
+    for t in data["trade"]:
+        by_kind = t["metrics"]["by_kind"]
+        cells = [f"{base['by_kind'][k][METRIC] - by_kind[k][METRIC]:+.2f} ({by_kind[k]['greedy_accuracy']:.2f} / {base['by_kind'][k]['greedy_accuracy']:.2f})"
+                 for k in kinds]
+        lines.append(f"| {t['what']} {t['fraction']:.0%} | {t['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

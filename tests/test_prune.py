@@ -70,23 +70,34 @@ def test_statistics_losses_and_greedy_choices_match_torch(llama_folder):  # noqa
         assert chosen.layers == tuple(range(start, start + n)) and chosen.score == pytest.approx(distance[start], abs=1e-5)
         lowest = tuple(sorted(np.argsort(1 - cosines.mean(axis=1), kind="stable")[:n]))
         assert found.choices["block_influence"][n].layers == lowest
-    groups = {"reasoning": [encode(t) for t in REASONING], "general": [encode(t) for t in GENERAL]}
+    groups = {"reasoning": [encode(t) for t in REASONING], "general": [encode(t) for t in GENERAL],
+              **{f"reasoning/{i}": [encode(t)] for i, t in enumerate(REASONING)}}  # the default's two held-out halves: a text each
     nll = {removed: {g: torch_nll(hf, ids, [l for l in range(3) if l not in removed]) for g, ids in groups.items()}
            for removed in [(), *combinations(range(3), 1), *combinations(range(3), 2)]}
     tokens = {g: sum(len(ids) - 1 for ids in groups[g]) for g in groups}
     for values in nll.values():
-        values["all"] = sum(values[g] * tokens[g] for g in groups) / sum(tokens.values())
+        values["all"] = sum(values[g] * tokens[g] for g in ("reasoning", "general")) / (tokens["reasoning"] + tokens["general"])
     for g in ("reasoning", "general", "all"):
         assert found.base_nll[g] == pytest.approx(nll[()][g], abs=1e-4)
-    for method, group in (("sleb", "general"), ("removal_loss", "reasoning")):
-        first = min(((l,) for l in range(3)), key=lambda r: nll[r][group])
-        second = min((tuple(sorted((*first, l))) for l in range(3) if l not in first), key=lambda r: nll[r][group])
-        greedy = {1: first, 2: second}
-        for n in (1, 2):
-            chosen = found.choices[method][n]
-            expected = greedy[n] if method == "sleb" else min([greedy[n], *[tuple(range(s, s + n)) for s in range(4 - n)]], key=lambda r: nll[r]["reasoning"])
-            assert chosen.layers == expected
-            assert chosen.nll[group] == pytest.approx(nll[expected][group], abs=1e-4)
+
+    def greedy(group: str) -> dict[int, tuple[int, ...]]:
+        first = min(((l,) for l in range(3)), key=lambda r: (nll[r][group], r))
+        return {1: first, 2: min((tuple(sorted((*first, l))) for l in range(3) if l not in first), key=lambda r: (nll[r][group], r))}
+
+    def block(group: str, n: int) -> tuple[int, ...]:
+        return min((tuple(range(s, s + n)) for s in range(4 - n)), key=lambda r: (nll[r][group], r))
+
+    for n in (1, 2):
+        sleb = found.choices["sleb"][n]
+        assert sleb.layers == greedy("general")[n] and sleb.nll["general"] == pytest.approx(nll[greedy("general")[n]]["general"], abs=1e-4)
+        # The default: each search picks on one text and is scored on the other; the lower held-out loss wins and picks on both.
+        held_out = {search: sum(nll[pick(part)][other] for part, other in (("reasoning/0", "reasoning/1"), ("reasoning/1", "reasoning/0")))
+                    for search, pick in (("block", lambda g: block(g, n)), ("greedy", lambda g: greedy(g)[n]))}
+        search = min(held_out, key=held_out.get)
+        expected = block("reasoning", n) if search == "block" else greedy("reasoning")[n]
+        chosen = found.choices["removal_loss"][n]
+        assert found.searches[n] == search and chosen.layers == expected
+        assert chosen.nll["reasoning"] == pytest.approx(nll[expected]["reasoning"], abs=1e-4)
     ranked = [(b.start, b.end) for b in found.blocks["removal_loss"]]
     assert ranked == sorted(ranked, key=lambda b: nll[tuple(range(*b))]["reasoning"])
 

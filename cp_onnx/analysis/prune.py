@@ -15,11 +15,16 @@ n layers it would remove (its *choice*) and, where it has one, a ranking of the 
 - ``sleb`` (Song et al. 2024): remove layers one at a time, each time the one whose removal raises the
   mean next-token loss (NLL) of the general calibration texts least (SLEB calibrates on general text).
   Blocks are ranked by the same loss.
-- ``removal_loss`` (the default): the same exact loss on the reasoning calibration texts, searched both
-  ways: the choice is the lower-loss of the best contiguous block of n and SLEB's greedy set of n. The
-  texts matter more than the search: on SmolLM2 the general texts' loss (SLEB's) picks layer 9 as the
-  cheapest single layer, which costs 0.43 nats per probe item, and the reasoning texts' loss picks layer
-  3, which costs nothing (+0.01; benchmarks/results/prune_smollm2.md).
+- ``removal_loss`` (the default): the same exact loss on the reasoning calibration texts, with the search
+  chosen on held-out texts. Two searches can name n layers: the contiguous block of n with the least loss
+  and SLEB's greedy set. The greedy set tries ~n x L removals against ~L blocks, so its least loss is the
+  more optimistic of the two (a best of more noisy candidates). So the texts are split in two halves;
+  each search picks its n layers on one half and is scored on the other, and the search whose picks lose
+  less on the texts they did not see, summed over both halves, picks again on all texts. The texts matter
+  more than the search: on SmolLM2 the general texts' loss (SLEB's) picks layer 9 as the cheapest single
+  layer, which costs 0.43 nats per probe item, and the reasoning texts' loss picks layer 3, which costs
+  nothing (+0.01); the held-out choice matters at 3-4 layers, where the greedy set's lower calibration loss
+  cost 0.37-0.93 nats per probe item against 0.05-0.17 for the block (benchmarks/results/prune_smollm2.md).
 
 Lower scores mean "cheaper to remove" for every method.
 """
@@ -38,6 +43,7 @@ from cp_onnx.groundtruth.sweep import Batches, ReuseEvaluator
 from cp_onnx.models.model import ModelFolder
 
 DEFAULT = "removal_loss"
+FOLDS = 2  # halves of the reasoning texts on which the default's two searches are held out against each other
 OBJECTIVE = {"sleb": "general", DEFAULT: "reasoning"}  # whose calibration texts' loss each loss method minimises
 METHODS = ("block_influence", "angular_distance", "sleb", DEFAULT)
 PAPERS = {"block_influence": "ShortGPT (Men et al., 2024)", "angular_distance": "Gromov et al., 2024", "sleb": "SLEB (Song et al., 2024)",
@@ -68,10 +74,12 @@ class LayerPruning:
     texts: dict[str, int]
     token_layers: int = 0  # the work the loss methods ran: tokens (padding included) times layers
     timings: dict[str, float] = field(default_factory=dict)
+    searches: dict[int, str] = field(default_factory=dict)  # per n, the default's search ("block" or "greedy") chosen on held-out texts
 
     def as_dict(self, top: int | None = 5) -> dict:
         return {
             "default": DEFAULT,
+            "default_search": {str(n): search for n, search in sorted(self.searches.items())},
             "papers": PAPERS,
             "num_layers": self.num_layers,
             "texts": self.texts,
@@ -86,24 +94,39 @@ class LayerPruning:
 class RemovalLoss:
     """The calibration texts' mean NLL per token with any set of layers removed, per text set, each run once (cached).
 
-    Each set's texts are batched apart, so a search that minimises one set's loss runs only its texts."""
+    Each set's texts are batched apart, so a search that minimises one set's loss runs only its texts. A set
+    named in ``folds`` is also split into that many parts ("reasoning/0", "reasoning/1", texts dealt in
+    turn), each a set of its own; the whole set's loss is their token-weighted mean."""
 
-    def __init__(self, model: ModelFolder, texts: dict[str, Sequence[str]], *, max_length: int, threads: int | None):
+    def __init__(self, model: ModelFolder, texts: dict[str, Sequence[str]], *, max_length: int, threads: int | None,
+                 folds: dict[str, int] | None = None):
         encode = lambda text: model.encode([text])[0][0]  # noqa: E731
-        self.plans = {name: ProbePlan([], encode, group, max_length=max_length) for name, group in texts.items() if group}
-        if any(len(plan.continuations) != len(texts[name]) for name, plan in self.plans.items()):
+        self.whole: dict[str, tuple[str, ...]] = {}  # a split set: its parts
+        groups = {}
+        for name, group in texts.items():
+            k = min((folds or {}).get(name, 1), len(group))
+            if k > 1:
+                self.whole[name] = tuple(f"{name}/{i}" for i in range(k))
+                groups.update({part: group[i::k] for i, part in enumerate(self.whole[name])})
+            elif group:
+                groups[name] = group
+        self.plans = {name: ProbePlan([], encode, group, max_length=max_length) for name, group in groups.items()}
+        if any(len(plan.continuations) != len(groups[name]) for name, plan in self.plans.items()):
             raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
         batches, self.parts = [], {}
         for name, plan in self.plans.items():
             self.parts[name] = range(len(batches), len(batches) + len(plan.batches))
             batches += plan.batches
         self.tokens = {name: float(sum(len(c.tokens) for c in plan.continuations)) for name, plan in self.plans.items()}
+        self.tokens.update({name: sum(self.tokens[p] for p in parts) for name, parts in self.whole.items()})
         self.evaluator = ReuseEvaluator(model.onnx_path, Batches(batches), threads)
         self.num_layers = self.evaluator.num_layers
         self._cache: dict[tuple[tuple[int, ...], str], float] = {}
 
     def __call__(self, removed: Sequence[int], group: str) -> float:
         """Mean NLL per token of one text set with ``removed`` gone."""
+        if group in self.whole:
+            return sum(self(removed, part) * self.tokens[part] for part in self.whole[group]) / self.tokens[group]
         key = (tuple(sorted(set(removed))), group)
         if key not in self._cache:
             path = [l for l in range(self.num_layers) if l not in key[0]]
@@ -113,13 +136,18 @@ class RemovalLoss:
             self._cache[key] = float(-logprob.sum() / self.tokens[group])
         return self._cache[key]
 
+    @property
+    def sets(self) -> list[str]:
+        """The text sets as given (a split set once, not its parts)."""
+        return [name for name in self.plans if "/" not in name] + list(self.whole)
+
     def known(self, removed: Sequence[int], group: str) -> bool:
-        return (tuple(sorted(set(removed))), group) in self._cache
+        return all((tuple(sorted(set(removed))), part) in self._cache for part in self.whole.get(group, (group,)))
 
     def every_set(self, removed: Sequence[int]) -> dict[str, float]:
         """The loss of every text set, and of all their tokens together ("all")."""
-        found = {group: self(removed, group) for group in self.plans}
-        return {**found, "all": sum(found[g] * self.tokens[g] for g in found) / sum(self.tokens.values())}
+        found = {group: self(removed, group) for group in self.sets}
+        return {**found, "all": sum(found[g] * self.tokens[g] for g in found) / sum(self.tokens[g] for g in found)}
 
     def rebase(self, removed: Sequence[int]) -> None:
         """Keep the outputs of the model without ``removed``: a greedy step's candidates then resume from them."""
@@ -148,7 +176,8 @@ def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequen
     if not general:
         raise CpOnnxError("pruning predictions need general calibration texts (SLEB's loss is theirs); give at least one")
     began = time.perf_counter()
-    loss = RemovalLoss(model, {"reasoning": reasoning, "general": general}, max_length=max_length, threads=threads)
+    loss = RemovalLoss(model, {"reasoning": reasoning, "general": general}, max_length=max_length, threads=threads,
+                       folds={OBJECTIVE[DEFAULT]: FOLDS} if DEFAULT in methods else None)
     L = loss.num_layers
     max_layers = max(1, L // 4) if max_layers is None else max_layers
     if not 1 <= max_layers < L:
@@ -157,7 +186,9 @@ def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequen
     blocks = [(s, s + n) for n in sizes for s in range(L - n + 1)]
     run_sizes = sizes if set(methods) == set(METHODS) else [max_layers]
     losses = [m for m in ("sleb", DEFAULT) if m in methods]
-    total = len(losses) * (sum(L - n + 1 for n in run_sizes) + sum(L - k for k in range(1, max_layers)))  # blocks, then greedy steps 2..
+    held_out = loss.whole.get(OBJECTIVE[DEFAULT], ()) if DEFAULT in methods else ()
+    greedy_runs = len(losses) + len(held_out)  # SLEB's, the default's, and the default's on each part of its texts
+    total = len(losses) * sum(L - n + 1 for n in run_sizes) + greedy_runs * sum(L - k for k in range(1, max_layers))  # blocks, greedy steps 2..
     done = 0
 
     def measured(removed, group: str) -> float:
@@ -177,6 +208,10 @@ def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequen
               "angular_distance": _rank(blocks, lambda b: float(angular[b[1] - b[0]][b[0]])),
               **{m: _rank(run, cost[m].__getitem__) for m in losses}}
     greedy = {m: _greedy(measured, loss.rebase, L, max_layers, OBJECTIVE[m]) for m in losses}
+    greedy_on = {part: _greedy(measured, loss.rebase, L, max_layers, part) for part in held_out}
+    if DEFAULT in greedy:
+        greedy_on[OBJECTIVE[DEFAULT]] = greedy[DEFAULT]
+    searches: dict[int, str] = {}
     choices: dict[str, dict[int, tuple[tuple[int, ...], float]]] = {m: {} for m in methods}
     for n in sizes:
         if "block_influence" in methods:
@@ -188,9 +223,11 @@ def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequen
         if "sleb" in methods:
             choices["sleb"][n] = (greedy["sleb"][n], measured(greedy["sleb"][n], "general") - base["general"])
         if DEFAULT in methods and n in run_sizes:
-            block = next(b for b in ranked[DEFAULT] if b.end - b.start == n)
             objective = OBJECTIVE[DEFAULT]
-            pick = min([tuple(range(block.start, block.end)), greedy[DEFAULT][n]], key=lambda layers: (measured(layers, objective), layers))
+            picks = {"block": lambda group: _best_block(measured, L, n, group), "greedy": lambda group: greedy_on[group][n]}
+            search = _held_out_search(measured, picks, held_out) if held_out else "block"
+            searches[n] = search
+            pick = picks[search](objective)
             choices[DEFAULT][n] = (pick, measured(pick, objective) - base[objective])
     removals = {m: {n: Removal(layers, score, loss.every_set(layers)) for n, (layers, score) in found.items()} for m, found in choices.items()}
     if progress:
@@ -198,9 +235,9 @@ def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequen
     per_layer = {"block_influence": bi.tolist()}
     if DEFAULT in cost and all((l, l + 1) in cost[DEFAULT] for l in range(L)):
         per_layer[DEFAULT] = [cost[DEFAULT][(l, l + 1)] for l in range(L)]
-    texts = {"reasoning": len(reasoning), "general": len(general), "tokens": int(sum(loss.tokens.values()))}
+    texts = {"reasoning": len(reasoning), "general": len(general), "tokens": int(sum(loss.tokens[g] for g in loss.sets))}
     return LayerPruning(L, removals, {m: ranked[m] for m in methods}, per_layer, base, texts, loss.evaluator.layer_tokens,
-                        {"pruning_layers_s": time.perf_counter() - began})
+                        {"pruning_layers_s": time.perf_counter() - began}, searches)
 
 
 def _statistics(loss: RemovalLoss) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -233,6 +270,23 @@ def _greedy(measured: Callable[[Sequence[int], str], float], rebase: Callable[[S
         removed = min(options, key=lambda layers: (measured(layers, group), layers))
         found[n] = removed
     return found
+
+
+def _best_block(measured: Callable[[Sequence[int], str], float], num_layers: int, n: int, group: str) -> tuple[int, ...]:
+    """The contiguous block of n layers whose removal gives ``group`` the least loss (ties: the earliest)."""
+    return min((tuple(range(s, s + n)) for s in range(num_layers - n + 1)), key=lambda layers: (measured(layers, group), layers))
+
+
+def _held_out_search(measured: Callable[[Sequence[int], str], float], picks: dict[str, Callable[[str], tuple[int, ...]]],
+                     parts: Sequence[str]) -> str:
+    """The search whose picks, each made on one part of the texts, lose least on the other parts (summed; ties: the first).
+
+    A search that tries more candidates finds a lower loss on the texts it searched by chance alone; the
+    texts it did not search show what its pick is worth."""
+    def held_out(search: str) -> float:
+        return sum(measured(picks[search](part), other) for part in parts for other in parts if other != part)
+
+    return min(picks, key=held_out)
 
 
 def _rank(blocks: list[tuple[int, int]], score: Callable[[tuple[int, int]], float]) -> list[Block]:
