@@ -33,10 +33,12 @@ class LinearHead:
     def __init__(self, weight: np.ndarray, top_tokens: int = TOP_TOKENS):
         if top_tokens < 1:
             raise ValueError(f"top_tokens must be >= 1, got {top_tokens}")
-        self.weight = np.asarray(weight, dtype=np.float32)
-        w = self.weight.astype(np.float64)
+        w = np.asarray(weight, dtype=np.float64)
         self.gram = w @ w.T  # [hidden, hidden]
-        self.top_tokens = min(top_tokens, self.weight.shape[1])
+        # A copy with one row per token (vocab x hidden float32, SmolLM2: 113 MB): gathering a position's top tokens
+        # then reads contiguous rows, ~10x faster than W's strided columns.
+        self.rows = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
+        self.top_tokens = min(top_tokens, self.rows.shape[0])
 
     def logit_change(self, dy: np.ndarray) -> np.ndarray:
         """|W^T dy| over the last axis of ``dy`` [..., hidden] (float64)."""
@@ -55,7 +57,7 @@ class LinearHead:
         q = probs[:-1].copy()
         q[positions, targets] = 0
         q[positions, targets] = -q.sum(axis=-1, dtype=np.float64)
-        gradient = (self.weight @ q.T).T.astype(np.float64)  # [seq - 1, hidden]
+        gradient = (self.rows.T @ q.T).T.astype(np.float64)  # [seq - 1, hidden]: 10x faster in this order than q @ rows (measured)
         return LinearBase(self, top, p_top, gradient)
 
 
@@ -66,6 +68,9 @@ class LinearBase:
     p_top: np.ndarray  # [seq, K] their base probabilities, renormalised
     gradient: np.ndarray  # [seq - 1, hidden] d loss / d y at the base: ubar - u_target
 
+    def __post_init__(self):
+        self.p_top32, self.sqrt_p_top = self.p_top.astype(np.float32), np.sqrt(self.p_top).astype(np.float32)
+
     def measures(self, dy: np.ndarray, wanted: frozenset[str]) -> dict[str, np.ndarray]:
         """Of loss change, Fisher variance and logit change, those ``wanted``, for rows [rows, seq, hidden] of normed-state changes."""
         found = {}
@@ -73,11 +78,20 @@ class LinearBase:
             found["logit_change"] = self.head.logit_change(dy.astype(np.float64))
         if wanted & {"fisher", "loss"}:
             fisher = np.empty(dy.shape[:2])
-            dy32 = dy.astype(np.float32)
+            by_position = np.ascontiguousarray(dy.transpose(1, 0, 2), dtype=np.float32)  # [seq, rows, hidden]
+            # Buffers reused across positions: fresh 5 MB arrays cost more in page faults than the gather itself.
+            u = np.empty((self.top.shape[1], dy.shape[2]), np.float32)
+            z = np.empty((self.top.shape[1], dy.shape[0]), np.float32)
             for s in range(dy.shape[1]):
-                dz = (dy32[:, s] @ self.head.weight[:, self.top[s]]).astype(np.float64)  # [rows, K]
-                dz -= (dz @ self.p_top[s])[:, None]
-                fisher[:, s] = np.square(dz) @ self.p_top[s]
+                # Var_p(u . dy) = sum_k |sqrt(p_k) (u_k - ubar) . dy|^2: the top tokens' rows centred on their mean
+                # under p and scaled by sqrt(p), so one product and one sum of squares per row, and no difference
+                # of large sums (E[dz^2] - E[dz]^2 would lose the digits of a change that mostly shifts every logit).
+                np.take(self.head.rows, self.top[s], axis=0, out=u)  # [K, hidden]
+                u -= np.einsum("k,kh->h", self.p_top32[s], u)  # einsum: BLAS's vector-matrix product is 25x slower here
+                u *= self.sqrt_p_top[s][:, None]
+                np.matmul(u, by_position[s].T, out=z)  # [K, rows]: 2.7x faster in this order than dy @ u.T (measured)
+                np.square(z, out=z)
+                fisher[:, s] = z.sum(axis=0, dtype=np.float64)
             found["fisher"] = fisher
             if "loss" in wanted:
                 found["loss_change"] = np.einsum("rsh,sh->rs", dy[:, :-1].astype(np.float64), self.gradient) + fisher[:, :-1] / 2
