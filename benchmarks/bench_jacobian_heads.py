@@ -27,6 +27,7 @@ import numpy as np
 from cp_onnx.analysis.circuit import circuit_analysis
 from cp_onnx.analysis.heads import EXACT_HEADS
 from cp_onnx.analysis.jacobian import NUM_PROBES
+from cp_onnx.analysis.linear_head import TOP_TOKENS
 from cp_onnx.analysis.mahalanobis import NEURONS_PER_LAYER
 from cp_onnx.calibration import load_calibration
 from cp_onnx.models.model import open_model
@@ -60,14 +61,17 @@ def work_floor(model, token_lists: list, padded_slots: int, plain_s: float) -> t
 
     Rows per text: NUM_PROBES central pairs at each layer's input and at the head's (Jacobian), one
     row per head at each layer (first-order influence); a row starting at layer l runs l..L-1 and the
-    head (a Jacobian pair only the final norm where the logits are a plain product: split_unembedding)."""
+    head; where the logits are a plain product (split_unembedding) a Jacobian pair runs only the final
+    norm and a head's row the product with its top tokens' columns (linear_head)."""
     proto = graph_io.load(model.onnx_path, weights=False)
     layer_map = discover(proto)
     parts = segment(proto, layer_map)
     layer, head = [matmul_weights(m) for m in parts.layers], matmul_weights(parts.head)
     from_layer = [sum(layer[l:]) for l in range(len(layer) + 1)]  # layers a row starting at l runs
-    pair_head = 0 if split_unembedding(parts.head) else head
-    per_token = 2 * NUM_PROBES * (sum(from_layer) + len(from_layer) * pair_head) + (layer_map.num_heads or 0) * (sum(from_layer[:-1]) + len(layer) * head)
+    split = split_unembedding(parts.head)
+    pair_head = 0 if split else head
+    row_head = split[1].dims[0] * min(TOP_TOKENS, split[1].dims[1]) if split else head
+    per_token = 2 * NUM_PROBES * (sum(from_layer) + len(from_layer) * pair_head) + (layer_map.num_heads or 0) * (sum(from_layer[:-1]) + len(layer) * row_head)
     tokens = sum(len(t) for t in token_lists)
     rate = padded_slots * (from_layer[0] + head) / plain_s  # multiply-adds per second of the plain forward
     return per_token * tokens / 1e12, per_token * tokens / rate

@@ -4,7 +4,10 @@ For every head, over the calibration texts, side by side:
 - first-order estimates from one finite-difference step toward removal (attribution patching without
   backpropagation): the head's context is scaled by ``1 - ALPHA``, so ``loss_estimate = dL / ALPHA``
   estimates ``dL/dctx . (0 - ctx)``. KL's first derivative vanishes at the base, so its estimate is
-  the leading (quadratic) term: ``kl_estimate = Var_p(dlogits / ALPHA) / 2`` (the Fisher form);
+  the leading (quadratic) term: ``kl_estimate = Var_p(dlogits / ALPHA) / 2`` (the Fisher form).
+  Where the logits are a plain product of the normed hidden state (``linear_head``), the step's rows
+  skip the vocabulary-wide head: dL is taken to second order (an O(ALPHA^2) relative error, below the
+  step's own O(ALPHA)) and the variance over each position's 2048 most likely tokens;
 - the exact effects of zero ablation and of mean ablation (the context replaced by the head's mean
   over all calibration tokens), the forwards the ablate pass builds as a model of their own. These
   cost two full-vocabulary forwards per head and text, so by default only the EXACT_HEADS heads the

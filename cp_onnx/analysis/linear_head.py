@@ -8,8 +8,9 @@ logit change is exactly linear in the change ``dy`` of its normed hidden state: 
   ``top_tokens`` most likely tokens of each position (p renormalised within them), so a row costs
   ``hidden x top_tokens`` per token instead of ``hidden x vocab``. On SmolLM2 the 2048 most likely of
   its 49152 tokens hold all but 2.4e-3 of the probability mass (median over the 286 positions of the
-  calibration texts; 4e-2 at the 90th percentile, 0.14 at most): the variance left out is that mass's
-  share, where the tail's logits move as much as the rest.
+  calibration texts; 4e-2 at the 90th percentile, 0.14 at most). Its head estimates' Fisher form
+  (kl_estimate) comes out 0.9% lower than over the whole vocabulary (median over the 270 heads; 4.7% at
+  most), the heads' ranking unchanged (Spearman 0.99998 between the two).
 - ``loss`` change to second order: ``log E_p e^dz - dz_target = (ubar - u_target) . dy + fisher / 2 + O(dz^3)``
   with ``ubar = E_p[u_v]`` (``u_v`` column v of W), the first-order term over the whole vocabulary.
 
