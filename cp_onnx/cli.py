@@ -45,6 +45,26 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def exact_heads_option(text: str | None, *, heads: bool, prune: bool) -> int | None:
+    """--exact-heads N|all as circuit_analysis takes it (None: every head). Unset: heads.EXACT_HEADS, or every head with
+    --prune, whose default head method ranks the cheapest heads by their exact ablation (the screen keeps the strongest)."""
+    from cp_onnx.analysis.heads import EXACT_HEADS
+
+    if text is None:
+        return None if prune else EXACT_HEADS
+    if not heads:
+        raise CpOnnxError("--exact-heads applies to head influence: add --heads")
+    if text.strip().lower() == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise CpOnnxError(f"--exact-heads takes a number of heads (0 or more) or 'all', not {text!r}")
+    return count
+
+
 def cmd_export(args) -> int:
     from exporters import export
 
@@ -67,6 +87,7 @@ def cmd_analyze(args) -> int:
         calibration=args.calibration, n=args.n, max_length=args.max_length, methods=methods,
         block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads, screen=args.screen,
     )
+    exact_heads = exact_heads_option(args.exact_heads, heads=args.heads, prune=args.prune)
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
     if args.heads:
         from cp_onnx.analysis.circuit import check_heads
@@ -78,7 +99,7 @@ def cmd_analyze(args) -> int:
         result.languages = analyze.language_check(model, settings, langs, log=log)
     data = report.build_report(result)
     if args.jacobian or args.heads:
-        _add_circuit_analysis(data, model, settings, with_heads=args.heads)
+        _add_circuit_analysis(data, model, settings, with_heads=args.heads, exact_heads=exact_heads)
     if args.prune:
         _add_pruning(data, model, settings)
     out = report.write_json(data, Path(args.out) / "report.json")
@@ -92,13 +113,13 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool) -> None:
+def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool, exact_heads: int | None) -> None:
     """Jacobian, Mahalanobis (and head-influence) sections and methods, on the same calibration texts."""
     from cp_onnx.analysis.circuit import circuit_analysis
     from cp_onnx.calibration import load_calibration
 
     texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
-    sections = circuit_analysis(model, texts, max_length=settings.max_length, with_heads=with_heads,
+    sections = circuit_analysis(model, texts, max_length=settings.max_length, with_heads=with_heads, exact_heads=exact_heads,
                                 block_sizes=settings.block_sizes, threads=settings.threads, progress=Progress("circuit analysis"))
     data["methods"].update(sections.pop("methods"))
     data["timings"].update(sections.pop("timings"))
@@ -365,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the neighbours of its 4 best: about half the work)")
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")
     p.add_argument("--jacobian", action="store_true", help="add finite-difference Jacobian stability and Mahalanobis anomaly scores; write circuit.graphml/json/dot")
-    p.add_argument("--heads", action="store_true", help="add head influence (first-order estimates and exact ablations); implies the circuit graph")
+    p.add_argument("--heads", action="store_true",
+                   help="add head influence (every head's first-order estimates, exact ablations of the heads they rank highest); implies the circuit graph")
+    p.add_argument("--exact-heads", metavar="N|all",
+                   help="with --heads, the number of heads ablated exactly, chosen by the estimates (default 16; with --prune all, "
+                        "as the pruning's default head method needs every head's exact loss; 0: estimates only)")
     p.add_argument("--prune", action="store_true",
                    help="add pruning candidates: the layers each method (ShortGPT, Gromov, SLEB, the default removal_loss) would remove, 1 to L/4 "
                         "of them, and with --heads the cheapest heads (check them with `cp-onnx sweep --skip` and `cp-onnx validate`)")

@@ -193,9 +193,12 @@ def test_contrastive_equals_anomaly_of_both_sets_against_their_difference(tiny_f
 def test_jacobian_and_heads_add_sections_and_a_circuit_graph(tiny_folder, tmp_path, capsys):
     import networkx as nx
 
-    data = _report(tiny_folder, tmp_path, capsys, "-n", "2", "--jacobian", "--heads")
+    data = _report(tiny_folder, tmp_path, capsys, "-n", "2", "--jacobian", "--heads", "--exact-heads", "5")
     jsonschema.validate(data, report_mod.schema())
     assert {"jacobian", "heads", "mahalanobis"} <= set(data)
+    exact = [r for r in data["heads"]["heads"] if r["exact"]]
+    assert data["heads"]["exact_heads"] == len(exact) == 5 and all(r["kl_zero"] is not None for r in exact)
+    assert sum(r["kl_zero"] is None for r in data["heads"]["heads"]) == 12 - 5
     assert {"stability", "jacobian", "mahalanobis"} <= set(data["methods"])
     graph = nx.read_graphml(tmp_path / "circuit.graphml")
     # 3 layers and 4 heads each: every one a node of the graph written beside the report.
@@ -222,3 +225,22 @@ def test_default_method_decides_and_is_skipped_on_texts_without_numbers(tiny_fol
     # ... and asked for alone, it is an error.
     _assert_fails(["analyze", tiny_folder, "--calibration", "general", "--method", "duplication_loss", "--out", tmp_path / "alone", *TINY_ARGS],
                   capsys, "hold no numbers", out=tmp_path / "alone")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--heads", "--exact-heads", "some"], "--exact-heads takes a number of heads (0 or more) or 'all', not 'some'"),
+    (["--heads", "--exact-heads", "-2"], "not '-2'"),
+    (["--exact-heads", "4"], "--exact-heads applies to head influence: add --heads"),
+])
+def test_bad_exact_heads(tiny_folder, tmp_path, capsys, args, fragment):
+    _assert_fails(["analyze", tiny_folder, "--out", tmp_path, *TINY_ARGS, *args], capsys, fragment, out=tmp_path)
+
+
+def test_exact_heads_default_and_all():
+    from cp_onnx.analysis.heads import EXACT_HEADS
+    from cp_onnx.cli import exact_heads_option
+
+    assert exact_heads_option(None, heads=True, prune=False) == EXACT_HEADS
+    assert exact_heads_option(None, heads=True, prune=True) is None  # pruning ranks the cheapest heads: all exact
+    assert exact_heads_option("ALL", heads=True, prune=False) is None
+    assert exact_heads_option(" 7", heads=True, prune=True) == 7

@@ -7,6 +7,7 @@ import re
 
 import networkx as nx
 import pytest
+from scipy.stats import spearmanr
 
 from cp_onnx.analysis.circuit import build_circuit_graph, circuit_analysis, head_node, layer_node, to_dot, write_circuit
 from cp_onnx.errors import CpOnnxError
@@ -112,3 +113,64 @@ def test_dot_lists_every_node_and_edge(report):
 def test_report_without_layers_is_an_error():
     with pytest.raises(CpOnnxError, match="no per-layer section"):
         build_circuit_graph({"methods": {}})
+
+
+def test_exact_ablations_only_for_the_heads_the_estimates_rank_highest(report):
+    """exact_heads=3 of 12: the estimates are those of the all-heads run; the 3 heads taken alternately from the
+    kl_estimate and |loss_estimate| rankings get the all-heads run's exact effects and influences; the rest null."""
+    data, folder, onnx_path = report
+    partial = json_ready_round_trip(circuit_analysis(ModelFolder(folder, onnx_path), TEXTS, block_sizes=SIZES, exact_heads=3))
+    everything = {(r["layer"], r["head"]): r for r in data["heads"]["heads"]}
+    by_kl = sorted(everything, key=lambda lh: (-everything[lh]["kl_estimate"], lh))
+    by_loss = sorted(everything, key=lambda lh: (-abs(everything[lh]["loss_estimate"]), lh))
+    expected = {by_kl[0]}
+    expected.add(next(lh for lh in by_loss if lh not in expected))
+    expected.add(next(lh for lh in by_kl if lh not in expected))
+    rows = {(r["layer"], r["head"]): r for r in partial["heads"]["heads"]}
+    assert {lh for lh, r in rows.items() if r["exact"]} == expected
+    assert partial["heads"]["exact_heads"] == 3 and "3 of 12" in partial["heads"]["exact_selection"]
+    for lh, row in rows.items():
+        assert row["loss_estimate"] == pytest.approx(everything[lh]["loss_estimate"], rel=1e-6)
+        assert row["kl_estimate"] == pytest.approx(everything[lh]["kl_estimate"], rel=1e-6)
+        for column in ("loss_zero", "kl_zero", "loss_mean", "kl_mean"):
+            if lh in expected:  # the same rows in smaller batches: float32 rounding only
+                assert row[column] == pytest.approx(everything[lh][column], rel=1e-5, abs=1e-9), (lh, column)
+            else:
+                assert row[column] is None, (lh, column)
+        if lh in expected:
+            assert [i["layer"] for i in row["influences"]] == [i["layer"] for i in everything[lh]["influences"]]
+        else:
+            assert row["influences"] == []
+    chosen = sorted(expected)
+    for estimate, exact in (("loss_estimate", "loss_zero"), ("kl_estimate", "kl_mean")):
+        rho = spearmanr([rows[lh][estimate] for lh in chosen], [rows[lh][exact] for lh in chosen]).statistic
+        assert partial["heads"]["spearman"][f"{estimate}~{exact}"] == pytest.approx(rho)
+    graph = build_circuit_graph({**partial, "layers": data["layers"]})
+    for lh in rows:
+        node = head_node(*lh)
+        assert graph.nodes[node]["exact"] == (lh in expected)
+        assert math.isnan(graph.edges[node, layer_node(lh[0])]["weight"]) != (lh in expected)
+    import jsonschema
+
+    from cp_onnx.analysis.report import schema
+    jsonschema.validate({"heads": partial["heads"]}, {**schema(), "required": []})
+
+
+def test_no_exact_heads_leaves_estimates_only(report):
+    data, folder, onnx_path = report
+    none = json_ready_round_trip(circuit_analysis(ModelFolder(folder, onnx_path), TEXTS, block_sizes=SIZES, exact_heads=0))
+    assert none["heads"]["exact_heads"] == 0 and not any(r["exact"] for r in none["heads"]["heads"])
+    assert all(r["kl_zero"] is None and r["kl_estimate"] is not None for r in none["heads"]["heads"])
+    assert all(rho is None for rho in none["heads"]["spearman"].values())
+
+
+@pytest.mark.parametrize("bad", (-1, 2.5, "all", True))
+def test_bad_exact_heads_is_a_one_line_error(report, bad):
+    _, folder, onnx_path = report
+    with pytest.raises(CpOnnxError, match="exact_heads must be"):
+        circuit_analysis(ModelFolder(folder, onnx_path), TEXTS, block_sizes=SIZES, exact_heads=bad)
+
+
+def json_ready_round_trip(sections: dict) -> dict:
+    """As report.json holds it: NaN as null."""
+    return json.loads(json.dumps(sections, allow_nan=False))

@@ -5,6 +5,7 @@ import copy
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from cp_onnx.analysis import heads
 from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
@@ -170,3 +171,58 @@ def test_agreement_is_nan_for_constant_columns():
     found = heads.agreement(columns)
     assert found["loss_estimate~loss_zero"] == pytest.approx(1.0)
     assert np.isnan(found["kl_estimate~kl_zero"])
+
+
+def test_choose_exact_alternates_between_the_two_rankings():
+    """kl ranking: (0,0) 5, (1,1) 3, (1,2) 2, (0,1) 1 and (0,2) 1 (tie: by layer, head), (1,0) 0;
+    |loss| ranking: (0,1) 9, (1,0) 8, (0,2) 1, then the zeros by (layer, head)."""
+    columns = {"kl_estimate": np.array([[5.0, 1, 1], [0, 3, 2]]), "loss_estimate": np.array([[0.0, -9, 1], [8, 0, 0]])}
+    assert heads.choose_exact(columns, 1) == [(0, 0)]
+    assert heads.choose_exact(columns, 4) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert heads.choose_exact(columns, 5) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    every = [(l, h) for l in range(2) for h in range(3)]
+    assert heads.choose_exact(columns, 6) == heads.choose_exact(columns, 99) == heads.choose_exact(columns, None) == every
+    assert heads.choose_exact(columns, 0) == []
+    columns["kl_estimate"][0, 0] = np.nan  # ranks last, not first
+    assert heads.choose_exact(columns, 1) == [(1, 1)]
+
+
+def test_heads_not_ablated_are_nan_and_agreement_uses_the_ablated(influence):
+    """HeadStats fed every head's estimate but only some heads' ablations: those heads' columns and composition
+    are the all-heads values, the others NaN; Spearman is over the ablated heads."""
+    _, _, full, means, proto, layer_map = influence
+    texts = base_activations(proto, layer_map, TEXTS)
+    runs = PerturbedRuns(proto, layer_map)
+    chosen = [(0, 1), (1, 0), (1, 3), (2, 2)]
+    stats = heads.HeadStats(layer_map.num_layers, layer_map.num_heads)
+    for ids, text in zip(TEXTS, texts):
+        base, results = runs.run(ids, heads.estimate_probes(means, range(layer_map.num_layers)))
+        stats.add(text, base, results)
+        base, results = runs.run(ids, heads.ablation_probes(means, chosen))
+        stats.add(text, base, results)
+    result = stats.result()
+    measured = np.zeros_like(result["exact"])
+    measured[tuple(np.array(chosen).T)] = True
+    np.testing.assert_array_equal(result["exact"], measured)
+    for column in heads.COLUMNS:
+        expected = full[column] if "estimate" in column else np.where(measured, full[column], np.nan)
+        np.testing.assert_allclose(result[column], expected, rtol=1e-5, atol=1e-9, err_msg=column)
+    np.testing.assert_allclose(result["composition"][measured], full["composition"][measured], rtol=1e-5, atol=1e-9)
+    assert np.isnan(result["composition"][~measured]).all()
+    a, b = full["kl_estimate"][measured], full["kl_zero"][measured]
+    assert result["spearman"]["kl_estimate~kl_zero"] == pytest.approx(spearmanr(a, b).statistic)
+
+
+def test_pruning_leaves_out_a_method_some_heads_lack():
+    """head_ablation ranks the cheapest heads by loss_zero: with only the strongest ablated it would offer them first."""
+    from cp_onnx.analysis.head_pruning import heads_section
+    from cp_onnx.outputs.pruning_report import head_scores
+
+    rows = [{"layer": l, "head": h, "loss_estimate": float(l + h), "loss_zero": 1.0 if (l, h) == (1, 1) else None} for l in range(2) for h in range(2)]
+    scores = head_scores({"heads": {"heads": rows}})
+    assert list(scores) == ["head_first_order"]
+    np.testing.assert_array_equal(scores["head_first_order"], [[0, 1], [1, 2]])
+    assert heads_section(scores)["default"] == "head_first_order"
+    for row in rows:
+        row["loss_zero"] = 2.0 - row["layer"]
+    assert set(head_scores({"heads": {"heads": rows}})) == {"head_first_order", "head_ablation"}

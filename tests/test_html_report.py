@@ -164,3 +164,13 @@ def test_plots_without_matplotlib_say_what_to_install(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if matplotlib were absent
     with pytest.raises(CpOnnxError, match=r"pip install 'cp-onnx\[plots\]'"):
         plots.layer_profile(data)
+
+
+def test_head_map_shows_the_estimate_when_only_some_heads_were_ablated():
+    rows = [{"layer": l, "head": h, "kl_estimate": float(l + h), "kl_zero": 1.0 if (l, h) == (0, 0) else None} for l in range(2) for h in range(2)]
+    assert plots.head_column({"heads": {"heads": rows}}) == "kl_estimate"
+    np.testing.assert_array_equal(plots.head_matrix({"heads": {"heads": rows}}), [[0, 1], [1, 2]])
+    for row in rows:
+        row["kl_zero"] = 2.0
+    assert plots.head_column({"heads": {"heads": rows}}) == "kl_zero"
+    np.testing.assert_array_equal(plots.head_matrix({"heads": {"heads": rows}}), [[2, 2], [2, 2]])

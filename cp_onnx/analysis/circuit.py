@@ -40,7 +40,7 @@ def circuit_analysis(
     num_probes: int = jacobian.NUM_PROBES,
     neurons_per_layer: int = mahalanobis.NEURONS_PER_LAYER,
     with_heads: bool = True,
-    exact_ablations: bool = True,
+    exact_heads: int | None = head_influence.EXACT_HEADS,
     block_sizes: Sequence[int] = (3, 4, 5),
     seed: int = 0,
     threads: int | None = None,
@@ -49,11 +49,14 @@ def circuit_analysis(
     """Jacobian, head-influence and Mahalanobis sections for report.json, plus ranked blocks under "methods".
 
     ``texts`` default to the 10 shipped reasoning calibration texts; each is run alone (no padding),
-    truncated to ``max_length`` tokens. ``exact_ablations=False`` keeps only the heads' first-order
-    estimates (a third of the head forwards). Results depend only on the inputs and ``seed`` (the probes).
+    truncated to ``max_length`` tokens. Every head gets its first-order estimates; the ``exact_heads``
+    the estimates rank highest (heads.choose_exact; None: every head, 0: none) then get exact zero and mean
+    ablations in a second pass over the texts. Results depend only on the inputs and ``seed`` (the probes).
     """
     if num_probes < 1 or neurons_per_layer < 0:
         raise CpOnnxError(f"num_probes must be >= 1 and neurons_per_layer >= 0, got {num_probes} and {neurons_per_layer}")
+    if exact_heads is not None and (isinstance(exact_heads, bool) or not isinstance(exact_heads, int) or exact_heads < 0):
+        raise CpOnnxError(f"exact_heads must be a number of heads >= 0 or None (every head), got {exact_heads!r}")
     folder = model if isinstance(model, ModelFolder) else open_model(model)
     texts = load_calibration(None, n=10) if texts is None else list(texts)
     token_lists, _ = folder.encode(texts, max_length=max_length)
@@ -77,9 +80,14 @@ def circuit_analysis(
     jac = jacobian.JacobianStats(L + 1)
     head_stats = head_influence.HeadStats(L, layer_map.num_heads or 0)
     anomaly = mahalanobis.AnomalyStats(bases, neurons)
+    total_heads = L * (layer_map.num_heads or 0) if with_heads else 0
+    # Every head's exact ablations fit the first pass; fewer wait for the estimates to choose them (a second pass).
+    every = exact_heads is None or exact_heads >= total_heads
+    passes = 1 + bool(with_heads and not every and exact_heads)
     for k, (ids, base) in enumerate(zip(token_lists, bases)):
         probes = jacobian.probes(base, range(L + 1), num_probes, rng) + mahalanobis.probes(base, neurons)
-        probes += head_influence.probes(base, means, range(L), exact_ablations) if with_heads else []
+        if with_heads:
+            probes += head_influence.probes(base, means, range(L), exact=True) if every else head_influence.estimate_probes(means, range(L))
         base_row, results = runs.run(ids, probes)
         by_kind: dict[str, list] = {}
         for result in results:
@@ -89,7 +97,14 @@ def circuit_analysis(
         if with_heads:
             head_stats.add(base, base_row, by_kind[head_influence.KIND])
         if progress:
-            progress(k + 1, len(token_lists))
+            progress(k + 1, passes * len(token_lists))
+    chosen = head_influence.choose_exact(head_stats.result(), exact_heads) if with_heads else []
+    if passes == 2:
+        for k, (ids, base) in enumerate(zip(token_lists, bases)):
+            base_row, results = runs.run(ids, head_influence.ablation_probes(means, chosen))
+            head_stats.add(base, base_row, results)
+            if progress:
+                progress(len(token_lists) + k + 1, passes * len(token_lists))
     timings["circuit_forwards_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -112,7 +127,7 @@ def circuit_analysis(
         },
     }
     if with_heads:
-        sections["heads"] = _heads_section(head_stats.result())
+        sections["heads"] = _heads_section(head_stats.result(), head_influence.selection(len(chosen), total_heads))
     now = time.perf_counter()
     sections["timings"] = {**timings, "circuit_statistics_s": now - t2, "circuit_total_s": now - t0}
     return json_ready(sections)
@@ -129,26 +144,28 @@ def _rows(columns: dict[str, np.ndarray], count: int) -> list[dict]:
     return [{"layer": l, **{name: values[l] for name, values in columns.items()}} for l in range(count)]
 
 
-def _heads_section(result: dict) -> dict:
-    """One row per head: estimates, exact effects and its strongest influences on later layers."""
-    composition = result["composition"]
+def _heads_section(result: dict, selection: str) -> dict:
+    """One row per head: estimates, exact effects (null where not ablated exactly: ``exact`` false) and its strongest
+    influences on later layers (measured for the zero-ablated heads only)."""
+    composition, exact = result["composition"], result["exact"]
     rows = []
     for l, h in np.ndindex(composition.shape[:2]):
-        weights = composition[l, h]
+        weights = np.nan_to_num(composition[l, h], nan=0.0)
         strongest = [int(m) for m in np.argsort(-weights, kind="stable")[:TOP_INFLUENCES] if weights[m] >= MIN_INFLUENCE]
         rows.append({
-            "layer": l, "head": h, **{c: result[c][l, h] for c in head_influence.COLUMNS},
+            "layer": l, "head": h, **{c: result[c][l, h] for c in head_influence.COLUMNS}, "exact": bool(exact[l, h]),
             "influences": [{"layer": m, "weight": weights[m]} for m in strongest],
         })
-    return {"alpha": head_influence.ALPHA, "heads": rows, "spearman": result["spearman"]}
+    return {"alpha": head_influence.ALPHA, "heads": rows, "exact_heads": int(exact.sum()), "exact_selection": selection,
+            "spearman": result["spearman"], "spearman_over": "the heads ablated exactly"}
 
 
 def build_circuit_graph(report: dict) -> nx.DiGraph:
     """Layers ``blocks.{l}`` and heads ``blocks.{l}.attn.h{h}`` with every score as a scalar attribute.
 
-    Edges: residual order (layer -> next layer), head -> its layer (weight: exact zero-ablation KL),
-    head -> later layer (kind "composition", weight: relative change of that layer's update when the
-    head is zeroed). Each method's top block is a predicted circuit: graph attribute
+    Edges: residual order (layer -> next layer), head -> its layer (weight: exact zero-ablation KL; NaN for
+    a head not ablated exactly, whose node attribute ``exact`` is false), head -> later layer (kind
+    "composition", weight: relative change of that layer's update when the head is zeroed). Each method's top block is a predicted circuit: graph attribute
     ``circuit_{method}`` = "start-end" (end exclusive), node attribute ``circuits`` = comma-joined methods.
     """
     num_layers = _num_layers(report)
@@ -162,9 +179,10 @@ def build_circuit_graph(report: dict) -> nx.DiGraph:
             graph.nodes[layer_node(row["layer"])].update({prefix + k: _scalar(v) for k, v in row.items() if k != "layer"})
     for row in _get(report, "heads", "heads") or []:
         node = head_node(row["layer"], row["head"])
-        graph.add_node(node, kind="head", layer=row["layer"], head=row["head"], circuits="",
-                       **{k: _scalar(row[k]) for k in head_influence.COLUMNS})
-        graph.add_edge(node, layer_node(row["layer"]), kind="head_of", weight=_scalar(row["kl_zero"]))
+        exact = row.get("exact", row.get("kl_zero") is not None)  # reports from before --exact-heads ablated every head
+        graph.add_node(node, kind="head", layer=row["layer"], head=row["head"], circuits="", exact=bool(exact),
+                       **{k: _scalar(row.get(k)) for k in head_influence.COLUMNS})
+        graph.add_edge(node, layer_node(row["layer"]), kind="head_of", weight=_scalar(row.get("kl_zero")))
         for influence in row["influences"]:
             graph.add_edge(node, layer_node(influence["layer"]), kind="composition", weight=_scalar(influence["weight"]))
     for method, entry in sorted((report.get("methods") or {}).items()):

@@ -69,7 +69,7 @@ def choose_heads(scores: np.ndarray, count: int, *, min_kept: int = 1, skip_laye
 def heads_section(scores: Mapping[str, np.ndarray], top: int = 10) -> dict:
     """Report form: per method, the ``top`` cheapest heads to remove (lowest first) and the whole [layers, heads] table."""
     return {
-        "default": DEFAULT,
+        "default": DEFAULT if DEFAULT in scores else next(iter(scores)),
         "methods": {m: {"cheapest": [{"layer": l, "head": h, "score": float(values[l, h])} for l, hs in _cheapest(values, top) for h in hs],
                         "scores": np.asarray(values).tolist()} for m, values in scores.items()},
         "units": "loss increase (nats per prediction of the calibration texts) with the head alone removed; lowest: cheapest to remove",

@@ -11,6 +11,11 @@ A ``Probe`` groups the rows of one estimate: a central-difference pair (its logi
 measured between its two rows) or a single row (measured against the base row of the same batch).
 It names the measures its estimate reads, and only those are computed: each is a few passes over a
 [seq, vocab] array per row, a tenth of the run time when every row computed all of them.
+
+Where the logits are the normed hidden state times a matrix (``split_unembedding``), rows skip the
+vocabulary-wide product when they can: a pair that needs only its logit change takes it from the Gram
+matrix of the unembedding, and a single row that needs no KL takes its loss (to second order), Fisher
+variance and logit change from ``linear_head`` (see there for what is exact and what is truncated).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from cp_onnx.analysis.linear_head import TOP_TOKENS, LinearHead
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.runner import Runner, SharedWeights, cache_feeds, position_ids_for, segment_session
 from graph_passes import expose
@@ -44,6 +50,7 @@ class Row:
 
 LOGIT_MEASURES = ("loss", "kl", "fisher", "logit_change")  # RowResult fields computed from a row's logits
 MEASURES = frozenset({*LOGIT_MEASURES, "update_change"})  # every RowResult field computed on demand
+LINEAR_MEASURES = frozenset({"loss", "fisher", "logit_change", "update_change"})  # what a single row can take from linear_head
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,9 @@ class PerturbedRuns:
     """The model cut at layer boundaries, with head scale/shift inputs in every layer that has heads."""
 
     def __init__(self, model: onnx.ModelProto, layer_map: LayerMap, *, threads: int | None = None, weights: SharedWeights | None = None,
-                 layer_tokens: int = LAYER_TOKENS, head_bytes: int = HEAD_BYTES):
+                 layer_tokens: int = LAYER_TOKENS, head_bytes: int = HEAD_BYTES, linear_rows: bool = True, top_tokens: int = TOP_TOKENS):
+        """``linear_rows=False`` sends every single row through the full head (the tests compare the two paths);
+        ``top_tokens``: the tokens per position a linear row's Fisher variance is summed over (linear_head)."""
         self.layer_map, self.num_layers = layer_map, layer_map.num_layers
         self.with_heads = layer_map.available("attn.head_ctx") and bool(layer_map.num_heads)
         perturbed = perturb(model, layer_map, heads=range(self.num_layers) if self.with_heads else ())
@@ -150,14 +159,19 @@ class PerturbedRuns:
         self.layers = [segment_session(layer, weights, threads) for layer in parts.layers]
         self.head = segment_session(parts.head, weights, threads, arena=True)
         self.layer_tokens, self.head_bytes = layer_tokens, head_bytes
-        # Where logits = hidden @ W, a pair that needs only its logit change skips the vocabulary-wide product:
-        # |W^T d| = sqrt(d (W W^T) d) for the normed hidden states' difference d (a third of SmolLM2's head time).
-        self.normed, self.gram = None, None
+        # Where logits = hidden @ W, rows that need no KL skip the vocabulary-wide product (module docstring):
+        # pairs, SmolLM2's Jacobian probes, a third of its head time; single rows, its head estimates, ~9 layers' worth per row.
+        self.normed, self.linear, self.linear_rows = None, None, linear_rows
         split = split_unembedding(parts.head)
         if split is not None:
             normed, weight = split
-            w = (weights.arrays[weight.name] if weights and weight.name in weights.arrays else numpy_helper.to_array(weight)).astype(np.float64)
-            self.normed, self.gram = segment_session(normed, weights, threads), w @ w.T
+            w = weights.arrays[weight.name] if weights and weight.name in weights.arrays else numpy_helper.to_array(weight)
+            self.normed, self.linear = segment_session(normed, weights, threads), LinearHead(w, top_tokens)
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        """W W^T [hidden, hidden] of the unembedding where logits = normed hidden @ W; else None."""
+        return None if self.linear is None else self.linear.gram
 
     def run(self, ids: Sequence[int], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
         """Run the base row and every probe's rows for one text; returns the base's result and each probe's."""
@@ -245,7 +259,7 @@ class PerturbedRuns:
 
     def _head(self, ids: np.ndarray, finals: np.ndarray, updates: list[np.ndarray | None], probes: Sequence[Probe]) -> tuple[RowResult, list[ProbeResult]]:
         """Logits per probe-aligned chunk of rows, reduced at once to loss, KL and logit changes; pairs that
-        need only their logit change take the Gram-matrix path where the head allows it."""
+        need only their logit change, and single rows that need no KL, take the linear paths where the head allows it."""
         seq = ids.size
         context = self._contexts(ids)
         base_logits = self._logits(finals[:1], context)[0]
@@ -257,6 +271,10 @@ class PerturbedRuns:
         results: list[ProbeResult | None] = [None] * len(probes)
         for k, change in zip(by_gram, self._pair_changes(finals, first[by_gram], context)):
             results[k] = ProbeResult(probes[k], [RowResult(finals[first[k] + j], updates[first[k] + j]) for j in range(2)], change)
+        linear = [k for k, probe in enumerate(probes) if self._linear_row(probe)]
+        if linear:
+            for k, row in zip(linear, self._linear_results(ids, finals, updates, [probes[k] for k in linear], first[linear], base, context)):
+                results[k] = ProbeResult(probes[k], [row])
         vocab = base_logits.shape[-1]
         max_rows = max(2, self.head_bytes // (seq * vocab * 4))
         todo = [k for k in range(len(probes)) if results[k] is None]
@@ -279,6 +297,36 @@ class PerturbedRuns:
                 results[k] = ProbeResult(probe, rows, pair)
         return base_result, results
 
+    def _linear_row(self, probe: Probe) -> bool:
+        return self.linear is not None and self.linear_rows and len(probe.rows) == 1 and probe.measures <= LINEAR_MEASURES
+
+    def _linear_results(self, ids: np.ndarray, finals: np.ndarray, updates: list, probes: list[Probe], rows: np.ndarray,
+                        base: "_BaseDistribution", context) -> list[RowResult]:
+        """Single rows (``rows`` their indices in ``finals``) measured from their normed hidden states by linear_head."""
+        seq = ids.size
+        y_base = self._run_head(self.normed, finals[:1], context).astype(np.float64)  # [seq, hidden]
+        linear = self.linear.base(base.probs, ids)
+        found: list[RowResult | None] = [None] * len(rows)
+        chunk = max(1, self.layer_tokens // seq)  # rows per call of the normed head
+        group_rows = max(1, self.head_bytes // (seq * y_base.shape[-1] * 4))  # rows whose changes are held at once
+        for wanted in sorted({p.measures for p in probes}, key=sorted):  # rows asking the same measures, together
+            group = [i for i, p in enumerate(probes) if p.measures == wanted]
+            for g in range(0, len(group), group_rows):
+                part = group[g : g + group_rows]
+                dy = np.empty((len(part), seq, y_base.shape[-1]), np.float32)
+                for a in range(0, len(part), chunk):
+                    normed = self._run_head(self.normed, finals[rows[part[a : a + chunk]]], context).reshape(-1, seq, y_base.shape[-1])
+                    dy[a : a + chunk] = normed - y_base
+                if not np.isfinite(dy).all():
+                    raise CpOnnxError("the final norm produced NaN/Inf on a perturbed forward; the perturbation is too large for the model's numerics: use float32 and smaller steps")
+                measured = linear.measures(dy, wanted)
+                for j, i in enumerate(part):
+                    values = {name: measured[name][j] for name in ("fisher", "logit_change") if name in wanted}
+                    if "loss" in wanted:
+                        values["loss"] = base.loss + measured["loss_change"][j]
+                    found[i] = RowResult(finals[rows[i]], updates[rows[i]], **values)
+        return found
+
     def _pair_changes(self, finals: np.ndarray, firsts: np.ndarray, context) -> list[np.ndarray]:
         """Per pair (rows firsts[i] and firsts[i] + 1), the norm of its logit difference [seq], from the normed hidden states."""
         seq = finals.shape[1]
@@ -289,8 +337,7 @@ class PerturbedRuns:
             normed = self._run_head(self.normed, rows, context).reshape(len(rows) // 2, 2, seq, -1)
             if not np.isfinite(normed).all():
                 raise CpOnnxError("the final norm produced NaN/Inf on a perturbed forward; the perturbation is too large for the model's numerics: use float32 and smaller steps")
-            d = (normed[:, 0] - normed[:, 1]).astype(np.float64)
-            found.extend(np.sqrt(np.maximum(np.einsum("psh,hk,psk->ps", d, self.gram, d, optimize=True), 0.0)))
+            found.extend(self.linear.logit_change((normed[:, 0] - normed[:, 1]).astype(np.float64)))
         return found
 
     def _logits(self, stream: np.ndarray, context) -> np.ndarray:

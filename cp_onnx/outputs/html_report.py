@@ -60,7 +60,8 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
               _image(plots.png_bytes(plots.layer_profile(report)), "Per-layer statistics; each method's first-ranked block shaded (a ranking, not a recommendation).")]
     heads = plots.head_matrix(report)
     if heads is not None:
-        parts.append(_image(plots.png_bytes(plots.head_heatmap(heads)), f"Head influence, layers by heads ({plots.HEAD_COLUMN})."))
+        column = plots.head_column(report)
+        parts.append(_image(plots.png_bytes(plots.head_heatmap(heads, f"head influence ({column})")), f"Head influence, layers by heads ({column})."))
     for regime in regimes:
         flat = regime_rows(sweep_rows, regime)
         what = "removed" if plots.is_removal_sweep(flat) else "duplicated"

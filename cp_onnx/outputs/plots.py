@@ -17,6 +17,7 @@ from cp_onnx.groundtruth.validate import save_png
 
 PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"
 HEAD_COLUMN = "kl_zero"  # exact effect of zeroing the head: the influence measure the circuit graph weighs heads by
+ESTIMATE_COLUMN = "kl_estimate"  # its first-order estimate, which every head has (only the strongest are ablated exactly by default)
 METHOD_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 
 
@@ -68,11 +69,23 @@ def layer_profile(report: dict, statistics: Sequence[str] | None = None):
     return figure
 
 
-def head_matrix(report: dict, column: str = HEAD_COLUMN) -> np.ndarray | None:
-    """[layers, heads] influence from the report's "heads" section (rows of layer, head, ...) or a 2-D array; None without one."""
+def head_column(report: dict) -> str:
+    """The column the head heatmap shows: the exact zero-ablation KL where every head has it, else the estimate
+    (a map of the 16 heads ablated exactly out of 270 would be mostly blank)."""
+    section = report.get("heads")
+    rows = section.get("heads") if isinstance(section, dict) else None
+    if rows and isinstance(rows[0], dict) and any(r.get(HEAD_COLUMN) is None for r in rows) and all(r.get(ESTIMATE_COLUMN) is not None for r in rows):
+        return ESTIMATE_COLUMN
+    return HEAD_COLUMN
+
+
+def head_matrix(report: dict, column: str | None = None) -> np.ndarray | None:
+    """[layers, heads] influence (``column``, default ``head_column``) from the report's "heads" section (rows of
+    layer, head, ...) or a 2-D array; None without one."""
     section = report.get("heads")
     if section is None:
         return None
+    column = column or head_column(report)
     rows = section.get("heads") if isinstance(section, dict) else section
     if rows and isinstance(rows[0], dict):
         shape = (max(r["layer"] for r in rows) + 1, max(r["head"] for r in rows) + 1)
@@ -127,7 +140,7 @@ def write_plots(report: dict, folder: str | Path, sweep_rows: list[dict] | None 
     written = [save_png(layer_profile(report), folder / "layers.png")]
     matrix = head_matrix(report)
     if matrix is not None:
-        written.append(save_png(head_heatmap(matrix), folder / "heads.png"))
+        written.append(save_png(head_heatmap(matrix, f"head influence ({head_column(report)})"), folder / "heads.png"))
     for regime in regimes_of(sweep_rows or []):
         written.append(sweep_heatmap(regime_rows(sweep_rows, regime), report, folder / f"sweep_{regime}.png"))
     return written

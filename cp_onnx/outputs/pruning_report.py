@@ -17,17 +17,31 @@ def pruning_section(model: ModelFolder, reasoning: Sequence[str], general: Seque
 
     layers = prune.predict_layers(model, reasoning, general, max_length=max_length, threads=threads, progress=progress)
     section = {"layers": layers.as_dict(top=None)}
-    rows = (report.get("heads") or {}).get("heads")
-    if rows:
-        shape = (max(r["layer"] for r in rows) + 1, max(r["head"] for r in rows) + 1)
-        scores = {}
-        for method, column in head_pruning.METHODS.items():
-            table = np.full(shape, np.nan)
-            for row in rows:
-                table[row["layer"], row["head"]] = np.nan if row[column] is None else row[column]
-            scores[method] = table
+    scores = head_scores(report)
+    if scores:
         section["heads"] = head_pruning.heads_section(scores)
     return section
+
+
+def head_scores(report: dict) -> dict[str, np.ndarray]:
+    """Per head pruning method, [layers, heads] of the report's head influence column it ranks by; a method whose
+    column some head lacks (ablated exactly only for the strongest heads: --exact-heads N) is left out, since its
+    unmeasured heads would rank as the most expensive to remove, not where they belong."""
+    from cp_onnx.analysis import head_pruning
+
+    rows = (report.get("heads") or {}).get("heads")
+    if not rows:
+        return {}
+    shape = (max(r["layer"] for r in rows) + 1, max(r["head"] for r in rows) + 1)
+    scores = {}
+    for method, column in head_pruning.METHODS.items():
+        if any(row.get(column) is None for row in rows):
+            continue
+        table = np.full(shape, np.nan)
+        for row in rows:
+            table[row["layer"], row["head"]] = row[column]
+        scores[method] = table
+    return scores
 
 
 def summary_lines(report: dict, top: int = 3) -> list[str]:
