@@ -21,6 +21,7 @@ Writes results/bench_prune_NAME.json, results/prune_NAME.md and results/prune_NA
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -185,6 +186,7 @@ def main() -> None:
             row = quality.path([l for l in range(num_layers) if l not in layers])
             trade.append({"what": "layers", "fraction": fraction, "count": n, "method": method, "removed": layers, "metrics": row,
                           "cost": cost(row, baseline), "size_ratio": size, "speed": timing})
+        shutil.rmtree(folder)  # a pruned Gemma is ~3 GB with both graphs: keep one on disk at a time
         for method, scores in head_scores.items():
             chosen = head_pruning.choose_heads(scores, head_counts[fraction])
             folder = prune_folder(model, Path(written.name) / f"heads_{method}_{head_counts[fraction]}", heads=chosen, log=lambda _: None)
@@ -194,6 +196,7 @@ def main() -> None:
                           "size_ratio": folder_bytes(folder) / folder_bytes(original),
                           "speed": speed(original, folder, threads=args.threads, rounds=args.rounds, prompt_tokens=args.prompt_tokens,
                                          decode_tokens=args.decode_tokens)})
+            shutil.rmtree(folder)
         print(f"{fraction:.0%}: " + "; ".join(f"{t['what']} {t['method']} cost {t['cost']:+.3f} prefill x{t['speed']['prefill']['speedup_wall']:.2f}"
                                              for t in trade if t["fraction"] == fraction))
     written.cleanup()
