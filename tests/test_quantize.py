@@ -22,7 +22,8 @@ from cp_onnx.models.model import open_model
 from exporters import ExportError, export, graph_format_of, precision_of, read_manifest
 from exporters.manifest import MANIFEST_NAME
 from exporters.sources import resolve_source
-from test_export import TEXTS, assert_close, onnx_logits, plain_ids, save_tokenizer, tiny_tokenizer, torch_logits, write_tiny_gguf
+from hf_to_gguf import write_gguf
+from test_export import TEXTS, assert_close, onnx_logits, plain_ids, save_tokenizer, tiny_tokenizer, torch_logits
 from tiny import build_hf_model
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -253,10 +254,9 @@ def test_genai_int4_export_holds_matmulnbits_and_its_cache_key_differs(sources, 
 
 @needs_genai
 def test_genai_export_of_a_gguf_gets_the_tokenizer_from_the_gguf(sources, cache, tmp_path):
-    _, model = sources["llama"]
-    gguf_file = tmp_path / "tiny.F32.gguf"
+    folder_in, model = sources["llama"]
+    gguf_file = write_gguf(folder_in, tmp_path / "tiny.F32.gguf", add_bos=True)
     raw = tiny_tokenizer()
-    write_tiny_gguf(model, raw, gguf_file)
     folder = export(gguf_file, graph_format="genai", cache_dir=cache, log=lambda line: None)
     assert read_manifest(folder)["source_kind"] == "gguf"
     ids = plain_ids(folder, TEXTS[2])
