@@ -222,7 +222,8 @@ def test_gguf_round_trip(tiny, cache, tmp_path):
 
 def test_qwen2_gguf_written_as_llama_cpp_does_exports_to_the_original_logits(cache, tmp_path):
     """q/k/v biases, tied embeddings, q/k NOT rotary-permuted (llama.cpp permutes llama's only): a wrong
-    permutation or a lost bias changes the logits."""
+    permutation or a lost bias changes the logits. The GGUF's add_bos_token holds for qwen2 too (as in llama.cpp),
+    although transformers' qwen2 GGUF tokenizer drops it."""
     import torch
     import transformers
 
@@ -238,12 +239,12 @@ def test_qwen2_gguf_written_as_llama_cpp_does_exports_to_the_original_logits(cac
     model.save_pretrained(folder)
     raw = tiny_tokenizer()
     save_tokenizer(folder, raw)
-    gguf_file = write_gguf(folder, tmp_path / "tiny-qwen2.F32.gguf")
+    gguf_file = write_gguf(folder, tmp_path / "tiny-qwen2.F32.gguf", add_bos=True)
     out = export(gguf_file, cache_dir=cache, log=lambda line: None)
     manifest = read_manifest(out)
     assert (manifest["family"], manifest["source_kind"], manifest["num_layers"], manifest["num_heads"], manifest["num_kv_heads"],
-            manifest["vocab_size"]) == ("qwen2", "gguf", 3, 4, 2, 256)
-    assert plain_ids(out, TEXTS[0]) == raw.encode(TEXTS[0]).ids  # tokens and merges came through (qwen2: no BOS)
+            manifest["vocab_size"], manifest["bos_token_id"], manifest["add_bos"]) == ("qwen2", "gguf", 3, 4, 2, 256, BOS_ID, True)
+    assert plain_ids(out, TEXTS[0]) == [BOS_ID] + raw.encode(TEXTS[0]).ids  # tokens and merges came through, BOS once
     for text in TEXTS:
         ids = plain_ids(out, text)
         assert_close(onnx_logits(out, ids), torch_logits(model, ids))
