@@ -50,12 +50,13 @@ def write_gguf(folder: Path, path: Path, *, add_bos: bool | None = None, name: s
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    heads = {"q_proj.weight": config["num_attention_heads"], "k_proj.weight": config["num_key_value_heads"]}
+    n_head = config["num_attention_heads"]
+    heads = {"q_proj.weight": n_head, "k_proj.weight": config.get("num_key_value_heads") or n_head}
     for hf_name, (_, load) in tensors:  # in the order of the tensor infos: the writer pops them first to last
         weights = load()
-        for projection, n_head in heads.items():
+        for projection, count in heads.items():
             if permute and hf_name.endswith(projection):  # llama.cpp interleaves the rotary halves of each head
-                weights = weights.reshape(n_head, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
+                weights = weights.reshape(count, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
         writer.write_tensor_data(weights)
         del weights
     writer.close()
