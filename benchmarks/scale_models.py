@@ -3,6 +3,7 @@ transformers configs). The tokenizer is SmolLM2's (a real 49,152-token BPE, whos
 vocabulary here), so the calibration texts cut into as many tokens as a real model's would.
 
     python benchmarks/scale_models.py qwen2.5-1.5b-shape [--out DIR]   # prints the HF folder
+    python benchmarks/scale_models.py qwen2.5-1.5b-shape --gguf FILE   # and writes it as a float32 GGUF
 """
 from __future__ import annotations
 
@@ -60,11 +61,16 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(SHAPES))
     parser.add_argument("--out", type=Path, help="folder to write (default: $CP_ONNX_CACHE/scale/NAME)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--gguf", type=Path, help="also write the folder as a float32 GGUF (llama.cpp's conventions) here")
     args = parser.parse_args()
     from exporters.pipeline import cache_root
 
-    out = args.out or cache_root(None) / "scale" / args.name
-    print(build(args.name, out, args.dtype))
+    out = build(args.name, args.out or cache_root(None) / "scale" / args.name, args.dtype)
+    print(out)
+    if args.gguf:
+        from hf_to_gguf import write_gguf
+
+        print(write_gguf(out, args.gguf, name=args.name))
 
 
 if __name__ == "__main__":

@@ -16,24 +16,33 @@ KIND_BY_CLASS_SUFFIX = {"ForCausalLM": "decoder", "LMHeadModel": "decoder", "For
 OPSET = 18
 
 
-def export_hf_folder(model_dir: Path, out_dir: Path, *, with_past: bool = False, kind: str = "decoder") -> Path:
-    """Export a Hugging Face model folder to ``out_dir/model.onnx`` with Optimum (opset 18, fp32, CPU)."""
-    from optimum.exporters.onnx import main_export  # imports torch
+def export_hf_folder(model_dir: Path, out_dir: Path, *, with_past: bool = False, kind: str = "decoder", model=None) -> Path:
+    """Export a Hugging Face model folder to ``out_dir/model.onnx`` with Optimum (opset 18, fp32, CPU).
+
+    ``model``: the folder's model already in memory (a dequantized GGUF, whose folder then holds only its
+    config): exported as Optimum's main_export would after loading it, without a float32 copy on disk.
+    """
+    from optimum.exporters.onnx import main_export, onnx_export_from_model  # imports torch
 
     task = TASK_WITH_PAST if with_past else TASK_NO_PAST[kind]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow: expected for these models
-        main_export(
-            str(model_dir),
-            output=str(out_dir),
-            task=task,
-            opset=OPSET,
-            device="cpu",
-            dtype="fp32",
-            do_validation=False,
-            no_post_process=True,
-            local_files_only=True,
-        )
+        if model is None:
+            main_export(
+                str(model_dir),
+                output=str(out_dir),
+                task=task,
+                opset=OPSET,
+                device="cpu",
+                dtype="fp32",
+                do_validation=False,
+                no_post_process=True,
+                local_files_only=True,
+            )
+        else:
+            model.config.use_cache = with_past  # what main_export sets for a task named without / with past
+            onnx_export_from_model(model=model, output=str(out_dir), task=task, opset=OPSET, device="cpu",
+                                   do_validation=False, no_post_process=True)
     return Path(out_dir) / "model.onnx"
 
 
@@ -67,8 +76,12 @@ def model_kind(config) -> str:
     return kind
 
 
-def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Load a GGUF with transformers (dequantized to float32) and save it as a Hugging Face folder."""
+def dequantize_gguf(gguf_path: Path, out_dir: Path, *, save_weights: bool = True):
+    """Load a GGUF with transformers (dequantized to float32) and save it as a Hugging Face folder.
+
+    Without ``save_weights`` only the config files are written and the model is returned instead: a
+    1.5B model's float32 weights are 6 GB of disk that Optimum would only read back.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -78,13 +91,20 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
         )
     except (ValueError, KeyError, NotImplementedError) as err:
         raise ExportError(f"transformers cannot load {gguf_path} ({first_line(err)}); use a GGUF of a supported architecture") from err
-    model.save_pretrained(out_dir)
+    if save_weights:
+        model.save_pretrained(out_dir)
+        return None
+    model.config.save_pretrained(out_dir)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+    model.config._name_or_path = str(out_dir)  # Optimum looks for preprocessors there (there are none)
+    return model
 
 
-def run_optimum(model_dir: Path, out_dir: Path, *, with_past: bool, kind: str, family: str) -> Path:
+def run_optimum(model_dir: Path, out_dir: Path, *, with_past: bool, kind: str, family: str, model=None) -> Path:
     """export_hf_folder with Optimum's failures turned into one-line ExportErrors."""
     try:
-        return export_hf_folder(model_dir, out_dir, with_past=with_past, kind=kind)
+        return export_hf_folder(model_dir, out_dir, with_past=with_past, kind=kind, model=model)
     except ExportError:
         raise
     except Exception as err:  # Optimum and torch.onnx raise many kinds; the cause stays chained for debugging

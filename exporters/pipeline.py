@@ -17,7 +17,7 @@ from .sources import Source, resolve_source
 
 Log = Callable[[str], None]
 # Bump when what an export writes changes: cache entries of older versions are then ignored.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: a GGUF's tokenizer.ggml.add_bos_token is honoured for every family
 CACHE_ENV = "CP_ONNX_CACHE"
 COPIED_CONFIG_FILES = ("config.json", "generation_config.json")
 SCRATCH_PREFIX = "_"  # staging sub-folders (dequantized weights, Optimum's raw output) removed before the rename
@@ -157,28 +157,31 @@ def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bo
     """Export ``src`` into the cache entry ``entry`` (built in a staging folder, renamed when complete)."""
     from . import optimum_export as opt
     from .runtime_env import quiet_transformers
-    from .tokenizer_files import load_tokenizer, save_tokenizer
+    from .tokenizer_files import gguf_bos, load_tokenizer, save_tokenizer
 
     with folders.staging_folder(entry, keep_existing=lambda: cached(entry, key)) as stage, quiet_transformers():
-        hf_dir = src.path
+        hf_dir, model = src.path, None
         if src.is_gguf:  # transformers reads the GGUF's config and weights in one go
             hf_dir = stage / f"{SCRATCH_PREFIX}dequantized"
             log(f"loading {src.path.name} with transformers (dequantizing to float32, about {dequantize_seconds(src.path)} s)")
-            opt.dequantize_gguf(src.path, hf_dir)
+            # Optimum exports the model from memory; only onnxruntime-genai's builder reads float32 weights from disk.
+            model = opt.dequantize_gguf(src.path, hf_dir, save_weights=graph_format == "genai")
         config = opt.load_config(hf_dir)
         kind = opt.model_kind(config)
         if with_past and kind != "decoder":
             raise ExportError(f"with_past applies to decoders only, and this {config.model_type} model is an encoder; drop --with-past")
         tokenizer = load_tokenizer(src, config.model_type)
+        bos_id = gguf_bos(src.path) if src.is_gguf else None
         if graph_format == "genai":
-            onnx = build_genai_graph(src, hf_dir, stage, config, kind, tokenizer, precision, log)
+            onnx = build_genai_graph(src, hf_dir, stage, config, kind, tokenizer, precision, bos_id, log)
         else:
-            onnx = export_graphs(hf_dir, stage, config, kind, with_past, log)
+            onnx = export_graphs(hf_dir, stage, config, kind, with_past, log, model)
             quantize_graphs(stage, onnx, precision, log)
+        del model  # the float32 weights of a GGUF: free before the tokenizer and manifest work
         for name in COPIED_CONFIG_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, stage / name)
-        bos = save_tokenizer(tokenizer, stage, config.model_type, config.bos_token_id, log)
+        bos = save_tokenizer(tokenizer, stage, config.model_type, config.bos_token_id, log, gguf_bos_id=bos_id)
         for scratch in stage.glob(f"{SCRATCH_PREFIX}*"):
             shutil.rmtree(scratch)
         manifest = build_manifest(source=src.label, source_kind=src.kind, weights_sha256=weights_sha, config=config,
@@ -187,8 +190,9 @@ def build(src: Source, entry: Path, *, weights_sha: str, key: str, with_past: bo
     log(f"exported to {entry}")
 
 
-def export_graphs(hf_dir: Path, stage: Path, config, kind: str, with_past: bool, log: Log) -> dict:
-    """Run Optimum for the analysis graph (and the generation graph); return the manifest's "onnx" entry."""
+def export_graphs(hf_dir: Path, stage: Path, config, kind: str, with_past: bool, log: Log, model=None) -> dict:
+    """Run Optimum for the analysis graph (and the generation graph) of ``hf_dir``, or of its ``model`` when
+    already in memory; return the manifest's "onnx" entry."""
     from .graph_files import move_graph
     from .optimum_export import run_optimum
 
@@ -196,9 +200,9 @@ def export_graphs(hf_dir: Path, stage: Path, config, kind: str, with_past: bool,
     for slot, rel, past in [("model", "model.onnx", False), ("with_past", "with_past/model.onnx", True)][: 1 + with_past]:
         graph = "generation graph (with past_key_values)" if past else "graph"
         log(f"exporting {config.model_type} ({config.num_hidden_layers} layers) {graph} with Optimum "
-            f"(about {optimum_seconds(hf_dir)} s)")
+            f"(about {optimum_seconds(hf_dir, model)} s)")
         raw_dir = stage / f"{SCRATCH_PREFIX}optimum_{slot}"
-        produced = run_optimum(hf_dir, raw_dir, with_past=past, kind=kind, family=config.model_type)
+        produced = run_optimum(hf_dir, raw_dir, with_past=past, kind=kind, family=config.model_type, model=model)
         onnx[slot], onnx[f"{slot}_data"] = move_graph(produced, stage, rel)
     return onnx
 
@@ -215,7 +219,8 @@ def quantize_graphs(stage: Path, onnx: dict, precision: str, log: Log) -> None:
             onnx[slot], onnx[f"{slot}_data"] = quantize_graph(stage, onnx[slot], precision)
 
 
-def build_genai_graph(src: Source, hf_dir: Path, stage: Path, config, kind: str, tokenizer, precision: str, log: Log) -> dict:
+def build_genai_graph(src: Source, hf_dir: Path, stage: Path, config, kind: str, tokenizer, precision: str,
+                      gguf_bos_id: int | None, log: Log) -> dict:
     """onnxruntime-genai's graph of a decoder; a GGUF's dequantized folder first gets the tokenizer files the builder reads."""
     from .genai_build import build_genai
     from .tokenizer_files import save_tokenizer
@@ -223,14 +228,17 @@ def build_genai_graph(src: Source, hf_dir: Path, stage: Path, config, kind: str,
     if kind != "decoder":
         raise ExportError(f"--format genai builds decoders only, and this {config.model_type} model is an encoder; drop --format genai")
     if src.is_gguf:
-        save_tokenizer(tokenizer, hf_dir, config.model_type, config.bos_token_id, log=lambda line: None)
+        save_tokenizer(tokenizer, hf_dir, config.model_type, config.bos_token_id, log=lambda line: None, gguf_bos_id=gguf_bos_id)
     log(f"building the {precision} genai graph of {config.model_type} ({config.num_hidden_layers} layers) with onnxruntime-genai's builder")
     return build_genai(hf_dir, stage, precision, config.model_type)
 
 
-def optimum_seconds(hf_dir: Path) -> int:
+def optimum_seconds(hf_dir: Path, model=None) -> int:
     """Rough Optimum export time: start-up plus about 27 MB of float32 weights a second (SmolLM2: 25 s)."""
-    size = sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin") for path in hf_dir.glob(pattern))
+    if model is not None:
+        size = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    else:
+        size = sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin") for path in hf_dir.glob(pattern))
     return max(5, 5 * round((5 + size / 27e6) / 5))
 
 

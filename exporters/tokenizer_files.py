@@ -41,27 +41,42 @@ def load_tokenizer(source: Source, family: str):
     return tokenizer
 
 
-def save_tokenizer(tokenizer, folder: Path, family: str, config_bos_id: int | None, log: Callable[[str], None]) -> dict:
-    """Save the tokenizer files into ``folder`` (adding BOS where the family needs it) and check them.
+def gguf_bos(gguf_path: Path) -> int | None:
+    """The BOS id a GGUF asks for in front of every text (tokenizer.ggml.add_bos_token true, as llama.cpp reads
+    it), else None. transformers drops that flag for most families (qwen2 among them)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    wanted = "tokenizer.ggml.add_bos_token" in fields and bool(fields["tokenizer.ggml.add_bos_token"].contents())
+    return fields["tokenizer.ggml.bos_token_id"].contents() if wanted and "tokenizer.ggml.bos_token_id" in fields else None
+
+
+def save_tokenizer(tokenizer, folder: Path, family: str, config_bos_id: int | None, log: Callable[[str], None],
+                   gguf_bos_id: int | None = None) -> dict:
+    """Save the tokenizer files into ``folder`` (adding BOS where the family needs it, or the GGUF it came
+    from asks for it: ``gguf_bos_id``, see gguf_bos) and check them.
 
     Returns the manifest fields ``bos_token_id`` and ``add_bos``.
     """
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else config_bos_id
-    if family in NEEDS_BOS:
+    bos_id = gguf_bos_id if gguf_bos_id is not None else bos_id
+    needs_bos = family in NEEDS_BOS or gguf_bos_id is not None
+    if needs_bos:
         if bos_id is None:
             raise ExportError(f"{family} models need a BOS token but neither the tokenizer nor config.json names one; "
                               "add bos_token_id to config.json")
         if not starts_with_bos(tokenizer(PROBE_TEXTS[0]).input_ids, bos_id):
-            log(f"the tokenizer does not prepend BOS (id {bos_id}), which {family} models need: adding it")
+            why = "the GGUF asks for (tokenizer.ggml.add_bos_token)" if gguf_bos_id is not None else f"{family} models need"
+            log(f"the tokenizer does not prepend BOS (id {bos_id}), which {why}: adding it")
             prepend_bos(tokenizer, bos_id)
     tokenizer.save_pretrained(folder)
     missing = [name for name in SAVED_FILES if not (Path(folder) / name).is_file()]
     if missing:
         raise ExportError(f"transformers did not write {', '.join(missing)} for this tokenizer; the model cannot be exported")
-    return check_saved_tokenizer(folder, family, bos_id)
+    return check_saved_tokenizer(folder, family, bos_id, needs_bos)
 
 
-def check_saved_tokenizer(folder: Path, family: str, bos_id: int | None) -> dict:
+def check_saved_tokenizer(folder: Path, family: str, bos_id: int | None, needs_bos: bool) -> dict:
     """Check tokenizer.json alone encodes like transformers reloading the folder, with BOS at most once."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -76,8 +91,8 @@ def check_saved_tokenizer(folder: Path, family: str, bos_id: int | None) -> dict
             raise ExportError(f"the tokenizer prepends BOS (id {bos_id}) twice; "
                               "fix add_bos_token / the post-processor in its tokenizer files")
     add_bos = bos_id is not None and starts_with_bos(plain.encode(PROBE_TEXTS[0]).ids, bos_id)
-    if family in NEEDS_BOS and not add_bos:
-        raise ExportError(f"the saved tokenizer does not prepend BOS (id {bos_id}), which {family} models need; report this model")
+    if needs_bos and not add_bos:
+        raise ExportError(f"the saved tokenizer does not prepend BOS (id {bos_id}), which this {family} model needs; report this model")
     return {"bos_token_id": bos_id, "add_bos": add_bos}
 
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
+
+# benchmarks/hf_to_gguf.py writes GGUF files for the tests (tiny models) and the scale benchmark (real shapes) alike.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from tiny import TINY, build_hf_model
 

@@ -19,7 +19,8 @@ import pytest
 
 from exporters import ExportError, export, read_manifest, write_manifest
 from exporters.manifest import MANIFEST_NAME
-from tiny import build_hf_model
+from hf_to_gguf import write_gguf  # benchmarks/ (conftest puts it on the path): the scale benchmark writes its GGUFs with it too
+from tiny import COMMON, TINY, build_hf_model
 
 TEXTS = ["The capital of France is", "If 4y - 9 = 23, what is y?", "the lazy dog jumps over the quick brown fox"]
 CORPUS = [
@@ -49,47 +50,6 @@ def save_tokenizer(folder: Path, tokenizer) -> None:
     from transformers import PreTrainedTokenizerFast
 
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-
-
-def write_tiny_gguf(model, tokenizer, path: Path) -> None:
-    """Write a float32 llama GGUF (llama.cpp conventions: tensor names, rotary-permuted q/k, gpt2 tokenizer)."""
-    import gguf
-
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    spec = json.loads(tokenizer.to_str())["model"]
-    tokens = [token for token, _ in sorted(spec["vocab"].items(), key=lambda item: item[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if token in SPECIALS else 1 for token in tokens])  # 3: control token
-    writer.add_token_merges([" ".join(merge) for merge in spec["merges"]])
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        weights = tensor.detach().numpy().astype(np.float32)
-        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-        for projection, n_head in heads.items():
-            if projection in name:  # llama.cpp interleaves the rotary halves of each head
-                weights = weights.reshape(n_head, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), weights)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def torch_logits(model, ids: list[int]) -> np.ndarray:
@@ -247,8 +207,7 @@ def test_with_past_graph_takes_past_key_values_and_agrees_with_the_plain_graph(t
 
 def test_gguf_round_trip(tiny, cache, tmp_path):
     _, model, raw = tiny
-    gguf_file = tmp_path / "tiny-llama.F32.gguf"
-    write_tiny_gguf(model, raw, gguf_file)
+    gguf_file = write_gguf(tiny[0], tmp_path / "tiny-llama.F32.gguf", add_bos=True)
     folder = export(gguf_file, cache_dir=cache, log=lambda line: None)
     manifest = read_manifest(folder)
     assert manifest["source_kind"] == "gguf" and manifest["source"] == str(gguf_file.resolve())
@@ -259,6 +218,53 @@ def test_gguf_round_trip(tiny, cache, tmp_path):
         ids = plain_ids(folder, text)
         assert ids == [BOS_ID] + raw.encode(text).ids  # the GGUF tokenizer's own BOS, not doubled
         assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+
+
+def test_a_gguf_model_exported_from_memory_gets_the_graph_optimum_makes_from_its_saved_folder(tiny, tmp_path):
+    """export() hands Optimum the dequantized model in memory (no float32 copy on disk, 6 GB for a 1.5B model):
+    the graphs, with and without past, equal main_export's on the folder the model saves to."""
+    import onnx
+
+    from exporters.optimum_export import dequantize_gguf, export_hf_folder
+
+    gguf_file = write_gguf(tiny[0], tmp_path / "tiny.F32.gguf", add_bos=True)
+    assert dequantize_gguf(gguf_file, tmp_path / "saved") is None
+    model = dequantize_gguf(gguf_file, tmp_path / "config_only", save_weights=False)
+    assert not list((tmp_path / "config_only").glob("*.safetensors")) and (tmp_path / "config_only" / "config.json").is_file()
+    for past in (False, True):
+        from_folder = export_hf_folder(tmp_path / "saved", tmp_path / f"folder_{past}", with_past=past)
+        from_memory = export_hf_folder(tmp_path / "config_only", tmp_path / f"memory_{past}", with_past=past, model=model)
+        assert onnx.load(str(from_memory)).graph == onnx.load(str(from_folder)).graph
+
+
+def test_qwen2_gguf_written_as_llama_cpp_does_exports_to_the_original_logits(cache, tmp_path):
+    """q/k/v biases, tied embeddings, q/k NOT rotary-permuted (llama.cpp permutes llama's only): a wrong
+    permutation or a lost bias changes the logits. The GGUF's add_bos_token holds for qwen2 too (as in llama.cpp),
+    although transformers' qwen2 GGUF tokenizer drops it."""
+    import torch
+    import transformers
+
+    folder = tmp_path / "qwen2"
+    config = transformers.Qwen2Config(**{**COMMON, **TINY["qwen2"][1]}, tie_word_embeddings=True)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # Qwen2 initialises its biases to zero: make them count
+        for name, parameter in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                parameter.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    raw = tiny_tokenizer()
+    save_tokenizer(folder, raw)
+    gguf_file = write_gguf(folder, tmp_path / "tiny-qwen2.F32.gguf", add_bos=True)
+    out = export(gguf_file, cache_dir=cache, log=lambda line: None)
+    manifest = read_manifest(out)
+    assert (manifest["family"], manifest["source_kind"], manifest["num_layers"], manifest["num_heads"], manifest["num_kv_heads"],
+            manifest["vocab_size"], manifest["bos_token_id"], manifest["add_bos"]) == ("qwen2", "gguf", 3, 4, 2, 256, BOS_ID, True)
+    assert plain_ids(out, TEXTS[0]) == [BOS_ID] + raw.encode(TEXTS[0]).ids  # tokens and merges came through, BOS once
+    for text in TEXTS:
+        ids = plain_ids(out, text)
+        assert_close(onnx_logits(out, ids), torch_logits(model, ids))
 
 
 def test_out_folder_gets_a_copy_and_can_be_reexported(tiny, cache, exported, tmp_path):

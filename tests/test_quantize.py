@@ -21,8 +21,10 @@ from cp_onnx.cli import main
 from cp_onnx.models.model import open_model
 from exporters import ExportError, export, graph_format_of, precision_of, read_manifest
 from exporters.manifest import MANIFEST_NAME
+from exporters.pipeline import EXPORT_VERSION
 from exporters.sources import resolve_source
-from test_export import TEXTS, assert_close, onnx_logits, plain_ids, save_tokenizer, tiny_tokenizer, torch_logits, write_tiny_gguf
+from hf_to_gguf import write_gguf
+from test_export import TEXTS, assert_close, onnx_logits, plain_ids, save_tokenizer, tiny_tokenizer, torch_logits
 from tiny import build_hf_model
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -145,7 +147,7 @@ def test_manifest_records_precision_and_cache_keys_differ(exports, sources, cach
     # fp32 keeps the key of exports made before --precision existed, so their cache entries stay valid.
     src = resolve_source(sources["llama"][0])
     extras = hashlib.sha256(b"".join(path.read_bytes() for path in src.extras)).hexdigest()
-    text = f"cp-onnx-export/2|{manifests['fp32']['weights_sha256']}|{extras}|with_past=True"
+    text = f"cp-onnx-export/{EXPORT_VERSION}|{manifests['fp32']['weights_sha256']}|{extras}|with_past=True"
     assert manifests["fp32"]["cache_key"] == hashlib.sha256(text.encode()).hexdigest()[:24]
     lines = []
     assert export(sources["llama"][0], precision="int4", with_past=True, cache_dir=cache, log=lines.append) == exports["llama", "int4"]
@@ -253,10 +255,9 @@ def test_genai_int4_export_holds_matmulnbits_and_its_cache_key_differs(sources, 
 
 @needs_genai
 def test_genai_export_of_a_gguf_gets_the_tokenizer_from_the_gguf(sources, cache, tmp_path):
-    _, model = sources["llama"]
-    gguf_file = tmp_path / "tiny.F32.gguf"
+    folder_in, model = sources["llama"]
+    gguf_file = write_gguf(folder_in, tmp_path / "tiny.F32.gguf", add_bos=True)
     raw = tiny_tokenizer()
-    write_tiny_gguf(model, raw, gguf_file)
     folder = export(gguf_file, graph_format="genai", cache_dir=cache, log=lambda line: None)
     assert read_manifest(folder)["source_kind"] == "gguf"
     ids = plain_ids(folder, TEXTS[2])
