@@ -102,6 +102,7 @@ class RemovalLoss:
                  folds: dict[str, int] | None = None):
         encode = lambda text: model.encode([text])[0][0]  # noqa: E731
         self.whole: dict[str, tuple[str, ...]] = {}  # a split set: its parts
+        self.sets = [name for name, group in texts.items() if group]  # the text sets as given (a split set once, not its parts)
         groups = {}
         for name, group in texts.items():
             k = min((folds or {}).get(name, 1), len(group))
@@ -135,11 +136,6 @@ class RemovalLoss:
                 raise CpOnnxError(f"the model's log-probabilities are not finite with layers {list(key[0])} removed; check the exported model")
             self._cache[key] = float(-logprob.sum() / self.tokens[group])
         return self._cache[key]
-
-    @property
-    def sets(self) -> list[str]:
-        """The text sets as given (a split set once, not its parts)."""
-        return [name for name in self.plans if "/" not in name] + list(self.whole)
 
     def known(self, removed: Sequence[int], group: str) -> bool:
         return all((tuple(sorted(set(removed))), part) in self._cache for part in self.whole.get(group, (group,)))
