@@ -11,12 +11,18 @@
    excess as a share of the baseline's loss (-answer log-prob).
 3. The trade at ``--fractions`` of the layers and of the heads: every method's choice scored the same way
    (heads: the pruned model itself), and the default's pruned model (and each head method's) written by
-   ``prune_folder`` and timed against the unpruned model in the same run: file size; prefill tokens/s (one
-   forward of the no-cache graph over ``--prompt-tokens`` tokens) and decode tokens/s (KV-cached greedy
-   steps after that prompt). Baseline and pruned model alternate for ``--rounds`` rounds; the speed-up is
+   ``prune_folder`` and timed against the unpruned model in the same run: file size; prefill tokens/s (the
+   ``--prompt-tokens`` prompt into an empty KV cache, as `cp-onnx generate` runs it: the last position's logits
+   only), forward tokens/s (the no-cache graph over the prompt with every position's logits, as scoring runs
+   it) and decode tokens/s (KV-cached greedy steps after that prompt). Baseline and pruned model alternate for ``--rounds`` rounds; the speed-up is
    the median over rounds of the per-round ratio, from wall time and from this process's CPU time (the
    CPU-time ratio stays meaningful on a busy machine).
 Writes results/bench_prune_NAME.json, results/prune_NAME.md and results/prune_NAME.png (cost against speed-up).
+
+    python benchmarks/bench_prune.py [MODEL] --name NAME --speed-only I:J [--rounds 15] ...
+
+times only: the model without layers I..J-1 (`cp-onnx prune --skip I:J`) beside the original, as in 3;
+writes results/prune_speed_NAME.json.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from cp_onnx.groundtruth.regimes import regime_rows
 from cp_onnx.groundtruth.scoring import ProbePlan
 from cp_onnx.groundtruth.sweep import ReuseEvaluator, read_sweep
 from cp_onnx.groundtruth.validate import best_block, split_rows
-from cp_onnx.models.generate import CachedDecoder
+from cp_onnx.models.generate import CachedDecoder, generation_runner
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner
 from cp_onnx.outputs.pruned_folder import prune_folder
@@ -70,20 +76,25 @@ class Quality:
         return evaluator.evaluate(list(range(evaluator.num_layers)))
 
 
+PHASES = ("prefill", "forward", "decode")
+
+
 def speed(base: Path, pruned: Path, *, threads: int, rounds: int, prompt_tokens: int, decode_tokens: int) -> dict:
-    """Prefill and decode throughput of ``pruned`` against ``base``, alternating; medians over rounds."""
+    """Throughput of ``pruned`` against ``base`` per phase (PHASES, see _Timed), alternating; medians over rounds."""
     runs = {"base": _Timed(open_model(base), threads), "pruned": _Timed(open_model(pruned), threads)}
     vocab = open_model(base).manifest.get("vocab_size") or 256
     ids = np.random.default_rng(0).integers(3, min(vocab, 20000), size=(1, prompt_tokens))  # what the tokens are does not change the work
     for timed in runs.values():
-        timed.prefill(ids), timed.decode(ids[0, :16].tolist(), 2)  # warm up
-    samples = {name: {"prefill": [], "decode": []} for name in runs}
+        timed.prefill(ids), timed.forward(ids), timed.decode(ids[0, :16].tolist(), 2)  # warm up
+    samples = {name: {phase: [] for phase in PHASES} for name in runs}
     for _ in range(rounds):
         for name, timed in runs.items():
             samples[name]["prefill"].append(timed.prefill(ids))
+            samples[name]["forward"].append(timed.forward(ids))
             samples[name]["decode"].append(timed.decode(ids[0].tolist(), decode_tokens))
     result = {}
-    for phase, tokens in (("prefill", prompt_tokens), ("decode", decode_tokens)):
+    for phase in PHASES:
+        tokens = decode_tokens if phase == "decode" else prompt_tokens
         base_s, pruned_s = (np.array(samples[name][phase]) for name in ("base", "pruned"))  # [rounds, (wall, cpu)]
         result[phase] = {
             "base_tokens_per_s": tokens / float(np.median(base_s[:, 0])), "pruned_tokens_per_s": tokens / float(np.median(pruned_s[:, 0])),
@@ -93,20 +104,25 @@ def speed(base: Path, pruned: Path, *, threads: int, rounds: int, prompt_tokens:
 
 
 class _Timed:
-    """One model's sessions: the no-cache graph for prefill, the KV-cache graph for decoding (its cache emptied per run)."""
+    """One model's three phases. prefill: the prompt through the KV-cache graph from an empty cache, as `generate`
+    runs it (the last position's logits only); forward: the no-cache graph over the prompt with every position's
+    logits, as scoring runs it; decode: KV-cached greedy steps after the prompt."""
 
     def __init__(self, model, threads: int):
         self.runner = Runner(model.onnx_path, threads=threads)
-        self.decoder = CachedDecoder(Runner(model.with_past_path, threads=threads), model.manifest)
-        self.empty = dict(self.decoder.past)
+        self.decoder = CachedDecoder(generation_runner(model.with_past_path, threads=threads), model.manifest)
 
     def prefill(self, ids: np.ndarray) -> tuple[float, float]:
+        with Stopwatch() as watch:
+            self.decoder.start(ids[0].tolist())
+        return watch.wall, watch.cpu
+
+    def forward(self, ids: np.ndarray) -> tuple[float, float]:
         with Stopwatch() as watch:
             self.runner.run(ids, np.ones_like(ids), ["logits"])
         return watch.wall, watch.cpu
 
     def decode(self, prompt: list[int], steps: int) -> tuple[float, float]:
-        self.decoder.past, self.decoder.length = dict(self.empty), 0
         logits = self.decoder.start(prompt)
         with Stopwatch() as watch:
             for _ in range(steps):
@@ -127,7 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="smollm2")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--sweep", required=True, help="`cp-onnx sweep --skip` file of this model, suite seed 0")
+    parser.add_argument("--sweep", help="`cp-onnx sweep --skip` file of this model, suite seed 0 (required unless --speed-only)")
+    parser.add_argument("--speed-only", metavar="I:J", help="only time the model without layers I..J-1 beside the original")
     parser.add_argument("--sizes", default="1,2,3,4")
     parser.add_argument("--fractions", default="0.1,0.2,0.3")
     parser.add_argument("--threads", type=int, default=2)
@@ -135,6 +152,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.speed_only:
+        return speed_only(args)
+    if not args.sweep:
+        parser.error("--sweep is required unless --speed-only is given")
     load = [say_load("start")]
     model = open_model(args.model, with_past=True, log=print)
     header, rows = read_sweep(Path(args.sweep))
@@ -211,6 +232,25 @@ def main() -> None:
     print(markdown(data))
 
 
+def speed_only(args: argparse.Namespace) -> None:
+    """The model without layers I..J-1 timed beside the original (section 3's measurement alone)."""
+    load = [say_load("start")]
+    model = open_model(args.model, with_past=True, log=print)
+    start, end = (int(x) for x in args.speed_only.split(":"))
+    original = Path(model.path)
+    with tempfile.TemporaryDirectory(prefix="bench-prune-") as scratch:
+        folder = prune_folder(model, Path(scratch) / "pruned", layers=list(range(start, end)), log=lambda _: None)
+        timing = speed(original, folder, threads=args.threads, rounds=args.rounds, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+        size = folder_bytes(folder) / folder_bytes(original)
+    load.append(say_load("end"))
+    write_results(f"prune_speed_{args.name}", {"model": model.name, "num_layers": model.manifest["num_layers"], "removed": list(range(start, end)),
+                                               "size_ratio": size, "speed": timing, "settings": vars(args), "load_average": load})
+    for phase in PHASES:
+        t = timing[phase]
+        print(f"{phase}: {t['base_tokens_per_s']:.0f} -> {t['pruned_tokens_per_s']:.0f} tokens/s, x{t['speedup_wall']:.3f} wall, x{t['speedup_cpu']:.3f} CPU")
+    print(f"files x{size:.3f}")
+
+
 def markdown(data: dict) -> str:
     """The two tables: removals of 1-4 layers against the sweep's best, and the trade at each fraction."""
     base = data["baseline"]
@@ -229,13 +269,12 @@ def markdown(data: dict) -> str:
             excess = "n/a" if e["excess_of_baseline"] is None else f"{e['excess_of_baseline']:+.1%}"
             lines.append(f"| {n} | {best.get('layers')} | {best.get('cost', float('nan')):+.3f} | {method} | {e['layers']} | {e['cost']:+.3f} | {ratio} | {excess} | {e['general_nll_change']:+.3f} |")
     lines += ["", "## The trade: quality cost against size and speed (pruned model beside the unpruned one, same run)", "",
-              "| removed | count | method | cost | greedy | choice | general NLL | file | prefill x (wall / cpu) | decode x (wall / cpu) | prefill tok/s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| removed | count | method | cost | greedy | choice | general NLL | file | prefill x (wall / cpu) | forward x (wall / cpu) | decode x (wall / cpu) | prefill tok/s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in data["trade"]:
         m, s = t["metrics"], t["speed"]
         lines.append(f"| {t['what']} {t['fraction']:.0%} | {t['count']} | {t['method']} | {t['cost']:+.3f} | {m['greedy_accuracy']:.3f} | {m['choice_accuracy']:.3f} | "
-                     f"{m['general_nll']:.3f} | {t['size_ratio']:.2f} | {s['prefill']['speedup_wall']:.2f} / {s['prefill']['speedup_cpu']:.2f} | "
-                     f"{s['decode']['speedup_wall']:.2f} / {s['decode']['speedup_cpu']:.2f} | {s['prefill']['pruned_tokens_per_s']:.0f} |")
+                     f"{m['general_nll']:.3f} | {t['size_ratio']:.2f} | " + "".join(_ratio(s, phase) for phase in PHASES) + f"{s['prefill']['pruned_tokens_per_s']:.0f} |")
     kinds = list(base["by_kind"])
     lines += ["", "## Per kind of task: answer log-prob lost (nats/item) and greedy accuracy after / before", "",
               "| removed | method | " + " | ".join(kinds) + " |", "| --- | --- | " + " | ".join("---" for _ in kinds) + " |"]
@@ -245,6 +284,12 @@ def markdown(data: dict) -> str:
                  for k in kinds]
         lines.append(f"| {t['what']} {t['fraction']:.0%} | {t['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(speeds: dict, phase: str) -> str:
+    """A table cell: the phase's wall / CPU speed-ups (n/a in results measured before the phase existed)."""
+    s = speeds.get(phase)
+    return "n/a | " if s is None else f"{s['speedup_wall']:.2f} / {s['speedup_cpu']:.2f} | "
 
 
 def plot(data: dict, path: Path) -> None:

@@ -23,6 +23,7 @@ from cp_onnx.groundtruth.scoring import token_scores
 from cp_onnx.models.generate import CachedDecoder, FullDecoder, eos_token_ids, greedy, takes_cache, with_past_graph
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, open_graph, pad_batch
+from graph_passes.last_position import last_position
 from graph_passes.layer_path import check_path, format_path, parse_spec
 
 NAME = "cp-onnx"
@@ -70,19 +71,22 @@ class CpOnnxLM(TemplateLM):
         args = dict(part.partition("=")[::2] for part in join_layer_path(arg_string))
         return cls(**args, **{k: v for k, v in (additional_config or {}).items() if v is not None})
 
-    def _runner(self, graph_path) -> tuple[Runner, list[int] | None]:
-        """A Runner over the graph at ``graph_path``, routed along the layer path if one was given."""
-        if self.spec is None:
-            return Runner(graph_path, threads=self.threads), None
+    def _runner(self, graph_path, *, last_only: bool = False) -> tuple[Runner, list[int] | None]:
+        """A Runner over the graph at ``graph_path``, routed along the layer path if one was given; ``last_only``
+        computes the last position's logits only, all that generation reads (``last_position``)."""
         proto, weights = open_graph(graph_path)
-        try:
-            layer_map = graph_passes.discover(proto)
-            count = layer_map.num_layers
-            layers = list(check_path(self.spec, count) if isinstance(self.spec, (list, tuple)) else parse_spec(str(self.spec).strip("'\""), count))
-            routed = graph_passes.route(proto, layer_map, layers)
-        except graph_passes.GraphPassError as exc:
-            raise CpOnnxError(str(exc)) from exc
-        return Runner(routed, threads=self.threads, weights=weights), layers
+        layers = None
+        if self.spec is not None:
+            try:
+                layer_map = graph_passes.discover(proto)
+                count = layer_map.num_layers
+                layers = list(check_path(self.spec, count) if isinstance(self.spec, (list, tuple)) else parse_spec(str(self.spec).strip("'\""), count))
+                proto = graph_passes.route(proto, layer_map, layers)
+            except graph_passes.GraphPassError as exc:
+                raise CpOnnxError(str(exc)) from exc
+        if last_only:
+            proto = last_position(proto) or proto
+        return Runner(proto, threads=self.threads, weights=weights), layers
 
     # lm-eval's interface --------------------------------------------------------------------------------------
 
@@ -194,7 +198,7 @@ class CpOnnxLM(TemplateLM):
             if cached is None:
                 self._decoder = FullDecoder(self.runner)
             else:
-                self._decoder = CachedDecoder(self.runner if cached == onnx_path else self._runner(cached)[0], self.folder.manifest)
+                self._decoder = CachedDecoder(self.runner if cached == onnx_path else self._runner(cached, last_only=True)[0], self.folder.manifest)
         return self._decoder
 
 

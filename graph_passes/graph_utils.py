@@ -16,6 +16,8 @@ from graph_passes.layer_map import LayerMap
 PASS_THROUGH = frozenset({"Cast", "Identity"})
 # Ops that multiply by a weight matrix: what marks a branch as a sublayer rather than an activation.
 MATMUL_OPS = frozenset({"MatMul", "Gemm", *PACKED_MATMULS})
+# Per-token ops that may follow the lm_head (bias, softcapping, casts): what reads one position reads it alone.
+PER_TOKEN_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Identity"})
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
@@ -193,6 +195,23 @@ class GraphIndex:
 
     def ops(self, nodes: Iterable[int]) -> set[str]:
         return {self.nodes[i].op_type for i in nodes}
+
+
+def find_lm_head(index: GraphIndex, logits: str, members: set[int] | None = None) -> tuple[int | None, str | None]:
+    """The weight matmul that makes ``logits`` through per-token ops only (among ``members``, default every node)
+    and its data input, or (None, None)."""
+    tensor = logits
+    while (i := index.producer.get(tensor)) is not None and (members is None or i in members):
+        node = index.nodes[i]
+        data = index.data_inputs(i)
+        if len(data) != 1:
+            return None, None
+        if node.op_type in MATMUL_OPS and node.input[0] == data[0]:
+            return i, data[0]
+        if node.op_type not in PER_TOKEN_OPS:
+            return None, None
+        tensor = data[0]
+    return None, None
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

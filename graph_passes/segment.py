@@ -17,13 +17,11 @@ import onnx
 from onnx import helper
 
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types, layer_of_nodes, node_reads
+from graph_passes.graph_utils import GraphIndex, find_lm_head, infer_types, layer_of_nodes, node_reads
 from graph_passes.layer_map import LayerMap
 from graph_passes.route import PAST, PRESENT
 
 POSITIONS = "positions"  # head input: int64 [n], flat indices row * seq + token of the logits wanted
-# Per-token ops that may follow the lm_head (bias, softcapping, casts): the gather can go before them.
-_PER_TOKEN_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Identity"})
 _GATHERED = "/segment/gathered"
 
 
@@ -135,7 +133,7 @@ class _Extractor:
 
 def _head(extract: _Extractor, index: GraphIndex, members: set[int], inputs: list[str], logits: str) -> tuple[onnx.ModelProto, bool]:
     """The head model; the gather of ``positions`` goes before the lm_head when one is found, else after the logits."""
-    lm_head, data = _lm_head(index, members, logits)
+    lm_head, data = find_lm_head(index, logits, members)
     positions = helper.make_tensor_value_info(POSITIONS, onnx.TensorProto.INT64, [POSITIONS])
     if lm_head is None:
         last = index.producer[logits]
@@ -172,22 +170,6 @@ def _renamed_output(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
     copy.CopyFrom(node)
     copy.output[list(copy.output).index(old)] = new
     return copy
-
-
-def _lm_head(index: GraphIndex, members: set[int], logits: str) -> tuple[int | None, str | None]:
-    """The weight matmul that makes the logits (through per-token ops only) and its data input, or (None, None)."""
-    tensor = logits
-    while (i := index.producer.get(tensor)) is not None and i in members:
-        node = index.nodes[i]
-        data = index.data_inputs(i)
-        if len(data) != 1:
-            return None, None
-        if node.op_type in MATMUL_OPS and node.input[0] == data[0]:
-            return i, data[0]
-        if node.op_type not in _PER_TOKEN_OPS:
-            return None, None
-        tensor = data[0]
-    return None, None
 
 
 def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.TensorProto] | None:

@@ -10,8 +10,9 @@ import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.model import ModelFolder
-from cp_onnx.models.runner import Runner, cache_feeds, run_session
+from cp_onnx.models.runner import Runner, cache_feeds, open_graph, run_session
 from graph_passes import graph_io
+from graph_passes.last_position import last_position
 from graph_passes.route import PAST
 
 # Where a model folder may name its end-of-sequence token, most specific first (the manifest may carry it in future).
@@ -36,9 +37,17 @@ def generate_ids(model: ModelFolder, prompt_ids: Sequence[int], max_new_tokens: 
     cached = (with_past_graph(model) or (model.onnx_path if takes_cache(model.onnx_path) else None)) if use_cache else None
     if use_cache and cached is None:
         log(f"{model.path} has no with_past graph: re-running the whole sequence for each token (export with --with-past for a KV cache)")
-    runner = Runner(cached or model.onnx_path, threads=threads)
+    runner = generation_runner(cached or model.onnx_path, threads=threads)
     decoder = CachedDecoder(runner, model.manifest) if cached else FullDecoder(runner)
     return greedy(decoder, prompt_ids, max_new_tokens, eos_token_ids(model))
+
+
+def generation_runner(graph: str | Path, *, threads: int | None = None) -> Runner:
+    """A Runner over the graph at ``graph`` that computes the last position's logits only, where the graph allows
+    it (``last_position``): generation reads nothing else, and the vocabulary-wide head of every prompt position
+    is a large share of a prefill's work."""
+    proto, weights = open_graph(graph)
+    return Runner(last_position(proto) or proto, threads=threads, weights=weights)
 
 
 def greedy(decoder: FullDecoder | CachedDecoder, prompt_ids: Sequence[int], max_new_tokens: int, eos: set[int],
