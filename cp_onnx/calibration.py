@@ -1,7 +1,10 @@
 """Calibration texts: the sets cp-onnx ships, a user's own .txt or .jsonl file, and an identity hash.
 
 Shipped files live in ``cp_onnx/data/calibration/{set}_{language}.jsonl``, one ``{"text": ...}`` per
-line; the reasoning set has the same texts, in the same order, in every language.
+line. The English reasoning texts also name their ``"kind"`` (the probe suite's kinds: arithmetic,
+word_problem, ...), so the prediction can say for which kinds of task a block helps; the other
+languages translate its first 52 texts, in the same order, and take their kinds from the English file.
+In a user's file ``"kind"`` is optional: texts without one are the user's task, "your texts".
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ SHIPPED_SETS: dict[str, tuple[str, ...]] = {
 }
 MIXED = "mixed"  # reasoning and general texts interleaved, reasoning first
 TEXT_LINE = '{"text": "..."}'
+YOUR_TEXTS = "your texts"  # the kind of a user's text that names none: the task the user calibrates for
+GENERAL_KIND = "general"  # the kind of the shipped general texts (ordinary prose, no task)
 _SOURCES_HINT = "reasoning, general, mixed, or a path to a .txt or .jsonl file"
 
 
@@ -31,33 +36,54 @@ def load_calibration(source: str | Path | None = None, *, n: int | None = 10, la
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise CpOnnxError(f"n must be a positive number of texts, or None for all of them; got {n!r}")
-    texts = _resolve(source, language)
+    texts = [text for text, _ in _resolve_labelled(source, language)]
     return texts if n is None else texts[:n]
+
+
+def load_kinds(source: str | Path | None = None, *, n: int | None = 10, language: str = "en") -> list[str]:
+    """The kind of each text ``load_calibration`` gives for the same arguments (YOUR_TEXTS where a user's text names none)."""
+    kinds = [kind for _, kind in _resolve_labelled(source, language)]
+    return kinds if n is None else kinds[:n]
 
 
 def shipped_texts(name: str, language: str = "en") -> list[str]:
     """All texts of one shipped set in one language."""
+    return [text for text, _ in _shipped_labelled(name, language)]
+
+
+def _shipped_labelled(name: str, language: str) -> list[tuple[str, str]]:
+    """(text, kind) of one shipped set: the reasoning kinds come from the English file, line for line."""
     if name not in SHIPPED_SETS:
         raise CpOnnxError(f"unknown calibration set '{name}'; use {_SOURCES_HINT}")
     languages = SHIPPED_SETS[name]
     if language not in languages:
         raise CpOnnxError(f"the shipped {name} set has no language '{language}'; use one of {', '.join(languages)}, or pass your own file")
-    return read_texts(DATA_DIR / "calibration" / f"{name}_{language}.jsonl")
+    labelled = read_labelled(DATA_DIR / "calibration" / f"{name}_{language}.jsonl")
+    if name == "general":
+        return [(text, GENERAL_KIND) for text, _ in labelled]
+    english = read_labelled(DATA_DIR / "calibration" / f"{name}_en.jsonl")
+    return [(text, kind) for (text, _), (_, kind) in zip(labelled, english)]
 
 
 def read_texts(path: str | Path) -> list[str]:
     """Texts of a .txt file (one per line, blank lines skipped) or a .jsonl file (a "text" field per line)."""
+    return [text for text, _ in read_labelled(path)]
+
+
+def read_labelled(path: str | Path) -> list[tuple[str, str]]:
+    """(text, kind) of each text of a calibration file: a .jsonl line's optional "kind", else YOUR_TEXTS."""
     path = Path(path)
     if not path.is_file():
         raise CpOnnxError(f"no calibration file at {path}; pass an existing .txt or .jsonl file, or one of the shipped sets (reasoning, general, mixed)")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        texts = [line.strip() for line in read_lines(path, "calibration file")]
+        texts = [(line.strip(), YOUR_TEXTS) for line in read_lines(path, "calibration file")]
     elif suffix == ".jsonl":
-        texts = [_text_field(record, number, path) for number, record in iter_jsonl(path, TEXT_LINE, "calibration file")]
+        texts = [(_text_field(record, number, path), _kind_field(record, number, path))
+                 for number, record in iter_jsonl(path, TEXT_LINE, "calibration file")]
     else:
         raise CpOnnxError(f"calibration file {path} is neither .txt nor .jsonl; use .txt (one text per line) or .jsonl (one {TEXT_LINE} per line)")
-    texts = [text for text in texts if text.strip()]
+    texts = [(text, kind) for text, kind in texts if text.strip()]
     if not texts:
         raise CpOnnxError(f"no calibration texts in {path}; the file needs at least one non-empty line")
     return texts
@@ -91,19 +117,19 @@ def calibration_identity(texts: Iterable[str], settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _resolve(source: str | Path | None, language: str) -> list[str]:
+def _resolve_labelled(source: str | Path | None, language: str) -> list[tuple[str, str]]:
     name = "reasoning" if source is None else source
     if name == MIXED:
-        return _interleave(shipped_texts("reasoning", language), shipped_texts("general", language))
+        return _interleave(_shipped_labelled("reasoning", language), _shipped_labelled("general", language))
     if isinstance(name, str) and name in SHIPPED_SETS:
-        return shipped_texts(name, language)
+        return _shipped_labelled(name, language)
     path = Path(name)
     if not path.suffix and not path.exists():
         raise CpOnnxError(f"unknown calibration set '{name}'; use {_SOURCES_HINT}")
-    return read_texts(path)
+    return read_labelled(path)
 
 
-def _interleave(first: list[str], second: list[str]) -> list[str]:
+def _interleave(first: list, second: list) -> list:
     """first[0], second[0], first[1], ...; what is left of the longer list comes last."""
     merged = [text for pair in zip(first, second) for text in pair]
     shorter = min(len(first), len(second))
@@ -115,6 +141,13 @@ def _text_field(record: dict, number: int, path: Path) -> str:
     if not isinstance(text, str):
         raise CpOnnxError(f'line {number} of {path} has no "text" string; write one object per line, like {TEXT_LINE}')
     return text
+
+
+def _kind_field(record: dict, number: int, path: Path) -> str:
+    kind = record.get("kind", YOUR_TEXTS)
+    if not isinstance(kind, str) or not kind.strip():
+        raise CpOnnxError(f'line {number} of {path} has a "kind" that is not a non-empty string; give a name like "arithmetic", or leave "kind" out')
+    return kind.strip()
 
 
 def _plain(value: Any) -> Any:
