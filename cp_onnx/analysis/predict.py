@@ -14,15 +14,21 @@ A block is predicted to help only when a lower bound on its gain is above zero a
 texts hold numbers; otherwise the method abstains and still ranks the least harmful blocks. The bound
 holds for every scored block at once (a max-t bootstrap over the texts): the decision picks the best of
 dozens of noisy gains, and a bound made for one block alone would let that choice's luck pass for an effect.
+The gain is also reported per kind of calibration text (cp_onnx/analysis/kinds.py): where the chosen
+block helps, where it hurts, and for a user's own unlabelled texts, on "your texts".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
+from cp_onnx.analysis import bootstrap
+from cp_onnx.analysis.kinds import KindGain, kind_gains
+from cp_onnx.analysis.bootstrap import RESAMPLES
 from cp_onnx.analysis.scores import Block, candidate_blocks
+from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.groundtruth.scoring import ProbePlan, TokenBatch
 from cp_onnx.groundtruth.sweep import BASELINE, Batches, ReuseEvaluator
@@ -31,8 +37,6 @@ from cp_onnx.models.runner import pad_batch
 
 METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided, simultaneous: every scored block's bound holds at once in 95% of resamples
-RESAMPLES = 2000
-SEED = 0  # the bootstrap's generator: the same texts give the same decision
 # A percentile bootstrap over a handful of texts understates the spread (few distinct resamples): with
 # 5 texts (4 holding numbers) SmolLM2's top block looked certain (+0.12 lower bound) and did not help.
 MIN_TEXTS = 8  # texts holding numbers below which the method abstains whatever the bound says
@@ -41,6 +45,7 @@ MIN_TEXTS = 8  # texts holding numbers below which the method abstains whatever 
 # the tokens holding digits, which is where a text states its answers.
 REGIME = "calibration texts as given"
 METRIC = "answer log-probability (digit tokens)"
+KIND_BOUNDS = "two-sided, holding for every scored block and every kind at once; a kind with fewer than min_texts texts holding numbers is unclear"
 
 
 class NoNumbersError(CpOnnxError):
@@ -57,6 +62,7 @@ class Prediction:
     reason: str = ""
     candidate_blocks: int = 0  # blocks of the requested sizes; ``blocks`` holds those scored (all, without screening)
     layer_tokens: int = 0  # the work it ran: tokens (padding included) times layers, for benchmarks
+    by_kind: dict[tuple[int, int], dict[str, KindGain]] = field(default_factory=dict)  # block -> kind of text -> its gain there
 
     @property
     def chosen_block(self) -> Block | None:
@@ -68,6 +74,7 @@ class Prediction:
     def as_dict(self, least_harmful: int = 3) -> dict:
         top = self.chosen_block or self.blocks[0]
         chosen = {"start": top.start, "end": top.end} if self.decision == "help" else None
+        shown = [top, *(b for b in self.blocks if b is not top)][:least_harmful]
         return {
             "method": METHOD,
             "decision": self.decision,
@@ -77,19 +84,22 @@ class Prediction:
             "gain_lower_bound": top.metrics["gain_lower_bound"],
             "confidence": CONFIDENCE,
             # The named block first (readers take the decision's cost from it), then the best-ranked others.
-            "candidates": [b.as_dict() for b in [top, *(b for b in self.blocks if b is not top)][:least_harmful]],
+            "candidates": [b.as_dict() for b in shown],
             "texts": dict(self.texts),
             "blocks_scored": len(self.blocks),
             "candidate_blocks": self.candidate_blocks,
             "regime": REGIME,
             "metric": METRIC,
             "units": "nats per digit token of the reasoning calibration texts; positive = the duplicated model predicts them better",
+            "kinds": {"confidence": CONFIDENCE, "bounds": KIND_BOUNDS, "min_texts": MIN_TEXTS,
+                      "blocks": [{"start": b.start, "end": b.end, "by_kind": {kind: g.as_dict() for kind, g in self.by_kind[b.start, b.end].items()}}
+                                 for b in shown if (b.start, b.end) in self.by_kind]},
         }
 
 
 def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, block_sizes: Sequence[int] = (3, 4, 5),
             max_length: int = 128, threads: int | None = None, progress: Callable[[int, int], None] | None = None,
-            screen: bool = True) -> Prediction:
+            screen: bool = True, kinds: Sequence[str] | None = None) -> Prediction:
     """Score the blocks of ``block_sizes`` by the log-probability they add to the digit tokens of ``reasoning``.
 
     With ``screen`` (and more than one size), the blocks of the middle size are scored first, then
@@ -97,9 +107,13 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     of them; the others are not scored (about half the work; see SCREEN_TOP). Every block runs only
     what the score needs: each text up to its last digit token, and the head at the digit tokens. The
     cost side (all tokens of the reasoning texts, the general texts) is measured for the COST_BLOCKS
-    best blocks; the others' cost metrics are None."""
+    best blocks; the others' cost metrics are None. ``kinds`` names each text's kind of task (all YOUR_TEXTS
+    when None): the gains are also reported per kind."""
     if not reasoning:
         raise CpOnnxError("no reasoning calibration texts to score blocks on; give at least one")
+    kinds = [YOUR_TEXTS] * len(reasoning) if kinds is None else list(kinds)
+    if len(kinds) != len(reasoning):
+        raise CpOnnxError(f"{len(kinds)} kinds for {len(reasoning)} reasoning texts; give one kind per text")
     encode = lambda text: model.encode([text])[0][0]  # noqa: E731
     texts = [*reasoning, *general]
     cost_plan = ProbePlan([], encode, texts, max_length=max_length)
@@ -160,7 +174,8 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
         decision, reason = "abstain", (f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
                                        f"jointly for the {len(scored)} blocks scored")
     texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers, "digit_tokens": int(counts.sum())}
-    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens)
+    per_kind = dict(zip(blocks, kind_gains(gains.T, counts, kinds, confidence=CONFIDENCE, min_texts=MIN_TEXTS)))
+    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens, per_kind)
 
 
 # Screening rests on the gains varying smoothly with a block's start and end. Measured on the ground truth
@@ -240,23 +255,9 @@ def _lower_bound(gains: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     quantile of the largest over blocks is the one critical value c: bound = gain - c * standard error.
     Studentising matters with ten texts: dividing by one fixed spread instead passed pure noise as
     "help" in 36% of simulated runs of 40 blocks (tests/test_predict.py), this in about 5%."""
-    count = len(tokens)
-    draws = np.random.default_rng(SEED).integers(0, count, size=(RESAMPLES, count))
-    weights = np.zeros((RESAMPLES, count))
-    np.add.at(weights, (np.arange(RESAMPLES)[:, None], draws), 1.0)
-    weights = weights[weights @ tokens > 0]
-    rate = np.divide(gains, tokens[:, None], out=np.zeros_like(gains, dtype=np.float64), where=tokens[:, None] > 0)
-    point, error = _weighted_mean(rate, tokens[None, :])
-    resampled, resampled_error = _weighted_mean(rate, weights * tokens)
-    t = np.divide(resampled - point, resampled_error, out=np.zeros_like(resampled), where=resampled_error > 0)
+    weights = bootstrap.resample_weights(tokens)
+    rate = bootstrap.per_token(gains, tokens)
+    point, error = bootstrap.weighted_mean(rate, tokens[None, :])
+    t = bootstrap.studentised(*bootstrap.weighted_mean(rate, weights * tokens), point)
     critical = max(0.0, float(np.quantile(t.max(axis=1), CONFIDENCE)))
     return point[0] - critical * error[0]
-
-
-def _weighted_mean(rate: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``weights`` [draws, texts], each block's weighted mean of ``rate`` [texts, blocks] and its
-    standard error (the linearised one of a ratio of sums): two arrays [draws, blocks]."""
-    total = weights.sum(axis=1, keepdims=True)
-    mean = weights @ rate / total
-    spread = np.einsum("dt,dtb->db", weights**2, (rate[None] - mean[:, None, :]) ** 2)
-    return mean, np.sqrt(spread) / total
