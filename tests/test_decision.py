@@ -123,7 +123,7 @@ def test_html_opens_with_the_decision_panel(reports, case, tmp_path, capsys):
         assert f"{prediction['gain_lower_bound']:+.4f}" in text and "cost on general text" in text
     else:
         assert text.startswith("Decision No block is predicted to help.") and prediction["reason"] in text
-        assert [e[1] for e in page.events[1:] if e[2]] == ["least-harmful"]
+        assert [e[1] for e in page.events[1:] if e[2]] == ["least-harmful", "by-kind"]
         for block in prediction["candidates"]:
             assert f"[{block['start']}, {block['end']})" in text
     if prediction:

@@ -71,3 +71,40 @@ def _decision(report: dict) -> str:
     if measured:
         parts.append(f"top {measured}")
     return "; ".join([*parts, scope(prediction)])
+
+
+def kinds_line(report: dict) -> str | None:
+    """The decision's block per kind of calibration text, in one line: where it helps, hurts, or the bound cannot tell.
+
+    None for a report without per-kind figures. It follows the decision line (whose metric and regime it shares)."""
+    prediction = report.get("prediction")
+    kinds = prediction.get("kinds") if isinstance(prediction, dict) else None
+    blocks = (kinds or {}).get("blocks") if isinstance(kinds, dict) else None
+    if not blocks or not isinstance(blocks[0], dict) or not blocks[0].get("by_kind"):
+        return None
+    first = blocks[0]
+    verdicts: dict[str, list[str]] = {"helps": [], "hurts": [], "unclear": []}
+    for kind, gain in first["by_kind"].items():
+        verdicts.setdefault(gain.get("verdict") or "unclear", []).append(f"{kind} {kind_figure(gain, kinds.get('min_texts'))}")
+    role = "the block to duplicate" if helps(prediction) else "the least harmful block"
+    level = f"{kinds['confidence']:.0%} " if kinds.get("confidence") is not None else ""
+    said = "; ".join(f"{verdict} for {', '.join(items)}" for verdict, items in verdicts.items() if items)
+    line = f"per kind of calibration text, {span(first)} ({role}): {said}; gain per digit token [{level}bounds holding for all blocks and kinds at once]"
+    return line.replace("\r", " ").replace("\n", " ")
+
+
+def kind_figure(gain: dict, min_texts: int | None) -> str:
+    """One block's gain on one kind of text, as the kinds line and tables show it."""
+    texts = gain.get("texts")
+    counted = _texts(texts) if texts is not None else "texts not recorded"
+    if gain.get("gain") is None:
+        return f"(no numbers in its {counted})"
+    if min_texts is not None and (gain.get("with_numbers") or 0) < min_texts:
+        return f"{gain['gain']:+.3f} (only {_texts(gain.get('with_numbers') or 0)} with numbers, {min_texts} needed)"
+    if gain.get("lower") is None or gain.get("upper") is None:
+        return f"{gain['gain']:+.3f} ({counted})"
+    return f"{gain['gain']:+.3f} [{gain['lower']:+.3f}, {gain['upper']:+.3f}], {counted}"
+
+
+def _texts(count: int) -> str:
+    return f"{count} text" if count == 1 else f"{count} texts"

@@ -8,7 +8,7 @@ from pathlib import Path
 from cp_onnx.files import write_text
 from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
 from cp_onnx.outputs import plots, pruning_report
-from cp_onnx.outputs.decision import decision_line, helps, layers_run_twice, scope as scope_text, span
+from cp_onnx.outputs.decision import decision_line, helps, kind_figure, kinds_line, layers_run_twice, scope as scope_text, span
 from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.outputs.summary import KIND_METHODS
 
@@ -107,7 +107,23 @@ def _decision_panel(report: dict) -> str:
         details = why + (f"<table id='least-harmful'><caption>Least harmful blocks</caption><tr><th>block</th><th>gain</th>"
                          f"<th>{level}</th><th>general-text cost</th></tr>{rows}</table>" if rows else "")
     scope = f"<p class='scope'>{_e(scope_text(prediction))}; gains in nats per digit token, costs as NLL change in nats per token.</p>"
-    return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{scope}{line}</section>"
+    return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{_kinds_part(report)}{scope}{line}</section>"
+
+
+def _kinds_part(report: dict) -> str:
+    """Per kind of calibration text: the kinds line, then the candidates' gain and verdict per kind."""
+    said = kinds_line(report)
+    if said is None:
+        return ""
+    kinds = report["prediction"]["kinds"]
+    blocks = [b for b in kinds["blocks"] if isinstance(b, dict) and b.get("by_kind")]
+    names = list(dict.fromkeys(kind for b in blocks for kind in b["by_kind"]))
+    head = "<tr><th class='name'>kind of text</th>" + "".join(f"<th>{_e(span(b))}</th>" for b in blocks) + "</tr>"
+    rows = "".join(f"<tr><td class='name'>{_e(name)}</td>" + "".join(
+        f"<td>{_e((g := b['by_kind'].get(name) or {}).get('verdict', ''))} {_e(kind_figure(g, kinds.get('min_texts')) if g else 'n/a')}</td>"
+        for b in blocks) + "</tr>" for name in names)
+    caption = "<caption>Gain per kind of calibration text (nats per digit token; bounds hold for all blocks and kinds at once)</caption>"
+    return f"<p class='kinds'>{_e(said)}</p><table id='by-kind'>{caption}{head}{rows}</table>"
 
 
 def _circuits_table(report: dict, top: int) -> str:

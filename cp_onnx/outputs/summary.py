@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, span
+from cp_onnx.outputs.decision import decision_line, kinds_line, span
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
@@ -18,10 +18,11 @@ def format_summary(report: dict, top: int = 5) -> str:
     """The decision first, then the ranked blocks of each circuit kind found in a report."""
     n = report["model"]["num_layers"]
     calibration = report.get("calibration") or {}
-    lines = [textwrap.fill(decision_line(report), WIDTH, subsequent_indent="  ", break_on_hyphens=False), "",
+    lines = [_wrap(decision_line(report)), "", *([_wrap(k), ""] if (k := kinds_line(report)) else []),
              f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)",
              RANKINGS_NOTE]
     lines += candidate_lines(report.get("prediction") or {}, n)
+    lines += kind_table_lines(report.get("prediction") or {})
     for kind, method, where in KIND_METHODS:
         blocks = report["methods"].get(method, {}).get("blocks")
         if not blocks:
@@ -47,6 +48,10 @@ def format_summary(report: dict, top: int = 5) -> str:
 
 
 WIDTH = 100
+
+
+def _wrap(line: str) -> str:
+    return textwrap.fill(line, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
 RANKINGS_NOTE = "the rankings below order blocks by each method's score; they are not recommendations (the decision above is)"
 
 
@@ -63,6 +68,23 @@ def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
         cells = [block["score"], metrics.get("gain_lower_bound"), metrics.get("text_nll_change"), metrics.get("general_nll_change")]
         gain, lower, text, general = ("n/a" if v is None else f"{v:+.4f}" for v in cells)
         lines.append(f"  {rank:>4}  {span(block):>9}  {depth(block, num_layers):>9}  {gain:>8}  {lower:>8}  {text:>10}  {general:>8}")
+    return lines
+
+
+def kind_table_lines(prediction: dict) -> list[str]:
+    """The candidates' gain per kind of calibration text (nats per digit token) and verdict; none without per-kind figures."""
+    kinds = prediction.get("kinds") if isinstance(prediction.get("kinds"), dict) else {}
+    blocks = [b for b in kinds.get("blocks") or [] if isinstance(b, dict) and b.get("by_kind")]
+    if not blocks:
+        return []
+    names = list(dict.fromkeys(kind for b in blocks for kind in b["by_kind"]))
+    width = max(len(name) for name in names)
+    lines = ["\nper kind of calibration text (gain per digit token; helps/hurts where the simultaneous bounds say so)",
+             f"  {'kind':<{width}}  {'texts':>5}" + "".join(f"  {span(b):>17}" for b in blocks)]
+    for name in names:
+        gains = [b["by_kind"].get(name) or {} for b in blocks]
+        cells = ["n/a" if g.get("gain") is None else f"{g['gain']:+.4f} {g.get('verdict', '')}" for g in gains]
+        lines.append(f"  {name:<{width}}  {gains[0].get('texts', '?'):>5}" + "".join(f"  {cell:>17}" for cell in cells))
     return lines
 
 
