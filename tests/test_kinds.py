@@ -141,3 +141,12 @@ def test_cli_prints_the_per_kind_line_and_the_report_validates(tiny_folder, tmp_
     assert code == 0
     page = (tmp_path / "page.html").read_text()
     assert page.index("id='by-kind'") < page.index("Rankings by method") and "per kind of calibration text" in page
+
+
+def test_a_users_unlabelled_texts_are_named_your_texts_in_the_output(tiny_folder, tmp_path, capsys):
+    calibration = tmp_path / "mine.txt"
+    calibration.write_text("".join(t + "\n" for t, _ in LABELLED), encoding="utf-8")
+    code, out, _ = run(["analyze", tiny_folder, "--calibration", calibration, "--out", tmp_path / "out", *TINY_ARGS], capsys)
+    assert code == 0
+    said = out.split("\n\n")[1]
+    assert said.startswith("per kind of calibration text, [") and "unclear for your texts" in " ".join(said.split())
