@@ -170,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--sweeps", nargs=2, required=True, help="sweep JSONL files of the same model at two suite seeds")
+    parser.add_argument("--sweeps", nargs=2, help="sweep JSONL files of the same model at two suite seeds")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite results/kinds_NAME.md from its .json without running")
     args = parser.parse_args(argv)
     if args.markdown_only:
         result = json.loads((RESULTS / f"kinds_{args.name}.json").read_text())
         (RESULTS / f"kinds_{args.name}.md").write_text(markdown(args.name, result["command"], result))
         return 0
+    if not args.sweeps:
+        parser.error("give --sweeps SEED0.jsonl SEED1.jsonl")
     load = say_load("start")
     model = open_model(args.model)
     sweeps = [few_shot_rows(path, file_sha256(model.onnx_path)) for path in args.sweeps]

@@ -114,8 +114,8 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
         if method == predict.METHOD:
             del reader
             general = calibration.load_calibration("general", n=settings.n)
+            kinds = calibration.load_kinds(settings.calibration, n=settings.n, language=settings.language)
             try:
-                kinds = calibration.load_kinds(settings.calibration, n=settings.n, language=settings.language)
                 prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length,
                                              threads=settings.threads, progress=block_progress, screen=settings.screen, kinds=kinds)
             except predict.NoNumbersError as exc:

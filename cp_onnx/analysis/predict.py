@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cp_onnx.analysis import bootstrap
-from cp_onnx.analysis.kinds import KindGain, kind_gains
 from cp_onnx.analysis.bootstrap import RESAMPLES
+from cp_onnx.analysis.kinds import KindGain, kind_gains
 from cp_onnx.analysis.scores import Block, candidate_blocks
 from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
@@ -45,7 +45,8 @@ MIN_TEXTS = 8  # texts holding numbers below which the method abstains whatever 
 # the tokens holding digits, which is where a text states its answers.
 REGIME = "calibration texts as given"
 METRIC = "answer log-probability (digit tokens)"
-KIND_BOUNDS = "two-sided, holding for every scored block and every kind at once; a kind with fewer than min_texts texts holding numbers is unclear"
+KIND_BOUNDS = ("two-sided, holding for every scored block and every kind at once; "
+               "a kind with fewer than min_texts texts holding numbers is unclear and has none")
 
 
 class NoNumbersError(CpOnnxError):
