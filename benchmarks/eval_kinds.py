@@ -14,8 +14,9 @@ gain on the kind beside the best block's (shortfall = best - top-1, nats per ite
 Spearman correlation between the method's scores and the kind's gains over the blocks it scored (the
 whole ranking, not only its top, which a best block inside the noise makes a lottery).
 The noise level per kind is eval_predictions' (robust sd over blocks of the seed-to-seed difference).
-A per-kind claim of the "all" run holds when the sweep's mean gain on that kind has the claimed sign.
-Writes benchmarks/results/kinds_NAME.json and .md (``--markdown-only`` rewrites the .md from the .json).
+A per-kind claim (helps or hurts, on any run's top 3 blocks) holds when the sweep's mean gain on that
+kind has the claimed sign.
+Writes benchmarks/results/kinds_NAME.json and .md (``--rejudge`` judges the runs stored there again).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from eval_predictions import mean_rows, noise_level
 
 from cp_onnx.analysis.kinds import HELPS, HURTS
 from cp_onnx.analysis.predict import METRIC as PREDICTION_METRIC, MIN_TEXTS, REGIME, numeric_tokens, predict
-from cp_onnx.analysis.report import file_sha256
+from cp_onnx.analysis.report import file_sha256, write_json
 from cp_onnx.calibration import load_calibration, load_kinds
 from cp_onnx.groundtruth.regimes import regime_rows
 from cp_onnx.groundtruth.sweep import read_sweep
@@ -96,13 +97,17 @@ def evaluate(model, sweeps: list[list[dict]]) -> dict:
         runs[kind] = run(model, [texts[i] for i in chosen], [kind] * len(chosen), general)
         print(f"  {kind}: {len(chosen)} texts, {runs[kind]['seconds']:.0f} s", file=sys.stderr, flush=True)
     runs["all"] = run(model, texts, kinds, general)
+    return {"eligible_kinds": eligible, "runs": runs, **judge_runs(runs, eligible, sweeps)}
+
+
+def judge_runs(runs: dict, eligible: list[str], sweeps: list[list[dict]]) -> dict:
+    """The runs' rankings and per-kind claims against the sweeps (also from a results file, with --rejudge)."""
     truths = {"seed 0": sweeps[0], "seed 1": sweeps[1], "mean": mean_rows(sweeps)}
-    noise = {k: noise_level([kind_rows(rows, k) for rows in sweeps]) for k in probe_kinds}
+    noise = {k: noise_level([kind_rows(rows, k) for rows in sweeps]) for k in sweeps[0][0]["by_kind"]}
     judged = {kind: {seed: {name: judge([tuple(b) for b in runs[name]["ranking"]], runs[name]["scores"], kind_rows(rows, kind))
                             for name in ("generic", kind)}
                      for seed, rows in truths.items()} for kind in eligible}
-    return {"eligible_kinds": eligible, "noise": noise, "runs": runs, "judged": judged,
-            "claims": claims(runs["all"]["report"], truths["mean"], noise)}
+    return {"noise": noise, "judged": judged, "claims": {name: claims(r["report"], truths["mean"], noise) for name, r in runs.items()}}
 
 
 def markdown(name: str, command: str, result: dict) -> str:
@@ -149,14 +154,20 @@ def markdown(name: str, command: str, result: dict) -> str:
               "Verdicts from the simultaneous 95% bounds, beside the sweep's mean gain on that kind's probes; a claim holds when the signs agree.", "",
               "| block | kind | texts with numbers | gain (calibration) | bounds | verdict | sweep gain | beyond noise | holds |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in result["claims"]:
+    for c in result["claims"]["all"]:
         bounds = "n/a" if c["lower"] is None else f"[{c['lower']:+.3f}, {c['upper']:+.3f}]"
         gain = "n/a" if c["gain"] is None else f"{c['gain']:+.3f}"
         holds = "-" if c["holds"] is None else ("yes" if c["holds"] else "no")
         lines.append(f"| {span(c['block'])} | {c['kind']} | {c['with_numbers']} | {gain} | {bounds} | {c['verdict']} | {c['sweep_gain']:+.3f} | "
                      f"{'yes' if c['sweep_beyond_noise'] else 'no'} | {holds} |")
-    made = [c for c in result["claims"] if c["holds"] is not None]
-    lines += ["", f"Claims made (helps or hurts): {len(made)}; holding on the sweep: {sum(c['holds'] for c in made)}.", "",
+    made = [{**c, "run": name} for name, found in result["claims"].items() for c in found if c["holds"] is not None]
+    lines += ["", "## Every helps or hurts claim of any run (its top 3 blocks, every kind of its texts)", "",
+              "| calibration | block | kind | gain (calibration) | bounds | verdict | sweep gain | beyond noise | holds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {c['run']} | {span(c['block'])} | {c['kind']} | {c['gain']:+.3f} | [{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['verdict']} | "
+              f"{c['sweep_gain']:+.3f} | {'yes' if c['sweep_beyond_noise'] else 'no'} | {'yes' if c['holds'] else 'no'} |" for c in made]
+    lines += ["", f"Claims made (helps or hurts), over all {len(result['claims'])} runs: {len(made)}; holding on the sweep: "
+              f"{sum(c['holds'] for c in made)}; of those, beyond the sweep's noise: {sum(c['holds'] and c['sweep_beyond_noise'] for c in made)}.", "",
               "Run times (s): " + ", ".join(f"{k} {r['seconds']:.0f}" for k, r in runs.items()) + ".", ""]
     return "\n".join(lines)
 
@@ -171,19 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--name", required=True)
     parser.add_argument("--sweeps", nargs=2, help="sweep JSONL files of the same model at two suite seeds")
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite results/kinds_NAME.md from its .json without running")
+    parser.add_argument("--rejudge", action="store_true", help="judge the runs in results/kinds_NAME.json against --sweeps again and "
+                        "rewrite its .json and .md, without running the model")
     args = parser.parse_args(argv)
-    if args.markdown_only:
-        result = json.loads((RESULTS / f"kinds_{args.name}.json").read_text())
-        (RESULTS / f"kinds_{args.name}.md").write_text(markdown(args.name, result["command"], result))
-        return 0
     if not args.sweeps:
         parser.error("give --sweeps SEED0.jsonl SEED1.jsonl")
+    if args.rejudge:
+        result = json.loads((RESULTS / f"kinds_{args.name}.json").read_text())
+        sweeps = [few_shot_rows(path, result["onnx_sha256"]) for path in args.sweeps]
+        result |= judge_runs(result["runs"], result["eligible_kinds"], sweeps)
+        write_json(result, RESULTS / f"kinds_{args.name}.json")  # the machine and load of the run that made the rankings stay
+        (RESULTS / f"kinds_{args.name}.md").write_text(markdown(args.name, result["command"], result))
+        return 0
     load = say_load("start")
     model = open_model(args.model)
-    sweeps = [few_shot_rows(path, file_sha256(model.onnx_path)) for path in args.sweeps]
+    onnx_sha256 = file_sha256(model.onnx_path)
+    sweeps = [few_shot_rows(path, onnx_sha256) for path in args.sweeps]
     command = "python benchmarks/eval_kinds.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"name": args.name, "command": command, **evaluate(model, sweeps)}
+    result = {"name": args.name, "command": command, "onnx_sha256": onnx_sha256, **evaluate(model, sweeps)}
     result["load_average"] = {"start": load, "end": say_load("end")}
     write_results(f"kinds_{args.name}", result)
     text = markdown(args.name, command, result)
