@@ -131,7 +131,7 @@ def test_cli_prints_the_per_kind_line_and_the_report_validates(tiny_folder, tmp_
     assert code == 0
     decision, said = out.split("\n\n")[:2]  # the per-kind line follows the decision
     assert decision.startswith("decision: ") and said.startswith("per kind of calibration text, [") and "(the least harmful block)" in said
-    assert "arithmetic" in out and "only 2 texts with numbers, 8 needed" in said and "per kind of calibration text (gain" in out
+    assert "arithmetic" in out and "too few texts with numbers to tell (8 needed) for arithmetic" in " ".join(said.split()) and "per kind of calibration text (gain" in out
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     jsonschema.validate(data, report_mod.schema())
     kinds = data["prediction"]["kinds"]
@@ -149,4 +149,4 @@ def test_a_users_unlabelled_texts_are_named_your_texts_in_the_output(tiny_folder
     code, out, _ = run(["analyze", tiny_folder, "--calibration", calibration, "--out", tmp_path / "out", *TINY_ARGS], capsys)
     assert code == 0
     said = out.split("\n\n")[1]
-    assert said.startswith("per kind of calibration text, [") and "unclear for your texts" in " ".join(said.split())
+    assert said.startswith("per kind of calibration text, [") and "too few texts with numbers to tell (8 needed) for your texts" in " ".join(said.split())

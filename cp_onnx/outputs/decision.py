@@ -82,15 +82,29 @@ def kinds_line(report: dict) -> str | None:
     blocks = (kinds or {}).get("blocks") if isinstance(kinds, dict) else None
     if not blocks or not isinstance(blocks[0], dict) or not blocks[0].get("by_kind"):
         return None
-    first = blocks[0]
-    verdicts: dict[str, list[str]] = {"helps": [], "hurts": [], "unclear": []}
+    first, least = blocks[0], kinds.get("min_texts")
+    # Kinds with too few texts are unclear too, but for want of texts, not because the bounds straddle zero: said apart, briefly.
+    verdicts: dict[str, list[str]] = {"helps": [], "hurts": [], "unclear": [], FEW: []}
     for kind, gain in first["by_kind"].items():
-        verdicts.setdefault(gain.get("verdict") or "unclear", []).append(f"{kind} {kind_figure(gain, kinds.get('min_texts'))}")
+        if _too_few(gain, least):
+            verdicts[FEW].append(f"{kind} " + ("(none)" if gain.get("gain") is None else f"{gain['gain']:+.3f} ({_texts(gain.get('with_numbers') or 0)})"))
+        else:
+            verdicts.setdefault(gain.get("verdict") or "unclear", []).append(f"{kind} {kind_figure(gain, least)}")
     role = "the block to duplicate" if helps(prediction) else "the least harmful block"
     level = f"{kinds['confidence']:.0%} " if kinds.get("confidence") is not None else ""
-    said = "; ".join(f"{verdict} for {', '.join(items)}" for verdict, items in verdicts.items() if items)
+    said = "; ".join(f"{verdict} for {', '.join(items)}" for verdict, items in verdicts.items() if items and verdict != FEW)
+    if verdicts[FEW]:
+        needed = f" ({least} needed)" if least is not None else ""
+        said += ("; " if said else "") + f"too few texts with numbers to tell{needed} for {', '.join(verdicts[FEW])}"
     line = f"per kind of calibration text, {span(first)} ({role}): {said}; gain per digit token [{level}bounds holding for all blocks and kinds at once]"
     return line.replace("\r", " ").replace("\n", " ")
+
+
+FEW = "too few"
+
+
+def _too_few(gain: dict, min_texts: int | None) -> bool:
+    return gain.get("gain") is None or (min_texts is not None and (gain.get("with_numbers") or 0) < min_texts)
 
 
 def kind_figure(gain: dict, min_texts: int | None) -> str:
@@ -99,11 +113,11 @@ def kind_figure(gain: dict, min_texts: int | None) -> str:
     counted = _texts(texts) if texts is not None else "texts not recorded"
     if gain.get("gain") is None:
         return f"(no numbers in its {counted})"
-    if min_texts is not None and (gain.get("with_numbers") or 0) < min_texts:
+    if _too_few(gain, min_texts):
         return f"{gain['gain']:+.3f} (only {_texts(gain.get('with_numbers') or 0)} with numbers, {min_texts} needed)"
     if gain.get("lower") is None or gain.get("upper") is None:
         return f"{gain['gain']:+.3f} ({counted})"
-    return f"{gain['gain']:+.3f} [{gain['lower']:+.3f}, {gain['upper']:+.3f}], {counted}"
+    return f"{gain['gain']:+.3f} [{gain['lower']:+.3f}, {gain['upper']:+.3f}] ({counted})"
 
 
 def _texts(count: int) -> str:
