@@ -150,3 +150,13 @@ def test_a_users_unlabelled_texts_are_named_your_texts_in_the_output(tiny_folder
     assert code == 0
     said = out.split("\n\n")[1]
     assert said.startswith("per kind of calibration text, [") and "too few texts with numbers to tell (8 needed) for your texts" in " ".join(said.split())
+
+
+def test_a_trimmed_or_older_report_gets_no_per_kind_line_and_no_traceback():
+    from cp_onnx.outputs.decision import kinds_line
+
+    for report in ({}, {"prediction": None}, {"prediction": {"decision": "abstain"}}, {"prediction": {"kinds": 3}},
+                   {"prediction": {"kinds": {"blocks": [1]}}}):
+        assert kinds_line(report) is None
+    bare = {"prediction": {"kinds": {"blocks": [{"start": 1, "end": 2, "by_kind": {"a": {"gain": 0.5, "verdict": "helps"}}}]}}}
+    assert kinds_line(bare).startswith("per kind of calibration text, [1, 2) (the least harmful block): helps for a +0.500")

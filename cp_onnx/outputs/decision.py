@@ -78,10 +78,10 @@ def kinds_line(report: dict) -> str | None:
 
     None for a report without per-kind figures. It follows the decision line (whose metric and regime it shares)."""
     prediction = report.get("prediction")
-    kinds = prediction.get("kinds") if isinstance(prediction, dict) else None
-    blocks = (kinds or {}).get("blocks") if isinstance(kinds, dict) else None
-    if not blocks or not isinstance(blocks[0], dict) or not blocks[0].get("by_kind"):
+    blocks, _ = kind_table(prediction)
+    if not blocks:
         return None
+    kinds = prediction["kinds"]
     first, least = blocks[0], kinds.get("min_texts")
     # Kinds with too few texts are unclear too, but for want of texts, not because the bounds straddle zero: said apart, briefly.
     verdicts: dict[str, list[str]] = {"helps": [], "hurts": [], "unclear": [], FEW: []}
@@ -101,6 +101,13 @@ def kinds_line(report: dict) -> str | None:
 
 
 FEW = "too few"
+
+
+def kind_table(prediction: dict) -> tuple[list[dict], list[str]]:
+    """The candidates that carry per-kind figures, and the kinds they cover in order; ([], []) for a report without them."""
+    kinds = prediction.get("kinds") if isinstance(prediction, dict) else None
+    blocks = [b for b in (kinds.get("blocks") or [] if isinstance(kinds, dict) else []) if isinstance(b, dict) and b.get("by_kind")]
+    return blocks, list(dict.fromkeys(kind for b in blocks for kind in b["by_kind"]))
 
 
 def _too_few(gain: dict, min_texts: int | None) -> bool:

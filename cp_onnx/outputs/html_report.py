@@ -8,7 +8,7 @@ from pathlib import Path
 from cp_onnx.files import write_text
 from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
 from cp_onnx.outputs import plots, pruning_report
-from cp_onnx.outputs.decision import decision_line, helps, kind_figure, kinds_line, layers_run_twice, scope as scope_text, span
+from cp_onnx.outputs.decision import decision_line, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
 from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.outputs.summary import KIND_METHODS
 
@@ -115,12 +115,11 @@ def _kinds_part(report: dict) -> str:
     said = kinds_line(report)
     if said is None:
         return ""
-    kinds = report["prediction"]["kinds"]
-    blocks = [b for b in kinds["blocks"] if isinstance(b, dict) and b.get("by_kind")]
-    names = list(dict.fromkeys(kind for b in blocks for kind in b["by_kind"]))
+    least = report["prediction"]["kinds"].get("min_texts")
+    blocks, names = kind_table(report["prediction"])
     head = "<tr><th class='name'>kind of text</th>" + "".join(f"<th>{_e(span(b))}</th>" for b in blocks) + "</tr>"
     rows = "".join(f"<tr><td class='name'>{_e(name)}</td>" + "".join(
-        f"<td>{_e((g := b['by_kind'].get(name) or {}).get('verdict', ''))} {_e(kind_figure(g, kinds.get('min_texts')) if g else 'n/a')}</td>"
+        f"<td>{_e((g := b['by_kind'].get(name) or {}).get('verdict', ''))} {_e(kind_figure(g, least) if g else 'n/a')}</td>"
         for b in blocks) + "</tr>" for name in names)
     caption = "<caption>Gain per kind of calibration text (nats per digit token; bounds hold for all blocks and kinds at once)</caption>"
     return f"<p class='kinds'>{_e(said)}</p><table id='by-kind'>{caption}{head}{rows}</table>"

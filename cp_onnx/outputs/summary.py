@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, kinds_line, span
+from cp_onnx.outputs.decision import decision_line, kind_table, kinds_line, span
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
@@ -73,11 +73,9 @@ def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
 
 def kind_table_lines(prediction: dict) -> list[str]:
     """The candidates' gain per kind of calibration text (nats per digit token) and verdict; none without per-kind figures."""
-    kinds = prediction.get("kinds") if isinstance(prediction.get("kinds"), dict) else {}
-    blocks = [b for b in kinds.get("blocks") or [] if isinstance(b, dict) and b.get("by_kind")]
+    blocks, names = kind_table(prediction)
     if not blocks:
         return []
-    names = list(dict.fromkeys(kind for b in blocks for kind in b["by_kind"]))
     width = max(len(name) for name in names)
     lines = ["\nper kind of calibration text (gain per digit token; helps/hurts where the simultaneous bounds say so)",
              f"  {'kind':<{width}}  {'texts':>5}" + "".join(f"  {span(b):>17}" for b in blocks)]
