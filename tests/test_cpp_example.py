@@ -58,6 +58,10 @@ def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
         assert expected.count("\n  1 [") == 5  # a first-ranked block for the default method and the paper's four
         assert expected.splitlines()[0] == decision_line(json.loads(path.read_text()))  # the answer first
         assert expected.splitlines()[3] in ("prediction abstain", *(f"prediction help {s}:{e}" for s in range(3) for e in range(s + 1, 4)))
+        first = json.loads(path.read_text())["prediction"]["kinds"]["blocks"][0]  # the decided block per kind of text
+        lines = expected.splitlines()[4:5 + len(first["by_kind"])]
+        assert lines[0] == f"kinds {first['start']}:{first['end']}" and first["by_kind"]
+        assert [line.rsplit(" kind ", 1)[1] for line in lines[1:]] == list(first["by_kind"])
 
 
 def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
@@ -93,6 +97,14 @@ def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
     assert run_reader(reader, path).stdout.splitlines()[3] == "prediction help 1:3" == cli_text(path, 5, capsys).splitlines()[3]
     path.write_text(json.dumps({**data, "prediction": {"decision": "abstain", "block": None}}))
     assert run_reader(reader, path).stdout.splitlines()[3] == "prediction abstain"
+
+    # Per-kind lines: a block without figures skipped, a null gain and bounds, a kind holding a line break.
+    kinds = {"blocks": [{"start": 0, "end": 2, "by_kind": {}},
+                        {"start": 1, "end": 3, "by_kind": {"arithmetic": {"texts": 9, "with_numbers": 8, "gain": 0.25, "lower": 0.01, "upper": 0.5, "verdict": "helps"},
+                                                           "your\ntexts": {"texts": 2, "with_numbers": 0, "gain": None, "lower": None, "upper": None, "verdict": "unclear"}}}]}
+    path.write_text(json.dumps({**data, "prediction": {"decision": "help", "block": {"start": 1, "end": 3}, "kinds": kinds}}))
+    assert run_reader(reader, path).stdout.splitlines()[4:7] == cli_text(path, 5, capsys).splitlines()[4:7] == [
+        "kinds 1:3", "  helps gain 0.25 bounds 0.01 0.5 texts 9 numbers 8 kind arithmetic", "  unclear gain n/a bounds n/a n/a texts 2 numbers 0 kind your texts"]
 
     pruned = {**data, "pruning": {
         "layers": {"default": "removal_loss", "num_layers": 4, "base_nll": 2.5,

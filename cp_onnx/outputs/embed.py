@@ -20,7 +20,7 @@ from cp_onnx.analysis.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line
+from cp_onnx.outputs.decision import decision_line, kind_table
 
 PREFIX = "cp_onnx."
 DEFAULT_TOP = 5
@@ -116,6 +116,7 @@ def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
     lines = [decision_line(report), f"model {report['model']['name']}", f"layers {num_layers}"]
     if report.get("prediction"):
         lines.append(f"prediction {decision_text(report['prediction'])}")
+        lines += kind_lines(report["prediction"])
     for method, blocks in top_circuits(report, top).items():
         lines.append(f"method {method}")
         for rank, b in enumerate(blocks, 1):
@@ -127,6 +128,21 @@ def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
         values = " ".join(f"{key}={_number(value)}" for key, value in row.items() if key != "layer")
         lines.append(f"  layer {row['layer']} {values}")
     return "\n".join(lines) + "\n"
+
+
+def kind_lines(prediction: dict) -> list[str]:
+    """The decided (or least harmful) block's gain on each kind of calibration text, one kind a line, its name last
+    (a user's kind may hold spaces): ``kinds START:END`` then ``  VERDICT gain G bounds LOWER UPPER texts N numbers M kind NAME``."""
+    blocks, _ = kind_table(prediction)
+    if not blocks:
+        return []
+    first = blocks[0]
+    lines = [f"kinds {first['start']}:{first['end']}"]
+    for kind, g in first["by_kind"].items():
+        verdict = g.get("verdict") if isinstance(g.get("verdict"), str) and g.get("verdict") else "unclear"
+        lines.append(f"  {verdict} gain {_number(g.get('gain'))} bounds {_number(g.get('lower'))} {_number(g.get('upper'))} "
+                     f"texts {_number(g.get('texts'))} numbers {_number(g.get('with_numbers'))} kind {kind}".replace("\r", " ").replace("\n", " "))
+    return lines
 
 
 def _number(value: float | None) -> str:

@@ -39,6 +39,27 @@ bool has_string(const json& object, const char* key) {
 
 bool has_number(const json& object, const char* key) { return object.contains(key) && object[key].is_number(); }
 
+// The decided (or least harmful) block on each kind of calibration text: cp_onnx/outputs/embed.py's kind_lines.
+void print_kinds(const json& prediction) {
+  if (!prediction.contains("kinds") || !prediction["kinds"].is_object()) return;
+  const json& kinds = prediction["kinds"];
+  if (!kinds.contains("blocks") || !kinds["blocks"].is_array()) return;
+  for (const json& block : kinds["blocks"]) {
+    if (!block.is_object() || !block.contains("by_kind") || !block["by_kind"].is_object() || block["by_kind"].empty()) continue;
+    std::printf("kinds %d:%d\n", block["start"].get<int>(), block["end"].get<int>());
+    for (const auto& [kind, gain] : block["by_kind"].items()) {
+      const std::string verdict = has_string(gain, "verdict") ? gain["verdict"].get<std::string>() : "unclear";
+      auto field = [&gain](const char* key) { return number(gain.contains(key) ? gain[key] : json()); };
+      std::string line = "  " + verdict + " gain " + field("gain") + " bounds " + field("lower") + " " + field("upper") + " texts " +
+                         field("texts") + " numbers " + field("with_numbers") + " kind " + kind;
+      for (char& c : line)
+        if (c == '\r' || c == '\n') c = ' ';
+      std::printf("%s\n", line.c_str());
+    }
+    return;  // the first block that has them: the decision's
+  }
+}
+
 // The default prediction's decision in one line: cp_onnx/outputs/decision.py's decision_line, branch for branch.
 std::string decision_line(const json& report) {
   if (!report.contains("prediction") || !report["prediction"].is_object())
@@ -116,6 +137,7 @@ int main(int argc, char** argv) {
       std::printf("prediction help %d:%d\n", block["start"].get<int>(), block["end"].get<int>());
     else
       std::printf("prediction abstain\n");
+    print_kinds(prediction);
   }
 
   for (const auto& [method, entry] : report["methods"].items()) {
