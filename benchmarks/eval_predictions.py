@@ -1,6 +1,10 @@
 """Every method's prediction on one model against the sweep's ground truth at two probe-suite seeds (issue 7).
 
-    python benchmarks/eval_predictions.py MODEL --name NAME --sweeps SEED0.jsonl SEED1.jsonl [-n 10]
+    python benchmarks/eval_predictions.py MODEL --name NAME --sweeps SEED0.jsonl SEED1.jsonl [-n 10] [--regime zero_shot]
+
+``--regime`` picks the sweeps' prompting regime and makes the default method's prediction for it
+(`cp-onnx analyze --regime`). With one sweep file the noise level is not measured: the table then says
+which block is best and how the methods rank it, not whether a block helps beyond noise.
 
 Runs `cp-onnx analyze` with its defaults (the default method ``duplication_loss`` and the paper's four),
 timed, then judges each method on the sweeps' answer log-probability:
@@ -64,22 +68,22 @@ def noise_level(sweeps: list[list[dict]]) -> float:
     return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))))
 
 
-def judge(report: dict, rows: list[dict], noise: float) -> dict:
+def judge(report: dict, rows: list[dict], noise: float | None) -> dict:
     """Per method: hits, realised gain, per-kind gains, general cost, decision and whether it was right."""
     top1, top3 = (validate(report, rows, top_k=k, metrics=[METRIC]) for k in (1, 3))
     best = top1["best"][METRIC]
-    some_help = best["gain"] > noise
+    some_help = None if noise is None else best["gain"] > noise
     judged = {}
     for method in report["methods"]:
         one, three = top1["methods"][method][METRIC], top3["methods"][method][METRIC]
         decision = report["prediction"]["decision"] if method == METHOD else "help"
-        helps = one["top1"]["gain"] > noise
+        helps = None if noise is None else one["top1"]["gain"] > noise
         judged[method] = {
             "top1": [one["top1"]["start"], one["top1"]["end"]],
             "top1_hit": one["near_best_in_top_k"], "top3_hit": three["near_best_in_top_k"],
-            "top1_gain": one["top1"]["gain"], "realised": one["gain_ratio"] if some_help else None,
+            "top1_gain": one["top1"]["gain"], "realised": one["gain_ratio"] if some_help or (some_help is None and best["gain"] > 0) else None,
             "top1_by_kind": one["top1"]["by_kind"], "top1_general_cost": one["top1"]["general_cost"],
-            "decision": decision, "right": (helps if decision == "help" else not some_help),
+            "decision": decision, "right": None if noise is None else (helps if decision == "help" else not some_help),
         }
     return {"best": best, "noise": noise, "some_block_helps": some_help, "methods": judged}
 
@@ -108,8 +112,9 @@ def markdown(name: str, command: str, result: dict) -> str:
     lines = [f"# Predictions on {name} against the sweep (answer log-probability, mean of two suite seeds)", "",
              "Made by:", "", f"    {command}", "",
              f"Best block [{best['start']}, {best['end']}): mean gain {best['gain']:+.4f} nats/item, general-text cost "
-             f"{best['general_cost']:+.4f}; noise level (sd of the seed-to-seed difference over blocks) {judged['noise']:.4f}; "
-             f"some block helps beyond noise: {'yes' if judged['some_block_helps'] else 'no'}.", "",
+             (f"{best['general_cost']:+.4f}; noise level (sd of the seed-to-seed difference over blocks) {judged['noise']:.4f}; "
+              f"some block helps beyond noise: {'yes' if judged['some_block_helps'] else 'no'}." if judged["noise"] is not None else
+              f"{best['general_cost']:+.4f}; one suite seed: noise level not measured, so 'right' is n/a."), "",
              f"Analysis (all methods) {result['analysis_s']:.1f} s; the sweep it replaces {result['sweep_s']:.0f} s per seed "
              f"=> {result['speedup']:.0f}x. Load average {result['load_average']['start']} at the start.", "",
              *naive_lines(result),
@@ -119,7 +124,7 @@ def markdown(name: str, command: str, result: dict) -> str:
         realised = "n/a" if j["realised"] is None else f"{j['realised']:.2f}"
         seconds = method_seconds(result["timings"], method)
         lines.append(f"| {method} | [{j['top1'][0]}, {j['top1'][1]}) | {'yes' if j['top1_hit'] else 'no'} | {'yes' if j['top3_hit'] else 'no'} "
-                     f"| {j['top1_gain']:+.4f} | {realised} | {j['top1_general_cost']:+.4f} | {j['decision']} | {'yes' if j['right'] else 'no'} "
+                     f"| {j['top1_gain']:+.4f} | {realised} | {j['top1_general_cost']:+.4f} | {j['decision']} | {_yes_no(j['right'])} "
                      f"| {seconds:.1f} | {result['sweep_s'] / seconds:.0f}x |")
     kinds = list(next(iter(judged["methods"].values()))["top1_by_kind"])
     lines += ["", "Top-1 gain per task kind (answer log-probability, nats/item):", "",
@@ -127,6 +132,10 @@ def markdown(name: str, command: str, result: dict) -> str:
     lines += [f"| {m} | " + " | ".join(f"{j['top1_by_kind'][k]:+.3f}" for k in kinds) + " |" for m, j in judged["methods"].items()]
     lines += ["", f"Default method's decision line: {result['prediction_line']}", ""]
     return "\n".join(lines)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "n/a" if value is None else "yes" if value else "no"
 
 
 def naive_lines(result: dict) -> list[str]:
@@ -144,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--sweeps", nargs=2, required=True, help="sweep JSONL files of the same model at two suite seeds")
+    parser.add_argument("--sweeps", nargs="+", required=True, help="sweep JSONL files of the same model at two suite seeds (or one)")
     parser.add_argument("-n", type=int, default=10, help="calibration texts (default 10, as `cp-onnx analyze`)")
     parser.add_argument("--regime", default="few_shot", choices=("zero_shot", "few_shot"),
-                        help="the sweeps' prompting regime to judge on (default few_shot: version 1 sweep files hold only that)")
+                        help="the prompting regime to predict for and judge on (default few_shot: version 1 sweep files hold only that)")
     parser.add_argument("--naive", type=int, default=0, metavar="K", help="also time brute force (naive sweep) on K blocks and scale it to all")
     args = parser.parse_args(argv)
     from cp_onnx.outputs.decision import decision_line
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     load = say_load("start")
     model = open_model(args.model)
     with Stopwatch() as clock:
-        report = build_report(analyze(model, Settings(n=args.n), log=lambda _: None))
+        report = build_report(analyze(model, Settings(n=args.n, regime=args.regime), log=lambda _: None))
     sweeps = []
     for path in args.sweeps:
         header, rows = read_sweep(path)
@@ -165,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sweeps[-1]:
             sys.exit(f"{path} holds no {args.regime} rows; choose another --regime")
     sweep_s = float(np.mean([sum(r["seconds"] for r in rows) for rows in sweeps]))
-    judged = judge(report, mean_rows(sweeps), noise_level(sweeps))
+    if len(sweeps) > 2:
+        sys.exit("give one or two sweep files (two suite seeds measure the noise)")
+    judged = judge(report, mean_rows(sweeps), noise_level(sweeps) if len(sweeps) == 2 else None)
     command = "python benchmarks/eval_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"name": args.name, "command": command, "analysis_s": clock.wall, "sweep_s": sweep_s, "speedup": sweep_s / clock.wall,
               "timings": report["timings"], "prediction": report["prediction"], "prediction_line": decision_line(report),

@@ -32,10 +32,12 @@ class Settings:
     batch_size: int = 8
     threads: int | None = None
     screen: bool = True  # the default method scores the middle size first, then its leaders' neighbours (predict.SCREEN_TOP)
+    regime: str = predict.FEW_SHOT  # the prompting the default prediction is for (predict.REGIMES)
 
     def identity_settings(self) -> dict:
         """The settings that change the numbers (not batch size or threads: results do not depend on them)."""
-        return {"max_length": self.max_length, "block_sizes": list(self.block_sizes), "language": self.language, "screen": self.screen}
+        return {"max_length": self.max_length, "block_sizes": list(self.block_sizes), "language": self.language, "screen": self.screen,
+                "regime": self.regime}
 
 
 @dataclass
@@ -75,6 +77,8 @@ def check_settings(settings: Settings) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CpOnnxError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+    if settings.regime not in predict.REGIMES:
+        raise CpOnnxError(f"unknown prompting regime {settings.regime!r}; use {' or '.join(predict.REGIMES)}")
 
 
 def _encode(model: ModelFolder, texts: list[str], settings: Settings, log: Callable[[str], None]) -> list[list[int]]:
@@ -94,6 +98,8 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     check_settings(settings)
     texts = calibration.load_calibration(settings.calibration, n=settings.n, language=settings.language)
     token_lists = _encode(model, texts, settings, log)
+    zero_shot = settings.regime == predict.ZERO_SHOT and predict.METHOD in settings.methods
+    questions = calibration.load_questions(settings.calibration, language=settings.language) if zero_shot else ()  # fails before any work
     reader = ActivationReader(model, threads=settings.threads)
     scores.candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
     budget.check_batches(budget.model_shape(model, reader.layer_map), token_lists, settings.batch_size, patterns=reader.with_patterns)
@@ -117,7 +123,8 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
             kinds = calibration.load_kinds(settings.calibration, n=settings.n, language=settings.language)
             try:
                 prediction = predict.predict(model, texts, general, block_sizes=settings.block_sizes, max_length=settings.max_length,
-                                             threads=settings.threads, progress=block_progress, screen=settings.screen, kinds=kinds)
+                                             threads=settings.threads, progress=block_progress, screen=settings.screen, kinds=kinds,
+                                             regime=settings.regime, questions=questions)
             except predict.NoNumbersError as exc:
                 if len(settings.methods) == 1:
                     raise

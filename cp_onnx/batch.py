@@ -36,11 +36,11 @@ from cp_onnx.analysis.report import build_report, file_sha256, read_report, writ
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.files import write_text
-from cp_onnx.groundtruth.regimes import parse_regimes, regimes_of
+from cp_onnx.groundtruth.regimes import SHORT, parse_regimes, regimes_of
 
 BATCH_FORMAT = "cp-onnx-batch"
 SETTING_TYPES = {"calibration": str, "n": int, "max_length": int, "language": str, "methods": list, "block_sizes": list,
-                 "batch_size": int, "threads": int}
+                 "batch_size": int, "threads": int, "regime": str}
 SWEEP_TYPES = {"sizes": list, "all_blocks": bool, "mode": str, "per_kind": int, "probes": str, "batch_size": int,
                "max_length": int, "general": bool, "validate": bool, "regimes": str}
 MODEL_TYPES = {"source": str, "name": str, "tokenizer": str, **SETTING_TYPES}
@@ -324,6 +324,10 @@ def _settings_kwargs(table: dict, base: Path, where: str) -> dict:
         kwargs["block_sizes"] = _positive_ints(kwargs["block_sizes"], "block_sizes", where)
     if "calibration" in kwargs and kwargs["calibration"] not in SHIPPED_CALIBRATION:
         kwargs["calibration"] = str(_relative(base, kwargs["calibration"]))
+    if "regime" in kwargs:
+        kwargs["regime"] = SHORT.get(kwargs["regime"], kwargs["regime"])
+        if kwargs["regime"] not in analyze.predict.REGIMES:
+            raise CpOnnxError(f"{where}: regime {kwargs['regime']!r} unknown; use zero or few")
     return kwargs
 
 

@@ -5,6 +5,9 @@ line. The English reasoning texts also name their ``"kind"`` (the probe suite's 
 word_problem, ...), so the prediction can say for which kinds of task a block helps; the other
 languages translate its first 52 texts, in the same order, and take their kinds from the English file.
 In a user's file ``"kind"`` is optional: texts without one are the user's task, "your texts".
+A text may state its ``"answer"``, and, when the text is not itself the question, the ``"question"``
+it answers (shipped English: 83 of the 111); the zero-shot prediction asks those questions alone and
+scores the answers (``load_questions``).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ SHIPPED_SETS: dict[str, tuple[str, ...]] = {
 }
 MIXED = "mixed"  # reasoning and general texts interleaved, reasoning first
 TEXT_LINE = '{"text": "..."}'
+QUESTION_LINE = '{"text": "What is 6 times 7?", "answer": "42"}'
 YOUR_TEXTS = "your texts"  # the kind of a user's text that names none: the task the user calibrates for
 GENERAL_KIND = "general"  # the kind of the shipped general texts (ordinary prose, no task)
 _SOURCES_HINT = "reasoning, general, mixed, or a path to a .txt or .jsonl file"
@@ -44,6 +48,38 @@ def load_kinds(source: str | Path | None = None, *, n: int | None = 10, language
     """The kind of each text ``load_calibration`` gives for the same arguments (YOUR_TEXTS where a user's text names none)."""
     kinds = [kind for _, kind in _resolve_labelled(source, language)]
     return kinds if n is None else kinds[:n]
+
+
+def load_questions(source: str | Path | None = None, *, language: str = "en") -> list[tuple[str, str, str]]:
+    """(question, answer, kind) of every text of the source that states an ``"answer"`` (all of them, not the first n).
+
+    The question is the line's ``"question"``, or its text when it has none (a text that is a question)."""
+    name = "reasoning" if source is None else source
+    if name in SHIPPED_SETS or name == MIXED:
+        if language != "en" or name == "general":
+            raise CpOnnxError(f"the shipped {name} texts in '{language}' state no answers, and the zero-shot prediction scores answers; "
+                              f"use the English reasoning texts, or a .jsonl file whose questions carry an \"answer\"")
+        path = DATA_DIR / "calibration" / "reasoning_en.jsonl"
+    else:
+        path = Path(name)
+        if path.suffix.lower() != ".jsonl":
+            raise CpOnnxError(f"{path} cannot state answers (only a .jsonl line can); give a .jsonl file whose questions carry an \"answer\"")
+        read_labelled(path)  # the same checks and errors as for the texts
+    questions = []
+    for number, record in iter_jsonl(path, TEXT_LINE, "calibration file"):
+        answer = record.get("answer")
+        if answer is None:
+            continue
+        if not isinstance(answer, str) or not answer.strip():
+            raise CpOnnxError(f'line {number} of {path} has an "answer" that is not a non-empty string; write it as text, like "42"')
+        question = record.get("question", _text_field(record, number, path))
+        if not isinstance(question, str) or not question.strip():
+            raise CpOnnxError(f'line {number} of {path} has a "question" that is not a non-empty string; write the question as text, or leave it out')
+        questions.append((question.strip(), answer.strip(), _kind_field(record, number, path)))
+    if not questions:
+        raise CpOnnxError(f'no calibration text in {path} states an "answer", and the zero-shot prediction scores answers; '
+                          f'add "answer" to the questions, like {QUESTION_LINE}')
+    return questions
 
 
 def shipped_texts(name: str, language: str = "en") -> list[str]:

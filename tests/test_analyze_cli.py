@@ -214,7 +214,7 @@ def test_default_method_decides_and_is_skipped_on_texts_without_numbers(tiny_fol
     prediction = data["prediction"]
     assert list(data["methods"])[0] == prediction["method"] == "duplication_loss"
     assert prediction["decision"] in ("help", "abstain") and out.startswith("decision: ")
-    assert (prediction["metric"], prediction["regime"]) == ("answer log-probability (digit tokens)", "calibration texts as given")
+    assert (prediction["metric"], prediction["regime"], prediction["gain_per"]) == ("answer log-probability (digit tokens)", "few_shot", "digit token")
     assert [(c["start"], c["end"]) for c in prediction["candidates"]] == [(b["start"], b["end"]) for b in data["methods"]["duplication_loss"]["blocks"][:3]]
     # General texts hold no numbers: with the paper's methods beside it, the default method is skipped with a note ...
     code, out, err = run(["analyze", tiny_folder, "--calibration", "general", "--out", tmp_path / "general", *TINY_ARGS], capsys)
@@ -244,3 +244,24 @@ def test_exact_heads_default_and_all():
     assert exact_heads_option(None, heads=True, prune=True) is None  # pruning ranks the cheapest heads: all exact
     assert exact_heads_option("ALL", heads=True, prune=False) is None
     assert exact_heads_option(" 7", heads=True, prune=True) == 7
+
+
+def test_zero_shot_regime_scores_the_stated_answers_and_says_so(tiny_folder, tmp_path, capsys):
+    texts = tmp_path / "qa.jsonl"
+    texts.write_text("".join(json.dumps(line) + "\n" for line in [
+        {"text": "If 3x + 5 = 20, then x = 5.", "question": "If 3x + 5 = 20, what is x?", "answer": "5"},
+        {"text": "What is 12 plus 30?", "answer": "42", "kind": "arithmetic"}, {"text": "Cats purr, and 2 + 2 = 4."}]))
+    code, out, _ = run(["analyze", tiny_folder, "--regime", "zero", "--calibration", texts, "--method", "duplication_loss",
+                        "--out", tmp_path / "zero", *TINY_ARGS], capsys)
+    assert code == 0
+    data = json.loads((tmp_path / "zero" / "report.json").read_text())
+    jsonschema.validate(data, report_mod.schema())
+    prediction = data["prediction"]
+    assert (prediction["regime"], prediction["gain_per"], prediction["texts"]["questions"]) == ("zero_shot", "question", 2)
+    assert "nats per question" in out.split("\n\n")[0] and "regime zero_shot" in " ".join(out.split("\n\n")[0].split())
+    assert set(prediction["kinds"]["blocks"][0]["by_kind"]) == {"your texts", "arithmetic"}
+    # Texts that state no answer, and an unknown regime, are refused with one line and no report.
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"text": "Cats purr, and 2 + 2 = 4."}) + "\n")
+    _assert_fails(["analyze", tiny_folder, "--regime", "zero", "--calibration", plain, "--out", tmp_path / "none", *TINY_ARGS],
+                  capsys, 'states an "answer"', out=tmp_path / "none")

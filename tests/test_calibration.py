@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx.calibration import SHIPPED_SETS, calibration_identity, load_calibration
+from cp_onnx.calibration import SHIPPED_SETS, calibration_identity, load_calibration, load_questions
 from cp_onnx.errors import CpOnnxError
 
 DATA = Path(__file__).resolve().parents[1] / "cp_onnx" / "data" / "calibration"
@@ -178,3 +178,38 @@ def test_identity_rejects_what_it_cannot_hash():
     with pytest.raises(CpOnnxError, match=r"^setting value <object .*> cannot go into the calibration identity"):
         calibration_identity(["a"], {"x": object()})
     assert calibration_identity(["a"], {"p": Path("x/y")}) == calibration_identity(["a"], {"p": "x/y"})
+
+
+def test_shipped_questions_state_right_answers():
+    """The zero-shot questions: every answer stated, and the arithmetic ones checked by computing them."""
+
+    questions = load_questions()
+    assert len(questions) == 83 and all(q.endswith("?") and a and a == a.strip() for q, a, _ in questions)
+    operations = {"plus": "+", "minus": "-", "times": "*", "divided by": "/"}
+    checked = 0
+    for question, answer, _ in questions:
+        match = re.fullmatch(r"What is (\d+) (plus|minus|times|divided by) (\d+)\?", question)
+        if match:
+            assert float(answer) == eval(f"{match[1]} {operations[match[2]]} {match[3]}")  # noqa: S307 (digits and one operator)
+            checked += 1
+    assert checked >= 6
+    with pytest.raises(CpOnnxError, match="state no answers"):
+        load_questions("reasoning", language="zh")
+
+
+def test_user_questions_take_the_question_field_or_the_text(tmp_path):
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"text": "What is 6 times 7?", "answer": " 42 "}\n{"text": "No answer here."}\n'
+                    '{"text": "Tin is a metal, so it conducts.", "question": "Does tin conduct?", "answer": "Yes", "kind": "syllogism"}\n')
+    assert load_questions(str(path)) == [("What is 6 times 7?", "42", "your texts"), ("Does tin conduct?", "Yes", "syllogism")]
+    path.write_text('{"text": "What is 6 times 7?"}\n')
+    with pytest.raises(CpOnnxError, match='states an "answer"'):
+        load_questions(str(path))
+    path.write_text('{"text": "What is 6 times 7?", "answer": 42}\n')
+    with pytest.raises(CpOnnxError, match="line 1 .* not a non-empty string"):
+        load_questions(str(path))
+    txt = tmp_path / "qa.txt"
+    txt.write_text("What is 6 times 7?\n")
+    with pytest.raises(CpOnnxError, match="cannot state answers"):
+        load_questions(str(txt))

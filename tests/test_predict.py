@@ -156,3 +156,39 @@ def test_screening_scores_the_middle_size_then_the_neighbours_of_its_leaders(tin
     for block in screened.blocks:  # a block's score does not depend on which others were scored
         assert block.score == pytest.approx(everything[(block.start, block.end)], abs=1e-9)
     assert screened.as_dict()["blocks_scored"] == len(expected)
+
+
+QUESTIONS = [("If 3x + 5 = 20, what is x?", "5", "multi_step"), ("Does a gecko have feathers?", "No", "syllogism"),
+             ("What comes after 2, 4, 6, 8?", "10", "sequence")]
+
+
+def test_zero_shot_gains_are_the_answers_log_probability_asked_alone_under_torch(tiny_llama):
+    """Each question asked as "Question: ...\\nAnswer:" and scored on its answer's tokens, one unit per question."""
+    hf, model = tiny_llama
+    result = predict(model, REASONING, GENERAL, block_sizes=(1, 2), regime=predict_module.ZERO_SHOT, questions=QUESTIONS)
+    assert result.regime == "zero_shot" and result.texts["questions"] == 3
+    encode = lambda text: model.encode([text])[0][0]  # noqa: E731
+
+    def gain(path):
+        total = 0.0
+        for question, answer, _ in QUESTIONS:
+            prompt = encode(f"Question: {question}\nAnswer:")
+            ids = encode(f"Question: {question}\nAnswer: {answer}")
+            assert ids[: len(prompt)] == prompt  # the answer's tokens follow the prompt's
+            total += sum(torch_token_logprob(hf, ids, path, p) - torch_token_logprob(hf, ids, None, p) for p in range(len(prompt), len(ids)))
+        return total / len(QUESTIONS)
+
+    for block in result.blocks:
+        assert block.score == pytest.approx(gain([*range(block.end), *range(block.start, 3)]), abs=1e-5)
+    kinds = result.by_kind[result.blocks[0].start, result.blocks[0].end]
+    assert set(kinds) == {"multi_step", "syllogism", "sequence"}  # the questions' kinds, not the texts'
+    shown = result.as_dict()
+    assert shown["regime"] == "zero_shot" and shown["gain_per"] == "question" and "zero-shot" in shown["prompting"]
+    assert "only 3 calibration questions state answers" in result.reason
+
+
+def test_zero_shot_without_questions_and_unknown_regimes_are_refused(tiny_llama):
+    with pytest.raises(CpOnnxError, match="needs calibration questions"):
+        predict(tiny_llama[1], REASONING, GENERAL, regime=predict_module.ZERO_SHOT)
+    with pytest.raises(CpOnnxError, match="unknown prompting regime"):
+        predict(tiny_llama[1], REASONING, GENERAL, regime="one_shot")

@@ -33,7 +33,7 @@ def test_every_readme_subcommand_exists():
 
 def test_readme_shows_the_decision_analyze_prints_first():
     """The README's SmolLM2 printout opens with the decision line, formatted as the code formats it, for the prediction
-    the SmolLM2 benchmark recorded (recorded before `regime` and `metric` existed; the method measured the same)."""
+    the SmolLM2 benchmark recorded (recorded before `regime` named the few-shot regime so; the method measured the same)."""
     import json
     import textwrap
 
@@ -45,7 +45,8 @@ def test_readme_shows_the_decision_analyze_prints_first():
     section = readme.split("## What `cp-onnx analyze` prints on the default model", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"```\n(.+?)\n```", section, flags=re.S).group(1)
     recorded = json.loads((ROOT / "benchmarks" / "results" / "predictions_smollm2-135m.json").read_text())["prediction"]
-    prediction = recorded | {"regime": predict.REGIME, "metric": predict.METRIC}
+    few_shot = predict.REGIMES[predict.FEW_SHOT]  # the default regime, as the code now names it
+    prediction = recorded | {"regime": predict.FEW_SHOT, "metric": few_shot.metric, "gain_per": few_shot.per}
     assert shown.split("\n\n")[0] == textwrap.fill(decision_line({"prediction": prediction}), WIDTH, subsequent_indent="  ",
                                                    break_on_hyphens=False)
     assert RANKINGS_NOTE in shown.splitlines()

@@ -13,11 +13,18 @@ SEED = 0  # the bootstrap's generator: the same texts give the same decision
 
 def resample_weights(tokens: np.ndarray) -> np.ndarray:
     """[draws, texts]: how often each text is drawn, per resample; resamples whose texts hold no scored token are left out."""
-    count = len(tokens)
-    draws = np.random.default_rng(SEED).integers(0, count, size=(RESAMPLES, count))
+    weights = draw_counts(len(tokens))
+    return weights[weights @ tokens > 0]
+
+
+def draw_counts(count: int, stream: int | None = None) -> np.ndarray:
+    """[RESAMPLES, count]: how often each of ``count`` texts is drawn in each resample (``stream``: an independent
+    generator for one stratum, e.g. one kind of text, so that strata are resampled apart)."""
+    rng = np.random.default_rng(SEED if stream is None else [SEED, stream])
+    draws = rng.integers(0, count, size=(RESAMPLES, count))
     weights = np.zeros((RESAMPLES, count))
     np.add.at(weights, (np.arange(RESAMPLES)[:, None], draws), 1.0)
-    return weights[weights @ tokens > 0]
+    return weights
 
 
 def per_token(gains: np.ndarray, tokens: np.ndarray) -> np.ndarray:

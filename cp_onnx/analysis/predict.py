@@ -16,6 +16,9 @@ holds for every scored block at once (a max-t bootstrap over the texts): the dec
 dozens of noisy gains, and a bound made for one block alone would let that choice's luck pass for an effect.
 The gain is also reported per kind of calibration text (cp_onnx/analysis/kinds.py): where the chosen
 block helps, where it hurts, and for a user's own unlabelled texts, on "your texts".
+All of this is the few-shot regime (the texts as written). The zero-shot regime scores instead the
+answers the calibration texts state, each question asked alone (REGIMES): a block's gain depends on
+how the model is prompted, so the prediction names the regime it was made for.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from cp_onnx.analysis.kinds import KindGain, kind_gains
 from cp_onnx.analysis.scores import Block, candidate_blocks
 from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.groundtruth.probes import PROMPT, ProbeItem
 from cp_onnx.groundtruth.scoring import ProbePlan, TokenBatch
 from cp_onnx.groundtruth.sweep import BASELINE, Batches, ReuseEvaluator
 from cp_onnx.models.model import ModelFolder
@@ -39,14 +43,33 @@ METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided, simultaneous: every scored block's bound holds at once in 95% of resamples
 # A percentile bootstrap over a handful of texts understates the spread (few distinct resamples): with
 # 5 texts (4 holding numbers) SmolLM2's top block looked certain (+0.12 lower bound) and did not help.
-MIN_TEXTS = 8  # texts holding numbers below which the method abstains whatever the bound says
-# What the gain is measured on, for readers of the decision: the texts run as they are written (each states a
-# problem and works it, like a few-shot prompt; no chat template, no question-then-answer split), scored on
-# the tokens holding digits, which is where a text states its answers.
-REGIME = "calibration texts as given"
-METRIC = "answer log-probability (digit tokens)"
+MIN_TEXTS = 8  # texts holding numbers (questions, zero-shot) below which the method abstains whatever the bound says
 KIND_BOUNDS = ("two-sided, holding for every scored block and every kind at once; "
                "a kind with fewer than min_texts texts holding numbers is unclear and has none")
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How a prompting regime is measured on calibration texts, and what its figures mean to a reader."""
+
+    prompting: str
+    metric: str
+    per: str  # the unit the gain is averaged over
+
+
+# A block's gain depends on how the model is prompted (on SmolLM2's probe suite, [2, 5) gains +0.82 nats per
+# item zero-shot and loses few-shot, where [9, 14) is best): the prediction is made for one regime and says which.
+# few_shot: the texts as written; each states a problem and works it in running prose, so its numbers are read
+# with worked reasoning before them, as after solved examples. Its ranking follows the few-shot ground truth.
+# zero_shot: the texts that state an "answer", each asked alone as "Question: ...\nAnswer:" and scored on the
+# answer (on SmolLM2 the 32 shipped questions rank [2, 5) first; Spearman 0.82 with the zero-shot sweep).
+FEW_SHOT, ZERO_SHOT = "few_shot", "zero_shot"
+REGIMES = {
+    FEW_SHOT: Regime("few-shot (calibration texts as written: worked problems in running prose)",
+                     "answer log-probability (digit tokens)", "digit token"),
+    ZERO_SHOT: Regime("zero-shot (each calibration question asked alone: 'Question: ...' then 'Answer:')",
+                      "answer log-probability (the stated answer)", "question"),
+}
 
 
 class NoNumbersError(CpOnnxError):
@@ -64,6 +87,7 @@ class Prediction:
     candidate_blocks: int = 0  # blocks of the requested sizes; ``blocks`` holds those scored (all, without screening)
     layer_tokens: int = 0  # the work it ran: tokens (padding included) times layers, for benchmarks
     by_kind: dict[tuple[int, int], dict[str, KindGain]] = field(default_factory=dict)  # block -> kind of text -> its gain there
+    regime: str = FEW_SHOT
 
     @property
     def chosen_block(self) -> Block | None:
@@ -89,9 +113,11 @@ class Prediction:
             "texts": dict(self.texts),
             "blocks_scored": len(self.blocks),
             "candidate_blocks": self.candidate_blocks,
-            "regime": REGIME,
-            "metric": METRIC,
-            "units": "nats per digit token of the reasoning calibration texts; positive = the duplicated model predicts them better",
+            "regime": self.regime,
+            "prompting": REGIMES[self.regime].prompting,
+            "metric": REGIMES[self.regime].metric,
+            "gain_per": REGIMES[self.regime].per,
+            "units": f"nats per {REGIMES[self.regime].per} of the reasoning calibration texts; positive = the duplicated model predicts them better",
             "kinds": {"confidence": CONFIDENCE, "bounds": KIND_BOUNDS, "min_texts": MIN_TEXTS,
                       "blocks": [{"start": b.start, "end": b.end, "by_kind": {kind: g.as_dict() for kind, g in self.by_kind[b.start, b.end].items()}}
                                  for b in shown if (b.start, b.end) in self.by_kind]},
@@ -100,13 +126,16 @@ class Prediction:
 
 def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, block_sizes: Sequence[int] = (3, 4, 5),
             max_length: int = 128, threads: int | None = None, progress: Callable[[int, int], None] | None = None,
-            screen: bool = True, kinds: Sequence[str] | None = None) -> Prediction:
+            screen: bool = True, kinds: Sequence[str] | None = None, regime: str = FEW_SHOT,
+            questions: Sequence[tuple[str, str, str]] = ()) -> Prediction:
     """Score the blocks of ``block_sizes`` by the log-probability they add to the digit tokens of ``reasoning``.
 
     With ``screen`` (and more than one size), the blocks of the middle size are scored first, then
     every block of any size whose start and end both lie within one layer of one of the SCREEN_TOP best
     of them; the others are not scored (about half the work; see SCREEN_TOP). Every block runs only
-    what the score needs: each text up to its last digit token, and the head at the digit tokens. The
+    what the score needs: each text up to its last digit token, and the head at the digit tokens. With
+    ``regime`` ZERO_SHOT the score is instead each of ``questions`` (question, answer, kind) asked alone,
+    on its answer's tokens (nats per question), and the per-kind gains are the questions' kinds. The
     cost side (all tokens of the reasoning texts, the general texts) is measured for the COST_BLOCKS
     best blocks; the others' cost metrics are None. ``kinds`` names each text's kind of task (all YOUR_TEXTS
     when None): the gains are also reported per kind."""
@@ -121,23 +150,23 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     if len(cost_plan.continuations) != len(texts):
         raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
     r = len(reasoning)
-    token_lists = [encode(text)[:max_length] for text in reasoning]
-    digits = [numeric_tokens(model, np.asarray(tokens)) for tokens in token_lists]
-    if not any(d[1:].any() for d in digits):
-        raise NoNumbersError("the reasoning calibration texts hold no numbers, and this method scores the numbers a text states or derives; "
-                             "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
-    ranking = _digit_batches(token_lists, digits)
+    if regime == ZERO_SHOT:
+        ranking, counts, kinds = _question_batches(questions, encode)
+    elif regime == FEW_SHOT:
+        ranking, counts = _digit_units(model, reasoning, encode, max_length)
+    else:
+        raise CpOnnxError(f"unknown prompting regime {regime!r}; use {' or '.join(REGIMES)}")
     evaluator = ReuseEvaluator(model.onnx_path, Batches([*ranking, *cost_plan.batches]), threads)
     ranked_part, cost_part = range(len(ranking)), range(len(ranking), len(ranking) + len(cost_plan.batches))
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
     owners = np.concatenate([batch.owners for batch in ranking])
-    counts = np.bincount(owners, minlength=r).astype(np.float64)  # digit tokens per text
+    units = len(counts)  # texts (few-shot) or questions (zero-shot)
 
     def digit_logprob(config) -> np.ndarray:
         logprob = np.concatenate([scores for scores, _ in evaluator.token_scores(config, ranked_part)])
         if not np.isfinite(logprob).all():
             raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
-        return np.bincount(owners, weights=logprob, minlength=r)
+        return np.bincount(owners, weights=logprob, minlength=units)
 
     found: dict[tuple[int, int], np.ndarray] = {}  # block -> log-prob gained on each text's digit tokens
 
@@ -166,7 +195,8 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     costs = _costs(evaluator, cost_plan, cost_part, [blocks[b] for b in dict.fromkeys([*ranked[:COST_BLOCKS], *named])], r)
     scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), **costs.get(blocks[b], _NO_COST)}) for b in ranked]
     if with_numbers < MIN_TEXTS:
-        decision, reason = "abstain", f"only {with_numbers} calibration texts hold numbers; at least {MIN_TEXTS} are needed to decide (-n)"
+        what = "questions state answers" if regime == ZERO_SHOT else "texts hold numbers"
+        decision, reason = "abstain", f"only {with_numbers} calibration {what}; at least {MIN_TEXTS} are needed to decide (-n)"
     elif named:
         start, end = blocks[named[0]]
         decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
@@ -174,9 +204,10 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     else:
         decision, reason = "abstain", (f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
                                        f"jointly for the {len(scored)} blocks scored")
-    texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers, "digit_tokens": int(counts.sum())}
+    texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers}
+    texts_used.update({"questions": units} if regime == ZERO_SHOT else {"digit_tokens": int(counts.sum())})
     per_kind = dict(zip(blocks, kind_gains(gains.T, counts, kinds, confidence=CONFIDENCE, min_texts=MIN_TEXTS)))
-    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens, per_kind)
+    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens, per_kind, regime)
 
 
 # Screening rests on the gains varying smoothly with a block's start and end. Measured on the ground truth
@@ -190,6 +221,28 @@ SCREEN_TOP = 3
 # Qwen2.5-1.5B shapes, 17 s of 181 for the two more a top 3 would need), and the decision reports one cost.
 COST_BLOCKS = 1
 _NO_COST = {"text_nll_change": None, "general_nll_change": None}
+
+
+def _digit_units(model: ModelFolder, reasoning: Sequence[str], encode, max_length: int) -> tuple[list[TokenBatch], np.ndarray]:
+    """Few-shot: the texts' digit-token batches, and the digit tokens per text (each text's weight)."""
+    token_lists = [encode(text)[:max_length] for text in reasoning]
+    digits = [numeric_tokens(model, np.asarray(tokens)) for tokens in token_lists]
+    if not any(d[1:].any() for d in digits):
+        raise NoNumbersError("the reasoning calibration texts hold no numbers, and this method scores the numbers a text states or derives; "
+                             "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
+    batches = _digit_batches(token_lists, digits)
+    owners = np.concatenate([batch.owners for batch in batches])
+    return batches, np.bincount(owners, minlength=len(reasoning)).astype(np.float64)
+
+
+def _question_batches(questions: Sequence[tuple[str, str, str]], encode) -> tuple[list[TokenBatch], np.ndarray, list[str]]:
+    """Zero-shot: each question asked alone and scored on its answer's tokens (one unit of weight per question), and the kinds."""
+    if not questions:
+        raise CpOnnxError('the zero-shot prediction needs calibration questions that state an "answer"; give a .jsonl file with them, '
+                          'or choose --regime few_shot')
+    items = [ProbeItem(f"q{k}", kind, PROMPT.format(question=question), " " + answer) for k, (question, answer, kind) in enumerate(questions)]
+    plan = ProbePlan(items, encode)  # no options: continuation k is question k's answer
+    return plan.batches, np.ones(len(items)), [kind for _, _, kind in questions]
 
 
 def _digit_batches(token_lists: list[list[int]], digits: list[np.ndarray], batch_size: int = 16) -> list[TokenBatch]:

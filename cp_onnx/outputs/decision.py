@@ -25,6 +25,11 @@ def helps(prediction: dict) -> bool:
     return prediction.get("decision") == "help" and isinstance(prediction.get("block"), dict)
 
 
+def gain_per(prediction: dict) -> str:
+    """What the gain is averaged over: "digit token" (few-shot texts; also reports written before regimes) or "question" (zero-shot)."""
+    return prediction.get("gain_per") or "digit token"
+
+
 def figures(prediction: dict) -> str | None:
     """Gain, lower bound and general-text cost of the top candidate; None when the report lacks them."""
     candidates = prediction.get("candidates") or []
@@ -33,7 +38,7 @@ def figures(prediction: dict) -> str | None:
         return None
     cost = (candidates[0].get("metrics") or {}).get("general_nll_change")
     level = f"lower {prediction['confidence']:.0%} bound" if prediction.get("confidence") is not None else "lower bound"
-    return (f"gain {gain:+.4f} nats per digit token ({level} {lower:+.4f}), "
+    return (f"gain {gain:+.4f} nats per {gain_per(prediction)} ({level} {lower:+.4f}), "
             f"cost on general text {'n/a' if cost is None else f'{cost:+.4f}'} nats per token")
 
 
@@ -96,7 +101,7 @@ def kinds_line(report: dict) -> str | None:
     if verdicts[FEW]:
         needed = f" ({least} needed)" if least is not None else ""
         said += ("; " if said else "") + f"too few texts with numbers to tell{needed} for {', '.join(verdicts[FEW])}"
-    line = f"per kind of calibration text, {span(first)} ({role}): {said}; gain per digit token [{level}bounds holding for all blocks and kinds at once]"
+    line = f"per kind of calibration text, {span(first)} ({role}): {said}; gain per {gain_per(prediction)} [{level}bounds holding for all blocks and kinds at once]"
     return line.replace("\r", " ").replace("\n", " ")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from cp_onnx.files import write_text
 from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
 from cp_onnx.outputs import plots, pruning_report
-from cp_onnx.outputs.decision import decision_line, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
+from cp_onnx.outputs.decision import decision_line, gain_per, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
 from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.outputs.summary import KIND_METHODS
 
@@ -96,8 +96,8 @@ def _decision_panel(report: dict) -> str:
         block = prediction["block"]
         answer = f"Duplicate block {span(block)} ({layers_run_twice(block)})."
         metrics = (candidates[0].get("metrics") or {}) if candidates else {}
-        facts = [("expected gain", f"{_signed(prediction.get('predicted_gain'))} nats per digit token"),
-                 (level, f"{_signed(prediction.get('gain_lower_bound'))} nats per digit token"),
+        facts = [("expected gain", f"{_signed(prediction.get('predicted_gain'))} nats per {gain_per(prediction)}"),
+                 (level, f"{_signed(prediction.get('gain_lower_bound'))} nats per {gain_per(prediction)}"),
                  ("cost on general text", f"{_signed(metrics.get('general_nll_change'))} nats per token (NLL change)")]
         details = "<dl>" + "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts) + "</dl>" + why
     else:
@@ -106,7 +106,7 @@ def _decision_panel(report: dict) -> str:
                        f"<td>{_signed((b.get('metrics') or {}).get('general_nll_change'))}</td></tr>" for b in candidates)
         details = why + (f"<table id='least-harmful'><caption>Least harmful blocks</caption><tr><th>block</th><th>gain</th>"
                          f"<th>{level}</th><th>general-text cost</th></tr>{rows}</table>" if rows else "")
-    scope = f"<p class='scope'>{_e(scope_text(prediction))}; gains in nats per digit token, costs as NLL change in nats per token.</p>"
+    scope = f"<p class='scope'>{_e(scope_text(prediction))}; gains in nats per {_e(gain_per(prediction))}, costs as NLL change in nats per token.</p>"
     return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{_kinds_part(report)}{scope}{line}</section>"
 
 
@@ -121,7 +121,7 @@ def _kinds_part(report: dict) -> str:
     rows = "".join(f"<tr><td class='name'>{_e(name)}</td>" + "".join(
         f"<td>{_e((g := b['by_kind'].get(name) or {}).get('verdict', ''))} {_e(kind_figure(g, least) if g else 'n/a')}</td>"
         for b in blocks) + "</tr>" for name in names)
-    caption = "<caption>Gain per kind of calibration text (nats per digit token; bounds hold for all blocks and kinds at once)</caption>"
+    caption = f"<caption>Gain per kind of calibration text (nats per {_e(gain_per(report['prediction']))}; bounds hold for all blocks and kinds at once)</caption>"
     return f"<p class='kinds'>{_e(said)}</p><table id='by-kind'>{caption}{head}{rows}</table>"
 
 

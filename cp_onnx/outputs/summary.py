@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, kind_table, kinds_line, span
+from cp_onnx.outputs.decision import decision_line, gain_per, kind_table, kinds_line, span
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
@@ -60,7 +60,7 @@ def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
     candidates = prediction.get("candidates") or []
     if not candidates:
         return []
-    lines = [f"\n{prediction.get('method') or 'duplication_loss'} ranked (gain: log-probability of the digit tokens, nats per token; "
+    lines = [f"\n{prediction.get('method') or 'duplication_loss'} ranked (gain: answer log-probability, nats per {gain_per(prediction)}; "
              "cost: NLL change, nats per token)",
              f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'gain':>8}  {'lower':>8}  {'all tokens':>10}  {'general':>8}"]
     for rank, block in enumerate(candidates, 1):
@@ -72,12 +72,12 @@ def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
 
 
 def kind_table_lines(prediction: dict) -> list[str]:
-    """The candidates' gain per kind of calibration text (nats per digit token) and verdict; none without per-kind figures."""
+    """The candidates' gain per kind of calibration text (nats per digit token or question) and verdict; none without per-kind figures."""
     blocks, names = kind_table(prediction)
     if not blocks:
         return []
     width = max(len(name) for name in names)
-    lines = ["\nper kind of calibration text (gain per digit token; helps/hurts where the simultaneous bounds say so)",
+    lines = [f"\nper kind of calibration text (gain per {gain_per(prediction)}; helps/hurts where the simultaneous bounds say so)",
              f"  {'kind':<{width}}  {'texts':>5}" + "".join(f"  {span(b):>17}" for b in blocks)]
     for name in names:
         gains = [b["by_kind"].get(name) or {} for b in blocks]

@@ -74,7 +74,9 @@ std::string decision_line(const json& report) {
     const std::string cost = has_number(metrics, "general_nll_change") ? format("%+.4f", metrics["general_nll_change"].get<double>()) : "n/a";
     const std::string level = has_number(prediction, "confidence")
         ? "lower " + format("%.0f%%", 100 * prediction["confidence"].get<double>()) + " bound" : "lower bound";
-    figures = "gain " + format("%+.4f", prediction["predicted_gain"].get<double>()) + " nats per digit token (" + level + " " +
+    const std::string per = has_string(prediction, "gain_per") && !prediction["gain_per"].get<std::string>().empty()
+        ? prediction["gain_per"].get<std::string>() : "digit token";  // reports written before regimes: digit tokens
+    figures = "gain " + format("%+.4f", prediction["predicted_gain"].get<double>()) + " nats per " + per + " (" + level + " " +
               format("%+.4f", prediction["gain_lower_bound"].get<double>()) + "), cost on general text " + cost + " nats per token";
   }
   std::string scope = has_string(prediction, "metric") && has_string(prediction, "regime")
