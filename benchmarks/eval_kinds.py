@@ -31,7 +31,7 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 from eval_predictions import mean_rows, noise_level
 
 from cp_onnx.analysis.kinds import HELPS, HURTS
-from cp_onnx.analysis.predict import METRIC as PREDICTION_METRIC, MIN_TEXTS, REGIME, numeric_tokens, predict
+from cp_onnx.analysis.predict import FEW_SHOT, MIN_TEXTS, REGIMES, numeric_tokens, predict
 from cp_onnx.analysis.report import file_sha256, write_json
 from cp_onnx.calibration import load_calibration, load_kinds
 from cp_onnx.groundtruth.regimes import regime_rows
@@ -115,7 +115,7 @@ def markdown(name: str, command: str, result: dict) -> str:
     span = lambda b: "unscored" if b is None else f"[{b[0]}, {b[1]})"  # noqa: E731
     rank = lambda r: "unscored" if r is None else str(r)  # noqa: E731
     lines = [f"# Predictions per kind of task on {name}: own-kind calibration against the generic set", "", "Made by:", "", f"    {command}", "",
-             f"Prediction: method duplication_loss, metric {PREDICTION_METRIC}, regime {REGIME}. Ground truth: the sweeps' "
+             f"Prediction: method duplication_loss, metric {REGIMES[FEW_SHOT].metric}, regime {FEW_SHOT}. Ground truth: the sweeps' "
              f"answer log-probability on each kind's 48 probes (few-shot regime, nats per item), per seed and on their mean. "
              f"Generic = the first {GENERIC_N} texts (the default set); own kind = that kind's texts alone. "
              f"Shortfall = best block's gain - the top-1's gain on the kind (0 = the top-1 is the best block). "

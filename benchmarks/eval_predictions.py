@@ -109,10 +109,12 @@ def naive_sweep_seconds(model, num_layers: int, count: int, seed: int = 0) -> di
 
 def markdown(name: str, command: str, result: dict) -> str:
     judged, best = result["judged"], result["judged"]["best"]
-    lines = [f"# Predictions on {name} against the sweep (answer log-probability, mean of two suite seeds)", "",
+    seeds = "mean of two suite seeds" if judged["noise"] is not None else "one suite seed"
+    regime = result["prediction"].get("regime", "few_shot")
+    lines = [f"# Predictions on {name} against the sweep (answer log-probability, {seeds}, {regime})", "",
              "Made by:", "", f"    {command}", "",
              f"Best block [{best['start']}, {best['end']}): mean gain {best['gain']:+.4f} nats/item, general-text cost "
-             (f"{best['general_cost']:+.4f}; noise level (sd of the seed-to-seed difference over blocks) {judged['noise']:.4f}; "
+             + (f"{best['general_cost']:+.4f}; noise level (sd of the seed-to-seed difference over blocks) {judged['noise']:.4f}; "
               f"some block helps beyond noise: {'yes' if judged['some_block_helps'] else 'no'}." if judged["noise"] is not None else
               f"{best['general_cost']:+.4f}; one suite seed: noise level not measured, so 'right' is n/a."), "",
              f"Analysis (all methods) {result['analysis_s']:.1f} s; the sweep it replaces {result['sweep_s']:.0f} s per seed "

@@ -66,7 +66,7 @@ def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
 
 def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
     """Every branch of the decision line: help and abstain with their figures, trimmed and older predictions, a line
-    break in a hand-edited reason, null costs, a one-layer block and a missing confidence."""
+    break in a hand-edited reason, null costs, a one-layer block, a missing confidence, a zero-shot gain per question."""
     from test_decision import ABSTAIN, HELP
 
     base = {"format": "cp-onnx-report", "version": 1, "model": {"name": "toy", "num_layers": 30}, "methods": {}, "layers": []}
@@ -74,7 +74,8 @@ def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
     predictions = [HELP, ABSTAIN, no_cost, {**HELP, "block": {"start": 4, "end": 5}, "confidence": None, "metric": ""},
                    {**ABSTAIN, "reason": "two\nlines\r", "method": None, "candidates": []},
                    {"decision": "help", "block": {"start": 1, "end": 3}}, {"decision": "abstain", "block": None},
-                   {**HELP, "predicted_gain": 1e300, "gain_lower_bound": -2.5e-300}]
+                   {**HELP, "predicted_gain": 1e300, "gain_lower_bound": -2.5e-300},
+                   {**ABSTAIN, "regime": "zero_shot", "gain_per": "question"}, {**HELP, "gain_per": ""}]
     path = tmp_path / "report.json"
     for prediction in predictions:
         path.write_text(json.dumps({**base, "prediction": prediction}))

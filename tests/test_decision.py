@@ -38,6 +38,12 @@ def test_decision_lines_worked_by_hand():
         "decision: no block is predicted to help (no block's gain is above zero in 95% of 2000 resamples of the texts); "
         "least harmful [9, 14), [9, 13); top gain +0.1266 nats per digit token (lower 95% bound -0.0079), "
         f"cost on general text +0.2297 nats per token; {SCOPE}")
+    # A zero-shot prediction's gain is per question, and its scope names the regime.
+    zero = {**HELP, "regime": "zero_shot", "metric": "answer log-probability (the stated answer)", "gain_per": "question"}
+    assert decision_line({"prediction": zero}) == (
+        "decision: duplicate [9, 14) (layers 9 to 13 run twice); gain +0.1266 nats per question (lower 95% bound +0.0123), "
+        "cost on general text +0.2297 nats per token; metric answer log-probability (the stated answer), regime zero_shot, "
+        "method duplication_loss")
     # Trimmed or older reports lose the parts whose fields are missing, and say so; none fails.
     assert decision_line({"prediction": {"decision": "help", "block": {"start": 3, "end": 4}}}) == (
         "decision: duplicate [3, 4) (layer 3 run twice); metric and regime not recorded (an older report), method duplication_loss")
