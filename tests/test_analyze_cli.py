@@ -214,6 +214,7 @@ def test_default_method_decides_and_is_skipped_on_texts_without_numbers(tiny_fol
     prediction = data["prediction"]
     assert list(data["methods"])[0] == prediction["method"] == "duplication_loss"
     assert prediction["decision"] in ("help", "abstain") and out.startswith("decision: ")
+    assert "the decision is for few-shot (calibration texts as written" in out and "no solved examples: --regime zero" in out
     assert (prediction["metric"], prediction["regime"], prediction["gain_per"]) == ("answer log-probability (digit tokens)", "few_shot", "digit token")
     assert [(c["start"], c["end"]) for c in prediction["candidates"]] == [(b["start"], b["end"]) for b in data["methods"]["duplication_loss"]["blocks"][:3]]
     # General texts hold no numbers: with the paper's methods beside it, the default method is skipped with a note ...
@@ -260,6 +261,7 @@ def test_zero_shot_regime_scores_the_stated_answers_and_says_so(tiny_folder, tmp
     assert (prediction["regime"], prediction["gain_per"], prediction["texts"]["questions"]) == ("zero_shot", "question", 2)
     assert "nats per question" in out.split("\n\n")[0] and "regime zero_shot" in " ".join(out.split("\n\n")[0].split())
     assert set(prediction["kinds"]["blocks"][0]["by_kind"]) == {"your texts", "arithmetic"}
+    assert "the decision is for zero-shot (each calibration question asked alone" in out and "(2 questions); for texts that work problems" in out
     # Texts that state no answer, and an unknown regime, are refused with one line and no report.
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"text": "Cats purr, and 2 + 2 = 4."}) + "\n")

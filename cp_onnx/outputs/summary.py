@@ -20,7 +20,7 @@ def format_summary(report: dict, top: int = 5) -> str:
     calibration = report.get("calibration") or {}
     lines = [_wrap(decision_line(report)), "", *([_wrap(k), ""] if (k := kinds_line(report)) else []),
              f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)",
-             RANKINGS_NOTE]
+             *regime_lines(report.get("prediction") or {}), RANKINGS_NOTE]
     lines += candidate_lines(report.get("prediction") or {}, n)
     lines += kind_table_lines(report.get("prediction") or {})
     for kind, method, where in KIND_METHODS:
@@ -53,6 +53,19 @@ WIDTH = 100
 def _wrap(line: str) -> str:
     return textwrap.fill(line, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
 RANKINGS_NOTE = "the rankings below order blocks by each method's score; they are not recommendations (the decision above is)"
+
+
+OTHER_REGIME = {"few_shot": ("zero", "questions asked alone, no solved examples"), "zero_shot": ("few", "texts that work problems, as after solved examples")}
+
+
+def regime_lines(prediction: dict) -> list[str]:
+    """Which prompting the decision is for, and how to ask for the other (a block's gain depends on it)."""
+    regime = prediction.get("regime")
+    if regime not in OTHER_REGIME or not prediction.get("prompting"):
+        return []
+    flag, what = OTHER_REGIME[regime]
+    asked = (prediction.get("texts") or {}).get("questions")
+    return [f"the decision is for {prediction['prompting']}{f' ({asked} questions)' if asked else ''}; for {what}: --regime {flag}"]
 
 
 def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
