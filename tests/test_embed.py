@@ -14,7 +14,7 @@ import pytest
 from cp_onnx.analysis import report as report_mod
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.cli import main
-from cp_onnx.outputs.decision import NO_PREDICTION, decision_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, kinds_line
 from cp_onnx.models.model import open_model
 from cp_onnx.outputs.embed import format_text, read_metadata
 from tiny import write_byte_tokenizer
@@ -92,6 +92,8 @@ def test_embed_writes_metadata_and_keeps_graph_and_logits(analysed, tmp_path, ca
     assert meta["cp_onnx.calibration_identity"] == data["calibration"]["identity"]
     assert (meta["cp_onnx.report_format"], meta["cp_onnx.report_version"], meta["cp_onnx.num_layers"]) == ("cp-onnx-report", "1", "3")
     assert meta["cp_onnx.decision"] == decision_line(data) and "\n" not in meta["cp_onnx.decision"]
+    assert meta["cp_onnx.regime"] == data["prediction"]["regime"] == "few_shot"
+    assert meta["cp_onnx.kinds"] == kinds_line(data) and meta["cp_onnx.kinds"].startswith("per kind of calibration text, [")
     ours = [p.key for p in onnx.load(str(source), load_external_data=False).metadata_props if p.key.startswith("cp_onnx.")]
     assert ours[0] == "cp_onnx.decision"  # the answer is the first of its entries
 

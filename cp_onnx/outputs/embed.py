@@ -20,7 +20,7 @@ from cp_onnx.analysis.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, kind_table
+from cp_onnx.outputs.decision import decision_line, kind_table, kinds_line
 
 PREFIX = "cp_onnx."
 DEFAULT_TOP = 5
@@ -52,6 +52,9 @@ def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
     }
     if report.get("prediction"):
         entries["prediction"] = decision_text(report["prediction"])
+        entries["regime"] = str(report["prediction"].get("regime") or "")  # the prompting the decision is for
+        if kinds := kinds_line(report):
+            entries["kinds"] = kinds  # the decision's block per kind of task, one line
     return {PREFIX + key: value for key, value in entries.items()}
 
 
