@@ -56,6 +56,8 @@ def mean_rows(sweeps: list[list[dict]]) -> list[dict]:
     def mean(values):
         if isinstance(values[0], dict):
             return {key: mean([v[key] for v in values]) for key in values[0] if key not in ("path", "seconds")}
+        if isinstance(values[0], str):  # "operation" (sweep format 2): the same for every seed
+            return values[0]
         return None if any(v is None for v in values) else float(np.mean(values))
 
     return [{**mean([k[key] for k in keyed]), "start": key[0], "end": key[1]} for key in common]

@@ -162,7 +162,7 @@ QUESTIONS = [("If 3x + 5 = 20, what is x?", "5", "multi_step"), ("Does a gecko h
              ("What comes after 2, 4, 6, 8?", "10", "sequence")]
 
 
-def test_zero_shot_gains_are_the_answers_log_probability_asked_alone_under_torch(tiny_llama):
+def test_zero_shot_gains_are_the_answers_log_probability_asked_alone_under_torch(tiny_llama, monkeypatch):
     """Each question asked as "Question: ...\\nAnswer:" and scored on its answer's tokens, one unit per question."""
     hf, model = tiny_llama
     result = predict(model, REASONING, GENERAL, block_sizes=(1, 2), regime=predict_module.ZERO_SHOT, questions=QUESTIONS)
@@ -185,6 +185,8 @@ def test_zero_shot_gains_are_the_answers_log_probability_asked_alone_under_torch
     shown = result.as_dict()
     assert shown["regime"] == "zero_shot" and shown["gain_per"] == "question" and "zero-shot" in shown["prompting"]
     assert "only 3 calibration questions state answers" in result.reason
+    monkeypatch.setattr(predict_module, "MIN_TEXTS", 2)
+    assert "resamples of the questions" in predict(model, REASONING, GENERAL, block_sizes=(1,), regime="zero_shot", questions=QUESTIONS).reason
 
 
 def test_zero_shot_without_questions_and_unknown_regimes_are_refused(tiny_llama):

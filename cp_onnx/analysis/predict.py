@@ -194,15 +194,16 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     named = [b for b in ranked if lower[b] > 0][: int(with_numbers >= MIN_TEXTS)]  # a "help" decision's block: its cost too
     costs = _costs(evaluator, cost_plan, cost_part, [blocks[b] for b in dict.fromkeys([*ranked[:COST_BLOCKS], *named])], r)
     scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), **costs.get(blocks[b], _NO_COST)}) for b in ranked]
+    drawn = "questions" if regime == ZERO_SHOT else "texts"  # what the bootstrap resamples
     if with_numbers < MIN_TEXTS:
         what = "questions state answers" if regime == ZERO_SHOT else "texts hold numbers"
         decision, reason = "abstain", f"only {with_numbers} calibration {what}; at least {MIN_TEXTS} are needed to decide (-n)"
     elif named:
         start, end = blocks[named[0]]
-        decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
+        decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the {drawn}, "
                                     f"jointly with the bounds of all {len(scored)} blocks scored")
     else:
-        decision, reason = "abstain", (f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the texts, "
+        decision, reason = "abstain", (f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the {drawn}, "
                                        f"jointly for the {len(scored)} blocks scored")
     texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers}
     texts_used.update({"questions": units} if regime == ZERO_SHOT else {"digit_tokens": int(counts.sum())})
