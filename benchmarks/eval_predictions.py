@@ -36,7 +36,7 @@ import numpy as np
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
 from cp_onnx.analysis.predict import METHOD
-from cp_onnx.analysis.report import build_report
+from cp_onnx.analysis.report import build_report, read_report
 from cp_onnx.analysis.scores import candidate_blocks
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.groundtruth import probes
@@ -161,14 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=10, help="calibration texts (default 10, as `cp-onnx analyze`)")
     parser.add_argument("--regime", default="few_shot", choices=("zero_shot", "few_shot"),
                         help="the prompting regime to predict for and judge on (default few_shot: version 1 sweep files hold only that)")
+    parser.add_argument("--report", help="judge this report.json (made by `cp-onnx analyze MODEL --regime ...`) instead of analysing again")
     parser.add_argument("--naive", type=int, default=0, metavar="K", help="also time brute force (naive sweep) on K blocks and scale it to all")
     args = parser.parse_args(argv)
     from cp_onnx.outputs.decision import decision_line
 
     load = say_load("start")
     model = open_model(args.model)
-    with Stopwatch() as clock:
-        report = build_report(analyze(model, Settings(n=args.n, regime=args.regime), log=lambda _: None))
+    if args.report:  # an analysis made earlier (e.g. beside the sweeps): its own recorded total time stands for the wall time
+        report = read_report(Path(args.report))
+        if report.get("prediction", {}).get("regime") != args.regime:
+            sys.exit(f"{args.report} holds no {args.regime} prediction; analyze with --regime {args.regime.split('_')[0]}")
+        analysis_s = report["timings"]["total_s"]
+    else:
+        with Stopwatch() as clock:
+            report = build_report(analyze(model, Settings(n=args.n, regime=args.regime), log=lambda _: None))
+        analysis_s = clock.wall
     sweeps = []
     for path in args.sweeps:
         header, rows = read_sweep(path)
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("give one or two sweep files (two suite seeds measure the noise)")
     judged = judge(report, mean_rows(sweeps), noise_level(sweeps) if len(sweeps) == 2 else None)
     command = "python benchmarks/eval_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"name": args.name, "command": command, "analysis_s": clock.wall, "sweep_s": sweep_s, "speedup": sweep_s / clock.wall,
+    result = {"name": args.name, "command": command, "analysis_s": analysis_s, "sweep_s": sweep_s, "speedup": sweep_s / analysis_s,
               "timings": report["timings"], "prediction": report["prediction"], "prediction_line": decision_line(report),
               "judged": judged, "load_average": {"start": load, "end": say_load("end")}}
     if args.naive:
