@@ -62,7 +62,7 @@ class Regime:
 # few_shot: the texts as written; each states a problem and works it in running prose, so its numbers are read
 # with worked reasoning before them, as after solved examples. Its ranking follows the few-shot ground truth.
 # zero_shot: the texts that state an "answer", each asked alone as "Question: ...\nAnswer:" and scored on the
-# answer (on SmolLM2 the 32 shipped questions rank [2, 5) first; Spearman 0.82 with the zero-shot sweep).
+# answer (on SmolLM2 the 83 shipped questions rank the zero-shot sweep's top 3 first: results/sweep_regimes.md).
 FEW_SHOT, ZERO_SHOT = "few_shot", "zero_shot"
 REGIMES = {
     FEW_SHOT: Regime("few-shot (calibration texts as written: worked problems in running prose)",
@@ -162,17 +162,17 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     owners = np.concatenate([batch.owners for batch in ranking])
     units = len(counts)  # texts (few-shot) or questions (zero-shot)
 
-    def digit_logprob(config) -> np.ndarray:
+    def unit_logprob(config) -> np.ndarray:
         logprob = np.concatenate([scores for scores, _ in evaluator.token_scores(config, ranked_part)])
         if not np.isfinite(logprob).all():
             raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
         return np.bincount(owners, weights=logprob, minlength=units)
 
-    found: dict[tuple[int, int], np.ndarray] = {}  # block -> log-prob gained on each text's digit tokens
+    found: dict[tuple[int, int], np.ndarray] = {}  # block -> log-prob gained on each text's digit tokens (each question's answer)
 
     def score(configs: list[tuple[int, int]], total: int) -> None:
         for config in configs:
-            found[config] = digit_logprob(config) - base
+            found[config] = unit_logprob(config) - base
             if progress:
                 progress(len(found) + 1, total)
 
@@ -180,7 +180,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
     if progress:
         progress(0, len(first) + 1)
-    base = digit_logprob(BASELINE)
+    base = unit_logprob(BASELINE)
     score(first, len(first) + 1)
     leaders = sorted(first, key=lambda b: (-found[b].sum(), b))[:SCREEN_TOP]
     near = [b for b in candidates if b not in found and any(abs(b[0] - s) <= 1 and abs(b[1] - e) <= 1 for s, e in leaders)]
@@ -197,7 +197,8 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     drawn = "questions" if regime == ZERO_SHOT else "texts"  # what the bootstrap resamples
     if with_numbers < MIN_TEXTS:
         what = "questions state answers" if regime == ZERO_SHOT else "texts hold numbers"
-        decision, reason = "abstain", f"only {with_numbers} calibration {what}; at least {MIN_TEXTS} are needed to decide (-n)"
+        more = 'give more texts with an "answer"' if regime == ZERO_SHOT else "-n"
+        decision, reason = "abstain", f"only {with_numbers} calibration {what}; at least {MIN_TEXTS} are needed to decide ({more})"
     elif named:
         start, end = blocks[named[0]]
         decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the {drawn}, "
