@@ -1,14 +1,19 @@
 """Predictions per kind of task against the sweep's per-kind results (issue 13, part 3).
 
-    python benchmarks/eval_kinds.py MODEL --name NAME --sweeps SEED0.jsonl SEED1.jsonl
+    python benchmarks/eval_kinds.py MODEL --name NAME --sweeps SEED0.jsonl SEED1.jsonl [--regime zero]
 
-The default method (duplication_loss, screening on, as `cp-onnx analyze` runs it) is calibrated three ways
-on the shipped English reasoning texts, whose lines name their kind:
+The default method (duplication_loss, screening on, as `cp-onnx analyze` runs it) is calibrated several ways
+on the shipped English reasoning texts, whose lines name their kind. Few-shot (the default):
 - "generic": the default set, the first 10 texts (what `cp-onnx analyze` uses);
 - "own kind": each kind's texts alone (every kind with at least MIN_TEXTS texts holding numbers);
 - "all": all labelled texts, for the per-kind claims of one run (helps / hurts / unclear per kind).
-Each ranking is judged on the sweep's answer log-probability on that kind's probes (the few-shot regime
-of the committed sweeps), per suite seed and on the mean of the two: the rank of the kind's best block in
+Zero-shot (``--regime zero``, the texts that state an answer, asked alone):
+- "generic": all the answered questions (what `cp-onnx analyze --regime zero` uses; also the per-kind claims' run);
+- "own kind": each kind's questions alone (every kind with at least MIN_TEXTS of them);
+- "same size": as many questions as the kind has, drawn across all kinds in turn, so that own-kind
+  calibration is also compared with a generic set holding no more evidence than it does.
+Each ranking is judged on the sweep's answer log-probability on that kind's probes (in the regime
+predicted for), per suite seed and on the mean of the two: the rank of the kind's best block in
 the ranking (blocks screened out have none), whether the top-1 is within 2 layers of it, the top-1's
 gain on the kind beside the best block's (shortfall = best - top-1, nats per item; 0 is perfect), and the
 Spearman correlation between the method's scores and the kind's gains over the blocks it scored (the
@@ -31,9 +36,9 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 from eval_predictions import mean_rows, noise_level
 
 from cp_onnx.analysis.kinds import HELPS, HURTS
-from cp_onnx.analysis.predict import FEW_SHOT, MIN_TEXTS, REGIMES, numeric_tokens, predict
+from cp_onnx.analysis.predict import FEW_SHOT, MIN_TEXTS, REGIMES, ZERO_SHOT, numeric_tokens, predict
 from cp_onnx.analysis.report import file_sha256, write_json
-from cp_onnx.calibration import load_calibration, load_kinds
+from cp_onnx.calibration import load_calibration, load_kinds, load_questions
 from cp_onnx.groundtruth.regimes import regime_rows
 from cp_onnx.groundtruth.sweep import read_sweep
 from cp_onnx.groundtruth.validate import validate
@@ -61,10 +66,12 @@ def judge(blocks: list[tuple[int, int]], scores: list[float], rows: list[dict]) 
             "spearman": float(spearmanr(scores, [truth[b] for b in blocks]).statistic)}
 
 
-def run(model, texts: list[str], kinds: list[str], general: list[str]) -> dict:
+def run(model, texts: list[str], kinds: list[str], general: list[str], questions: list[tuple[str, str, str]] = ()) -> dict:
+    """One prediction: few-shot on ``texts``, or zero-shot on ``questions`` (the texts then only price the cost side)."""
+    regime = ZERO_SHOT if questions else FEW_SHOT
     with Stopwatch() as clock:
-        prediction = predict(model, texts, general, kinds=kinds)
-    return {"texts": len(texts), "decision": prediction.decision, "reason": prediction.reason, "seconds": clock.wall,
+        prediction = predict(model, texts, general, kinds=kinds, regime=regime, questions=questions)
+    return {"texts": len(questions) if questions else len(texts), "decision": prediction.decision, "reason": prediction.reason, "seconds": clock.wall,
             "ranking": [[b.start, b.end] for b in prediction.blocks], "scores": [b.score for b in prediction.blocks],
             "report": prediction.as_dict()}
 
@@ -85,6 +92,30 @@ def claims(report: dict, rows: list[dict], noise: dict[str, float]) -> list[dict
     return out
 
 
+def evaluate_zero_shot(model, sweeps: list[list[dict]]) -> dict:
+    """Zero-shot: all answered questions (generic), each kind's alone, and a same-size mix of kinds for each."""
+    questions, general = load_questions(), load_calibration("general", n=GENERIC_N)
+    texts, kinds = load_calibration(n=GENERIC_N), load_kinds(n=GENERIC_N)  # the cost side, as `analyze --regime zero` prices it
+    probe_kinds = list(sweeps[0][0]["by_kind"])
+    eligible = [k for k in probe_kinds if sum(q[2] == k for q in questions) >= MIN_TEXTS]
+    runs = {"generic": run(model, texts, kinds, general, questions)}
+    for kind in eligible:
+        own = [q for q in questions if q[2] == kind]
+        runs[kind] = run(model, texts, kinds, general, own)
+        runs[f"same size:{kind}"] = run(model, texts, kinds, general, interleaved(questions)[: len(own)])
+        print(f"  {kind}: {len(own)} questions, {runs[kind]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return {"regime": ZERO_SHOT, "eligible_kinds": eligible, "runs": runs, **judge_runs(runs, eligible, sweeps)}
+
+
+def interleaved(questions: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The questions taken one kind after another in turn (each kind's in file order): any prefix is a mix of kinds."""
+    by_kind: dict[str, list] = {}
+    for q in questions:
+        by_kind.setdefault(q[2], []).append(q)
+    rounds = max(len(qs) for qs in by_kind.values())
+    return [qs[i] for i in range(rounds) for qs in by_kind.values() if i < len(qs)]
+
+
 def evaluate(model, sweeps: list[list[dict]]) -> dict:
     texts, kinds = load_calibration(n=None), load_kinds(n=None)
     general = load_calibration("general", n=GENERIC_N)
@@ -97,7 +128,7 @@ def evaluate(model, sweeps: list[list[dict]]) -> dict:
         runs[kind] = run(model, [texts[i] for i in chosen], [kind] * len(chosen), general)
         print(f"  {kind}: {len(chosen)} texts, {runs[kind]['seconds']:.0f} s", file=sys.stderr, flush=True)
     runs["all"] = run(model, texts, kinds, general)
-    return {"eligible_kinds": eligible, "runs": runs, **judge_runs(runs, eligible, sweeps)}
+    return {"regime": FEW_SHOT, "eligible_kinds": eligible, "runs": runs, **judge_runs(runs, eligible, sweeps)}
 
 
 def judge_runs(runs: dict, eligible: list[str], sweeps: list[list[dict]]) -> dict:
@@ -105,56 +136,74 @@ def judge_runs(runs: dict, eligible: list[str], sweeps: list[list[dict]]) -> dic
     truths = {"seed 0": sweeps[0], "seed 1": sweeps[1], "mean": mean_rows(sweeps)}
     noise = {k: noise_level([kind_rows(rows, k) for rows in sweeps]) for k in sweeps[0][0]["by_kind"]}
     judged = {kind: {seed: {name: judge([tuple(b) for b in runs[name]["ranking"]], runs[name]["scores"], kind_rows(rows, kind))
-                            for name in ("generic", kind)}
+                            for name in ("generic", kind, f"same size:{kind}") if name in runs}
                      for seed, rows in truths.items()} for kind in eligible}
     return {"noise": noise, "judged": judged, "claims": {name: claims(r["report"], truths["mean"], noise) for name, r in runs.items()}}
 
 
+CALIBRATIONS = {"generic": "generic", "own": "own kind", "same size": "generic, same size"}
+
+
 def markdown(name: str, command: str, result: dict) -> str:
     judged, runs, noise = result["judged"], result["runs"], result["noise"]
+    regime = result.get("regime", FEW_SHOT)
+    whole = "all" if "all" in runs else "generic"  # the run on every labelled text, whose per-kind claims are shown
     span = lambda b: "unscored" if b is None else f"[{b[0]}, {b[1]})"  # noqa: E731
     rank = lambda r: "unscored" if r is None else str(r)  # noqa: E731
-    lines = [f"# Predictions per kind of task on {name}: own-kind calibration against the generic set", "", "Made by:", "", f"    {command}", "",
-             f"Prediction: method duplication_loss, metric {REGIMES[FEW_SHOT].metric}, regime {FEW_SHOT}. Ground truth: the sweeps' "
-             f"answer log-probability on each kind's 48 probes (few-shot regime, nats per item), per seed and on their mean. "
-             f"Generic = the first {GENERIC_N} texts (the default set); own kind = that kind's texts alone. "
-             f"Shortfall = best block's gain - the top-1's gain on the kind (0 = the top-1 is the best block). "
-             f"Best rank = where the kind's best block sits in the ranking (unscored: screened out). Rank corr. = Spearman "
-             f"correlation of the method's scores with the kind's gains over the blocks it scored. Ordering and syllogism probes "
-             f"are answered with names and yes/no, while their calibration texts are scored on the digits they hold.", "",
+    generic = (f"generic = the first {GENERIC_N} texts (the default set); own kind = that kind's texts alone" if regime == FEW_SHOT else
+               f"generic = all {runs['generic']['texts']} answered questions (the default set); own kind = that kind's questions alone; "
+               f"generic, same size = as many questions as the kind has, drawn from every kind in turn")
+    digits_caveat = (" Ordering and syllogism probes are answered with names and yes/no, while their calibration texts are scored on the "
+                     "digits they hold." if regime == FEW_SHOT else "")
+    lines = [f"# Predictions per kind of task on {name} ({regime.replace('_', '-')}): own-kind calibration against a generic set", "",
+             "Made by:", "", f"    {command}", "",
+             f"Prediction: method duplication_loss, metric {REGIMES[regime].metric}, regime {regime}. Ground truth: the sweeps' "
+             f"answer log-probability on each kind's 48 probes ({regime.replace('_', '-')} regime, nats per item), per seed and on their "
+             f"mean. Calibration: {generic}. Shortfall = best block's gain - the top-1's gain on the kind (0 = the top-1 is the best "
+             f"block). Best rank = where the kind's best block sits in the ranking (unscored: screened out). Rank corr. = Spearman "
+             f"correlation of the method's scores with the kind's gains over the blocks it scored.{digits_caveat}", "",
              "| probe kind | noise | truth | best block (gain) | calibration | texts | decision | top-1 | top-1 gain | shortfall | best rank | within 2 | rank corr. |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    wins = {"shortfall": [0, 0, 0], "rank": [0, 0, 0], "spearman": [0, 0, 0]}  # own better, tie, generic better
+    others = [c for c in ("generic", "same size") if any(_run_name(c, k) in runs for k in judged)]
+    wins = {other: {"shortfall": [0, 0, 0], "rank": [0, 0, 0], "spearman": [0, 0, 0]} for other in others}  # own better, tie, other better
     for kind, per_seed in judged.items():
-        for seed, both in per_seed.items():
-            best = both["generic"]
-            for calibration, j in both.items():
-                label = "generic" if calibration == "generic" else "own kind"
-                lines.append(f"| {kind} | {noise[kind]:.3f} | {seed} | {span(best['best'])} ({best['best_gain']:+.3f}) | {label} | "
-                             f"{runs[calibration]['texts']} | {runs[calibration]['decision']} | {span(j['top1'])} | {j['top1_gain']:+.3f} | "
+        for seed, found in per_seed.items():
+            best = found["generic"]
+            for calibration in ("generic", "own", "same size"):
+                run_name = _run_name(calibration, kind)
+                if run_name not in found:
+                    continue
+                j = found[run_name]
+                lines.append(f"| {kind} | {noise[kind]:.3f} | {seed} | {span(best['best'])} ({best['best_gain']:+.3f}) | {CALIBRATIONS[calibration]} | "
+                             f"{runs[run_name]['texts']} | {runs[run_name]['decision']} | {span(j['top1'])} | {j['top1_gain']:+.3f} | "
                              f"{j['shortfall']:.3f} | {rank(j['best_rank'])} | {'yes' if j['near'] else 'no'} | {j['spearman']:+.2f} |")
             if seed != "mean":
                 continue
-            own, generic = both[kind], both["generic"]
-            wins["shortfall"][_compare(generic["shortfall"], own["shortfall"])] += 1
-            ranks = [r if r is not None else 10**6 for r in (own["best_rank"], generic["best_rank"])]
-            wins["rank"][_compare(ranks[1], ranks[0])] += 1
-            wins["spearman"][_compare(-generic["spearman"], -own["spearman"])] += 1
+            own = found[kind]
+            for other in others:
+                theirs = found[_run_name(other, kind)]
+                wins[other]["shortfall"][_compare(theirs["shortfall"], own["shortfall"])] += 1
+                ranks = [r if r is not None else 10**6 for r in (own["best_rank"], theirs["best_rank"])]
+                wins[other]["rank"][_compare(ranks[1], ranks[0])] += 1
+                wins[other]["spearman"][_compare(-theirs["spearman"], -own["spearman"])] += 1
     helped = [k for k, p in judged.items() if p["mean"]["generic"]["best_gain"] > noise[k]]
-    mean = lambda key, own: np.mean([p["mean"][k if own else "generic"][key] for k, p in judged.items()])  # noqa: E731
-    lines += ["", f"On the mean of the two seeds, over {len(judged)} kinds: own-kind calibration has the smaller shortfall in "
-              f"{wins['shortfall'][0]}, ties in {wins['shortfall'][1]}, the generic set in {wins['shortfall'][2]}; it ranks the kind's best "
-              f"block higher in {wins['rank'][0]}, ties in {wins['rank'][1]}, lower in {wins['rank'][2]}; its scores correlate better with "
-              f"the kind's gains in {wins['spearman'][0]}, worse in {wins['spearman'][2]}.", "",
-              f"Means over kinds (mean truth): shortfall own kind {mean('shortfall', True):.3f}, generic {mean('shortfall', False):.3f} "
-              f"nats per item; rank correlation own kind {mean('spearman', True):+.2f}, generic {mean('spearman', False):+.2f}.", "",
+    mean = lambda key, calibration: np.mean([p["mean"][_run_name(calibration, k)][key] for k, p in judged.items()])  # noqa: E731
+    lines.append("")
+    for other, won in wins.items():
+        lines += [f"Own kind against {CALIBRATIONS[other]}, on the mean of the two seeds, over {len(judged)} kinds: own-kind calibration has the "
+                  f"smaller shortfall in {won['shortfall'][0]}, ties in {won['shortfall'][1]}, the {CALIBRATIONS[other]} set in "
+                  f"{won['shortfall'][2]}; it ranks the kind's best block higher in {won['rank'][0]}, ties in {won['rank'][1]}, lower in "
+                  f"{won['rank'][2]}; its scores correlate better with the kind's gains in {won['spearman'][0]}, worse in {won['spearman'][2]}.", ""]
+    lines += ["Means over kinds (mean truth): shortfall " + ", ".join(f"{CALIBRATIONS[c]} {mean('shortfall', c):.3f}" for c in ("own", *others)) +
+              " nats per item; rank correlation " + ", ".join(f"{CALIBRATIONS[c]} {mean('spearman', c):+.2f}" for c in ("own", *others)) + ".", "",
               f"Kinds whose best block gains more than the noise level (mean of the seeds): {', '.join(helped) or 'none'}; elsewhere the "
               f"best block is within the seed-to-seed noise, and which block is best is partly luck.", "",
-              f"## Per-kind claims of one run on all {runs['all']['texts']} labelled texts (decision: {runs['all']['decision']})", "",
+              f"## Per-kind claims of one run on all {runs[whole]['texts']} labelled {'texts' if regime == FEW_SHOT else 'questions'} "
+              f"(decision: {runs[whole]['decision']})", "",
               "Verdicts from the simultaneous 95% bounds, beside the sweep's mean gain on that kind's probes; a claim holds when the signs agree.", "",
               "| block | kind | texts with numbers | gain (calibration) | bounds | verdict | sweep gain | beyond noise | holds |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in result["claims"]["all"]:
+    for c in result["claims"][whole]:
         bounds = "n/a" if c["lower"] is None else f"[{c['lower']:+.3f}, {c['upper']:+.3f}]"
         gain = "n/a" if c["gain"] is None else f"{c['gain']:+.3f}"
         holds = "-" if c["holds"] is None else ("yes" if c["holds"] else "no")
@@ -172,6 +221,11 @@ def markdown(name: str, command: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_name(calibration: str, kind: str) -> str:
+    """The runs' key of a calibration for one probe kind: generic is shared, own kind is the kind's name."""
+    return {"generic": "generic", "own": kind, "same size": f"same size:{kind}"}[calibration]
+
+
 def _compare(generic: float, own: float) -> int:
     """0 when own-kind calibration is better (smaller), 1 on a tie, 2 when the generic set is."""
     return 1 if abs(generic - own) < 1e-12 else (0 if own < generic else 2)
@@ -182,40 +236,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model")
     parser.add_argument("--name", required=True)
     parser.add_argument("--sweeps", nargs=2, help="sweep JSONL files of the same model at two suite seeds")
+    parser.add_argument("--regime", choices=("few", "zero"), default="few", help="the prompting regime to predict for and judge in")
     parser.add_argument("--rejudge", action="store_true", help="judge the runs in results/kinds_NAME.json against --sweeps again and "
                         "rewrite its .json and .md, without running the model")
     args = parser.parse_args(argv)
     if not args.sweeps:
         parser.error("give --sweeps SEED0.jsonl SEED1.jsonl")
+    regime = ZERO_SHOT if args.regime == "zero" else FEW_SHOT
+    stem = f"kinds_{args.name}" + ("-zero-shot" if regime == ZERO_SHOT else "")
     if args.rejudge:
-        result = json.loads((RESULTS / f"kinds_{args.name}.json").read_text())
-        sweeps = [few_shot_rows(path, result["onnx_sha256"]) for path in args.sweeps]
+        result = json.loads((RESULTS / f"{stem}.json").read_text())
+        sweeps = [regime_rows_of(path, result["onnx_sha256"], regime) for path in args.sweeps]
         result |= judge_runs(result["runs"], result["eligible_kinds"], sweeps)
-        write_json(result, RESULTS / f"kinds_{args.name}.json")  # the machine and load of the run that made the rankings stay
-        (RESULTS / f"kinds_{args.name}.md").write_text(markdown(args.name, result["command"], result))
+        write_json(result, RESULTS / f"{stem}.json")  # the machine and load of the run that made the rankings stay
+        (RESULTS / f"{stem}.md").write_text(markdown(args.name, result["command"], result))
         return 0
     load = say_load("start")
     model = open_model(args.model)
     onnx_sha256 = file_sha256(model.onnx_path)
-    sweeps = [few_shot_rows(path, onnx_sha256) for path in args.sweeps]
+    sweeps = [regime_rows_of(path, onnx_sha256, regime) for path in args.sweeps]
     command = "python benchmarks/eval_kinds.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"name": args.name, "command": command, "onnx_sha256": onnx_sha256, **evaluate(model, sweeps)}
+    result = {"name": args.name, "command": command, "onnx_sha256": onnx_sha256, **(evaluate_zero_shot if regime == ZERO_SHOT else evaluate)(model, sweeps)}
     result["load_average"] = {"start": load, "end": say_load("end")}
-    write_results(f"kinds_{args.name}", result)
+    write_results(stem, result)
     text = markdown(args.name, command, result)
-    (RESULTS / f"kinds_{args.name}.md").write_text(text)
+    (RESULTS / f"{stem}.md").write_text(text)
     print(text)
     return 0
 
 
-def few_shot_rows(path: str, onnx_sha256: str) -> list[dict]:
-    """A sweep file's few-shot rows (the committed sweeps' only regime); exit with one line for another model's or a file without kinds."""
+def regime_rows_of(path: str, onnx_sha256: str, regime: str) -> list[dict]:
+    """A sweep file's rows of one regime; exit with one line for another model's sweep or a file without them."""
     header, rows = read_sweep(path)
     if header["model"]["onnx_sha256"] != onnx_sha256:
         sys.exit(f"{path} is a sweep of another model; sweep the model itself")
-    rows = regime_rows(rows, "few_shot")
+    rows = regime_rows(rows, regime)
     if not rows or "by_kind" not in rows[0]:
-        sys.exit(f"{path} holds no few-shot rows with per-kind results; give a sweep written by `cp-onnx sweep`")
+        sys.exit(f"{path} holds no {regime.replace('_', '-')} rows with per-kind results; give a sweep of that regime written by `cp-onnx sweep`")
     return rows
 
 

@@ -63,10 +63,10 @@ def mean_rows(sweeps: list[list[dict]]) -> list[dict]:
     return [{**mean([k[key] for k in keyed]), "start": key[0], "end": key[1]} for key in common]
 
 
-def noise_level(sweeps: list[list[dict]]) -> float:
+def noise_level(sweeps: list[list[dict]], metric: str = METRIC) -> float:
     """Robust standard deviation over blocks of the difference between two seeds' gains."""
     (base0, blocks0), (base1, blocks1) = (split_rows(rows) for rows in sweeps)
-    diffs = np.array([gain(blocks0[b], base0, METRIC) - gain(blocks1[b], base1, METRIC) for b in blocks0 if b in blocks1])
+    diffs = np.array([gain(blocks0[b], base0, metric) - gain(blocks1[b], base1, metric) for b in blocks0 if b in blocks1])
     return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))))
 
 
