@@ -21,7 +21,8 @@ whole ranking, not only its top, which a best block inside the noise makes a lot
 The noise level per kind is eval_predictions' (robust sd over blocks of the seed-to-seed difference).
 A per-kind claim (helps or hurts, on any run's top 3 blocks) holds when the sweep's mean gain on that
 kind has the claimed sign.
-Writes benchmarks/results/kinds_NAME.json and .md (``--rejudge`` judges the runs stored there again).
+Writes benchmarks/results/kinds_NAME.json and .md (kinds_NAME-zero-shot.* with ``--regime zero``; ``--rejudge``
+judges the runs stored there again).
 """
 from __future__ import annotations
 
