@@ -99,11 +99,11 @@ def evaluate_zero_shot(model, sweeps: list[list[dict]]) -> dict:
     texts, kinds = load_calibration(n=GENERIC_N), load_kinds(n=GENERIC_N)  # the cost side, as `analyze --regime zero` prices it
     probe_kinds = list(sweeps[0][0]["by_kind"])
     eligible = [k for k in probe_kinds if sum(q[2] == k for q in questions) >= MIN_TEXTS]
-    runs = {"generic": run(model, texts, kinds, general, questions)}
+    runs, mixed = {"generic": run(model, texts, kinds, general, questions)}, interleaved(questions)
     for kind in eligible:
         own = [q for q in questions if q[2] == kind]
         runs[kind] = run(model, texts, kinds, general, own)
-        runs[f"same size:{kind}"] = run(model, texts, kinds, general, interleaved(questions)[: len(own)])
+        runs[f"same size:{kind}"] = run(model, texts, kinds, general, mixed[: len(own)])
         print(f"  {kind}: {len(own)} questions, {runs[kind]['seconds']:.0f} s", file=sys.stderr, flush=True)
     return {"regime": ZERO_SHOT, "eligible_kinds": eligible, "runs": runs, **judge_runs(runs, eligible, sweeps)}
 

@@ -30,7 +30,7 @@ def rows_for(name: str, paths: list[str]) -> list[str]:
         seeds = [regime_rows(rows, regime) for rows in files]
         base, blocks = split_rows(mean_rows(seeds) if len(seeds) > 1 else seeds[0])
         for metric, label in METRICS.items():
-            gains = {b: gain(row, base, metric) for b, row in blocks.items() if gain(row, base, metric) is not None}
+            gains = {b: g for b, g in ((b, gain(row, base, metric)) for b, row in blocks.items()) if g is not None}
             if not gains:
                 continue
             ranked = sorted(gains, key=lambda b: (-gains[b], b))
