@@ -10,7 +10,7 @@ import pytest
 
 from cp_onnx.analysis.report import write_json
 from cp_onnx.cli import main
-from cp_onnx.outputs.decision import NO_PREDICTION, decision_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, greedy_line
 from cp_onnx.outputs.embed import metadata
 from test_embed import tiny_folder, tiny_report
 
@@ -52,6 +52,21 @@ def test_decision_lines_worked_by_hand():
     assert decision_line({}) == NO_PREDICTION and "\n" not in NO_PREDICTION
 
 
+def test_greedy_line_worked_by_hand():
+    with_greedy = lambda prediction, change: {**prediction, "greedy_base": 0.0361, "candidates": [  # noqa: E731
+        {**prediction["candidates"][0], "metrics": {**prediction["candidates"][0]["metrics"], "greedy_change": change}}]}
+    zero = with_greedy({**HELP, "gain_per": "question", "texts": {"questions": 83}}, 0.0843)
+    assert greedy_line({"prediction": zero}) == (
+        "greedy (the model's own next token, after the right ones before it): right on 3 of 83 (4%) questions; "
+        "with [9, 14) (the block to duplicate) duplicated 10 of 83 (12%), +8.4 points")
+    few = with_greedy({**ABSTAIN, "texts": {"digit_tokens": 45}}, -0.0222)
+    assert greedy_line({"prediction": few}).endswith(
+        "right on 2 of 45 (4%) digit tokens; with [9, 14) (the least harmful block) duplicated 1 of 45 (1%), -2.2 points")
+    assert greedy_line({"prediction": {**few, "texts": {}}}).endswith("right on 4% of the digit tokens; with [9, 14) (the least harmful block) duplicated 1%, -2.2 points")
+    assert greedy_line({"prediction": HELP}) is None and greedy_line({"prediction": {**few, "candidates": []}}) is None  # older reports
+    assert greedy_line({}) is None
+
+
 @pytest.fixture(scope="module")
 def reports(tiny_model, tmp_path_factory):
     """Report paths by case: the tiny llama's own report, with its decision set to help, and without a prediction."""
@@ -76,6 +91,9 @@ def test_summary_text_and_metadata_open_with_the_decision(reports, case, capsys)
     assert capsys.readouterr().out.splitlines()[0] == line
     entries = metadata(data)
     assert next(iter(entries)) == "cp_onnx.decision" and entries["cp_onnx.decision"] == line
+    if case != "none":  # the tiny model's own figures, after the decision (and the kinds line)
+        said = greedy_line(data)
+        assert said and " ".join(said.split()) in " ".join(summary.split())
 
 
 class Page(HTMLParser):
@@ -134,6 +152,7 @@ def test_html_opens_with_the_decision_panel(reports, case, tmp_path, capsys):
             assert f"[{block['start']}, {block['end']})" in text
     if prediction:
         assert f"metric {prediction['metric']}, regime {prediction['regime']}" in text
+        assert " ".join(greedy_line(data).split()) in text
 
 
 def test_rankings_are_labelled_as_rankings(reports, tmp_path, capsys):

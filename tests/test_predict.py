@@ -194,3 +194,39 @@ def test_zero_shot_without_questions_and_unknown_regimes_are_refused(tiny_llama)
         predict(tiny_llama[1], REASONING, GENERAL, regime=predict_module.ZERO_SHOT)
     with pytest.raises(CpOnnxError, match="unknown prompting regime"):
         predict(tiny_llama[1], REASONING, GENERAL, regime="one_shot")
+
+
+def test_greedy_figures_count_what_the_model_itself_continues_with(tiny_llama, monkeypatch):
+    """greedy_base and each block's greedy_change: the share of digit tokens (few-shot), or of questions whose every
+    answer token is a hit (zero-shot). A random tiny model's argmax is almost never the text's token, which would leave
+    every figure 0; so a hit is redefined here as a log-probability above LEVEL, read from the ONNX scores by predict and,
+    independently, from torch by this test."""
+    from cp_onnx.groundtruth.sweep import ReuseEvaluator
+
+    hf, model = tiny_llama
+    level = -5.7  # near the median token's log-prob under this model (ln 256 = 5.55): some tokens and answers hit, some not
+    scores = ReuseEvaluator.token_scores
+    monkeypatch.setattr(ReuseEvaluator, "token_scores", lambda self, *a, **k: [(lp, lp > level) for lp, _ in scores(self, *a, **k)])
+    encode = lambda text: model.encode([text])[0][0]  # noqa: E731
+    decode = model.tokenizer.id_to_token
+
+    def hit(ids, path, p):
+        return torch_token_logprob(hf, ids, path, p) > level
+
+    def few_shot(path):  # hits per digit token, all texts
+        hits = [hit(encode(t), path, p) for t in REASONING for p in range(1, len(encode(t))) if decode(encode(t)[p]) in DIGITS]
+        return np.mean(hits)
+
+    def zero_shot(path):  # questions whose answer tokens are all hits
+        def answered(question, answer):
+            prompt, ids = encode(f"Question: {question}\nAnswer:"), encode(f"Question: {question}\nAnswer: {answer}")
+            return all(hit(ids, path, p) for p in range(len(prompt), len(ids)))
+        return np.mean([answered(q, a) for q, a, _ in QUESTIONS])
+
+    for regime, expected in ((predict_module.FEW_SHOT, few_shot), (predict_module.ZERO_SHOT, zero_shot)):
+        result = predict(model, REASONING, GENERAL, block_sizes=(1, 2), regime=regime, questions=QUESTIONS)
+        base = expected(None)
+        assert result.greedy_base == pytest.approx(base) and result.as_dict()["greedy_base"] == result.greedy_base
+        changes = [block.metrics["greedy_change"] for block in result.blocks]
+        assert changes == pytest.approx([expected([*range(b.end), *range(b.start, 3)]) - base for b in result.blocks])
+        assert 0 < base < 1 and any(changes), regime  # the check above compared figures that vary

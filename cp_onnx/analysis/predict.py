@@ -88,6 +88,7 @@ class Prediction:
     layer_tokens: int = 0  # the work it ran: tokens (padding included) times layers, for benchmarks
     by_kind: dict[tuple[int, int], dict[str, KindGain]] = field(default_factory=dict)  # block -> kind of text -> its gain there
     regime: str = FEW_SHOT
+    greedy_base: float | None = None  # share of the scored digit tokens (questions) the base model itself continues with
 
     @property
     def chosen_block(self) -> Block | None:
@@ -110,6 +111,7 @@ class Prediction:
             "confidence": CONFIDENCE,
             # The named block first (readers take the decision's cost from it), then the best-ranked others.
             "candidates": [b.as_dict() for b in shown],
+            "greedy_base": self.greedy_base,
             "texts": dict(self.texts),
             "blocks_scored": len(self.blocks),
             "candidate_blocks": self.candidate_blocks,
@@ -162,17 +164,24 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     owners = np.concatenate([batch.owners for batch in ranking])
     units = len(counts)  # texts (few-shot) or questions (zero-shot)
 
-    def unit_logprob(config) -> np.ndarray:
-        logprob = np.concatenate([scores for scores, _ in evaluator.token_scores(config, ranked_part)])
+    def unit_scores(config) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit, the log-prob of its scored tokens and how many of them the model itself continues with (zero-shot: 1 when all)."""
+        scored = evaluator.token_scores(config, ranked_part)
+        logprob, argmax = (np.concatenate(part) for part in zip(*scored))
         if not np.isfinite(logprob).all():
             raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
-        return np.bincount(owners, weights=logprob, minlength=units)
+        hits = np.bincount(owners, weights=argmax, minlength=units)
+        if regime == ZERO_SHOT:  # the sweep's greedy exact match: every answer token is the argmax after the ones before it
+            hits = (hits == np.bincount(owners, minlength=units)).astype(np.float64)
+        return np.bincount(owners, weights=logprob, minlength=units), hits
 
     found: dict[tuple[int, int], np.ndarray] = {}  # block -> log-prob gained on each text's digit tokens (each question's answer)
+    greedy: dict[tuple[int, int], np.ndarray] = {}  # block -> digit tokens (questions) the model itself continues with, gained
 
     def score(configs: list[tuple[int, int]], total: int) -> None:
         for config in configs:
-            found[config] = unit_logprob(config) - base
+            logprob, hits = unit_scores(config)
+            found[config], greedy[config] = logprob - base, hits - base_hits
             if progress:
                 progress(len(found) + 1, total)
 
@@ -180,7 +189,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
     if progress:
         progress(0, len(first) + 1)
-    base = unit_logprob(BASELINE)
+    base, base_hits = unit_scores(BASELINE)
     score(first, len(first) + 1)
     leaders = sorted(first, key=lambda b: (-found[b].sum(), b))[:SCREEN_TOP]
     near = [b for b in candidates if b not in found and any(abs(b[0] - s) <= 1 and abs(b[1] - e) <= 1 for s, e in leaders)]
@@ -193,7 +202,8 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     with_numbers = int((counts > 0).sum())
     named = [b for b in ranked if lower[b] > 0][: int(with_numbers >= MIN_TEXTS)]  # a "help" decision's block: its cost too
     costs = _costs(evaluator, cost_plan, cost_part, [blocks[b] for b in dict.fromkeys([*ranked[:COST_BLOCKS], *named])], r)
-    scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), **costs.get(blocks[b], _NO_COST)}) for b in ranked]
+    scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), "greedy_change": float(greedy[blocks[b]].sum() / counts.sum()),
+                                                         **costs.get(blocks[b], _NO_COST)}) for b in ranked]
     drawn = "questions" if regime == ZERO_SHOT else "texts"  # what the bootstrap resamples
     if with_numbers < MIN_TEXTS:
         what = "questions state answers" if regime == ZERO_SHOT else "texts hold numbers"
@@ -209,7 +219,8 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers}
     texts_used.update({"questions": units} if regime == ZERO_SHOT else {"digit_tokens": int(counts.sum())})
     per_kind = dict(zip(blocks, kind_gains(gains.T, counts, kinds, confidence=CONFIDENCE, min_texts=MIN_TEXTS)))
-    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens, per_kind, regime)
+    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens, per_kind, regime,
+                      float(base_hits.sum() / counts.sum()))
 
 
 # Screening rests on the gains varying smoothly with a block's start and end. Measured on the ground truth

@@ -78,6 +78,30 @@ def _decision(report: dict) -> str:
     return "; ".join([*parts, scope(prediction)])
 
 
+def greedy_line(report: dict) -> str | None:
+    """How often the model's own greedy continuation is the calibration texts' answer, without and with the decision's block.
+
+    A second metric beside the decision's log-probability: a block can make an answer likelier without making
+    it the model's first choice. None for a report without the figures (older reports)."""
+    prediction = report.get("prediction")
+    candidates = prediction.get("candidates") if isinstance(prediction, dict) else None
+    base = prediction.get("greedy_base") if candidates else None
+    change = (candidates[0].get("metrics") or {}).get("greedy_change") if candidates else None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, change)):
+        return None
+    texts = prediction.get("texts") if isinstance(prediction.get("texts"), dict) else {}
+    unit = gain_per(prediction)
+    total = texts.get("questions") if unit == "question" else texts.get("digit_tokens")
+    total = total if isinstance(total, int) and not isinstance(total, bool) and total > 0 else None
+    role = "the block to duplicate" if helps(prediction) else "the least harmful block"
+    if total:
+        count = lambda share: f"{round(share * total)} of {total} ({share:.0%})"  # noqa: E731
+        said = f"right on {count(base)} {unit}s; with {span(candidates[0])} ({role}) duplicated {count(base + change)}"
+    else:
+        said = f"right on {base:.0%} of the {unit}s; with {span(candidates[0])} ({role}) duplicated {base + change:.0%}"
+    return f"greedy (the model's own next token, after the right ones before it): {said}, {100 * change:+.1f} points"
+
+
 def kinds_line(report: dict) -> str | None:
     """The decision's block per kind of calibration text, in one line: where it helps, hurts, or the bound cannot tell.
 

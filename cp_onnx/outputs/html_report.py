@@ -8,7 +8,7 @@ from pathlib import Path
 from cp_onnx.files import write_text
 from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
 from cp_onnx.outputs import plots, pruning_report
-from cp_onnx.outputs.decision import decision_line, gain_per, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
+from cp_onnx.outputs.decision import decision_line, gain_per, greedy_line, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
 from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.outputs.summary import KIND_METHODS
 
@@ -106,8 +106,9 @@ def _decision_panel(report: dict) -> str:
                        f"<td>{_signed((b.get('metrics') or {}).get('general_nll_change'))}</td></tr>" for b in candidates)
         details = why + (f"<table id='least-harmful'><caption>Least harmful blocks</caption><tr><th>block</th><th>gain</th>"
                          f"<th>{level}</th><th>general-text cost</th></tr>{rows}</table>" if rows else "")
+    greedy = f"<p class='greedy'>{_e(said)}.</p>" if (said := greedy_line(report)) else ""
     scope = f"<p class='scope'>{_e(scope_text(prediction))}; gains in nats per {_e(gain_per(prediction))}, costs as NLL change in nats per token.</p>"
-    return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{_kinds_part(report)}{scope}{line}</section>"
+    return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{greedy}{_kinds_part(report)}{scope}{line}</section>"
 
 
 def _kinds_part(report: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, gain_per, kind_table, kinds_line, span
+from cp_onnx.outputs.decision import decision_line, gain_per, greedy_line, kind_table, kinds_line, span
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
@@ -19,6 +19,7 @@ def format_summary(report: dict, top: int = 5) -> str:
     n = report["model"]["num_layers"]
     calibration = report.get("calibration") or {}
     lines = [_wrap(decision_line(report)), "", *([_wrap(k), ""] if (k := kinds_line(report)) else []),
+             *([_wrap(g), ""] if (g := greedy_line(report)) else []),
              f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)",
              *regime_lines(report.get("prediction") or {}), RANKINGS_NOTE]
     lines += candidate_lines(report.get("prediction") or {}, n)
@@ -74,13 +75,14 @@ def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
     if not candidates:
         return []
     lines = [f"\n{prediction.get('method') or 'duplication_loss'} ranked (gain: answer log-probability, nats per {gain_per(prediction)}; "
-             "cost: NLL change, nats per token)",
-             f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'gain':>8}  {'lower':>8}  {'all tokens':>10}  {'general':>8}"]
+             "greedy: change in points; cost: NLL change, nats per token)",
+             f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'gain':>8}  {'lower':>8}  {'greedy':>7}  {'all tokens':>10}  {'general':>8}"]
     for rank, block in enumerate(candidates, 1):
         metrics = block.get("metrics") or {}
         cells = [block["score"], metrics.get("gain_lower_bound"), metrics.get("text_nll_change"), metrics.get("general_nll_change")]
         gain, lower, text, general = ("n/a" if v is None else f"{v:+.4f}" for v in cells)
-        lines.append(f"  {rank:>4}  {span(block):>9}  {depth(block, num_layers):>9}  {gain:>8}  {lower:>8}  {text:>10}  {general:>8}")
+        greedy = "n/a" if metrics.get("greedy_change") is None else f"{100 * metrics['greedy_change']:+.1f}"
+        lines.append(f"  {rank:>4}  {span(block):>9}  {depth(block, num_layers):>9}  {gain:>8}  {lower:>8}  {greedy:>7}  {text:>10}  {general:>8}")
     return lines
 
 
