@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata, spearmanr
 
 from bench_common import ROOT  # noqa: F401  (puts the checkout on the path)
-from eval_predictions import mean_rows
+from eval_predictions import block_gains
 
-from cp_onnx.groundtruth.regimes import regime_rows
-from cp_onnx.groundtruth.sweep import read_sweep
-from cp_onnx.groundtruth.validate import gain, split_rows
 
 METHODS = ("stability", "anomaly", "composite", "boundary")
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
@@ -33,11 +31,10 @@ def standard_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def case_rows(name: str, kinds: str, report: str, regime: str, sweeps: list[str]) -> list[str]:
-    run = json.loads(open(kinds).read())["runs"]["generic"]
+    run = json.loads(Path(kinds).read_text())["runs"]["generic"]
     default = {tuple(b): s for b, s in zip(run["ranking"], run["scores"])}
-    base, rows = split_rows(mean_rows([regime_rows(read_sweep(path)[1], regime) for path in sweeps]))
-    truth = {b: gain(row, base, "answer_logprob") for b, row in rows.items()}
-    methods = json.loads(open(report).read())["methods"]
+    truth = block_gains(sweeps, regime)
+    methods = json.loads(Path(report).read_text())["methods"]
     lines = []
     for method in METHODS:
         scores = {(b["start"], b["end"]): b["score"] for b in methods[method]["blocks"] if b["score"] is not None}

@@ -63,6 +63,12 @@ def mean_rows(sweeps: list[list[dict]]) -> list[dict]:
     return [{**mean([k[key] for k in keyed]), "start": key[0], "end": key[1]} for key in common]
 
 
+def block_gains(paths: list[str], regime: str, metric: str = METRIC) -> dict[tuple[int, int], float]:
+    """Per block, its gain in ``metric`` over the unduplicated model in ``regime``, mean of the sweep files' seeds."""
+    base, rows = split_rows(mean_rows([regime_rows(read_sweep(path)[1], regime) for path in paths]))
+    return {block: gain(row, base, metric) for block, row in rows.items()}
+
+
 def noise_level(sweeps: list[list[dict]], metric: str = METRIC) -> float:
     """Robust standard deviation over blocks of the difference between two seeds' gains."""
     (base0, blocks0), (base1, blocks1) = (split_rows(rows) for rows in sweeps)

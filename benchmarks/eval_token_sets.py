@@ -23,13 +23,10 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 from cp_onnx.analysis import predict as predict_module
 from cp_onnx.analysis.predict import numeric_tokens  # the default's marker, kept while predict_module's is swapped
 from cp_onnx.calibration import load_calibration, load_kinds
-from cp_onnx.groundtruth.regimes import regime_rows
 from cp_onnx.groundtruth.scoring import token_scores
-from cp_onnx.groundtruth.sweep import read_sweep
-from cp_onnx.groundtruth.validate import gain, split_rows
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, pad_batch
-from eval_predictions import mean_rows
+from eval_predictions import block_gains
 
 WINDOW = 4  # tokens of local context: enough for a phrase, too few for the problem statement
 BATCH = 64
@@ -75,8 +72,7 @@ def main() -> None:
     parser.add_argument("--sweeps", nargs="+", required=True)
     args = parser.parse_args()
     start = say_load("start")
-    base, rows = split_rows(mean_rows([regime_rows(read_sweep(path)[1], "few_shot") for path in args.sweeps]))
-    truth = {b: gain(row, base, "answer_logprob") for b, row in rows.items()}
+    truth = block_gains(args.sweeps, "few_shot")
     best = max(truth, key=truth.get)
     model = open_model(args.model)
     texts, kinds, general = load_calibration(n=10), load_kinds(n=10), load_calibration("general", n=10)
@@ -95,8 +91,8 @@ def main() -> None:
                             "seconds": clock.wall})
     finally:
         predict_module.numeric_tokens = numeric_tokens
-    lines = [f"# Scored tokens of the default method on {args.name} (few-shot)", "", "Made by:", "",
-             f"    python benchmarks/eval_token_sets.py {args.model} --name {args.name} --sweeps {' '.join(args.sweeps)}", "",
+    command = f"python benchmarks/eval_token_sets.py {args.model} --name {args.name} --sweeps {' '.join(args.sweeps)}"
+    lines = [f"# Scored tokens of the default method on {args.name} (few-shot)", "", "Made by:", "", f"    {command}", "",
              f"Sweep's best block [{best[0]}, {best[1]}) {truth[best]:+.3f} nats/item (mean of {len(args.sweeps)} seeds). "
              f"Context gain: log-prob with the whole text before a token minus with its first token and the {WINDOW} before it.", "",
              "| scored tokens | tokens | texts scored | Spearman with the sweep | top-1 | its sweep gain | decision | kinds scored | seconds |",
@@ -105,7 +101,7 @@ def main() -> None:
               f"{r['top1_gain']:+.3f} | {r['decision']} | {', '.join(r['kinds_scored'])} | {r['seconds']:.0f} |" for r in results]
     print("\n".join(lines))
     (RESULTS / f"token_sets_{args.name}.md").write_text("\n".join(lines) + "\n")
-    write_results(f"token_sets_{args.name}", {"command": lines[4].strip(), "best": [*best, truth[best]], "runs": results,
+    write_results(f"token_sets_{args.name}", {"command": command, "best": [*best, truth[best]], "runs": results,
                                                 "load_average": {"start": start, "end": say_load("end")}})
 
 

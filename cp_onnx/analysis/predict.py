@@ -163,6 +163,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
     owners = np.concatenate([batch.owners for batch in ranking])
     units = len(counts)  # texts (few-shot) or questions (zero-shot)
+    scored_tokens = np.bincount(owners, minlength=units)  # per unit: zero-shot, its answer's tokens
 
     def unit_scores(config) -> tuple[np.ndarray, np.ndarray]:
         """Per unit, the log-prob of its scored tokens and how many of them the model itself continues with (zero-shot: 1 when all)."""
@@ -172,7 +173,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
             raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
         hits = np.bincount(owners, weights=argmax, minlength=units)
         if regime == ZERO_SHOT:  # the sweep's greedy exact match: every answer token is the argmax after the ones before it
-            hits = (hits == np.bincount(owners, minlength=units)).astype(np.float64)
+            hits = (hits == scored_tokens).astype(np.float64)
         return np.bincount(owners, weights=logprob, minlength=units), hits
 
     found: dict[tuple[int, int], np.ndarray] = {}  # block -> log-prob gained on each text's digit tokens (each question's answer)
