@@ -39,8 +39,8 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 from cp_onnx.analysis import head_pruning, prune
 from cp_onnx.calibration import load_calibration
 from cp_onnx.groundtruth import probes
-from cp_onnx.groundtruth.regimes import regime_rows
-from cp_onnx.groundtruth.scoring import ProbePlan
+from cp_onnx.groundtruth.sweep import regime_rows
+from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.groundtruth.sweep import ReuseEvaluator, read_sweep
 from cp_onnx.groundtruth.validate import best_block, split_rows
 from cp_onnx.models.generate import CachedDecoder, generation_runner

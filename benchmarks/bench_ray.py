@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from cp_onnx.executors import RayExecutor  # noqa: E402
 from cp_onnx.groundtruth import probes  # noqa: E402
 from cp_onnx.groundtruth import sweep as sweep_module  # noqa: E402
-from cp_onnx.groundtruth.scoring import ProbePlan  # noqa: E402
+from cp_onnx.models.scoring import ProbePlan  # noqa: E402
 from cp_onnx.models.model import open_model  # noqa: E402
 from cp_onnx.models.runner import default_threads  # noqa: E402
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = open_model(args.model, log=lambda _: None)
-    items = probes.probe_suite(0, per_kind=math.ceil(args.items / len(probes.PROBE_KINDS)))[: args.items]
+    items = probes.probe_suite(0, per_kind=math.ceil(args.items / len(probes.TASK_KINDS)))[: args.items]
     general = probes.general_texts()[:GENERAL_TEXTS]
     num_layers = model.num_layers
     blocks = sweep_module.block_configs(num_layers, (3, 4, 5))[1:]

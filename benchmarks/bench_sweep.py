@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cp_onnx.groundtruth import probes  # noqa: E402
-from cp_onnx.groundtruth.regimes import regime_rows  # noqa: E402
-from cp_onnx.groundtruth.sweep import block_configs, read_sweep, sweep  # noqa: E402
+
+from cp_onnx.groundtruth.sweep import block_configs, read_sweep, regime_rows, sweep  # noqa: E402
 from cp_onnx.models.model import open_model  # noqa: E402
 
 # Spread over the depth and sizes 3-5, rerunning on average about as many layers as the full sweep's blocks do.
@@ -40,7 +40,7 @@ MODES = ("prefix", "reuse", "naive")
 
 
 def suite(count: int) -> list[probes.ProbeItem]:
-    return probes.probe_suite(0, per_kind=math.ceil(count / len(probes.PROBE_KINDS)))[:count]
+    return probes.probe_suite(0, per_kind=math.ceil(count / len(probes.TASK_KINDS)))[:count]
 
 
 def run_mode(mode: str, count: int, threads: int | None, out: Path) -> dict:

@@ -37,10 +37,11 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 from eval_predictions import mean_rows, noise_level
 
 from cp_onnx.analysis.kinds import HELPS, HURTS
-from cp_onnx.analysis.predict import FEW_SHOT, MIN_TEXTS, REGIMES, ZERO_SHOT, numeric_tokens, predict
+from cp_onnx.analysis.predict import MEASURES, MIN_TEXTS, numeric_tokens, predict
+from cp_onnx.regimes import FEW_SHOT, ZERO_SHOT
 from cp_onnx.analysis.report import file_sha256, write_json
 from cp_onnx.calibration import load_calibration, load_kinds, load_questions
-from cp_onnx.groundtruth.regimes import regime_rows
+from cp_onnx.groundtruth.sweep import regime_rows
 from cp_onnx.groundtruth.sweep import read_sweep
 from cp_onnx.groundtruth.validate import validate
 from cp_onnx.models.model import open_model
@@ -158,7 +159,7 @@ def markdown(name: str, command: str, result: dict) -> str:
                      "digits they hold." if regime == FEW_SHOT else "")
     lines = [f"# Predictions per kind of task on {name} ({regime.replace('_', '-')}): own-kind calibration against a generic set", "",
              "Made by:", "", f"    {command}", "",
-             f"Prediction: method duplication_loss, metric {REGIMES[regime].metric}, regime {regime}. Ground truth: the sweeps' "
+             f"Prediction: method duplication_loss, metric {MEASURES[regime].metric}, regime {regime}. Ground truth: the sweeps' "
              f"answer log-probability on each kind's 48 probes ({regime.replace('_', '-')} regime, nats per item), per seed and on their "
              f"mean. Calibration: {generic}. Shortfall = best block's gain - the top-1's gain on the kind (0 = the top-1 is the best "
              f"block). Best rank = where the kind's best block sits in the ranking (unscored: screened out). Rank corr. = Spearman "

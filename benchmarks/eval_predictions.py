@@ -37,10 +37,10 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 
 from cp_onnx.analysis.predict import METHOD
 from cp_onnx.analysis.report import build_report, read_report
-from cp_onnx.analysis.scores import candidate_blocks
+from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.groundtruth import probes
-from cp_onnx.groundtruth.regimes import regime_rows
+from cp_onnx.groundtruth.sweep import regime_rows
 from cp_onnx.groundtruth.sweep import read_sweep, sweep
 from cp_onnx.groundtruth.validate import gain, split_rows, validate
 from cp_onnx.models.model import open_model

@@ -23,7 +23,7 @@ from bench_common import RESULTS, Stopwatch, say_load, write_results
 from cp_onnx.analysis import predict as predict_module
 from cp_onnx.analysis.predict import numeric_tokens  # the default's marker, kept while predict_module's is swapped
 from cp_onnx.calibration import load_calibration, load_kinds
-from cp_onnx.groundtruth.scoring import token_scores
+from cp_onnx.models.scoring import token_scores
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, pad_batch
 from eval_predictions import block_gains

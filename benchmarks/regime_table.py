@@ -14,7 +14,7 @@ import argparse
 from bench_common import ROOT  # noqa: F401  (puts the checkout on the path)
 from eval_predictions import mean_rows, noise_level
 
-from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
+from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
 from cp_onnx.groundtruth.sweep import read_sweep
 from cp_onnx.groundtruth.validate import gain, split_rows
 

@@ -15,7 +15,8 @@ import argparse
 
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
-from cp_onnx.analysis.predict import FEW_SHOT, ZERO_SHOT, predict
+from cp_onnx.analysis.predict import predict
+from cp_onnx.regimes import FEW_SHOT, ZERO_SHOT
 from cp_onnx.calibration import load_calibration, load_questions
 from cp_onnx.models.model import open_model
 

@@ -13,7 +13,9 @@ from cp_onnx.analysis import budget, predict, scores
 from cp_onnx.analysis.activations import ActivationReader
 from cp_onnx.analysis.stats import LayerStatistics
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.models.model import ModelFolder
+from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
 
 # The paper's two kinds of circuit and the method that predicts each.
 KINDS = {"stability": "stability", "magnitude": "anomaly"}
@@ -32,7 +34,7 @@ class Settings:
     batch_size: int = 8
     threads: int | None = None
     screen: bool = True  # the default method scores the middle size first, then its leaders' neighbours (predict.SCREEN_TOP)
-    regime: str = predict.FEW_SHOT  # the prompting the default prediction is for (predict.REGIMES)
+    regime: str = FEW_SHOT  # the prompting the default prediction is for (cp_onnx.regimes)
 
     def identity_settings(self) -> dict:
         """The settings that change the numbers (not batch size or threads: results do not depend on them)."""
@@ -77,8 +79,8 @@ def check_settings(settings: Settings) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CpOnnxError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
-    if settings.regime not in predict.REGIMES:
-        raise CpOnnxError(f"unknown prompting regime {settings.regime!r}; use {' or '.join(predict.REGIMES)}")
+    if settings.regime not in REGIMES:
+        raise CpOnnxError(f"unknown prompting regime {settings.regime!r}; use {' or '.join(REGIMES)}")
 
 
 def _encode(model: ModelFolder, texts: list[str], settings: Settings, log: Callable[[str], None]) -> list[list[int]]:
@@ -98,10 +100,10 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     check_settings(settings)
     texts = calibration.load_calibration(settings.calibration, n=settings.n, language=settings.language)
     token_lists = _encode(model, texts, settings, log)
-    zero_shot = settings.regime == predict.ZERO_SHOT and predict.METHOD in settings.methods
+    zero_shot = settings.regime == ZERO_SHOT and predict.METHOD in settings.methods
     questions = calibration.load_questions(settings.calibration, language=settings.language) if zero_shot else ()  # fails before any work
     reader = ActivationReader(model, threads=settings.threads)
-    scores.candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
+    candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
     budget.check_batches(budget.model_shape(model, reader.layer_map), token_lists, settings.batch_size, patterns=reader.with_patterns)
     timings["load_and_rewrite_s"] = time.perf_counter() - t0
 

@@ -36,7 +36,8 @@ from cp_onnx.analysis.report import build_report, file_sha256, read_report, writ
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.files import write_text
-from cp_onnx.groundtruth.regimes import SHORT, parse_regimes, regimes_of
+from cp_onnx.regimes import REGIMES, SHORT, parse_regimes
+from cp_onnx.groundtruth.sweep import regimes_of
 
 BATCH_FORMAT = "cp-onnx-batch"
 SETTING_TYPES = {"calibration": str, "n": int, "max_length": int, "language": str, "methods": list, "block_sizes": list,
@@ -326,7 +327,7 @@ def _settings_kwargs(table: dict, base: Path, where: str) -> dict:
         kwargs["calibration"] = str(_relative(base, kwargs["calibration"]))
     if "regime" in kwargs:
         kwargs["regime"] = SHORT.get(kwargs["regime"], kwargs["regime"])
-        if kwargs["regime"] not in analyze.predict.REGIMES:
+        if kwargs["regime"] not in REGIMES:
             raise CpOnnxError(f"{where}: regime {kwargs['regime']!r} unknown; use zero or few")
     return kwargs
 

@@ -25,6 +25,9 @@ SHIPPED_SETS: dict[str, tuple[str, ...]] = {
     "reasoning": ("en", "hi", "zh", "fr"),
     "general": ("en",),
 }
+# The kinds of reasoning task the shipped texts and the probe suite name (in this order), so the prediction can say
+# for which kinds a block helps.
+TASK_KINDS = ("arithmetic", "word_problem", "comparison", "ordering", "syllogism", "sequence", "multi_step")
 MIXED = "mixed"  # reasoning and general texts interleaved, reasoning first
 TEXT_LINE = '{"text": "..."}'
 QUESTION_LINE = '{"text": "What is 6 times 7?", "answer": "42"}'

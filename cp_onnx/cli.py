@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.regimes import SHORT, SPELLINGS
 
 EXIT_USAGE = 2
-REGIME_NAMES = {"zero": "zero_shot", "few": "few_shot"}  # groundtruth.regimes.SHORT, kept here so that --help imports little
 
 
 def log(message: str) -> None:
@@ -87,7 +87,7 @@ def cmd_analyze(args) -> int:
     settings = analyze.Settings(
         calibration=args.calibration, n=args.n, max_length=args.max_length, methods=methods,
         block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads, screen=args.screen,
-        regime=REGIME_NAMES.get(args.regime, args.regime),
+        regime=SHORT.get(args.regime, args.regime),
     )
     exact_heads = exact_heads_option(args.exact_heads, heads=args.heads, prune=args.prune)
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
@@ -190,7 +190,8 @@ def cmd_generate(args) -> int:
 
 def cmd_sweep(args) -> int:
     from cp_onnx.groundtruth import probes
-    from cp_onnx.groundtruth.regimes import parse_regimes, regime_rows, regimes_of
+    from cp_onnx.regimes import parse_regimes
+    from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
     from cp_onnx.groundtruth.sweep import sweep
     from cp_onnx.models.model import open_model
 
@@ -222,7 +223,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_validate(args) -> int:
     from cp_onnx.analysis import report
-    from cp_onnx.groundtruth.regimes import regime_rows
+    from cp_onnx.groundtruth.sweep import regime_rows
     from cp_onnx.groundtruth.sweep import operation_of, read_sweep
     from cp_onnx.groundtruth.validate import heatmap, validate_regimes
 
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-screen", dest="screen", action="store_false",
                    help="score every candidate block with the default method (by default the middle size is scored first, then "
                         "the neighbours of its 3 best: about half the work)")
-    p.add_argument("--regime", default="few", choices=[*REGIME_NAMES, *REGIME_NAMES.values()],
+    p.add_argument("--regime", default="few", choices=SPELLINGS,
                    help="the prompting the default prediction is for: few (default; the calibration texts as written, worked problems "
                         "in running prose) or zero (each calibration text that states an \"answer\" asked alone, 'Question: ...' then "
                         "'Answer:', and scored on that answer: 32 shipped English questions, or your .jsonl's). A block's gain "

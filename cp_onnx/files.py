@@ -3,11 +3,15 @@ so a reader (or a crash) never sees a half-written file."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
+
+import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 
@@ -57,3 +61,25 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(data, path: str | Path) -> Path:
     """JSON with one space of indent; NaN is refused (report.py turns non-finite numbers into null first)."""
     return write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def json_ready(value: Any) -> Any:
+    """Plain JSON values: numpy scalars to Python, NaN/Inf to None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -19,7 +19,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 import graph_passes
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.scoring import token_scores
+from cp_onnx.models.scoring import token_scores
 from cp_onnx.models.generate import CachedDecoder, FullDecoder, eos_token_ids, greedy, takes_cache, with_past_graph
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, open_graph, pad_batch

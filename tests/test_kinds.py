@@ -14,7 +14,7 @@ from cp_onnx.analysis.kinds import kind_gains
 from cp_onnx.analysis.predict import predict
 from cp_onnx.calibration import YOUR_TEXTS, load_calibration, load_kinds, read_labelled
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.probes import PROBE_KINDS
+from cp_onnx.calibration import TASK_KINDS
 from test_analyze_cli import TINY_ARGS, run, tiny_folder  # noqa: F401  (a module fixture)
 from test_predict import GENERAL, torch_token_logprob
 from test_sweep import tiny_llama  # noqa: F401  (a module fixture)
@@ -28,8 +28,8 @@ LABELLED = [("2 + 3 = 5, and 5 + 4 = 9.", "arithmetic"), ("7, 9, 11: the next is
 
 def test_every_shipped_english_text_names_a_probe_kind_with_enough_texts_holding_numbers():
     texts, kinds = load_calibration(n=None), load_kinds(n=None)
-    assert len(kinds) == len(texts) and set(kinds) == set(PROBE_KINDS)
-    for kind in PROBE_KINDS:
+    assert len(kinds) == len(texts) and set(kinds) == set(TASK_KINDS)
+    for kind in TASK_KINDS:
         with_numbers = [t for t, k in zip(texts, kinds) if k == kind and re.search(r"\d", t)]
         assert len(with_numbers) >= predict_module.MIN_TEXTS + 4, kind  # a kind alone can reach a decision
 

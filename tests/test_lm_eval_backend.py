@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from cp_onnx.cli import main  # noqa: E402
 from cp_onnx.errors import CpOnnxError  # noqa: E402
 from cp_onnx.groundtruth.probes import ProbeItem  # noqa: E402
-from cp_onnx.groundtruth.scoring import ProbePlan, token_scores  # noqa: E402
+from cp_onnx.models.scoring import ProbePlan, token_scores  # noqa: E402
 from cp_onnx.lm_eval_backend import CpOnnxLM, join_layer_path, quote_layer_paths  # noqa: E402
 from cp_onnx.models.model import open_model  # noqa: E402
 from cp_onnx.models.runner import Runner  # noqa: E402

@@ -201,7 +201,7 @@ def test_greedy_figures_count_what_the_model_itself_continues_with(tiny_llama, m
     answer token is a hit (zero-shot). A random tiny model's argmax is almost never the text's token, which would leave
     every figure 0; so a hit is redefined here as a log-probability above LEVEL, read from the ONNX scores by predict and,
     independently, from torch by this test."""
-    from cp_onnx.groundtruth.sweep import ReuseEvaluator
+    from cp_onnx.models.evaluators import ReuseEvaluator
 
     hf, model = tiny_llama
     level = -5.7  # near the median token's log-prob under this model (ln 256 = 5.55): some tokens and answers hit, some not

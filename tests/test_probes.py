@@ -10,7 +10,7 @@ import pytest
 
 from cp_onnx.calibration import SHIPPED_SETS, load_calibration
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.probes import PROBE_KINDS, ProbeItem, general_texts, load_suite, probe_suite, save_suite
+from cp_onnx.groundtruth.probes import TASK_KINDS, ProbeItem, general_texts, load_suite, probe_suite, save_suite
 
 CHOICE_KINDS = {"comparison", "ordering", "syllogism"}
 ITEM_LINE = '{"kind": "arithmetic", "prompt": "Question: What is 2 + 3?\\nAnswer:", "answer": " 5"}'
@@ -147,11 +147,11 @@ def test_solvers_on_hand_worked_questions():
 # --- the generated suite ---
 
 def test_kinds_counts_and_ids(suites):
-    assert PROBE_KINDS == ("arithmetic", "word_problem", "comparison", "ordering", "syllogism", "sequence", "multi_step")
+    assert TASK_KINDS == ("arithmetic", "word_problem", "comparison", "ordering", "syllogism", "sequence", "multi_step")
     for items in suites.values():
         assert len(items) == 336
-        assert [item.kind for item in items] == [kind for kind in PROBE_KINDS for _ in range(48)]
-        assert [item.id for item in items] == [f"{kind}-{i:03d}" for kind in PROBE_KINDS for i in range(48)]
+        assert [item.kind for item in items] == [kind for kind in TASK_KINDS for _ in range(48)]
+        assert [item.id for item in items] == [f"{kind}-{i:03d}" for kind in TASK_KINDS for i in range(48)]
         asked = [solved_and_asked(item.shots + item.prompt)[1] for item in items]
         assert len(set(asked)) == len(asked)
 
@@ -330,7 +330,7 @@ def test_calibration_texts_share_no_question_with_probes(suites):
 
 def test_items_of_a_kind_share_their_solved_examples(suites):
     for items in suites.values():
-        for kind in PROBE_KINDS:
+        for kind in TASK_KINDS:
             shown = {tuple(solved_and_asked(item.shots + item.prompt)[0]) for item in items if item.kind == kind}
             assert len(shown) == 1, kind  # one few-shot prefix per kind: a KV cache runs it once
             (demos,) = shown

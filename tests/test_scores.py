@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx.analysis.scores import METHODS, candidate_blocks, layer_contrast, rank_blocks
+from cp_onnx.analysis.scores import METHODS, layer_contrast, rank_blocks
+from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.errors import CpOnnxError
 
 # The reference implementation's own outputs on SmolLM2 (copied from shared/fixtures).

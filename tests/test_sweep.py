@@ -11,8 +11,9 @@ import pytest
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.groundtruth import sweep as sweep_module
+from cp_onnx.models import evaluators
 from cp_onnx.groundtruth.probes import ProbeItem
-from cp_onnx.groundtruth.scoring import ProbePlan
+from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.groundtruth.sweep import read_sweep, sweep
 from cp_onnx.models.model import open_model
 
@@ -180,13 +181,13 @@ def test_layer_outputs_kept_in_files_past_the_budget_give_the_same_rows(tiny_lla
     kwargs = dict(general=GENERAL, batch_size=3, log=lambda _: None)
     in_memory = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "memory.jsonl", **kwargs)
     created = []
-    monkeypatch.setattr(sweep_module.KeptOutputs, "BUDGET", 1)  # the first batch already passes it
+    monkeypatch.setattr(evaluators.KeptOutputs, "BUDGET", 1)  # the first batch already passes it
     def folder(**kwargs):
         made = TemporaryDirectory(**kwargs)
         created.append(made.name)
         return made
 
-    monkeypatch.setattr(sweep_module.tempfile, "TemporaryDirectory", folder)
+    monkeypatch.setattr(evaluators.tempfile, "TemporaryDirectory", folder)
     in_files = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "files.jsonl", **kwargs)
     assert len(created) == 1 and not Path(created[0]).exists()  # used, then removed with the sweep's evaluator
     for kept, spilled in zip(in_memory, in_files):
@@ -367,7 +368,7 @@ def test_regimes_option_and_resume_of_a_two_regime_sweep(tiny_llama_cached, tmp_
 
 
 def test_version_1_files_are_read_as_few_shot_and_not_resumed(tiny_llama, tmp_path):
-    from cp_onnx.groundtruth.regimes import parse_regimes
+    from cp_onnx.regimes import parse_regimes
 
     out = tmp_path / "old.jsonl"
     metrics = {"answer_logprob": -2.0, "greedy_accuracy": 0.5, "choice_accuracy": None, "items": 2, "general_nll": 3.0, "by_kind": {}}

@@ -19,7 +19,7 @@ from cp_onnx.analysis import heads as head_influence
 from cp_onnx.analysis import jacobian, mahalanobis
 from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
 from cp_onnx.analysis.report import json_ready
-from cp_onnx.analysis.scores import candidate_blocks
+from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.calibration import load_calibration
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json, write_text

@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.analysis.perturbation import Probe, ProbeResult, Row, TextBase
-from cp_onnx.analysis.scores import EPS, Block, block_z, candidate_blocks
+from cp_onnx.analysis.scores import EPS, Block, block_z
+from cp_onnx.models.evaluators import candidate_blocks
 
 METHOD = "jacobian"
 # Central differences in float32: the truncation error is ~ h^2 |f'''| / 6, with f''' ~ |f| / s^3 for

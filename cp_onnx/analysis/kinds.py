@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.analysis import bootstrap
-from cp_onnx.groundtruth.probes import PROBE_KINDS
+from cp_onnx.calibration import TASK_KINDS
 
 HELPS, HURTS, UNCLEAR = "helps", "hurts", "unclear"
 
@@ -43,7 +43,7 @@ class KindGain:
 def kind_order(kinds: Sequence[str]) -> list[str]:
     """The distinct kinds, the probe suite's in its order first, then the others as they first appear."""
     present = dict.fromkeys(kinds)
-    return [k for k in PROBE_KINDS if k in present] + [k for k in present if k not in PROBE_KINDS]
+    return [k for k in TASK_KINDS if k in present] + [k for k in present if k not in TASK_KINDS]
 
 
 def kind_gains(gains: np.ndarray, tokens: np.ndarray, kinds: Sequence[str], *, confidence: float, min_texts: int) -> list[dict[str, KindGain]]:

@@ -24,7 +24,8 @@ from scipy.linalg import solve_triangular
 
 from cp_onnx.analysis.heads import ALPHA
 from cp_onnx.analysis.perturbation import Probe, ProbeResult, Row, TextBase
-from cp_onnx.analysis.scores import EPS, Block, block_z, candidate_blocks
+from cp_onnx.analysis.scores import EPS, Block, block_z
+from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.errors import CpOnnxError
 
 METHOD = "mahalanobis"

@@ -17,7 +17,7 @@ dozens of noisy gains, and a bound made for one block alone would let that choic
 The gain is also reported per kind of calibration text (cp_onnx/analysis/kinds.py): where the chosen
 block helps, where it hurts, and for a user's own unlabelled texts, on "your texts".
 All of this is the few-shot regime (the texts as written). The zero-shot regime scores instead the
-answers the calibration texts state, each question asked alone (REGIMES): a block's gain depends on
+answers the calibration texts state, each question asked alone (MEASURES): a block's gain depends on
 how the model is prompted, so the prediction names the regime it was made for.
 """
 from __future__ import annotations
@@ -30,14 +30,15 @@ import numpy as np
 from cp_onnx.analysis import bootstrap
 from cp_onnx.analysis.bootstrap import RESAMPLES
 from cp_onnx.analysis.kinds import KindGain, kind_gains
-from cp_onnx.analysis.scores import Block, candidate_blocks
+from cp_onnx.analysis.scores import Block
 from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.probes import PROMPT, ProbeItem
-from cp_onnx.groundtruth.scoring import ProbePlan, TokenBatch
-from cp_onnx.groundtruth.sweep import BASELINE, Batches, ReuseEvaluator
+from cp_onnx.models.scoring import PROMPT, ProbeItem
+from cp_onnx.models.scoring import ProbePlan, TokenBatch
+from cp_onnx.models.evaluators import BASELINE, Batches, ReuseEvaluator, candidate_blocks
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import pad_batch
+from cp_onnx.regimes import FEW_SHOT, ZERO_SHOT
 
 METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided, simultaneous: every scored block's bound holds at once in 95% of resamples
@@ -49,8 +50,8 @@ KIND_BOUNDS = ("two-sided, holding for every scored block and every kind at once
 
 
 @dataclass(frozen=True)
-class Regime:
-    """How a prompting regime is measured on calibration texts, and what its figures mean to a reader."""
+class Measure:
+    """How the prediction measures a prompting regime on calibration texts, and what its figures mean to a reader."""
 
     prompting: str
     metric: str
@@ -63,11 +64,10 @@ class Regime:
 # with worked reasoning before them, as after solved examples. Its ranking follows the few-shot ground truth.
 # zero_shot: the texts that state an "answer", each asked alone as "Question: ...\nAnswer:" and scored on the
 # answer (on SmolLM2 the 83 shipped questions rank the zero-shot sweep's top 3 first: results/sweep_regimes.md).
-FEW_SHOT, ZERO_SHOT = "few_shot", "zero_shot"
-REGIMES = {
-    FEW_SHOT: Regime("few-shot (calibration texts as written: worked problems in running prose)",
+MEASURES = {
+    FEW_SHOT: Measure("few-shot (calibration texts as written: worked problems in running prose)",
                      "answer log-probability (digit tokens)", "digit token"),
-    ZERO_SHOT: Regime("zero-shot (each calibration question asked alone: 'Question: ...' then 'Answer:')",
+    ZERO_SHOT: Measure("zero-shot (each calibration question asked alone: 'Question: ...' then 'Answer:')",
                       "answer log-probability (the stated answer)", "question"),
 }
 
@@ -116,10 +116,10 @@ class Prediction:
             "blocks_scored": len(self.blocks),
             "candidate_blocks": self.candidate_blocks,
             "regime": self.regime,
-            "prompting": REGIMES[self.regime].prompting,
-            "metric": REGIMES[self.regime].metric,
-            "gain_per": REGIMES[self.regime].per,
-            "units": f"nats per {REGIMES[self.regime].per} of the reasoning calibration texts; positive = the duplicated model predicts them better",
+            "prompting": MEASURES[self.regime].prompting,
+            "metric": MEASURES[self.regime].metric,
+            "gain_per": MEASURES[self.regime].per,
+            "units": f"nats per {MEASURES[self.regime].per} of the reasoning calibration texts; positive = the duplicated model predicts them better",
             "kinds": {"confidence": CONFIDENCE, "bounds": KIND_BOUNDS, "min_texts": MIN_TEXTS,
                       "blocks": [{"start": b.start, "end": b.end, "by_kind": {kind: g.as_dict() for kind, g in self.by_kind[b.start, b.end].items()}}
                                  for b in shown if (b.start, b.end) in self.by_kind]},
@@ -157,7 +157,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     elif regime == FEW_SHOT:
         ranking, counts = _digit_units(model, reasoning, encode, max_length)
     else:
-        raise CpOnnxError(f"unknown prompting regime {regime!r}; use {' or '.join(REGIMES)}")
+        raise CpOnnxError(f"unknown prompting regime {regime!r}; use {' or '.join(MEASURES)}")
     evaluator = ReuseEvaluator(model.onnx_path, Batches([*ranking, *cost_plan.batches]), threads)
     ranked_part, cost_part = range(len(ranking)), range(len(ranking), len(ranking) + len(cost_plan.batches))
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))

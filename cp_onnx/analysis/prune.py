@@ -38,8 +38,8 @@ import numpy as np
 
 from cp_onnx.analysis.scores import Block
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.scoring import ProbePlan
-from cp_onnx.groundtruth.sweep import Batches, ReuseEvaluator
+from cp_onnx.models.scoring import ProbePlan
+from cp_onnx.models.evaluators import Batches, ReuseEvaluator
 from cp_onnx.models.model import ModelFolder
 
 DEFAULT = "removal_loss"

@@ -5,19 +5,16 @@ inputs give the same report. Non-finite numbers are written as null (JSON has no
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import platform
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cp_onnx import __version__, inputs, shapes
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.files import write_json  # noqa: F401  (re-exported: report.write_json)
+from cp_onnx.files import file_sha256, json_ready, write_json  # noqa: F401  (report.write_json)
 from cp_onnx.analysis.stats import STAT_NAMES
 
 REPORT_FORMAT = "cp-onnx-report"
@@ -27,28 +24,6 @@ REPORT_VERSION = 1
 def schema() -> dict:
     """The JSON Schema shipped with the package (cp_onnx/data/report.schema.json)."""
     return json.loads(resources.files("cp_onnx").joinpath("data/report.schema.json").read_text())
-
-
-def json_ready(value: Any) -> Any:
-    """Plain JSON values: numpy scalars to Python, NaN/Inf to None, recursively."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

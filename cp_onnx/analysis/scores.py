@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.models.evaluators import candidate_blocks
 
 METHODS = ("stability", "anomaly", "composite", "boundary", "contrastive")
 EPS = 1e-10  # added to every standard deviation, and the floor of ratio denominators
@@ -49,18 +50,6 @@ class Block:
     def as_dict(self) -> dict:
         """Plain JSON-ready form: start, end, score, metrics."""
         return {"start": self.start, "end": self.end, "score": self.score, "metrics": dict(self.metrics)}
-
-
-def candidate_blocks(num_layers: int, block_sizes: Sequence[int] = (3, 4, 5)) -> list[tuple[int, int]]:
-    """Every [start, start + k) that fits, for each k in block_sizes in order, start ascending."""
-    sizes = tuple(block_sizes)
-    if not sizes or any(not isinstance(k, (int, np.integer)) or k < 1 for k in sizes):
-        raise CpOnnxError(f"block sizes must be positive integers, got {sizes}; pass e.g. --block-sizes 3,4,5")
-    if num_layers < min(sizes):
-        raise CpOnnxError(
-            f"the model has {num_layers} layers, fewer than the smallest block size {min(sizes)}; pass smaller --block-sizes"
-        )
-    return [(start, start + k) for k in sizes for start in range(num_layers - k + 1)]
 
 
 def rank_blocks(

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cp_onnx.calibration import DATA_DIR, iter_jsonl, read_texts
+from cp_onnx.calibration import DATA_DIR, TASK_KINDS, iter_jsonl, read_texts
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_text
+from cp_onnx.models.scoring import PROMPT, ProbeItem
 
-PROBE_KINDS = ("arithmetic", "word_problem", "comparison", "ordering", "syllogism", "sequence", "multi_step")
-PROMPT = "Question: {question}\nAnswer:"
 ITEM_LINE = '{"kind": "arithmetic", "prompt": "Question: What is 2 + 3?\\nAnswer:", "answer": " 5"}'
 KIND_SHOTS_LINE = '{"kind": "arithmetic", "shots": "Question: What is 1 + 1?\\nAnswer: 2\\n\\n"}'
 
@@ -38,21 +37,6 @@ CHAINS = (("sparrow", "bird", "animal"), ("rose", "flower", "plant"), ("oak", "t
           ("apple", "fruit", "food"), ("violin", "instrument", "object"))
 # Made-up categories, so that premises like "No wugs are zorbs" cannot clash with what a model knows.
 NONSENSE = ("wug", "blicket", "zorb", "glim", "tiv", "norp", "fep", "plonk")
-
-
-@dataclass(frozen=True)
-class ProbeItem:
-    """One teacher-forced item: ``shots + prompt + answer`` is the full text; ``options`` (if any) include ``answer``.
-
-    ``shots`` are solved examples shown before the question (few-shot regime); the same item without
-    them is its zero-shot form. An item without shots exists in the zero-shot regime only.
-    """
-    id: str
-    kind: str
-    prompt: str
-    answer: str
-    options: tuple[str, ...] = ()
-    shots: str = ""
 
 
 Generated = tuple[str, str, tuple[str, ...]]  # question, bare answer, bare options
@@ -196,7 +180,7 @@ GENERATORS: dict[str, Callable[[random.Random], Generated]] = {
 
 
 def probe_suite(seed: int = 0, per_kind: int = 48, *, shots: int = 2) -> list[ProbeItem]:
-    """``per_kind`` distinct items of every kind in PROBE_KINDS, the same for the same seed.
+    """``per_kind`` distinct items of every kind in TASK_KINDS, the same for the same seed.
 
     Each item's ``shots`` are ``shots`` solved questions of the same kind (small models answer in the
     expected form only after seeing it), the same ones for every item of the kind, so an evaluator
@@ -206,7 +190,7 @@ def probe_suite(seed: int = 0, per_kind: int = 48, *, shots: int = 2) -> list[Pr
     for name, value, least in (("per_kind", per_kind, 1), ("shots", shots, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise CpOnnxError(f"{name} must be a whole number >= {least}; got {value!r}")
-    return [item for kind in PROBE_KINDS for item in _generate(kind, seed, per_kind, shots)]
+    return [item for kind in TASK_KINDS for item in _generate(kind, seed, per_kind, shots)]
 
 
 def _generate(kind: str, seed: int, count: int, shots: int) -> list[ProbeItem]:

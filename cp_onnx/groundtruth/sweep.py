@@ -1,15 +1,10 @@
 """Brute-force ground truth: every duplicated (or removed) block [start, end) scored on a probe suite, one JSONL line each.
 
-Block [i, j) duplicated runs layers 0..j-1, then i..j-1 again, then j..L-1, so everything up to layer
-j-1's output is the base model's; removed (operation "skip"), it runs 0..i-1, then j..L-1. Any layer
-path is the base model's up to the first layer where it departs from 0..L-1. The reuse mode runs the
-base model once, layer by layer (segment pass), keeps every layer's output, and for each path runs
-only what follows that point (for a duplicated block, i..L-1 from the kept output of layer j-1),
-then the head at the scored positions. The naive mode builds each routed model (route pass) and runs
-it from scratch; it exists to check and time the reuse mode.
+The evaluation engine (cp_onnx.models.evaluators) runs each config: the reuse mode from the layer where
+its path departs from the base model's, the naive mode from scratch (to check and time the reuse mode).
 
 The output is resumable: a header line names the model, suite and regimes, then one line per config,
-appended and fsynced as each finishes. Each row holds its metrics per prompting regime (cp_onnx.groundtruth.regimes):
+appended and fsynced as each finishes. Each row holds its metrics per prompting regime (cp_onnx.regimes):
 ``"regimes": {"zero_shot": {...}, "few_shot": {...}}``. Files of version 1 (written before regimes) are
 read as few-shot only, and are not resumed.
 """
@@ -17,34 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
-import onnx
-
-import graph_passes
 from cp_onnx import inputs, shapes
-from cp_onnx.analysis.report import json_ready, file_sha256
-from cp_onnx.analysis.scores import candidate_blocks
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, make_executor
-from cp_onnx.files import write_text
+from cp_onnx.files import file_sha256, json_ready, write_text
 from cp_onnx.groundtruth import probes
-from cp_onnx.groundtruth.regimes import REGIMES, RegimePlan
-from cp_onnx.groundtruth.scoring import ProbePlan, TokenBatch, score_model, token_scores
+from cp_onnx.groundtruth.regime_plan import RegimePlan
+from cp_onnx.models.evaluators import BASELINE, EVALUATORS, OPERATIONS, Config, candidate_blocks, layer_path
 from cp_onnx.models.model import ModelFolder
-from cp_onnx.models.runner import Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
-from graph_passes.layer_path import duplicate, format_path, skip
-from graph_passes.route import route
-from graph_passes.segment import POSITIONS, segment
+from cp_onnx.models.runner import default_threads
+from cp_onnx.models.scoring import ProbePlan
+from cp_onnx.regimes import FEW_SHOT, REGIMES
+from graph_passes.layer_path import format_path
 
-Config = tuple[int | None, int | None]  # (start, end) of the duplicated or removed block, end exclusive; (None, None) = baseline
-BASELINE: Config = (None, None)
-OPERATIONS = {"duplicate": duplicate, "skip": skip}  # what a config does to its block; sweeps of each are kept apart
 SWEEP_FORMAT = "cp-onnx-sweep"
 SWEEP_VERSION = 2  # 2: metrics per regime; 1: few-shot metrics at the top level of each row
 MODES = ("reuse", "naive")
@@ -60,191 +44,12 @@ _BLOCK = {"start": {"type": ["integer", "null"], "minimum": 0}, "end": {"type": 
 ROW_SCHEMA = {"type": "object", "required": ["start", "end", "regimes"], "properties": {**_BLOCK, "regimes": {
     "type": "object", "properties": {r: _METRICS_SCHEMA for r in REGIMES}, "additionalProperties": False}}}
 ROW_SCHEMA_V1 = {**_METRICS_SCHEMA, "required": ["start", "end", "answer_logprob"], "properties": {**_METRICS_SCHEMA["properties"], **_BLOCK}}
-HEAD_BYTES = 64 * 2**20  # float32 logits per head run; scoring holds a few float64 copies (Gemma 3's 262k vocabulary: 64 rows)
 
 
 def block_configs(num_layers: int, sizes: Sequence[int] = (3, 4, 5), *, all_blocks: bool = False) -> list[Config]:
     """The baseline, then every block of the given sizes (or every block with ``all_blocks``), size by size, start ascending."""
     sizes = range(1, num_layers + 1) if all_blocks else sizes
     return [BASELINE, *candidate_blocks(num_layers, tuple(sizes))]
-
-
-def layer_path(config: Config, num_layers: int, operation: str = "duplicate") -> list[int]:
-    """The layers a config runs, in order: its block duplicated, or removed (``operation="skip"``)."""
-    start, end = config
-    return list(range(num_layers)) if start is None else OPERATIONS[operation](start, end, num_layers)
-
-
-def departure(path: Sequence[int], base: Sequence[int]) -> int:
-    """How many leading layers ``path`` shares with the ``base`` path: up to there, its outputs are the base's."""
-    return next((k for k, (layer, kept) in enumerate(zip(path, base)) if layer != kept), min(len(path), len(base)))
-
-
-@dataclass(frozen=True)
-class Batches:
-    """What ReuseEvaluator reads of a plan: its batches (for token batches built without a ProbePlan)."""
-
-    batches: list[TokenBatch]
-
-
-class ReuseEvaluator:
-    """The base model run once layer by layer, its layer outputs kept; a block then reruns only what differs.
-
-    Keeps every layer's output for every batch: layers x padded tokens x hidden float32 (SmolLM2,
-    10k tokens: 30 x 10k x 576 x 4 B = 0.7 GB; a 3B model: 3.4 GB), in files beyond KeptOutputs.BUDGET. On a graph with a KV cache, a batch's shared prefix
-    (the few-shot examples of a kind) runs once per config as one row, and its keys and values are
-    fed to every row of the batch, so the examples are not recomputed for each item.
-    """
-
-    def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
-        proto, weights = open_graph(onnx_path)
-        parts = segment(proto, graph_passes.discover(proto))
-        del proto
-        if not parts.past and any(batch.prefix for batch in plan.batches):
-            raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")
-        self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
-        self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
-        models = [parts.preamble, *parts.layers, parts.head]
-        del parts
-        # Every segment reads the one mapping of the weights; the head (last) keeps an arena (its calls are HEAD_BYTES of logits).
-        self.preamble, *self.layers, self.head = [segment_session(m, weights, threads, arena=k == len(models) - 1) for k, m in enumerate(models)]
-        vocab = self.head.get_outputs()[0].shape[-1]
-        self.head_rows = max(1, HEAD_BYTES // (4 * vocab)) if isinstance(vocab, int) and vocab > 0 else 256
-        self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
-        for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
-            ids = np.asarray([prefix], dtype=np.int64)
-            context = self._context(ids, np.ones_like(ids), None)
-            self.prefixes[prefix] = (context, self._run(range(self.num_layers), context[self.embed], context, None))
-        self.base_path = list(range(self.num_layers))  # the path whose outputs are kept (see rebase)
-        self.contexts, self.outputs = [], KeptOutputs()  # per batch: context tensors; every layer's output
-        for batch in plan.batches:
-            past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
-            context = self._context(batch.input_ids, batch.attention_mask, past)
-            self.contexts.append(context)
-            self.outputs.append([stream for stream, _ in self._run(range(self.num_layers), context[self.embed], context, past)])
-
-    def _context(self, ids: np.ndarray, mask: np.ndarray, past: list | None) -> dict[str, np.ndarray]:
-        """Graph inputs and preamble outputs for rows ``ids`` that continue a prefix whose cache is ``past`` (None: no prefix)."""
-        shared = past[0][0].shape[2] if past else 0
-        full = np.concatenate([np.ones((len(ids), shared), dtype=np.int64), mask], axis=1)
-        feeds = {"input_ids": ids, "attention_mask": full, "position_ids": position_ids_for(full)[:, shared:],
-                 **self._past_feeds(0, past[0] if past else None, len(ids))}
-        wanted = {i.name: feeds[i.name] if i.name in feeds else np.zeros_like(ids) for i in self.preamble.get_inputs()}  # token_type_ids: zeros
-        names = [o.name for o in self.preamble.get_outputs()]
-        return {**feeds, **dict(zip(names, self.preamble.run(names, wanted)))}
-
-    def _past_feeds(self, layer: int, kv: tuple | None, rows: int) -> dict[str, np.ndarray]:
-        """Layer ``layer``'s cache inputs: the prefix's keys and values repeated for every row, or empty (no prefix)."""
-        if not self.past:
-            return {}
-        if kv is None:
-            return cache_feeds(self.layers[layer].get_inputs(), rows)
-        return {name: np.repeat(value, rows, axis=0) for name, value in zip(self.past[layer], kv)}
-
-    def _run(self, layers: Iterable[int], stream: np.ndarray, context: dict, past: list | None) -> list[tuple[np.ndarray, tuple]]:
-        """Run ``layers`` in order from ``stream``; per layer run, its output and its keys and values.
-
-        ``past[k]`` is the prefix's cache for the k-th layer run (None: no prefix)."""
-        results = []
-        for k, layer in enumerate(layers):
-            self.layer_tokens += stream.shape[0] * stream.shape[1]
-            feeds = {**context, **self._past_feeds(layer, past[k] if past else None, len(stream)), self.resid_in[layer]: stream}
-            session = self.layers[layer]
-            stream, *kv = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
-            results.append((stream, tuple(kv)))
-        return results
-
-    def _head(self, stream: np.ndarray, context: dict, batch: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
-        resid_in = self.resid_in[-1]
-        feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in self.head.get_inputs() if i.name != POSITIONS}
-        scores = []
-        for k in range(0, len(batch.positions), self.head_rows):
-            logits = self.head.run(None, {**feeds, POSITIONS: batch.positions[k : k + self.head_rows]})[0]
-            scores.append(token_scores(logits, batch.targets[k : k + self.head_rows]))
-        return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
-
-    def token_scores(self, config: Config, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets with block ``config`` duplicated."""
-        return self.path_scores(layer_path(config, self.num_layers), batches)
-
-    def path_scores(self, path: Sequence[int], batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per batch, ``scoring.token_scores`` of its targets when the layers run along ``path``."""
-        resume_at = departure(path, self.base_path)  # the base's output at position resume_at - 1 (or the embedding) is reused
-        remaining = list(path[resume_at:])
-        prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0] if resume_at else context[self.embed], context, None)]
-                         for prefix, (context, base) in self.prefixes.items()}
-        results = []
-        for b in range(len(self.plan.batches)) if batches is None else batches:
-            batch = self.plan.batches[b]
-            stream = self.outputs.get(b, resume_at - 1) if resume_at else self.contexts[b][self.embed]
-            runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
-            results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))
-        return results
-
-    def evaluate(self, path: Sequence[int]) -> dict:
-        return self.plan.metrics(self.path_scores(path))
-
-    def rebase(self, path: Sequence[int]) -> None:
-        """Keep the outputs of ``path`` instead of the base model's: paths that share more of it then resume later
-        (a greedy search that removes one more layer each step departs from the last step's path, not the model's)."""
-        if self.prefixes:
-            raise CpOnnxError("rebase needs a plan without shared prefixes (their caches follow the base model)")
-        kept = KeptOutputs()
-        for b in range(len(self.plan.batches)):
-            kept.append([stream for stream, _ in self._run(path, self.contexts[b][self.embed], self.contexts[b], None)])
-        self.base_path, self.outputs = list(path), kept
-
-
-class KeptOutputs:
-    """The base model's layer outputs per batch: in memory up to BUDGET bytes, beyond that in files.
-
-    The files live in a temporary folder and are read back whole when a config needs them (one layer
-    per batch): the kernel's page cache holds them, outside the process's resident memory, so a sweep
-    of a 3B model keeps its 3 GB of layer outputs without needing them resident."""
-
-    BUDGET = 512 * 2**20
-
-    def __init__(self):
-        self._memory: list[list[np.ndarray]] = []
-        self._folder: tempfile.TemporaryDirectory | None = None
-        self._bytes = self._written = 0
-
-    def append(self, outputs: list[np.ndarray]) -> None:
-        """Keep one more batch's layer outputs; once the total passes BUDGET, everything goes to files."""
-        self._bytes += sum(o.nbytes for o in outputs)
-        self._memory.append(outputs)
-        if self._folder is None and self._bytes > self.BUDGET:
-            self._folder = tempfile.TemporaryDirectory(prefix="cp-onnx-layers-")
-        if self._folder is not None:
-            for b in range(self._written, len(self._memory)):
-                for layer, output in enumerate(self._memory[b]):
-                    np.save(self._path(b, layer), output, allow_pickle=False)
-                self._memory[b] = []
-            self._written = len(self._memory)
-
-    def get(self, batch: int, layer: int) -> np.ndarray:
-        if self._folder is None:
-            return self._memory[batch][layer]
-        return np.load(self._path(batch, layer), allow_pickle=False)
-
-    def _path(self, batch: int, layer: int) -> str:
-        return os.path.join(self._folder.name, f"b{batch}_l{layer}.npy")
-
-
-class NaiveEvaluator:
-    """Each config's routed model built and run from scratch (the slow, independent way)."""
-
-    def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
-        self.proto, self.weights = open_graph(onnx_path)
-        self.layer_map = graph_passes.discover(self.proto)
-        self.num_layers, self.plan, self.threads = self.layer_map.num_layers, plan, threads
-
-    def evaluate(self, path: Sequence[int]) -> dict:
-        routed = route(self.proto, self.layer_map, path)
-        return score_model(Runner(routed, threads=self.threads, weights=self.weights), self.plan, logits=self.layer_map.logits)
-
-
-EVALUATORS = {"reuse": ReuseEvaluator, "naive": NaiveEvaluator}
 
 
 def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Sequence[probes.ProbeItem] | None = None, *,
@@ -257,7 +62,7 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
 
     ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
     always added. Each block is duplicated, or with ``operation="skip"`` removed. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
-    ``regimes`` (cp_onnx.groundtruth.regimes.REGIMES) are scored for every config; items without shots are zero-shot only.
+    ``regimes`` (cp_onnx.regimes.REGIMES) are scored for every config; items without shots are zero-shot only.
     ``workers`` processes share the configs and ``threads`` (default: every core), or an ``executor``
     (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on none of these. Returns the rows of all requested configs, in config order.
     """
@@ -403,7 +208,7 @@ def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
             raise CpOnnxError(f"line {number} of {path} names block [{row['start']}, {row['end']}), which is not a block; "
                               "delete the file to start the sweep over")
     if header["version"] == 1:
-        header, rows = {**header, "regimes": ["few_shot"]}, [_few_shot_row(row) for row in rows]
+        header, rows = {**header, "regimes": [FEW_SHOT]}, [_few_shot_row(row) for row in rows]
     return header, rows, (len(data) - len(tail)) if tail else None
 
 
@@ -412,7 +217,7 @@ _V1_METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy", "items", 
 
 def _few_shot_row(row: dict) -> dict:
     """A version 1 row (the shipped 2-shot suite's metrics at its top level) in version 2's shape."""
-    return {**{k: v for k, v in row.items() if k not in _V1_METRICS}, "regimes": {"few_shot": {k: row[k] for k in _V1_METRICS if k in row}}}
+    return {**{k: v for k, v in row.items() if k not in _V1_METRICS}, "regimes": {FEW_SHOT: {k: row[k] for k in _V1_METRICS if k in row}}}
 
 
 def _parse(line: bytes, path: Path, number: int) -> dict:
@@ -439,3 +244,18 @@ def append_row(path: Path, row: dict) -> None:
     except OSError as err:  # the line may be cut: the next run drops a partial last line and redoes that config
         raise CpOnnxError(f"cannot append to the sweep {path} ({err.strerror or err}); free space on that disk and run the sweep again "
                           "to resume") from None
+
+
+def regime_rows(rows: Iterable[dict], regime: str) -> list[dict]:
+    """Sweep rows flattened to one regime (block fields and that regime's metrics), for validation and plots."""
+    flat = []
+    for row in rows:
+        if regime in row.get("regimes", {}):
+            flat.append({**{k: v for k, v in row.items() if k != "regimes"}, **row["regimes"][regime]})
+    return flat
+
+
+def regimes_of(rows: Iterable[dict]) -> list[str]:
+    """The regimes some row holds, in REGIMES order."""
+    held = {r for row in rows for r in row.get("regimes", {})}
+    return [r for r in REGIMES if r in held]

@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
-from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
-from cp_onnx.groundtruth.scoring import METRICS
+from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
+from cp_onnx.models.scoring import METRICS
 
 TOLERANCE = 2  # "within 2 layers": start and end each off by at most this much
 

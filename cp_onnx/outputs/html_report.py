@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from cp_onnx.files import write_text
-from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
+from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
 from cp_onnx.outputs import plots, pruning_report
 from cp_onnx.outputs.decision import decision_line, gain_per, greedy_line, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
 from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.regimes import regime_rows, regimes_of
+from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
 from cp_onnx.groundtruth.validate import save_png
 
 PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"

@@ -14,25 +14,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
 from cp_onnx.groundtruth.probes import ProbeItem
-from cp_onnx.groundtruth.scoring import Encode, ProbePlan
-
-REGIMES = ("zero_shot", "few_shot")  # the order rows and tables list them in
-SHORT = {"zero": "zero_shot", "few": "few_shot"}  # as --regimes spells them
-
-
-def parse_regimes(text: str) -> tuple[str, ...]:
-    """``"zero,few"`` (or the full names) to regimes in REGIMES order; CpOnnxError for anything else."""
-    names = [SHORT.get(part.strip(), part.strip()) for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in REGIMES]
-    if unknown or not names:
-        raise CpOnnxError(f"unknown regimes {text!r}; give zero, few or zero,few")
-    return tuple(r for r in REGIMES if r in names)
-
+from cp_onnx.models.scoring import Encode, ProbePlan
 
 def asked(items: Iterable[ProbeItem], regime: str) -> list[ProbeItem]:
     """The items as asked in ``regime``: zero-shot without their shots; few-shot only those that have shots."""
-    if regime == "zero_shot":
+    if regime == ZERO_SHOT:
         return [replace(item, shots="") for item in items]
     return [item for item in items if item.shots]
 
@@ -47,11 +35,11 @@ class RegimePlan:
     def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, regimes: Sequence[str] = REGIMES,
                  batch_size: int = 16, max_length: int = 256, share_prefixes: bool = False):
         regimes = [r for r in REGIMES if r in regimes]
-        if "few_shot" in regimes and not any(item.shots for item in items):
-            if regimes == ["few_shot"]:
+        if FEW_SHOT in regimes and not any(item.shots for item in items):
+            if regimes == [FEW_SHOT]:
                 raise CpOnnxError("no probe item has shots, so there is no few-shot regime; give items \"shots\" or choose --regimes zero")
-            regimes.remove("few_shot")  # a suite without shots is zero-shot only
-        self.plans = {r: ProbePlan(asked(items, r), encode, batch_size=batch_size, share_prefixes=share_prefixes and r == "few_shot")
+            regimes.remove(FEW_SHOT)  # a suite without shots is zero-shot only
+        self.plans = {r: ProbePlan(asked(items, r), encode, batch_size=batch_size, share_prefixes=share_prefixes and r == FEW_SHOT)
                       for r in regimes}
         self.general = ProbePlan([], encode, general, batch_size=batch_size, max_length=max_length)
         parts = [*self.plans.values(), self.general]
@@ -83,18 +71,3 @@ class RegimePlan:
         parts = [results[begin:end] for begin, end in zip([0, *self._ends], self._ends)]
         general_nll = self.general.metrics(parts[-1])["general_nll"]
         return {"regimes": {r: {**plan.metrics(part), "general_nll": general_nll} for (r, plan), part in zip(self.plans.items(), parts)}}
-
-
-def regime_rows(rows: Iterable[dict], regime: str) -> list[dict]:
-    """Sweep rows flattened to one regime (block fields and that regime's metrics), for validation and plots."""
-    flat = []
-    for row in rows:
-        if regime in row.get("regimes", {}):
-            flat.append({**{k: v for k, v in row.items() if k != "regimes"}, **row["regimes"][regime]})
-    return flat
-
-
-def regimes_of(rows: Iterable[dict]) -> list[str]:
-    """The regimes some row holds, in REGIMES order."""
-    held = {r for row in rows for r in row.get("regimes", {})}
-    return [r for r in REGIMES if r in held]

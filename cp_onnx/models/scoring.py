@@ -23,12 +23,27 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.probes import ProbeItem
 from cp_onnx.models.runner import Runner, pad_batch
 
 Encode = Callable[[str], Sequence[int]]
+PROMPT = "Question: {question}\nAnswer:"  # how a question is asked: the answer follows, starting with a space
 METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy")
 SCORING_VERSION = 1  # bump when what a metric means changes: sweeps made before are not resumed
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """One teacher-forced item: ``shots + prompt + answer`` is the full text; ``options`` (if any) include ``answer``.
+
+    ``shots`` are solved examples shown before the question (few-shot regime); the same item without
+    them is its zero-shot form. An item without shots exists in the zero-shot regime only.
+    """
+    id: str
+    kind: str
+    prompt: str
+    answer: str
+    options: tuple[str, ...] = ()
+    shots: str = ""
 
 
 @dataclass(frozen=True)
