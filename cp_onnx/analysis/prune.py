@@ -156,7 +156,7 @@ class RemovalLoss:
         self.rebase(())
         ev = self.evaluator
         for b, batch in enumerate(ev.plan.batches):
-            yield np.stack([ev.contexts[b][ev.embed], *(ev.outputs.get(b, l) for l in range(self.num_layers))]), batch.attention_mask
+            yield np.stack([ev.base_context(b)[ev.embed], *(ev.outputs.get(b, l) for l in range(self.num_layers))]), batch.attention_mask
 
 
 def predict_layers(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, max_layers: int | None = None,

@@ -92,12 +92,18 @@ class ReuseEvaluator:
             context = self._context(ids, np.ones_like(ids), None)
             self.prefixes[prefix] = (context, self._run(range(self.num_layers), context[self.embed], context, None))
         self.base_path = list(range(self.num_layers))  # the path whose outputs are kept (see rebase)
-        self.contexts, self.outputs = [], KeptOutputs()  # per batch: context tensors; every layer's output
-        for batch in plan.batches:
+        self.contexts: dict[int, dict] = {}  # per batch run so far: context tensors
+        self.outputs = KeptOutputs()  # per batch run so far: every layer's output along base_path
+
+    def base_context(self, b: int) -> dict:
+        """Batch ``b``'s context, its layer outputs along ``base_path`` run at first use (a race may never need some batches)."""
+        if b not in self.contexts:
+            batch = self.plan.batches[b]
             past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
             context = self._context(batch.input_ids, batch.attention_mask, past)
-            self.contexts.append(context)
-            self.outputs.append([stream for stream, _ in self._run(range(self.num_layers), context[self.embed], context, past)])
+            self.outputs.put(b, [stream for stream, _ in self._run(self.base_path, context[self.embed], context, past)])
+            self.contexts[b] = context
+        return self.contexts[b]
 
     def _context(self, ids: np.ndarray, mask: np.ndarray, past: list | None) -> dict[str, np.ndarray]:
         """Graph inputs and preamble outputs for rows ``ids`` that continue a prefix whose cache is ``past`` (None: no prefix)."""
@@ -151,10 +157,10 @@ class ReuseEvaluator:
                          for prefix, (context, base) in self.prefixes.items()}
         results = []
         for b in range(len(self.plan.batches)) if batches is None else batches:
-            batch = self.plan.batches[b]
-            stream = self.outputs.get(b, resume_at - 1) if resume_at else self.contexts[b][self.embed]
-            runs = self._run(remaining, stream, self.contexts[b], prefix_caches.get(batch.prefix))
-            results.append(self._head(runs[-1][0] if runs else stream, self.contexts[b], batch))
+            batch, context = self.plan.batches[b], self.base_context(b)
+            stream = self.outputs.get(b, resume_at - 1) if resume_at else context[self.embed]
+            runs = self._run(remaining, stream, context, prefix_caches.get(batch.prefix))
+            results.append(self._head(runs[-1][0] if runs else stream, context, batch))
         return results
 
     def evaluate(self, path: Sequence[int]) -> dict:
@@ -165,9 +171,11 @@ class ReuseEvaluator:
         (a greedy search that removes one more layer each step departs from the last step's path, not the model's)."""
         if self.prefixes:
             raise CpOnnxError("rebase needs a plan without shared prefixes (their caches follow the base model)")
-        kept = KeptOutputs()
         for b in range(len(self.plan.batches)):
-            kept.append([stream for stream, _ in self._run(path, self.contexts[b][self.embed], self.contexts[b], None)])
+            self.base_context(b)  # the batch's context (and its outputs along the old path, replaced below)
+        kept = KeptOutputs()
+        for b, context in self.contexts.items():
+            kept.put(b, [stream for stream, _ in self._run(path, context[self.embed], context, None)])
         self.base_path, self.outputs = list(path), kept
 
 
@@ -181,25 +189,24 @@ class KeptOutputs:
     BUDGET = 512 * 2**20
 
     def __init__(self):
-        self._memory: list[list[np.ndarray]] = []
+        self._memory: dict[int, list[np.ndarray]] = {}
         self._folder: tempfile.TemporaryDirectory | None = None
-        self._bytes = self._written = 0
+        self._bytes = 0
 
-    def append(self, outputs: list[np.ndarray]) -> None:
-        """Keep one more batch's layer outputs; once the total passes BUDGET, everything goes to files."""
+    def put(self, batch: int, outputs: list[np.ndarray]) -> None:
+        """Keep one batch's layer outputs; once the total passes BUDGET, everything goes to files."""
         self._bytes += sum(o.nbytes for o in outputs)
-        self._memory.append(outputs)
+        self._memory[batch] = outputs
         if self._folder is None and self._bytes > self.BUDGET:
             self._folder = tempfile.TemporaryDirectory(prefix="cp-onnx-layers-")
         if self._folder is not None:
-            for b in range(self._written, len(self._memory)):
-                for layer, output in enumerate(self._memory[b]):
+            for b, kept in self._memory.items():
+                for layer, output in enumerate(kept):
                     np.save(self._path(b, layer), output, allow_pickle=False)
-                self._memory[b] = []
-            self._written = len(self._memory)
+            self._memory.clear()
 
     def get(self, batch: int, layer: int) -> np.ndarray:
-        if self._folder is None:
+        if batch in self._memory:
             return self._memory[batch][layer]
         return np.load(self._path(batch, layer), allow_pickle=False)
 
