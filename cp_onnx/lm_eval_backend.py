@@ -1,6 +1,7 @@
 """The ``cp-onnx`` model of EleutherAI's lm-evaluation-harness (``pip install lm-eval``): log-likelihoods, rolling
 log-likelihoods and greedy generation from any model folder cp-onnx opens (exported, quantized, applied, or an
-onnxruntime-genai build), run as it is or along a layer path (``duplicate=I:J`` or ``path=0..14,12..14,15..29``).
+onnxruntime-genai build), run as it is or along a layer path (``duplicate=I:J``, ``path=0..14,12..14,15..29`` or ``path=merge.yml``, a mergekit
+passthrough config).
 
 lm-eval 0.4 looks models up only in its own table and among classes already registered in the process (it has no
 plugin entry point), so this module registers the model on import and ``cp-onnx lm-eval ARGS`` runs lm-eval's own
@@ -23,8 +24,9 @@ from cp_onnx.groundtruth.scoring import token_scores
 from cp_onnx.models.generate import CachedDecoder, FullDecoder, eos_token_ids, greedy, takes_cache, with_past_graph
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, open_graph, pad_batch
+from cp_onnx.outputs import mergekit
 from graph_passes.last_position import last_position
-from graph_passes.layer_path import check_path, format_path, parse_spec
+from graph_passes.layer_path import format_path
 
 NAME = "cp-onnx"
 DEFAULT_BATCH = 8  # rows per batch for batch_size=auto: the logits budget below bounds memory anyway
@@ -80,7 +82,7 @@ class CpOnnxLM(TemplateLM):
             try:
                 layer_map = graph_passes.discover(proto)
                 count = layer_map.num_layers
-                layers = list(check_path(self.spec, count) if isinstance(self.spec, (list, tuple)) else parse_spec(str(self.spec).strip("'\""), count))
+                layers = mergekit.layer_path(self.spec if isinstance(self.spec, (list, tuple)) else str(self.spec).strip("'\""), count)
                 proto = graph_passes.route(proto, layer_map, layers)
             except graph_passes.GraphPassError as exc:
                 raise CpOnnxError(str(exc)) from exc
