@@ -20,6 +20,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 import graph_passes
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.groundtruth import lm_eval_task
 from cp_onnx.groundtruth.scoring import token_scores
 from cp_onnx.models.generate import CachedDecoder, FullDecoder, eos_token_ids, greedy, takes_cache, with_past_graph
 from cp_onnx.models.model import open_model
@@ -238,9 +239,24 @@ def run_cli(argv: Sequence[str]) -> int:
     """lm-eval's own command line (``lm-eval run ...`` or its legacy form) with the cp-onnx model registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm-eval", *quote_layer_paths(argv)]
+    sys.argv = ["lm-eval", *with_shipped_task(quote_layer_paths(argv))]
     cli_evaluate()
     return 0
+
+
+def with_shipped_task(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--include_path`` to cp-onnx's shipped task (written into the cache) when ``--tasks`` names it and
+    no include path is given: ``cp-onnx lm-eval --model cp-onnx --model_args model=DIR --tasks cp_onnx_probes`` just runs."""
+    argv = list(argv)
+    tasks = [value for flag, value in zip(argv, argv[1:]) if flag in ("--tasks", "-t")]
+    tasks += [arg.partition("=")[2] for arg in argv if arg.startswith("--tasks=")]
+    named = any(lm_eval_task.TASK in value.split(",") for value in tasks)
+    if not named or any(arg == "--include_path" or arg.startswith("--include_path=") for arg in argv):
+        return argv
+    from exporters.pipeline import cache_root  # torch-free: where cp-onnx keeps what it generates
+
+    folder = lm_eval_task.write_task(cache_root(None) / "lm_eval_tasks" / f"seed{lm_eval_task.SEED}")
+    return [*argv, "--include_path", str(folder)]
 
 
 def _whole(name: str, value) -> int:
