@@ -104,8 +104,9 @@ def write_gguf_path(source: Path, layers: Sequence[int], out: Path, *, log: Call
             raise CpOnnxError(f"cannot write {out} ({exc.strerror or exc}); free space on that disk or choose another path") from None
         raise
     repeated = len(layers) - len(set(layers))
+    why = f"; GGUF cannot share tensors, so {repeated} repeated layers are stored again" if repeated else ""
     log(f"wrote {out}: {len(layers)} layers ({format_path(layers)}) instead of {count}, {out.stat().st_size / 1e6:.1f} MB "
-        f"(source {source.stat().st_size / 1e6:.1f} MB; GGUF cannot share tensors, so {repeated} repeated layers are stored again)")
+        f"(source {source.stat().st_size / 1e6:.1f} MB{why})")
     return out
 
 
