@@ -88,6 +88,6 @@ def run_json(command: list[str], **kwargs) -> dict:
 
 def write_results(name: str, data: dict) -> Path:
     """benchmarks/results/NAME.json, written atomically, with the machine and load average added."""
-    from cp_onnx.analysis.report import write_json
+    from cp_onnx.files import write_json
 
     return write_json({"benchmark": name, "machine": machine_info(), **data}, RESULTS / f"{name}.json")

@@ -125,7 +125,7 @@ def main() -> None:
     for key, value in figures.items():
         print(f"{key:>24}: {value}")
     if args.json:
-        from cp_onnx.analysis.report import write_json
+        from cp_onnx.files import write_json
 
         write_json(figures, args.json)
 

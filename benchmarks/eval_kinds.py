@@ -39,7 +39,7 @@ from eval_predictions import mean_rows, noise_level
 from cp_onnx.analysis.kinds import HELPS, HURTS
 from cp_onnx.analysis.predict import MEASURES, MIN_TEXTS, numeric_tokens, predict
 from cp_onnx.regimes import FEW_SHOT, ZERO_SHOT
-from cp_onnx.analysis.report import file_sha256, write_json
+from cp_onnx.files import file_sha256, write_json
 from cp_onnx.calibration import load_calibration, load_kinds, load_questions
 from cp_onnx.groundtruth.sweep import regime_rows
 from cp_onnx.groundtruth.sweep import read_sweep

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from cp_onnx import analyze, calibration, inputs
-from cp_onnx.analysis.report import build_report, file_sha256, read_report, write_json
+from cp_onnx.analysis.report import build_report, read_report
+from cp_onnx.files import file_sha256, write_json
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.files import write_text

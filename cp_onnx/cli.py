@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.files import write_json
 from cp_onnx.regimes import SHORT, SPELLINGS
 
 EXIT_USAGE = 2
@@ -104,7 +105,7 @@ def cmd_analyze(args) -> int:
         _add_circuit_analysis(data, model, settings, with_heads=args.heads, exact_heads=exact_heads)
     if args.prune:
         _add_pruning(data, model, settings)
-    out = report.write_json(data, Path(args.out) / "report.json")
+    out = write_json(data, Path(args.out) / "report.json")
     if args.jacobian or args.heads:
         from cp_onnx.analysis.circuit import build_circuit_graph, write_circuit
 
@@ -141,30 +142,39 @@ def _add_pruning(data: dict, model, settings) -> None:
 
 
 def cmd_apply(args) -> int:
-    from cp_onnx.models.apply import apply
-    from cp_onnx.models.model import open_model
+    from cp_onnx.outputs.runtimes import apply_outputs
 
     if bool(args.duplicate) == bool(args.path):
-        raise CpOnnxError("give exactly one of --duplicate i:j or --path P (e.g. --duplicate 12:15 or --path 0..14,12..29)")
-    folder = apply(open_model(args.model, log=log), args.duplicate or args.path, Path(args.out), log=log)
-    print(folder)
+        raise CpOnnxError("give exactly one of --duplicate i:j or --path P (e.g. --duplicate 12:15, --path 0..14,12..29 or --path merge.yml)")
+    for written in apply_outputs(args.model, args.duplicate or args.path, out=args.out, mergekit_out=args.mergekit,
+                                 checkpoint=args.mergekit_model, log=log):
+        print(written)
     return 0
 
 
 def cmd_prune(args) -> int:
     from cp_onnx.models.model import open_model
     from cp_onnx.outputs.pruned_folder import choose, prune_folder
+    from cp_onnx.outputs.runtimes import is_gguf, prune_gguf
 
     if not (args.layers or args.skip or args.heads):
         raise CpOnnxError("give what to remove: --layers N, --skip I:J and/or --heads N")
     if args.layers and args.skip:
         raise CpOnnxError("give --layers N (chosen by --method) or --skip I:J (a block you name), not both")
-    model = open_model(args.model, with_past=True, log=log)  # generation with the pruned model then has its KV cache
+    if is_gguf(args.out) and args.heads:
+        raise CpOnnxError("a GGUF output removes whole layers only (--layers N or --skip I:J); write heads' removal as a folder (--out FOLDER)")
     skipped = list(range(*args.skip)) if args.skip else []
+    if is_gguf(args.out) and skipped:  # a block named: the GGUF is rewritten without exporting the model
+        print(prune_gguf(args.model, skipped, Path(args.out), log=log))
+        return 0
+    model = open_model(args.model, with_past=True, log=log)  # generation with the pruned model then has its KV cache
     removed, heads = choose(model, layers=args.layers or 0, heads=args.heads or 0, layer_method=args.method, head_method=args.head_method,
                             removed=skipped, calibration_source=args.calibration, n=args.n, max_length=args.max_length, threads=args.threads,
                             progress=Progress("pruning candidates"), log=log)
-    print(prune_folder(model, Path(args.out), layers=removed or skipped, heads=heads, log=log))
+    if is_gguf(args.out):
+        print(prune_gguf(args.model, removed, Path(args.out), log=log))
+    else:
+        print(prune_folder(model, Path(args.out), layers=removed or skipped, heads=heads, log=log))
     return 0
 
 
@@ -240,7 +250,7 @@ def cmd_validate(args) -> int:
                             what=f"{regime.replace('_', '-')}: {'removed' if removals else 'duplicated'}"))
     # The default prediction is made for one regime (analyze --regime): its decision is judged on that one.
     result["prediction_regime"] = (data.get("prediction") or {}).get("regime")
-    report.write_json(result, out / "validation.json")
+    write_json(result, out / "validation.json")
     for regime, judged in result["regimes"].items():
         print(f"== {regime} ==" + (" (the regime the report's prediction is for)" if regime == result["prediction_regime"] else ""))
         print(format_removal_validation(judged) if removals else format_validation(judged))
@@ -409,15 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="cp-onnx-out", help="output folder for report.json (default ./cp-onnx-out)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("apply", help="write the model with a block duplicated (or any layer path), ready for onnxruntime")
-    p.add_argument("model", help="exported folder, .onnx file, or anything `export` accepts")
+    p = sub.add_parser("apply", help="write the model with a block duplicated (or any layer path): an ONNX folder (onnxruntime, "
+                                      "onnxruntime-genai), a GGUF file (llama.cpp) and/or a mergekit config")
+    p.add_argument("model", help="exported folder, .onnx file, .gguf file, or anything `export` accepts")
     p.add_argument("--duplicate", metavar="I:J", help="run layers I..J-1 twice (end exclusive)")
-    p.add_argument("--path", help="any layer path, ranges inclusive: 0..14,12,13,14,15..29")
-    p.add_argument("--out", required=True, help="folder to write the new model to")
+    p.add_argument("--path", help="any layer path, ranges inclusive: 0..14,12,13,14,15..29; or a mergekit passthrough config (.yml)")
+    p.add_argument("--out", help="folder to write the ONNX model to, or OUT.gguf: a GGUF with the layers renumbered (from a GGUF "
+                                 "MODEL, or a folder exported from one)")
+    p.add_argument("--mergekit", metavar="OUT.yml", help="also (or only) write the mergekit passthrough config that builds the same "
+                                                         "layer path from the Hugging Face checkpoint")
+    p.add_argument("--mergekit-model", metavar="ORG/NAME", help="the checkpoint the config names (default: the folder the model was "
+                                                                "exported from, or a packaged model's origin)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("prune", help="write the model without some layers and heads: gone from the graphs and weights, smaller and faster")
-    p.add_argument("model", help="exported folder, or anything `export` accepts (exported with its KV-cache graph)")
+    p.add_argument("model", help="exported folder, .gguf file, or anything `export` accepts (exported with its KV-cache graph)")
     p.add_argument("--layers", type=int, metavar="N", help="remove N layers, chosen by --method on the calibration texts")
     p.add_argument("--skip", type=_block, metavar="I:J", help="remove layers I..J-1 (J exclusive)")
     p.add_argument("--heads", type=int, metavar="N", help="remove N attention heads, chosen by --head-method (every layer keeps one)")
@@ -429,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10, help="calibration texts of each set (default 10)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True, help="folder to write the pruned model to")
+    p.add_argument("--out", required=True, help="folder to write the pruned model to, or OUT.gguf (layers only; from a GGUF MODEL "
+                                                "or a folder exported from one)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("generate", help="greedy generation with the KV cache, for original and applied models")

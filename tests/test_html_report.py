@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cp_onnx.analysis.report import write_json
+from cp_onnx.files import write_json
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.outputs import plots

@@ -18,13 +18,14 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from cp_onnx.cli import main  # noqa: E402
 from cp_onnx.errors import CpOnnxError  # noqa: E402
-from cp_onnx.groundtruth.probes import ProbeItem  # noqa: E402
+from cp_onnx.models.scoring import ProbeItem  # noqa: E402
 from cp_onnx.models.scoring import ProbePlan, token_scores  # noqa: E402
 from cp_onnx.lm_eval_backend import CpOnnxLM, join_layer_path, quote_layer_paths  # noqa: E402
 from cp_onnx.models.model import open_model  # noqa: E402
 from cp_onnx.models.runner import Runner  # noqa: E402
 from test_apply_generate import duplicated, llama_folder, torch_generate  # noqa: E402,F401  (module fixtures)
 from test_predict import torch_token_logprob  # noqa: E402
+from test_route import repeated_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "fixtures" / "lm_eval"
@@ -160,3 +161,65 @@ def test_layer_paths_keep_their_commas():
     assert quote_layer_paths(["--model", "cp-onnx", "--model_args", "model=m,path=0..2,1", "threads=1", "--tasks", "a,b"]) == [
         "--model", "cp-onnx", "--model_args", 'model=m,path="0..2,1"', "threads=1", "--tasks", "a,b"]
     assert quote_layer_paths(["-a", 'path="0..2,1"']) == ["-a", 'path="0..2,1"']  # already quoted: left alone
+
+
+# ---- the shipped task: cp-onnx's probes asked zero-shot --------------------------------------------------------
+
+
+def test_shipped_task_is_generated_from_its_seed(tmp_path):
+    from cp_onnx.groundtruth import lm_eval_task
+    from cp_onnx.groundtruth.probes import probe_suite
+
+    first = lm_eval_task.write_task(tmp_path / "a", per_kind=4)
+    again = lm_eval_task.write_task(tmp_path / "b", per_kind=4)
+    data = (first / "cp_onnx_probes.jsonl").read_text()
+    assert data == (again / "cp_onnx_probes.jsonl").read_text()
+    docs = [json.loads(line) for line in data.splitlines()]
+    assert [(d["prompt"], d["answer"]) for d in docs] == [(i.prompt, i.answer) for i in probe_suite(lm_eval_task.SEED, 4)]
+    assert all(d["prompt"].endswith("\nAnswer:") and d["answer"].startswith(" ") for d in docs)  # zero-shot, no shots
+    import yaml
+
+    config = yaml.safe_load((first / "cp_onnx_probes.yaml").read_text())
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(first / "cp_onnx_probes.jsonl")  # found from any directory
+    assert config["output_type"] == "loglikelihood" and config["target_delimiter"] == ""
+
+
+def test_shipped_task_scores_each_answer_as_torch_does(llama_folder, tmp_path):
+    """acc: every answer token is torch's greedy choice; perplexity: exp of minus the mean answer log-probability."""
+    import math
+
+    import torch
+
+    from cp_onnx.groundtruth import lm_eval_task
+
+    hf, source = llama_folder
+    folder = lm_eval_task.write_task(tmp_path / "task", per_kind=3)
+    results = simple_evaluate(model="cp-onnx", model_args=f"model={source},duplicate=1:3", tasks=["cp_onnx_probes"],
+                              task_manager=TaskManager(include_path=str(folder), include_defaults=False), batch_size=4, bootstrap_iters=200)
+    docs = [json.loads(line) for line in (folder / "cp_onnx_probes.jsonl").read_text().splitlines()]
+    model = open_model(source)
+    greedy, logprobs = [], []
+    for doc in docs:
+        context, whole = model.encode([doc["prompt"]])[0][0], model.encode([doc["prompt"] + doc["answer"]])[0][0]
+        answer = len(whole) - len(context)
+        whole = whole[-129:]  # the backend keeps the last max_length (128, the tiny model's positions) inputs
+        with repeated_layers(hf, "llama", DUPLICATE), torch.no_grad():
+            logits = hf(torch.tensor([whole[:-1]]), use_cache=False).logits[0, -answer:]
+        targets = torch.tensor(whole[-answer:])
+        greedy.append(bool((logits.argmax(-1) == targets).all()))
+        logprobs.append(float(torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets].sum()))
+    scores = results["results"]["cp_onnx_probes"]
+    assert scores["acc,none"] == pytest.approx(sum(greedy) / len(docs))
+    assert scores["perplexity,none"] == pytest.approx(math.exp(-sum(logprobs) / len(docs)), rel=1e-4)
+    assert scores["acc_stderr,none"] > 0 or sum(greedy) in (0, len(docs))
+
+
+def test_the_command_line_finds_the_shipped_task_by_itself(llama_folder, tmp_path):
+    _, source = llama_folder
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "CP_ONNX_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "cp_onnx.cli", "lm-eval", "--model", "cp-onnx", "--model_args", f"model={source}",
+               "--tasks", "cp_onnx_probes", "--limit", "8"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cp_onnx_probes" in done.stdout and "acc" in done.stdout and "perplexity" in done.stdout
+    assert (tmp_path / "cache" / "lm_eval_tasks" / "seed2" / "cp_onnx_probes.jsonl").is_file()

@@ -10,7 +10,9 @@ import pytest
 
 from cp_onnx.calibration import SHIPPED_SETS, load_calibration
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.probes import TASK_KINDS, ProbeItem, general_texts, load_suite, probe_suite, save_suite
+from cp_onnx.calibration import TASK_KINDS
+from cp_onnx.groundtruth.probes import general_texts, load_suite, probe_suite, save_suite
+from cp_onnx.models.scoring import ProbeItem
 
 CHOICE_KINDS = {"comparison", "ordering", "syllogism"}
 ITEM_LINE = '{"kind": "arithmetic", "prompt": "Question: What is 2 + 3?\\nAnswer:", "answer": " 5"}'

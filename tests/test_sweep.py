@@ -12,7 +12,7 @@ import pytest
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.groundtruth import sweep as sweep_module
 from cp_onnx.models import evaluators
-from cp_onnx.groundtruth.probes import ProbeItem
+from cp_onnx.models.scoring import ProbeItem
 from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.groundtruth.sweep import read_sweep, sweep
 from cp_onnx.models.model import open_model

@@ -18,7 +18,7 @@ import numpy as np
 from cp_onnx.analysis import heads as head_influence
 from cp_onnx.analysis import jacobian, mahalanobis
 from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
-from cp_onnx.analysis.report import json_ready
+from cp_onnx.files import json_ready
 from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.calibration import load_calibration
 from cp_onnx.errors import CpOnnxError

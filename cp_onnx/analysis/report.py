@@ -14,7 +14,7 @@ import numpy as np
 
 from cp_onnx import __version__, inputs, shapes
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.files import file_sha256, json_ready, write_json  # noqa: F401  (report.write_json)
+from cp_onnx.files import file_sha256, json_ready
 from cp_onnx.analysis.stats import STAT_NAMES
 
 REPORT_FORMAT = "cp-onnx-report"

@@ -15,8 +15,7 @@ import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
-from cp_onnx.groundtruth.probes import ProbeItem
-from cp_onnx.models.scoring import Encode, ProbePlan
+from cp_onnx.models.scoring import Encode, ProbeItem, ProbePlan
 
 def asked(items: Iterable[ProbeItem], regime: str) -> list[ProbeItem]:
     """The items as asked in ``regime``: zero-shot without their shots; few-shot only those that have shots."""

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from cp_onnx import __version__
-from cp_onnx.analysis.report import REPORT_FORMAT, REPORT_VERSION, file_sha256
+from cp_onnx.analysis.report import REPORT_FORMAT, REPORT_VERSION
+from cp_onnx.files import file_sha256
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
 from cp_onnx.outputs import pruning_report
