@@ -297,7 +297,7 @@ def plot(data: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cp_onnx.groundtruth.validate import save_png
+    from cp_onnx.outputs.plots import save_png
 
     figure = Figure(figsize=(7, 5))
     FigureCanvasAgg(figure)

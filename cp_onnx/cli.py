@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json
-from cp_onnx.regimes import SHORT, SPELLINGS
+from cp_onnx.regimes import parse_regimes
 
 EXIT_USAGE = 2
 
@@ -47,15 +47,12 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def exact_heads_option(text: str | None, *, heads: bool, prune: bool) -> int | None:
-    """--exact-heads N|all as circuit_analysis takes it (None: every head). Unset: heads.EXACT_HEADS, or every head with
-    --prune, whose default head method ranks the cheapest heads by their exact ablation (the screen keeps the strongest)."""
-    from cp_onnx.analysis.heads import EXACT_HEADS
+def exact_heads_option(text: str | None) -> int | str | None:
+    """--exact-heads N|all as analyze.Settings takes it: a count, None (every head) or AUTO when not given."""
+    from cp_onnx.analyze import AUTO
 
     if text is None:
-        return None if prune else EXACT_HEADS
-    if not heads:
-        raise CpOnnxError("--exact-heads applies to head influence: add --heads")
+        return AUTO
     if text.strip().lower() == "all":
         return None
     try:
@@ -76,69 +73,33 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_analyze(args) -> int:
+def analysis_settings(args):
+    """analyze.Settings from the command line's flags."""
     from cp_onnx import analyze
-    from cp_onnx.analysis import report
-    from cp_onnx.models.model import open_model
-    from cp_onnx.outputs.summary import print_summary
 
     methods = analyze.DEFAULT_METHODS if args.method == "all" else (args.method,)
     if args.method == "all" and args.contrastive:
         methods = methods + ("contrastive",)
-    settings = analyze.Settings(
-        calibration=args.calibration, n=args.n, max_length=args.max_length, methods=methods,
-        block_sizes=args.block_sizes, batch_size=args.batch_size, threads=args.threads, screen=args.screen,
-        regime=SHORT.get(args.regime, args.regime),
-    )
-    exact_heads = exact_heads_option(args.exact_heads, heads=args.heads, prune=args.prune)
+    return analyze.Settings(
+        calibration=args.calibration, n=args.n, max_length=args.max_length, methods=methods, block_sizes=args.block_sizes,
+        batch_size=args.batch_size, threads=args.threads, screen=args.screen, regimes=parse_regimes(args.regime),
+        jacobian=args.jacobian, heads=args.heads, exact_heads=exact_heads_option(args.exact_heads), prune=args.prune,
+        languages=tuple(lang.strip() for lang in (args.languages or "").split(",") if lang.strip()))
+
+
+def cmd_analyze(args) -> int:
+    from cp_onnx import analyze
+    from cp_onnx.models.model import open_model
+    from cp_onnx.outputs.summary import print_summary
+
+    settings = analysis_settings(args)
+    analyze.check_settings(settings)  # before the model is opened (an export can take minutes)
     model = open_model(args.model, tokenizer_dir=args.tokenizer, log=log)
-    if args.heads:
-        from cp_onnx.analysis.circuit import check_heads
-
-        check_heads(model)  # before the statistics: a graph with fused attention has no heads to analyse
-    result = analyze.analyze(model, settings, log=log, progress=Progress("calibration texts"), block_progress=Progress("duplicated blocks"))
-    if args.languages:
-        langs = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
-        result.languages = analyze.language_check(model, settings, langs, log=log)
-    data = report.build_report(result)
-    if args.jacobian or args.heads:
-        _add_circuit_analysis(data, model, settings, with_heads=args.heads, exact_heads=exact_heads)
-    if args.prune:
-        _add_pruning(data, model, settings)
-    out = write_json(data, Path(args.out) / "report.json")
-    if args.jacobian or args.heads:
-        from cp_onnx.analysis.circuit import build_circuit_graph, write_circuit
-
-        paths = write_circuit(build_circuit_graph(data), Path(args.out))
-        log("circuit graph written to " + ", ".join(str(p) for p in paths.values()))
+    data = analyze.analyze(model, settings, log=log, progress=Progress)
+    written = analyze.save(data, Path(args.out))
     print_summary(data)
-    log(f"report written to {out}")
+    log("written: " + ", ".join(str(path) for path in written))
     return 0
-
-
-def _add_circuit_analysis(data: dict, model, settings, *, with_heads: bool, exact_heads: int | None) -> None:
-    """Jacobian, Mahalanobis (and head-influence) sections and methods, on the same calibration texts."""
-    from cp_onnx.analysis.circuit import circuit_analysis
-    from cp_onnx.calibration import load_calibration
-
-    texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
-    sections = circuit_analysis(model, texts, max_length=settings.max_length, with_heads=with_heads, exact_heads=exact_heads,
-                                block_sizes=settings.block_sizes, threads=settings.threads, progress=Progress("circuit analysis"))
-    data["methods"].update(sections.pop("methods"))
-    data["timings"].update(sections.pop("timings"))
-    data.update(sections)
-
-
-def _add_pruning(data: dict, model, settings) -> None:
-    """The pruning candidates (every layer method; heads from the head influence when --heads ran), same texts."""
-    from cp_onnx.calibration import load_calibration
-    from cp_onnx.outputs.pruning_report import pruning_section
-
-    began = time.perf_counter()
-    texts = load_calibration(settings.calibration, n=settings.n, language=settings.language)
-    data["pruning"] = pruning_section(model, texts, load_calibration("general", n=settings.n), data, max_length=settings.max_length,
-                                      threads=settings.threads, progress=Progress("removals"))
-    data["timings"]["pruning_s"] = time.perf_counter() - began
 
 
 def cmd_apply(args) -> int:
@@ -232,67 +193,27 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cp_onnx.analysis import report
-    from cp_onnx.groundtruth.sweep import regime_rows
-    from cp_onnx.groundtruth.sweep import operation_of, read_sweep
-    from cp_onnx.groundtruth.validate import heatmap, validate_regimes
+    from cp_onnx.analysis.report import read_report
+    from cp_onnx.groundtruth.sweep import operation_of, read_sweep, regime_rows
+    from cp_onnx.groundtruth.validate import validate_regimes
+    from cp_onnx.outputs.plots import heatmap, ranked_by_regime
+    from cp_onnx.outputs.validation_text import format_removal_validation, format_validation
 
-    data = report.read_report(Path(args.report))
+    data = read_report(Path(args.report))
     header, rows = read_sweep(Path(args.sweep))
     removals = operation_of(header) == "skip"
     result = validate_regimes(data, rows, top_k=args.top_k, sweep_header=header, removals=removals)
-    methods = data["pruning"]["layers"]["methods"] if removals else data["methods"]
-    predictions = {name: method["blocks"][: args.top_k] for name, method in methods.items()}
     out = Path(args.out)
     maps = []
     for regime in result["regimes"]:  # first: a heatmap refuses a metric the sweep lacks
-        maps.append(heatmap(regime_rows(rows, regime), predictions, out / f"sweep_heatmap_{regime}.png", metric=args.metric,
-                            what=f"{regime.replace('_', '-')}: {'removed' if removals else 'duplicated'}"))
-    # The default prediction is made for one regime (analyze --regime): its decision is judged on that one.
-    result["prediction_regime"] = (data.get("prediction") or {}).get("regime")
+        maps.append(heatmap(regime_rows(rows, regime), ranked_by_regime(data, regime, removals, args.top_k), out / f"sweep_heatmap_{regime}.png",
+                            metric=args.metric, what=f"{regime.replace('_', '-')}: {'removed' if removals else 'duplicated'}"))
     write_json(result, out / "validation.json")
     for regime, judged in result["regimes"].items():
-        print(f"== {regime} ==" + (" (the regime the report's prediction is for)" if regime == result["prediction_regime"] else ""))
+        print(f"== {regime} ==")
         print(format_removal_validation(judged) if removals else format_validation(judged))
     log(f"validation written to {out / 'validation.json'}, heatmaps to {', '.join(str(m) for m in maps)}")
     return 0
-
-
-def format_validation(result: dict) -> str:
-    """One line per method and metric: the top-1 block, its gain beside the best block's, hits, rank."""
-    lines = []
-    for metric, best in result["best"].items():
-        where = f"[{best['start']}, {best['end']})" if best else "none"
-        lines.append(f"{metric}: best block {where}, gain {_signed(best['gain'])}" if best else f"{metric}: no block")
-        for method, judged in result["methods"].items():
-            j, top = judged[metric], judged[metric]["top1"]
-            ratio = "n/a" if j["gain_ratio"] is None else f"{j['gain_ratio']:+.2f}"
-            lines.append(
-                f"  {method:>12}: top-1 [{top['start']}, {top['end']}) gain {_signed(top['gain'])} (x{ratio} of best), "
-                f"best in top-{result['top_k']}: {'yes' if j['best_in_top_k'] else 'no'}, within +-{result['tolerance']}: "
-                f"{'yes' if j['near_best_in_top_k'] else 'no'}, rank of best {j['best_rank']}"
-            )
-    return "\n".join(lines)
-
-
-def _signed(value) -> str:
-    """A gain, or n/a where the sweep lacks the metric for that block."""
-    return "n/a" if value is None else f"{value:+.4f}"
-
-
-def format_removal_validation(result: dict) -> str:
-    """Per removal size and metric: the least harmful block, then each method's choice and top-ranked block beside it."""
-    lines = []
-    for n, entry in result["sizes"].items():
-        for metric, best in entry["best"].items():
-            lines.append(f"{n} layer{'s' * (n != '1')}, {metric}: least harmful removal [{best['start']}, {best['end']}), change {best['gain']:+.4f}")
-            for method, judged in entry["methods"].items():
-                j, choice, top = judged[metric], judged[metric]["choice"], judged[metric]["top1"]
-                cost = "not in the sweep" if choice["gain"] is None else f"change {choice['gain']:+.4f}"
-                ratio = "" if j["cost_ratio"] is None else f", x{j['cost_ratio']:.2f} the best's cost"
-                ranked = "" if top is None else f"; top block [{top['start']}, {top['end']}), rank of best {j['best_rank']}"
-                lines.append(f"  {method:>16}: removes {choice['layers']} {cost}{ratio}{ranked}")
-    return "\n".join(lines)
 
 
 def cmd_batch(args) -> int:
@@ -397,13 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrastive", action="store_true", help="with --method all, also run the contrastive method (reasoning vs general texts)")
     p.add_argument("--block-sizes", type=_int_list, default=(3, 4, 5), help="candidate block sizes (default 3,4,5)")
     p.add_argument("--no-screen", dest="screen", action="store_false",
-                   help="score every candidate block with the default method (by default the middle size is scored first, then "
-                        "the neighbours of its 3 best: about half the work)")
-    p.add_argument("--regime", default="few", choices=SPELLINGS,
-                   help="the prompting the default prediction is for: few (default; the calibration texts as written, worked problems "
-                        "in running prose) or zero (each calibration text that states an \"answer\" asked alone, 'Question: ...' then "
-                        "'Answer:', and scored on that answer: 32 shipped English questions, or your .jsonl's). A block's gain "
-                        "depends on it: on SmolLM2 the best zero-shot block loses few-shot")
+                   help="the exhaustive computation: every candidate block on every calibration unit (by default blocks race: the "
+                        "middle size first, then the leaders' neighbours, zero-shot questions in looks of 8, 16, 32, 64 and all, "
+                        "dropping blocks clearly worse than the leader; the same decisions for 10-20%% of the work)")
+    p.add_argument("--regime", default="zero,few",
+                   help="the prompting regimes the default prediction decides for: zero (each calibration text that states an "
+                        "\"answer\" asked alone, 'Question: ...' then 'Answer:', and scored on that answer: the 83 shipped English "
+                        "questions, or your .jsonl's), few (the calibration texts as written, worked problems in running prose: their "
+                        "numbers), or zero,few (default: both, each with its own decision). A block's gain depends on it: on SmolLM2 the "
+                        "best zero-shot block loses few-shot")
     p.add_argument("--languages", help="also report the top blocks per language, e.g. en,hi,zh,fr")
     p.add_argument("--jacobian", action="store_true", help="add finite-difference Jacobian stability and Mahalanobis anomaly scores; write circuit.graphml/json/dot")
     p.add_argument("--heads", action="store_true",

@@ -216,7 +216,7 @@ def test_heads_not_ablated_are_nan_and_agreement_uses_the_ablated(influence):
 def test_pruning_leaves_out_a_method_some_heads_lack():
     """head_ablation ranks the cheapest heads by loss_zero: with only the strongest ablated it would offer them first."""
     from cp_onnx.analysis.head_pruning import heads_section
-    from cp_onnx.outputs.pruning_report import head_scores
+    from cp_onnx.analysis.prune import head_scores
 
     rows = [{"layer": l, "head": h, "loss_estimate": float(l + h), "loss_zero": 1.0 if (l, h) == (1, 1) else None} for l in range(2) for h in range(2)]
     scores = head_scores({"heads": {"heads": rows}})

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.groundtruth.validate import best_block, heatmap, iou, validate
+from cp_onnx.groundtruth.validate import best_block, iou, validate
+from cp_onnx.outputs.plots import heatmap
 
 
 def row(start, end, logprob, greedy, choice, nll, kinds=None):
@@ -117,7 +118,7 @@ def test_report_and_sweep_of_different_models_are_refused():
 def test_a_sweep_whose_gains_are_absurd_is_a_one_line_error(tmp_path):
     """Found by fuzzing: a metric of 1e308 in one sweep line overflowed matplotlib's colour bar (a traceback)."""
     from cp_onnx.errors import CpOnnxError
-    from cp_onnx.groundtruth.validate import heatmap
+    from cp_onnx.outputs.plots import heatmap
 
     rows = [{"start": None, "end": None, "answer_logprob": -3.0}, {"start": 0, "end": 2, "answer_logprob": 1e308},
             {"start": 1, "end": 3, "answer_logprob": -2.0}]

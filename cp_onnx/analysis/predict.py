@@ -1,24 +1,28 @@
-"""The default prediction (method ``duplication_loss``): duplicate each candidate block, measure how
-well the model then predicts the numbers in the reasoning calibration texts, and name a block only
-where the gain is clear.
+"""The default prediction (method ``duplication_loss``): duplicate candidate blocks, measure how much better the
+model then predicts the answers of the calibration texts, and name a block only where the gain is clear, for
+each prompting regime.
 
-No labels: the texts are scored as a language model reads them. The score is the log-probability
-gained on the tokens that hold digits, because that is where a reasoning text states what was
-computed; the other tokens are ordinary language, which duplicating any block makes worse (on
-SmolLM2, every block raises the loss averaged over all tokens, and that average ranks seed 0's best
-block [9, 14) 35th of 81; the digit tokens rank it first: see benchmarks/results/predictions_*.md).
-The loss over all tokens and over general texts is reported beside it as the cost (for the best
-blocks). The sweep's reuse evaluator runs it (the base model once, each block from the layer where it
-starts to differ), on each text only up to its last number and with the head at the numbers only.
-A block is predicted to help only when a lower bound on its gain is above zero and at least MIN_TEXTS
-texts hold numbers; otherwise the method abstains and still ranks the least harmful blocks. The bound
-holds for every scored block at once (a max-t bootstrap over the texts): the decision picks the best of
-dozens of noisy gains, and a bound made for one block alone would let that choice's luck pass for an effect.
-The gain is also reported per kind of calibration text (cp_onnx/analysis/kinds.py): where the chosen
-block helps, where it hurts, and for a user's own unlabelled texts, on "your texts".
-All of this is the few-shot regime (the texts as written). The zero-shot regime scores instead the
-answers the calibration texts state, each question asked alone (MEASURES): a block's gain depends on
-how the model is prompted, so the prediction names the regime it was made for.
+No labels: the texts are scored as a language model reads them.
+- few-shot (the texts as written): the log-probability gained on the tokens that hold digits, because that
+  is where a reasoning text states what was computed; the other tokens are ordinary language, which
+  duplicating any block makes worse (on SmolLM2 that average ranks seed 0's best block 35th of 81; the
+  digit tokens rank it first: benchmarks/results/predictions_*.md). Each text runs up to its last number.
+- zero-shot: the texts that state an ``answer``, each asked alone ("Question: ...\\nAnswer:") and scored
+  on its answer's tokens (nats per question).
+A block's gain depends on the regime (on SmolLM2's probe suite [2, 5) gains +0.82 nats per item zero-shot
+and loses few-shot), so each regime gets its own decision, bound and reason.
+
+Both regimes share one evaluator (the base model's layer outputs are kept; a block reruns only what
+follows its departure from the base model) and race their blocks over their units (cp_onnx/analysis/racing.py):
+zero-shot questions in looks of 8, 16, 32, 64 and all, dropping blocks clearly worse than the leader;
+few-shot has too few texts to race (one look: the middle block size first, then its leaders' neighbours).
+``screen=False`` is the exhaustive computation: every block on every unit.
+A block is predicted to help only when a lower bound on its gain is above zero and at least MIN_TEXTS units
+hold scored tokens; otherwise the method abstains and still ranks the least harmful blocks. The bound holds
+for every block raced at once (max-t bootstrap over the units, widened for blocks dropped during the race):
+the decision picks the best of dozens of noisy gains, and a bound made for one block alone would let that
+choice's luck pass for an effect. Beside it, the change in greedy accuracy (what the model itself answers)
+with its own bound, and the gain per kind of calibration text (cp_onnx/analysis/kinds.py).
 """
 from __future__ import annotations
 
@@ -26,27 +30,30 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats
 
-from cp_onnx.analysis import bootstrap
+from cp_onnx.analysis import bootstrap, racing
 from cp_onnx.analysis.bootstrap import RESAMPLES
 from cp_onnx.analysis.kinds import KindGain, kind_gains
 from cp_onnx.analysis.scores import Block
 from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.models.scoring import PROMPT, ProbeItem
-from cp_onnx.models.scoring import ProbePlan, TokenBatch
 from cp_onnx.models.evaluators import BASELINE, Batches, ReuseEvaluator, candidate_blocks
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import pad_batch
-from cp_onnx.regimes import FEW_SHOT, ZERO_SHOT
+from cp_onnx.models.scoring import PROMPT, ProbeItem, ProbePlan, TokenBatch
+from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
 
 METHOD = "duplication_loss"
-CONFIDENCE = 0.95  # one-sided, simultaneous: every scored block's bound holds at once in 95% of resamples
+CONFIDENCE = 0.95  # one-sided, simultaneous: every raced block's bound holds at once in 95% of resamples
 # A percentile bootstrap over a handful of texts understates the spread (few distinct resamples): with
 # 5 texts (4 holding numbers) SmolLM2's top block looked certain (+0.12 lower bound) and did not help.
-MIN_TEXTS = 8  # texts holding numbers (questions, zero-shot) below which the method abstains whatever the bound says
-KIND_BOUNDS = ("two-sided, holding for every scored block and every kind at once; "
-               "a kind with fewer than min_texts texts holding numbers is unclear and has none")
+MIN_TEXTS = 8  # units (texts holding numbers, questions) below which the method abstains whatever the bound says
+KIND_BOUNDS = ("two-sided, holding for every block still racing at the end and every kind at once; "
+               "a kind with fewer than min_texts units holding scored tokens is unclear and has none")
+# The greedy change needs answers that change: with fewer changed units than this the bound would rest on a
+# handful of resampled values, and the report says it cannot bound the change instead.
+MIN_CHANGED = 5
 
 
 @dataclass(frozen=True)
@@ -56,93 +63,142 @@ class Measure:
     prompting: str
     metric: str
     per: str  # the unit the gain is averaged over
+    units: str  # what the bootstrap resamples
 
 
-# A block's gain depends on how the model is prompted (on SmolLM2's probe suite, [2, 5) gains +0.82 nats per
-# item zero-shot and loses few-shot, where [9, 14) is best): the prediction is made for one regime and says which.
-# few_shot: the texts as written; each states a problem and works it in running prose, so its numbers are read
-# with worked reasoning before them, as after solved examples. Its ranking follows the few-shot ground truth.
-# zero_shot: the texts that state an "answer", each asked alone as "Question: ...\nAnswer:" and scored on the
-# answer (on SmolLM2 the 83 shipped questions rank the zero-shot sweep's top 3 first: results/sweep_regimes.md).
 MEASURES = {
-    FEW_SHOT: Measure("few-shot (calibration texts as written: worked problems in running prose)",
-                     "answer log-probability (digit tokens)", "digit token"),
     ZERO_SHOT: Measure("zero-shot (each calibration question asked alone: 'Question: ...' then 'Answer:')",
-                      "answer log-probability (the stated answer)", "question"),
+                       "answer log-probability (the stated answer)", "question", "questions"),
+    FEW_SHOT: Measure("few-shot (calibration texts as written: worked problems in running prose)",
+                      "answer log-probability (digit tokens)", "digit token", "texts"),
 }
+# The race per regime. Zero-shot: looks double from 8 questions; after each the blocks still racing are capped,
+# so the work is bounded where nothing separates them. Measured against the exhaustive computation on three
+# models (benchmarks/results/race_agreement.md): the same decisions and top blocks for 10-20% of its work.
+# Few-shot: ten texts are too few to race; one look is the screen used before the race.
+SCHEDULES = {
+    ZERO_SHOT: racing.Schedule(looks=(8, 16, 32, 64, None), caps=(12, 8, 5, 3), alpha=0.001, early=True),
+    FEW_SHOT: racing.Schedule(looks=(None,)),
+}
+EXHAUSTIVE = racing.Schedule(looks=(None,))
 
 
 class NoNumbersError(CpOnnxError):
-    """The reasoning texts hold no digit token to score (analyze skips the method when others were asked for)."""
+    """The reasoning texts hold no digit token to score (analyze skips the few-shot regime when the other was asked for)."""
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """How often the model itself continues with the right answer: the base share, and the change with a block duplicated.
+
+    Zero-shot a question counts when every answer token is the argmax after the right ones before it (the sweep's greedy
+    exact match); few-shot each digit token counts. The change's bounds are a 95% paired bootstrap over the units; None
+    when fewer than MIN_CHANGED units changed (the calibration set cannot bound it)."""
+
+    base: float
+    change: float
+    lower: float | None
+    upper: float | None
+    changed: int  # units whose count of hits differs with the block
+
+    def as_dict(self) -> dict:
+        return {"base": self.base, "change": self.change, "lower": self.lower, "upper": self.upper, "changed_units": self.changed,
+                "bounded": self.lower is not None, "confidence": CONFIDENCE}
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """Ranked blocks (score: gain on the reasoning texts' digit tokens, nats per token) and the decision on the top one."""
+    """One regime's ranked blocks (score: gain per ``Measure.per``, nats) and the decision on the top one."""
 
     blocks: list[Block]
     decision: str  # "help" or "abstain"
-    texts: dict[str, int]  # texts scored per set
+    texts: dict[str, int]  # units scored per set
     reason: str = ""
-    candidate_blocks: int = 0  # blocks of the requested sizes; ``blocks`` holds those scored (all, without screening)
+    candidate_blocks: int = 0  # blocks of the requested sizes; ``blocks`` holds those raced
     layer_tokens: int = 0  # the work it ran: tokens (padding included) times layers, for benchmarks
-    by_kind: dict[tuple[int, int], dict[str, KindGain]] = field(default_factory=dict)  # block -> kind of text -> its gain there
+    by_kind: dict[tuple[int, int], dict[str, KindGain]] = field(default_factory=dict)  # block -> kind of unit -> its gain there
     regime: str = FEW_SHOT
-    greedy_base: float | None = None  # share of the scored digit tokens (questions) the base model itself continues with
+    greedy: Greedy | None = None  # for the block shown first (the named block, or the least harmful)
+    race: dict = field(default_factory=dict)  # how the race went: units used, looks, blocks raced and still racing, early stop
+    exhaustive_layer_tokens: int = 0  # the work of every block on every unit, for comparison
 
     @property
     def chosen_block(self) -> Block | None:
         """The block the decision names: the best-ranked one whose bound is above zero (None when abstaining)."""
         if self.decision != "help":
             return None
-        return next(b for b in self.blocks if b.metrics["gain_lower_bound"] > 0)
+        return next(b for b in self.blocks if (b.metrics["gain_lower_bound"] or 0) > 0)
+
+    @property
+    def shown(self) -> Block:
+        """The block every output shows first: the named one, else the best-ranked (the least harmful)."""
+        return self.chosen_block or self.blocks[0]
+
+    @property
+    def greedy_base(self) -> float | None:
+        return None if self.greedy is None else self.greedy.base
 
     def as_dict(self, least_harmful: int = 3) -> dict:
-        top = self.chosen_block or self.blocks[0]
-        chosen = {"start": top.start, "end": top.end} if self.decision == "help" else None
+        top = self.shown
+        measure = MEASURES[self.regime]
         shown = [top, *(b for b in self.blocks if b is not top)][:least_harmful]
         return {
             "method": METHOD,
+            "regime": self.regime,
             "decision": self.decision,
             "reason": self.reason,
-            "block": chosen,
+            "block": {"start": top.start, "end": top.end} if self.decision == "help" else None,
             "predicted_gain": top.score,
             "gain_lower_bound": top.metrics["gain_lower_bound"],
-            "confidence": CONFIDENCE,
+            "confidence": self.race.get("confidence", CONFIDENCE),
             # The named block first (readers take the decision's cost from it), then the best-ranked others.
             "candidates": [b.as_dict() for b in shown],
+            "greedy": None if self.greedy is None else self.greedy.as_dict(),
             "greedy_base": self.greedy_base,
             "texts": dict(self.texts),
             "blocks_scored": len(self.blocks),
             "candidate_blocks": self.candidate_blocks,
-            "regime": self.regime,
-            "prompting": MEASURES[self.regime].prompting,
-            "metric": MEASURES[self.regime].metric,
-            "gain_per": MEASURES[self.regime].per,
-            "units": f"nats per {MEASURES[self.regime].per} of the reasoning calibration texts; positive = the duplicated model predicts them better",
+            "prompting": measure.prompting,
+            "metric": measure.metric,
+            "gain_per": measure.per,
+            "units": f"nats per {measure.per} of the reasoning calibration texts; positive = the duplicated model predicts them better",
+            "race": dict(self.race),
+            "work": {"layer_tokens": self.layer_tokens, "exhaustive_layer_tokens": self.exhaustive_layer_tokens},
             "kinds": {"confidence": CONFIDENCE, "bounds": KIND_BOUNDS, "min_texts": MIN_TEXTS,
                       "blocks": [{"start": b.start, "end": b.end, "by_kind": {kind: g.as_dict() for kind, g in self.by_kind[b.start, b.end].items()}}
                                  for b in shown if (b.start, b.end) in self.by_kind]},
         }
 
 
-def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, block_sizes: Sequence[int] = (3, 4, 5),
-            max_length: int = 128, threads: int | None = None, progress: Callable[[int, int], None] | None = None,
-            screen: bool = True, kinds: Sequence[str] | None = None, regime: str = FEW_SHOT,
-            questions: Sequence[tuple[str, str, str]] = ()) -> Prediction:
-    """Score the blocks of ``block_sizes`` by the log-probability they add to the digit tokens of ``reasoning``.
+@dataclass
+class Units:
+    """One regime's calibration units as token batches (``owners``: the unit of each scored token)."""
 
-    With ``screen`` (and more than one size), the blocks of the middle size are scored first, then
-    every block of any size whose start and end both lie within one layer of one of the SCREEN_TOP best
-    of them; the others are not scored (about half the work; see SCREEN_TOP). Every block runs only
-    what the score needs: each text up to its last digit token, and the head at the digit tokens. With
-    ``regime`` ZERO_SHOT the score is instead each of ``questions`` (question, answer, kind) asked alone,
-    on its answer's tokens (nats per question), and the per-kind gains are the questions' kinds. The
-    cost side (all tokens of the reasoning texts, the general texts) is measured for the COST_BLOCKS
-    best blocks; the others' cost metrics are None. ``kinds`` names each text's kind of task (all YOUR_TEXTS
-    when None): the gains are also reported per kind."""
+    regime: str
+    batches: list[TokenBatch]
+    counts: np.ndarray  # scored tokens per unit
+    kinds: list[str]
+    order: np.ndarray  # the units in race order
+    texts: dict[str, int]
+
+
+def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], *, regimes: Sequence[str] = REGIMES,
+            questions: Sequence[tuple[str, str, str]] = (), kinds: Sequence[str] | None = None, block_sizes: Sequence[int] = (3, 4, 5),
+            max_length: int = 128, threads: int | None = None, progress: Callable[[int, int], None] | None = None,
+            screen: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Prediction]:
+    """Per regime of ``regimes``, the blocks of ``block_sizes`` ranked by the log-probability they add to the answers, and
+    the decision.
+
+    Few-shot scores the digit tokens of ``reasoning`` (``kinds``: each text's kind of task, all YOUR_TEXTS when
+    None); zero-shot asks each of ``questions`` (question, answer, kind) alone. The cost side (all tokens of the
+    reasoning texts, the general texts) is measured for each regime's first block; the others' cost metrics are None.
+    ``screen=False`` runs every block on every unit (the exhaustive computation the race is measured against).
+    Few-shot is left out, with a note to ``log``, when the texts hold no numbers and zero-shot was asked for too."""
     if not reasoning:
         raise CpOnnxError("no reasoning calibration texts to score blocks on; give at least one")
+    unknown = [r for r in regimes if r not in MEASURES]
+    if unknown or not regimes:
+        raise CpOnnxError(f"unknown prompting regime {unknown[0] if unknown else regimes!r}; use {' or '.join(MEASURES)}")
     kinds = [YOUR_TEXTS] * len(reasoning) if kinds is None else list(kinds)
     if len(kinds) != len(reasoning):
         raise CpOnnxError(f"{len(kinds)} kinds for {len(reasoning)} reasoning texts; give one kind per text")
@@ -151,147 +207,305 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     cost_plan = ProbePlan([], encode, texts, max_length=max_length)
     if len(cost_plan.continuations) != len(texts):
         raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
-    r = len(reasoning)
-    if regime == ZERO_SHOT:
-        ranking, counts, kinds = _question_batches(questions, encode)
-    elif regime == FEW_SHOT:
-        ranking, counts = _digit_units(model, reasoning, encode, max_length)
-    else:
-        raise CpOnnxError(f"unknown prompting regime {regime!r}; use {' or '.join(MEASURES)}")
-    evaluator = ReuseEvaluator(model.onnx_path, Batches([*ranking, *cost_plan.batches]), threads)
-    ranked_part, cost_part = range(len(ranking)), range(len(ranking), len(ranking) + len(cost_plan.batches))
+    units: dict[str, Units] = {}
+    for regime in (r for r in REGIMES if r in regimes):
+        try:
+            units[regime] = (_question_units(questions, encode) if regime == ZERO_SHOT else
+                             _digit_units(model, reasoning, kinds, encode, max_length))
+        except NoNumbersError as exc:
+            if len(regimes) == 1:
+                raise
+            (log or print)(f"note: the few-shot prediction is skipped: {exc}")
+    batches = [batch for u in units.values() for batch in u.batches]
+    evaluator = ReuseEvaluator(model.onnx_path, Batches([*batches, *cost_plan.batches]), threads)
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
-    owners = np.concatenate([batch.owners for batch in ranking])
-    units = len(counts)  # texts (few-shot) or questions (zero-shot)
-    scored_tokens = np.bincount(owners, minlength=units)  # per unit: zero-shot, its answer's tokens
-
-    def unit_scores(config) -> tuple[np.ndarray, np.ndarray]:
-        """Per unit, the log-prob of its scored tokens and how many of them the model itself continues with (zero-shot: 1 when all)."""
-        scored = evaluator.token_scores(config, ranked_part)
-        logprob, argmax = (np.concatenate(part) for part in zip(*scored))
-        if not np.isfinite(logprob).all():
-            raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
-        hits = np.bincount(owners, weights=argmax, minlength=units)
-        if regime == ZERO_SHOT:  # the sweep's greedy exact match: every answer token is the argmax after the ones before it
-            hits = (hits == scored_tokens).astype(np.float64)
-        return np.bincount(owners, weights=logprob, minlength=units), hits
-
-    found: dict[tuple[int, int], np.ndarray] = {}  # block -> log-prob gained on each text's digit tokens (each question's answer)
-    greedy: dict[tuple[int, int], np.ndarray] = {}  # block -> digit tokens (questions) the model itself continues with, gained
-
-    def score(configs: list[tuple[int, int]], total: int) -> None:
-        for config in configs:
-            logprob, hits = unit_scores(config)
-            found[config], greedy[config] = logprob - base, hits - base_hits
-            if progress:
-                progress(len(found) + 1, total)
-
     sizes = sorted(set(block_sizes))
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
-    if progress:
-        progress(0, len(first) + 1)
-    base, base_hits = unit_scores(BASELINE)
-    score(first, len(first) + 1)
-    leaders = sorted(first, key=lambda b: (-found[b].sum(), b))[:SCREEN_TOP]
-    near = [b for b in candidates if b not in found and any(abs(b[0] - s) <= 1 and abs(b[1] - e) <= 1 for s, e in leaders)]
-    score(near, len(first) + len(near) + 1)
-    blocks = [b for b in candidates if b in found]
-    gains = np.array([found[b] for b in blocks])  # [blocks, texts]
-    numeric_gain = gains.sum(1) / counts.sum()
-    lower = _lower_bound(gains.T, counts)
-    ranked = sorted(range(len(blocks)), key=lambda b: (-numeric_gain[b], blocks[b]))
+    progress = _Progress(progress, len(units) * len(candidates))
+    found, at = {}, 0
+    for regime, regime_units in units.items():
+        began = evaluator.layer_tokens
+        span = range(at, at + len(regime_units.batches))
+        at += len(regime_units.batches)
+        schedule = SCHEDULES[regime] if screen else EXHAUSTIVE
+        found[regime] = _predict_regime(evaluator, regime_units, list(span), candidates, first, schedule, progress)
+        found[regime].layer_tokens_run = evaluator.layer_tokens - began
+    cost_part = list(range(len(batches), len(batches) + len(cost_plan.batches)))
+    costs = _costs(evaluator, cost_plan, cost_part, list(dict.fromkeys(r.shown for r in found.values())), len(reasoning))
+    return {regime: raced.prediction(regime, len(reasoning), len(general), len(candidates), costs, _exhaustive_work(regime_units, evaluator.num_layers, candidates))
+            for (regime, raced), regime_units in zip(found.items(), units.values())}
+
+
+class _Progress:
+    """Blocks raced so far against the candidates of every regime (a raced block counts once, at its first look)."""
+
+    def __init__(self, report: Callable[[int, int], None] | None, total: int):
+        self.report, self.total, self.done = report, total, 0
+        if report:
+            report(0, total)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.report:
+            self.report(self.done, self.total)
+
+    def skip(self, count: int) -> None:
+        """Blocks that will not run (not raced, or dropped): the total shrinks so that the ETA stays honest."""
+        self.total -= count
+        if self.report:
+            self.report(self.done, self.total)
+
+
+@dataclass
+class _Raced:
+    """One regime's race, scored: what ``Prediction`` is made from once the shared cost side is measured."""
+
+    units: Units
+    result: racing.RaceResult
+    base_hits: np.ndarray
+    hits: dict
+    ranked: list[tuple[int, int]]
+    lower: dict
+    critical: float
+    confidence: float
+    decision: str
+    reason: str
+    per_kind: dict
+    layer_tokens_run: int = 0
+
+    def prediction(self, regime: str, reasoning: int, general: int, candidates: int, costs: dict, exhaustive: int) -> Prediction:
+        result, units = self.result, self.units
+        seen = result.seen
+        weights = units.counts[seen]
+        blocks = []
+        for block in self.ranked:
+            scored = ~np.isnan(result.gains[block][seen])
+            gain = float(np.nansum(result.gains[block][seen]) / max(weights[scored].sum(), 1e-12))
+            metrics = {"gain_lower_bound": self.lower.get(block), "units": int(scored.sum()), "still_racing": block in result.alive,
+                       "greedy_change": self._greedy_change(block), **costs.get(block, _NO_COST)}
+            blocks.append(Block(*block, gain, metrics))
+        greedy = _greedy(self.hits.get(self.shown), self.base_hits, units.counts, seen)
+        race = {"units_used": int(len(seen)), "units": int(len(units.counts)), "looks": result.history, "blocks_raced": len(result.gains),
+                "blocks_racing_at_end": len(result.alive), "early_stop": result.stop, "confidence": self.confidence, "critical_value": self.critical}
+        texts = {"reasoning": reasoning, "general": general, **units.texts}
+        return Prediction(blocks, self.decision, texts, self.reason, candidates, self.layer_tokens_run, self.per_kind, regime, greedy, race, exhaustive)
+
+    @property
+    def shown(self) -> tuple[int, int]:
+        """The named block (the best-ranked whose bound is above zero), else the best-ranked: its cost and greedy change are measured."""
+        named = next((b for b in self.ranked if (self.lower.get(b) or 0) > 0), None) if self.decision == "help" else None
+        return named or self.ranked[0]
+
+    def _greedy_change(self, block) -> float | None:
+        hits = self.hits.get(block)
+        if hits is None:
+            return None
+        seen = self.result.seen
+        held = ~np.isnan(hits[seen])
+        return float((hits[seen][held] - self.base_hits[seen][held]).sum() / max(self.units.counts[seen][held].sum(), 1e-12))
+
+
+def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], candidates, first, schedule: racing.Schedule, progress: _Progress) -> _Raced:
+    """Race one regime's units, then its bound, decision and per-kind gains."""
+    batch_of = np.full(len(units.counts), -1, dtype=np.int64)  # -1: a unit without scored tokens (a text without numbers)
+    for k, batch in enumerate(units.batches):
+        batch_of[np.unique(batch.owners)] = k
+    zero_shot = units.regime == ZERO_SHOT
+    base_logprob = np.full(len(units.counts), np.nan)
+    base_hits = np.full(len(units.counts), np.nan)
+    hits: dict = {}
+
+    def run(config, unit_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit of ``unit_ids``: summed log-prob of its scored tokens and its hits (zero-shot: 1 when all tokens hit)."""
+        size = len(units.counts)
+        summed, hit = np.zeros(size), np.zeros(size)
+        chosen = sorted(set(batch_of[unit_ids].tolist()) - {-1})
+        if chosen:
+            scored = evaluator.token_scores(config, [span[k] for k in chosen])
+            logprob, argmax = (np.concatenate(part) for part in zip(*scored))
+            if not np.isfinite(logprob).all():
+                raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
+            owners = np.concatenate([units.batches[k].owners for k in chosen])
+            summed, hit = np.bincount(owners, weights=logprob, minlength=size), np.bincount(owners, weights=argmax, minlength=size)
+            if zero_shot:
+                hit = (hit == np.bincount(owners, minlength=size)).astype(np.float64)
+        return summed[unit_ids], hit[unit_ids]
+
+    def score(block, unit_ids: np.ndarray) -> np.ndarray:
+        missing = unit_ids[np.isnan(base_logprob[unit_ids])]
+        if len(missing):
+            base_logprob[missing], base_hits[missing] = run(BASELINE, missing)
+        if block not in hits:
+            progress.step()
+            hits[block] = np.full(len(units.counts), np.nan)
+        logprob, hit = run(block, unit_ids)
+        hits[block][unit_ids] = hit
+        return logprob - base_logprob[unit_ids]
+
+    def clear(alive, seen, gains) -> str | None:
+        point, lower, upper, _ = bounds(np.stack([gains[b][seen] for b in alive], axis=1), units.counts[seen],
+                                             len(gains), racing.EARLY_CONFIDENCE)
+        leader = int(np.argmax(point))
+        if lower[leader] > 0 and all(racing.near(b, alive[leader]) for b in alive):
+            return "help"
+        return "abstain" if (upper < 0).all() else None
+
+    result = racing.race(candidates, first, units.order, units.counts, score, schedule, clear)
+    progress.skip(len(candidates) - len(result.gains))
+    seen, alive = result.seen, result.alive
+    counts = units.counts[seen]
+    confidence = racing.EARLY_CONFIDENCE if result.stop else CONFIDENCE
+    gains = np.stack([result.gains[b][seen] for b in alive], axis=1)  # [units, blocks still racing]
+    dropped = len(result.gains) - len(alive)
+    point, lower, _, critical = bounds(gains, counts, len(result.gains) if dropped else None, confidence)
+    order = sorted(range(len(alive)), key=lambda k: (-point[k], alive[k]))
+    ranked = [alive[k] for k in order]
+    dropped_blocks = sorted((b for b in result.gains if b not in alive), key=lambda b: (-np.nanmean(result.gains[b][seen]), b))
     with_numbers = int((counts > 0).sum())
-    named = [b for b in ranked if lower[b] > 0][: int(with_numbers >= MIN_TEXTS)]  # a "help" decision's block: its cost too
-    costs = _costs(evaluator, cost_plan, cost_part, [blocks[b] for b in dict.fromkeys([*ranked[:COST_BLOCKS], *named])], r)
-    scored = [Block(*blocks[b], float(numeric_gain[b]), {"gain_lower_bound": float(lower[b]), "greedy_change": float(greedy[blocks[b]].sum() / counts.sum()),
-                                                         **costs.get(blocks[b], _NO_COST)}) for b in ranked]
-    drawn = "questions" if regime == ZERO_SHOT else "texts"  # what the bootstrap resamples
+    measure = MEASURES[units.regime]
+    jointly = f"jointly for the {len(result.gains)} blocks raced" + (f" ({dropped} dropped on the way as clearly worse)" if dropped else "")
     if with_numbers < MIN_TEXTS:
-        what = "questions state answers" if regime == ZERO_SHOT else "texts hold numbers"
-        more = 'give more texts with an "answer"' if regime == ZERO_SHOT else "-n"
+        what = "questions state answers" if zero_shot else "texts hold numbers"
+        more = 'give more texts with an "answer"' if zero_shot else "-n"
         decision, reason = "abstain", f"only {with_numbers} calibration {what}; at least {MIN_TEXTS} are needed to decide ({more})"
-    elif named:
-        start, end = blocks[named[0]]
-        decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the {drawn}, "
-                                    f"jointly with the bounds of all {len(scored)} blocks scored")
+    elif (lower > 0).any():
+        start, end = next(b for k, b in zip(order, ranked) if lower[k] > 0)
+        decision, reason = "help", (f"[{start}, {end})'s gain is above zero in {confidence:.0%} of {RESAMPLES} resamples of the "
+                                    f"{len(seen)} {measure.units}, {jointly}")
     else:
-        decision, reason = "abstain", (f"no block's gain is above zero in {CONFIDENCE:.0%} of {RESAMPLES} resamples of the {drawn}, "
-                                       f"jointly for the {len(scored)} blocks scored")
-    texts_used = {"reasoning": r, "general": len(general), "with_numbers": with_numbers}
-    texts_used.update({"questions": units} if regime == ZERO_SHOT else {"digit_tokens": int(counts.sum())})
-    per_kind = dict(zip(blocks, kind_gains(gains.T, counts, kinds, confidence=CONFIDENCE, min_texts=MIN_TEXTS)))
-    return Prediction(scored, decision, texts_used, reason, len(candidates), evaluator.layer_tokens, per_kind, regime,
-                      float(base_hits.sum() / counts.sum()))
+        decision, reason = "abstain", (f"no block's gain is above zero in {confidence:.0%} of {RESAMPLES} resamples of the "
+                                       f"{len(seen)} {measure.units}, {jointly}")
+    if result.stop:
+        reason += f"; decided after {len(seen)} of {len(units.counts)} {measure.units}, the race's early stop"
+    per_kind = dict(zip(alive, kind_gains(gains, counts, [units.kinds[u] for u in seen], confidence=CONFIDENCE, min_texts=MIN_TEXTS)))
+    lower_by_block = {alive[k]: float(lower[k]) for k in range(len(alive))}
+    return _Raced(units, result, base_hits, hits, ranked + dropped_blocks, lower_by_block, critical, confidence, decision, reason, per_kind)
 
 
-# Screening rests on the gains varying smoothly with a block's start and end. Measured on the ground truth
-# (benchmarks/results/sweep_*_seed{0,1}.jsonl: SmolLM2 and Gemma 3 270M, answer log-prob of all 81 / 45
-# blocks) and on this method's own full ranking of SmolLM2: with 3 leaders the screened set holds the true
-# best block and all of the top 3 in all five, for 49-53% of the unscreened work; screening every other
-# start instead loses SmolLM2 seed 0's best block.
-SCREEN_TOP = 3
-# The best-ranked block (and the block a "help" decision names) get their cost side measured: all tokens of the
-# reasoning texts and the general texts, run from the block on. Each costs about 4 blocks of the ranking (on
-# Qwen2.5-1.5B shapes, 17 s of 181 for the two more a top 3 would need), and the decision reports one cost.
+def bounds(gains: np.ndarray, counts: np.ndarray, raced: int | None, confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Per block (a column of ``gains`` [units, blocks]): its gain per scored token, and lower and upper bounds that hold
+    for all blocks at once with ``confidence``; and the critical value.
+
+    Max-t bootstrap, studentised: units are resampled with replacement (resamples whose units hold no scored token
+    are left out); in each, every block's deviation from its estimate is divided by that resample's own standard
+    error, and the ``confidence`` quantile of the largest over blocks is the critical value c: bound = gain -+ c *
+    standard error. Studentising matters with ten texts: dividing by one fixed spread instead passed pure noise
+    as "help" in 36% of simulated runs of 40 blocks (tests/test_predict.py), this in about 5%.
+    After a race (``raced``: blocks raced, of which only the columns of ``gains`` reached the end) the blocks left
+    were chosen on the same units, so c is at least the one-block t quantile at 1 - (1 - confidence) / raced
+    (Bonferroni over every block raced): without it, noise passed for "help" in 22 of 40 simulated null races."""
+    weights = bootstrap.resample_weights(counts)
+    rate = bootstrap.per_token(gains, counts)
+    point, error = bootstrap.weighted_mean(rate, counts[None, :])
+    t = bootstrap.studentised(*bootstrap.weighted_mean(rate, weights * counts), point)
+    critical_low = max(0.0, float(np.quantile(t.max(axis=1), confidence)))
+    critical_high = max(0.0, float(np.quantile((-t).max(axis=1), confidence)))
+    if raced:
+        guard = float(stats.t.ppf(1 - (1 - confidence) / raced, max(int((counts > 0).sum()) - 1, 1)))
+        critical_low, critical_high = max(critical_low, guard), max(critical_high, guard)
+    return point[0], point[0] - critical_low * error[0], point[0] + critical_high * error[0], critical_low
+
+
+def _greedy(block_hits: np.ndarray | None, base_hits: np.ndarray, counts: np.ndarray, seen: np.ndarray) -> Greedy | None:
+    """The greedy share without and with a block, and a paired bootstrap bound on the change (None with too few changes)."""
+    if block_hits is None:
+        return None
+    held = seen[~np.isnan(block_hits[seen]) & (counts[seen] > 0)]
+    if not len(held):
+        return None
+    total = counts[held].sum()
+    base, change = base_hits[held], block_hits[held] - base_hits[held]
+    changed = int((change != 0).sum())
+    lower = upper = None
+    if changed >= MIN_CHANGED:
+        draws = bootstrap.resample_weights(counts[held])
+        resampled = (draws @ change) / (draws @ counts[held])
+        lower, upper = (float(v) for v in np.quantile(resampled, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2]))
+    return Greedy(float(base.sum() / total), float(change.sum() / total), lower, upper, changed)
+
+
+# The best-ranked block of each regime (the one a decision names, or the least harmful) gets its cost side measured:
+# all tokens of the reasoning texts and the general texts, run from the block on. Each costs about 4 blocks of the
+# ranking (on Qwen2.5-1.5B shapes, 17 s of 181 for two more), and the decision reports one cost.
 COST_BLOCKS = 1
 _NO_COST = {"text_nll_change": None, "general_nll_change": None}
 
 
-def _digit_units(model: ModelFolder, reasoning: Sequence[str], encode, max_length: int) -> tuple[list[TokenBatch], np.ndarray]:
-    """Few-shot: the texts' digit-token batches, and the digit tokens per text (each text's weight)."""
+def _digit_units(model: ModelFolder, reasoning: Sequence[str], kinds: list[str], encode, max_length: int) -> Units:
+    """Few-shot: each text cut after its last digit token, scored at its digit tokens (one unit per text)."""
     token_lists = [encode(text)[:max_length] for text in reasoning]
     digits = [numeric_tokens(model, np.asarray(tokens)) for tokens in token_lists]
     if not any(d[1:].any() for d in digits):
         raise NoNumbersError("the reasoning calibration texts hold no numbers, and this method scores the numbers a text states or derives; "
                              "give texts with numbers, or choose one of the paper's methods with --method (stability, anomaly, composite, boundary)")
-    batches = _digit_batches(token_lists, digits)
-    owners = np.concatenate([batch.owners for batch in batches])
-    return batches, np.bincount(owners, minlength=len(reasoning)).astype(np.float64)
+    sequences = []
+    for k, (tokens, d) in enumerate(zip(token_lists, digits)):
+        at = np.flatnonzero(d)
+        at = at[at > 0]
+        if len(at):
+            sequences.append((k, tokens[: int(at[-1]) + 1], at))
+    batches = unit_batches(sequences, [range(len(reasoning))])
+    counts = np.zeros(len(reasoning))
+    for k, _, at in sequences:
+        counts[k] = len(at)
+    texts = {"with_numbers": int((counts > 0).sum()), "digit_tokens": int(counts.sum())}
+    return Units(FEW_SHOT, batches, counts, kinds, np.arange(len(reasoning)), texts)
 
 
-def _question_batches(questions: Sequence[tuple[str, str, str]], encode) -> tuple[list[TokenBatch], np.ndarray, list[str]]:
-    """Zero-shot: each question asked alone and scored on its answer's tokens (one unit of weight per question), and the kinds."""
+def _question_units(questions: Sequence[tuple[str, str, str]], encode) -> Units:
+    """Zero-shot: each question asked alone and scored on its answer's tokens (one unit per question), batched per look."""
     if not questions:
         raise CpOnnxError('the zero-shot prediction needs calibration questions that state an "answer"; give a .jsonl file with them, '
-                          'or choose --regime few_shot')
+                          'or choose --regime few')
     items = [ProbeItem(f"q{k}", kind, PROMPT.format(question=question), " " + answer) for k, (question, answer, kind) in enumerate(questions)]
-    plan = ProbePlan(items, encode)  # no options: continuation k is question k's answer
-    return plan.batches, np.ones(len(items)), [kind for _, _, kind in questions]
+    plan = ProbePlan(items, encode)  # no options: sequence k is question k, scored on its answer
+    sequences = [(k, list(seq.tokens), np.arange(seq.start, len(seq.tokens))) for k, seq in enumerate(plan.sequences)]
+    kinds = [kind for _, _, kind in questions]
+    order = racing.interleave(kinds, [len(seq.tokens) for seq in plan.sequences])
+    bounds = [0, *(min(n, len(order)) for n in SCHEDULES[ZERO_SHOT].looks if n is not None), len(order)]
+    looks = [order[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    counts = np.ones(len(items))  # one unit of weight per question, whatever its answer's length: nats per question
+    return Units(ZERO_SHOT, unit_batches(sequences, looks), counts, kinds, order, {"questions": len(items), "with_numbers": len(items)})
 
 
-def _digit_batches(token_lists: list[list[int]], digits: list[np.ndarray], batch_size: int = 16) -> list[TokenBatch]:
-    """Each text cut after its last digit token, scored at its digit tokens (after the first token); owners = text index.
-
-    Texts go shortest first into batches of at most ``batch_size``, a new batch starting where the next
-    text would pad the batch past PAD_SLACK times its real tokens (every block reruns these tokens)."""
-    kept = [(k, tokens[: int(np.flatnonzero(d)[-1]) + 1]) for k, (tokens, d) in enumerate(zip(token_lists, digits)) if d[1:].any()]
-    kept.sort(key=lambda pair: (len(pair[1]), pair[0]))
-    groups, real = [[]], 0
-    for k, tokens in kept:
-        group = groups[-1]
-        if group and (len(group) == batch_size or (len(group) + 1) * len(tokens) > PAD_SLACK * (real + len(tokens))):
-            groups.append(group := [])
-            real = 0
-        group.append((k, tokens))
-        real += len(tokens)
+def unit_batches(sequences: list[tuple[int, list[int], np.ndarray]], looks: Sequence[Sequence[int]], batch_size: int = 16) -> list[TokenBatch]:
+    """Token batches of (unit, tokens, scored positions), never mixing two looks (a race runs a look's batches only):
+    within a look, shortest first, at most ``batch_size`` rows, a new batch where the next sequence would pad the
+    batch past PAD_SLACK times its real tokens (every block reruns these tokens). Owners = the unit."""
+    by_unit = {unit: (tokens, at) for unit, tokens, at in sequences}
     batches = []
-    for group in groups:
-        ids, mask = pad_batch([tokens for _, tokens in group])
-        positions, targets, owners = [], [], []
-        for row, (k, tokens) in enumerate(group):
-            at = np.flatnonzero(digits[k][: len(tokens)])
-            at = at[at > 0]
-            positions.append(row * ids.shape[1] + at - 1)
-            targets.append(np.asarray(tokens)[at])
-            owners.append(np.full(at.size, k))
-        batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners))))
+    for look in looks:
+        members = sorted((u for u in look if u in by_unit), key=lambda u: (len(by_unit[u][0]), u))
+        groups, real = [[]], 0
+        for unit in members:
+            group, length = groups[-1], len(by_unit[unit][0])
+            if group and (len(group) == batch_size or (len(group) + 1) * length > PAD_SLACK * (real + length)):
+                groups.append(group := [])
+                real = 0
+            group.append(unit)
+            real += length
+        for group in (g for g in groups if g):
+            ids, mask = pad_batch([by_unit[u][0] for u in group])
+            positions, targets, owners = [], [], []
+            for row, unit in enumerate(group):
+                tokens, at = by_unit[unit]
+                positions.append(row * ids.shape[1] + at - 1)
+                targets.append(np.asarray(tokens)[at])
+                owners.append(np.full(len(at), unit))
+            batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners))))
     return batches
 
 
-PAD_SLACK = 1.15  # padded tokens per real token a digit batch may reach (SmolLM2's 8 texts: 223 padded for 198, not 256)
+PAD_SLACK = 1.15  # padded tokens per real token a batch may reach (SmolLM2's 8 digit texts: 223 padded for 198, not 256)
 
 
-def _costs(evaluator: ReuseEvaluator, plan: ProbePlan, part: range, blocks: list[tuple[int, int]], reasoning: int) -> dict:
+def _exhaustive_work(units: Units, num_layers: int, candidates: Sequence[tuple[int, int]]) -> int:
+    """Layer-tokens of every candidate block (and the base model) on every unit: what the race is measured against."""
+    tokens = sum(int(batch.input_ids.size) for batch in units.batches)
+    return tokens * (num_layers + sum(num_layers - start for start, _ in candidates))
+
+
+def _costs(evaluator: ReuseEvaluator, plan: ProbePlan, part: list[int], blocks: list[tuple[int, int]], reasoning: int) -> dict:
     """Per block, the change of the mean NLL over all tokens of the reasoning texts and of the general texts."""
     tokens = np.array([len(c.tokens) for c in plan.continuations], dtype=np.float64)
 
@@ -312,20 +526,3 @@ def numeric_tokens(model: ModelFolder, ids: np.ndarray) -> np.ndarray:
     """Which token ids hold a digit (as the tokenizer spells them: "Ġ42", "▁7", "3")."""
     spell = model.tokenizer.id_to_token
     return np.array([any(ch.isdigit() for ch in (spell(int(i)) or "")) for i in ids], dtype=bool)
-
-
-def _lower_bound(gains: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Per block, a lower bound on its token-weighted gain that holds for all blocks at once, with CONFIDENCE.
-
-    ``gains`` [texts, blocks] and ``tokens`` [texts]. Max-t bootstrap, studentised: texts are resampled with
-    replacement (resamples whose texts hold no scored token are left out); in each, every block's
-    deviation from its estimate is divided by that resample's own standard error, and the CONFIDENCE
-    quantile of the largest over blocks is the one critical value c: bound = gain - c * standard error.
-    Studentising matters with ten texts: dividing by one fixed spread instead passed pure noise as
-    "help" in 36% of simulated runs of 40 blocks (tests/test_predict.py), this in about 5%."""
-    weights = bootstrap.resample_weights(tokens)
-    rate = bootstrap.per_token(gains, tokens)
-    point, error = bootstrap.weighted_mean(rate, tokens[None, :])
-    t = bootstrap.studentised(*bootstrap.weighted_mean(rate, weights * tokens), point)
-    critical = max(0.0, float(np.quantile(t.max(axis=1), CONFIDENCE)))
-    return point[0] - critical * error[0]

@@ -295,3 +295,38 @@ def _top_per_size(blocks: list[Block], top: int) -> list[Block]:
     """The ``top`` cheapest blocks of each size, size by size."""
     sizes = sorted({b.end - b.start for b in blocks})
     return [b for n in sizes for b in [b for b in blocks if b.end - b.start == n][:top]]
+
+
+def pruning_section(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], report: dict, *, max_length: int = 128,
+                    threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """report.json's ``pruning``: every layer method's choices and block rankings and, when the report holds head
+    influence (``analyze --heads``), the heads ranked by it."""
+    from cp_onnx.analysis import head_pruning
+
+    layers = predict_layers(model, reasoning, general, max_length=max_length, threads=threads, progress=progress)
+    section = {"layers": layers.as_dict(top=None)}
+    scores = head_scores(report)
+    if scores:
+        section["heads"] = head_pruning.heads_section(scores)
+    return section
+
+
+def head_scores(report: dict) -> dict[str, np.ndarray]:
+    """Per head pruning method, [layers, heads] of the report's head influence column it ranks by; a method whose
+    column some head lacks (ablated exactly only for the strongest heads: --exact-heads N) is left out, since its
+    unmeasured heads would rank as the most expensive to remove, not where they belong."""
+    from cp_onnx.analysis import head_pruning
+
+    rows = (report.get("heads") or {}).get("heads")
+    if not rows:
+        return {}
+    shape = (max(r["layer"] for r in rows) + 1, max(r["head"] for r in rows) + 1)
+    scores = {}
+    for method, column in head_pruning.METHODS.items():
+        if any(row.get(column) is None for row in rows):
+            continue
+        table = np.full(shape, np.nan)
+        for row in rows:
+            table[row["layer"], row["head"]] = row[column]
+        scores[method] = table
+    return scores

@@ -18,7 +18,8 @@ from cp_onnx.files import file_sha256, json_ready
 from cp_onnx.analysis.stats import STAT_NAMES
 
 REPORT_FORMAT = "cp-onnx-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: "predictions" per prompting regime (1: one "prediction")
+METHOD = "duplication_loss"  # the default method (analysis.predict.METHOD), whose ranking is per regime
 
 
 def schema() -> dict:
@@ -48,34 +49,34 @@ def layers_table(stats: dict[str, np.ndarray]) -> list[dict]:
     return [{"layer": i, **{name: stats[name][i] for name in STAT_NAMES if name in stats}} for i in range(n)]
 
 
-def build_report(analysis, *, onnx_sha256: str | None = None) -> dict:
-    """The report dictionary for an ``analyze.Analysis``."""
-    model = analysis.model
+def build_report(model, num_layers: int, family: str, stats: dict[str, np.ndarray], methods: dict, calibration: dict, timings: dict,
+                 predictions: dict | None = None, *, onnx_sha256: str | None = None) -> dict:
+    """The report dictionary of one analysis: the model, the calibration, the per-layer statistics, each method's
+    ranked blocks and the default method's prediction per regime (``predictions``: regime -> predict.Prediction)."""
     manifest = model.manifest
+    ranked = {name: {"blocks": [b.as_dict() for b in blocks]} for name, blocks in methods.items()}
+    predictions = predictions or {}
+    if predictions and METHOD in ranked:  # the default method ranks blocks per regime; "blocks" is the first regime's
+        ranked[METHOD]["by_regime"] = {regime: [b.as_dict() for b in found.blocks] for regime, found in predictions.items()}
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "model": {
             "name": model.name,
-            "family": manifest.get("family") or analysis.family,
-            "discovered_as": analysis.family,
-            "num_layers": analysis.num_layers,
+            "family": manifest.get("family") or family,
+            "discovered_as": family,
+            "num_layers": num_layers,
             "weights_sha256": manifest.get("weights_sha256"),
             "onnx_sha256": onnx_sha256 or file_sha256(model.onnx_path),
             "manifest": manifest,
         },
-        "calibration": analysis.calibration,
-        "layers": layers_table(analysis.stats),
-        "methods": {
-            name: {"blocks": [b.as_dict() for b in blocks]} for name, blocks in analysis.methods.items()
-        },
+        "calibration": calibration,
+        "predictions": {regime: found.as_dict() for regime, found in predictions.items()},
+        "layers": layers_table(stats),
+        "methods": ranked,
         "versions": versions(),
-        "timings": analysis.timings,
+        "timings": timings,
     }
-    if analysis.prediction is not None:
-        report["prediction"] = analysis.prediction.as_dict()
-    if analysis.languages is not None:
-        report["languages"] = analysis.languages
     return json_ready(report)
 
 
@@ -104,9 +105,11 @@ def read_report(path: Path, *, complete: bool = False) -> dict:
         raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
     shapes.check(data, reading_schema(complete), str(path), "re-run `cp-onnx analyze` to write it again")
     layers = data["model"]["num_layers"]
-    for method, entry in data["methods"].items():
-        for block in entry["blocks"] + ((data.get("prediction") or {}).get("candidates") or [] if method == "duplication_loss" else []):
-            if not block["start"] < block["end"] <= layers:
-                raise CpOnnxError(f"{path}: method {method!r} names block [{block['start']}, {block['end']}), not a block of the "
-                                  f"model's {layers} layers; re-run `cp-onnx analyze` to write it again")
+    named = [(f"method {method!r}", block) for method, entry in data["methods"].items()
+             for block in entry["blocks"] + [b for blocks in (entry.get("by_regime") or {}).values() for b in blocks]]
+    named += [(f"the {regime} prediction", block) for regime, found in (data.get("predictions") or {}).items() for block in found.get("candidates") or []]
+    for where, block in named:
+        if not block["start"] < block["end"] <= layers:
+            raise CpOnnxError(f"{path}: {where} names block [{block['start']}, {block['end']}), not a block of the "
+                              f"model's {layers} layers; re-run `cp-onnx analyze` to write it again")
     return data

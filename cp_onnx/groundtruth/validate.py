@@ -6,20 +6,21 @@ general-text cost beside it, never as one number alone.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping, Sequence
 
 from cp_onnx.errors import CpOnnxError
-from cp_onnx.files import atomic_open
 from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
 from cp_onnx.models.scoring import METRICS
 
 TOLERANCE = 2  # "within 2 layers": start and end each off by at most this much
 
 
-def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: Sequence[str] = METRICS, sweep_header: dict | None = None) -> dict:
-    """Per method and metric: the sweep's best block, where the method ranks it, and what its top-1 achieves.
+def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: Sequence[str] = METRICS, sweep_header: dict | None = None,
+             regime: str | None = None) -> dict:
+    """Per method and metric: the sweep's best block, where the method ranks it, and what its top-1 achieves; and, for
+    ``regime``, the report's decision for that regime against the sweep (``decision``).
 
+    A method that ranks per regime (the default method's ``by_regime``) is judged on its ``regime`` ranking.
     With ``sweep_header`` (from ``sweep.read_sweep``), a report and sweep of different ONNX files are refused.
     """
     if sweep_header is not None:
@@ -40,9 +41,25 @@ def validate(report: dict, sweep_rows: list[dict], *, top_k: int = 5, metrics: S
         "methods": {},
     }
     for method, entry in methods.items():
-        predicted = [(b["start"], b["end"]) for b in entry.get("blocks", [])]
+        ranking = (entry.get("by_regime") or {}).get(regime) or entry.get("blocks", [])
+        predicted = [(b["start"], b["end"]) for b in ranking]
         result["methods"][method] = {metric: _judge(predicted, baseline, blocks, best[metric], metric, top_k) for metric in metrics}
+    prediction = (report.get("predictions") or {}).get(regime)
+    if isinstance(prediction, dict):
+        result["decision"] = judge_decision(prediction, baseline, blocks, metrics)
     return result
+
+
+def judge_decision(prediction: dict, baseline: dict, blocks: dict, metrics: Sequence[str]) -> dict:
+    """A regime's decision against the sweep: what its first candidate (the named block, or the least harmful) realises
+    on each metric, beside the sweep's best; for "help", whether the named block really gains."""
+    candidates = prediction.get("candidates") or []
+    first = (candidates[0]["start"], candidates[0]["end"]) if candidates else None
+    realised = {metric: gain(blocks.get(first), baseline, metric) if first else None for metric in metrics}
+    return {"decision": prediction.get("decision"), "block": list(first) if first else None, "realised": realised,
+            "in_sweep": first in blocks if first else False,
+            "named_block_gains": None if prediction.get("decision") != "help" or realised.get("answer_logprob") is None
+            else realised["answer_logprob"] > 0}
 
 
 def validate_regimes(report: dict, sweep_rows: list[dict], *, top_k: int = 5, sweep_header: dict | None = None, removals: bool = False) -> dict:
@@ -57,7 +74,7 @@ def validate_regimes(report: dict, sweep_rows: list[dict], *, top_k: int = 5, sw
     if removals:
         pruning = (report.get("pruning") or {}).get("layers")
         return {"regimes": {r: validate_removals(pruning, regime_rows(sweep_rows, r), top_k=top_k) for r in regimes}}
-    return {"regimes": {r: validate(report, regime_rows(sweep_rows, r), top_k=top_k) for r in regimes}}
+    return {"regimes": {r: validate(report, regime_rows(sweep_rows, r), top_k=top_k, regime=r) for r in regimes}}
 
 
 def check_same_model(report: dict, sweep_header: dict) -> None:
@@ -162,55 +179,3 @@ def _judge(predicted: list[tuple[int, int]], baseline: dict, blocks: dict, best:
         # Only meaningful when some block helps: a ratio to a loss would reward hurting less.
         "gain_ratio": top1_gain / best_gain if top1_gain is not None and best_gain and best_gain > 0 else None,
     }
-
-
-MAX_GAIN = 1e12  # a larger gain on any metric (nats, accuracy) can only come from a damaged sweep file
-
-
-def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], out_png: str | Path, metric: str = "answer_logprob",
-            what: str = "Duplicated") -> Path:
-    """A start x end map of each block's gain on ``metric``, each method's top-1 and the best block marked; PNG written atomically."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colors import TwoSlopeNorm
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise CpOnnxError("heatmaps need matplotlib: pip install 'cp-onnx[plots]'") from None
-    import numpy as np
-
-    baseline, blocks = split_rows(sweep_rows)
-    if baseline.get(metric) is None:
-        raise CpOnnxError(f"the sweep has no {metric!r} values; choose one of {', '.join(METRICS)}")
-    size = max([end for _, end in blocks] + [1])
-    grid = np.full((size, size), np.nan)  # [start, end - 1]
-    for (start, end), row in blocks.items():
-        value = gain(row, baseline, metric)
-        grid[start, end - 1] = np.nan if value is None else value
-    limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-    if not limit < MAX_GAIN:  # matplotlib's colour bar overflows on such a range: and no probe suite gives it
-        raise CpOnnxError(f"the sweep's {metric} gains reach {limit:.3g}, far beyond any log-probability or accuracy; "
-                          "the sweep file is damaged: run cp-onnx sweep again")
-    figure = Figure(figsize=(7, 6))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(np.ma.masked_invalid(grid), origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -limit or -1, limit or 1),
-                        extent=(0.5, size + 0.5, -0.5, size - 0.5), aspect="auto")
-    figure.colorbar(image, ax=axes, label=f"{metric} gain over baseline")
-    best = best_block(baseline, blocks, metric)
-    if best:
-        axes.scatter([best[1]], [best[0]], marker="*", s=220, facecolors="gold", edgecolors="black", label=f"best {best[0]}:{best[1]}", zorder=3)
-    for (method, predicted), marker in zip(predictions.items(), "osD^v<>ph"):
-        if predicted:
-            top1 = predicted[0]
-            axes.scatter([top1["end"]], [top1["start"]], marker=marker, s=110, facecolors="none", edgecolors="black", linewidths=1.5,
-                         label=f"{method} top-1 {top1['start']}:{top1['end']}", zorder=3)
-    axes.set(xlabel="end (exclusive)", ylabel="start", title=f"{what} block [start, end): {metric} gain")
-    axes.legend(loc="upper left", fontsize=8)
-    return save_png(figure, Path(out_png))
-
-
-def save_png(figure, path: Path) -> Path:
-    """Write a matplotlib figure as PNG, atomically."""
-    with atomic_open(path, binary=True) as out:
-        figure.savefig(out, format="png", dpi=120, bbox_inches="tight")
-    return path

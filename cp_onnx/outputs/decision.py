@@ -1,15 +1,29 @@
-"""The answer every output shows first: the default prediction's decision, in one line.
+"""The answer every output shows first: the default prediction's decision for each prompting regime, one line each.
 
-One function writes it, so the summary, the text report, the ONNX metadata and the HTML page cannot
-disagree; examples/cpp/main.cpp rebuilds the same line from report.json, branch for branch, so keep
-the two in step (tests/test_cpp_example.py compares them). A report trimmed by hand, or written
-before a field existed, loses only the parts whose fields are missing: readers must not fail on it.
+One module writes them, so the summary, the text report, the ONNX metadata and the HTML page cannot
+disagree; examples/cpp/main.cpp rebuilds the same lines from report.json, branch for branch, so keep
+the two in step (tests/test_cpp_example.py compares them). A report trimmed by hand loses only the parts
+whose fields are missing: readers must not fail on it. Each line names its regime, because a block's gain
+depends on how the question is asked.
 """
 from __future__ import annotations
 
-# Older reports, and analyses where the default method was skipped (texts without numbers) or not asked for.
-NO_PREDICTION = ("decision: none: this report holds no default prediction (an older report, or duplication_loss was "
-                 "skipped or not run), so no block is recommended; its rankings are not recommendations")
+from cp_onnx.regimes import REGIMES
+
+# Analyses where the default method was skipped (texts without numbers) or not asked for.
+NO_PREDICTION = ("decision: none: this report holds no default prediction (duplication_loss was skipped or not run), "
+                 "so no block is recommended; its rankings are not recommendations")
+LABELS = {"zero_shot": "zero-shot", "few_shot": "few-shot"}
+
+
+def predictions(report: dict) -> dict[str, dict]:
+    """The report's predictions in REGIMES order (those that are well-formed dictionaries)."""
+    found = report.get("predictions") if isinstance(report.get("predictions"), dict) else {}
+    return {regime: found[regime] for regime in REGIMES if isinstance(found.get(regime), dict)}
+
+
+def label(regime: str) -> str:
+    return LABELS.get(regime, str(regime))
 
 
 def span(block: dict) -> str:
@@ -26,12 +40,12 @@ def helps(prediction: dict) -> bool:
 
 
 def gain_per(prediction: dict) -> str:
-    """What the gain is averaged over: "digit token" (few-shot texts; also reports written before regimes) or "question" (zero-shot)."""
+    """What the gain is averaged over: "question" (zero-shot) or "digit token" (few-shot)."""
     return prediction.get("gain_per") or "digit token"
 
 
 def figures(prediction: dict) -> str | None:
-    """Gain, lower bound and general-text cost of the top candidate; None when the report lacks them."""
+    """Gain, lower bound and general-text cost of the first candidate; None when the report lacks them."""
     candidates = prediction.get("candidates") or []
     gain, lower = prediction.get("predicted_gain"), prediction.get("gain_lower_bound")
     if not candidates or gain is None or lower is None:
@@ -43,31 +57,31 @@ def figures(prediction: dict) -> str | None:
 
 
 def scope(prediction: dict) -> str:
-    """Which metric and prompting regime the figures hold for, and the method that measured them."""
-    if prediction.get("metric") and prediction.get("regime"):
-        measured = f"metric {prediction['metric']}, regime {prediction['regime']}"
-    else:
-        measured = "metric and regime not recorded (an older report)"
+    """Which metric the figures hold for, and the method that measured them."""
+    measured = f"metric {prediction['metric']}" if prediction.get("metric") else "metric not recorded"
     return f"{measured}, method {prediction.get('method') or 'duplication_loss'}"
 
 
-def decision_line(report: dict) -> str:
-    """The decision as one line: the block to duplicate with its gain and cost, or that none is predicted to help.
+def decision_lines(report: dict) -> list[str]:
+    """One line per regime's decision, in REGIMES order; NO_PREDICTION alone when the report has none."""
+    found = predictions(report)
+    return [decision_line(prediction, regime) for regime, prediction in found.items()] or [NO_PREDICTION]
 
-    Line breaks inside a hand-edited report's strings become spaces: readers take the first line for the whole answer."""
-    return _decision(report).replace("\r", " ").replace("\n", " ")
+
+def decision_line(prediction: dict, regime: str) -> str:
+    """One regime's decision as one line: the block to duplicate with its gain and cost, or that none is predicted to help.
+
+    Line breaks inside a hand-edited report's strings become spaces: readers take each line for the whole answer."""
+    return _decision(prediction, regime).replace("\r", " ").replace("\n", " ")
 
 
-def _decision(report: dict) -> str:
-    prediction = report.get("prediction")
-    if not isinstance(prediction, dict):
-        return NO_PREDICTION
+def _decision(prediction: dict, regime: str) -> str:
     measured = figures(prediction)
     if helps(prediction):
         block = prediction["block"]
-        head = f"decision: duplicate {span(block)} ({layers_run_twice(block)})"
+        head = f"{label(regime)} decision: duplicate {span(block)} ({layers_run_twice(block)})"
         return "; ".join([head, *([measured] if measured else []), scope(prediction)])
-    head = "decision: no block is predicted to help"
+    head = f"{label(regime)} decision: no block is predicted to help"
     if prediction.get("reason"):
         head += f" ({prediction['reason']})"
     parts = [head]
@@ -78,17 +92,17 @@ def _decision(report: dict) -> str:
     return "; ".join([*parts, scope(prediction)])
 
 
-def greedy_line(report: dict) -> str | None:
-    """How often the model's own greedy continuation is the calibration texts' answer, without and with the decision's block.
+def greedy_line(prediction: dict, regime: str) -> str | None:
+    """How often the model's own greedy continuation is the calibration texts' answer, without and with the first
+    candidate, and the change's bound (or that the calibration set cannot bound it).
 
     A second metric beside the decision's log-probability: a block can make an answer likelier without making
-    it the model's first choice. None for a report without the figures (older reports)."""
-    prediction = report.get("prediction")
-    candidates = prediction.get("candidates") if isinstance(prediction, dict) else None
-    base = prediction.get("greedy_base") if candidates else None
-    change = (candidates[0].get("metrics") or {}).get("greedy_change") if candidates else None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, change)):
+    it the model's first choice. None for a report without the figures."""
+    greedy = prediction.get("greedy")
+    candidates = prediction.get("candidates") or []
+    if not isinstance(greedy, dict) or not candidates or not all(_number(greedy.get(k)) for k in ("base", "change")):
         return None
+    base, change = greedy["base"], greedy["change"]
     texts = prediction.get("texts") if isinstance(prediction.get("texts"), dict) else {}
     unit = gain_per(prediction)
     total = texts.get("questions") if unit == "question" else texts.get("digit_tokens")
@@ -99,33 +113,44 @@ def greedy_line(report: dict) -> str | None:
         said = f"right on {count(base)} {unit}s; with {span(candidates[0])} ({role}) duplicated {count(base + change)}"
     else:
         said = f"right on {base:.0%} of the {unit}s; with {span(candidates[0])} ({role}) duplicated {base + change:.0%}"
-    return f"greedy (the model's own next token, after the right ones before it): {said}, {100 * change:+.1f} points"
+    if _number(greedy.get("lower")) and _number(greedy.get("upper")):
+        level = f"{greedy['confidence']:.0%} " if _number(greedy.get("confidence")) else ""
+        bound = f" [{level}bounds {100 * greedy['lower']:+.1f}, {100 * greedy['upper']:+.1f}]"
+    else:
+        changed = greedy.get("changed_units")
+        bound = f" (the calibration set cannot bound it: {'only ' + str(changed) if _number(changed) else 'too few'} {unit_word(prediction)}s changed)"
+    return f"{label(regime)} greedy (the model's own answer): {said}, {100 * change:+.1f} points{bound}"
 
 
-def kinds_line(report: dict) -> str | None:
-    """The decision's block per kind of calibration text, in one line: where it helps, hurts, or the bound cannot tell.
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    None for a report without per-kind figures. It follows the decision line (whose metric and regime it shares)."""
-    prediction = report.get("prediction")
+
+def kinds_line(prediction: dict, regime: str) -> str | None:
+    """The first candidate per kind of calibration text, in one line: where it helps, hurts, or the bound cannot tell.
+
+    None for a prediction without per-kind figures. It follows its decision line (whose metric and regime it shares)."""
     blocks, _ = kind_table(prediction)
     if not blocks:
         return None
     kinds = prediction["kinds"]
     first, least = blocks[0], kinds.get("min_texts")
+    word = unit_word(prediction)
     # Kinds with too few texts are unclear too, but for want of texts, not because the bounds straddle zero: said apart, briefly.
     verdicts: dict[str, list[str]] = {"helps": [], "hurts": [], "unclear": [], FEW: []}
     for kind, gain in first["by_kind"].items():
         if _too_few(gain, least):
-            verdicts[FEW].append(f"{kind} " + ("(none)" if gain.get("gain") is None else f"{gain['gain']:+.3f} ({_texts(gain.get('with_numbers') or 0)})"))
+            verdicts[FEW].append(f"{kind} " + ("(none)" if gain.get("gain") is None else f"{gain['gain']:+.3f} ({_count(gain.get('with_numbers') or 0, word)})"))
         else:
-            verdicts.setdefault(gain.get("verdict") or "unclear", []).append(f"{kind} {kind_figure(gain, least)}")
+            verdicts.setdefault(gain.get("verdict") or "unclear", []).append(f"{kind} {kind_figure(gain, least, word)}")
     role = "the block to duplicate" if helps(prediction) else "the least harmful block"
     level = f"{kinds['confidence']:.0%} " if kinds.get("confidence") is not None else ""
     said = "; ".join(f"{verdict} for {', '.join(items)}" for verdict, items in verdicts.items() if items and verdict != FEW)
     if verdicts[FEW]:
         needed = f" ({least} needed)" if least is not None else ""
-        said += ("; " if said else "") + f"too few texts with numbers to tell{needed} for {', '.join(verdicts[FEW])}"
-    line = f"per kind of calibration text, {span(first)} ({role}): {said}; gain per {gain_per(prediction)} [{level}bounds holding for all blocks and kinds at once]"
+        said += ("; " if said else "") + f"too few {word}s to tell{needed} for {', '.join(verdicts[FEW])}"
+    line = (f"{label(regime)} per kind of calibration text, {span(first)} ({role}): {said}; gain per {gain_per(prediction)} "
+            f"[{level}bounds holding for all blocks and kinds at once]")
     return line.replace("\r", " ").replace("\n", " ")
 
 
@@ -133,7 +158,7 @@ FEW = "too few"
 
 
 def kind_table(prediction: dict) -> tuple[list[dict], list[str]]:
-    """The candidates that carry per-kind figures, and the kinds they cover in order; ([], []) for a report without them."""
+    """The candidates that carry per-kind figures, and the kinds they cover in order; ([], []) for a prediction without them."""
     kinds = prediction.get("kinds") if isinstance(prediction, dict) else None
     blocks = [b for b in (kinds.get("blocks") or [] if isinstance(kinds, dict) else []) if isinstance(b, dict) and b.get("by_kind")]
     return blocks, list(dict.fromkeys(kind for b in blocks for kind in b["by_kind"]))
@@ -143,18 +168,23 @@ def _too_few(gain: dict, min_texts: int | None) -> bool:
     return gain.get("gain") is None or (min_texts is not None and (gain.get("with_numbers") or 0) < min_texts)
 
 
-def kind_figure(gain: dict, min_texts: int | None) -> str:
+def unit_word(prediction: dict) -> str:
+    """What the units of a prediction are: "question" (zero-shot) or "text" (few-shot: texts holding numbers)."""
+    return "question" if gain_per(prediction) == "question" else "text"
+
+
+def kind_figure(gain: dict, min_texts: int | None, word: str = "text") -> str:
     """One block's gain on one kind of text, as the kinds line and tables show it."""
     texts = gain.get("texts")
-    counted = _texts(texts) if texts is not None else "texts not recorded"
+    counted = _count(texts, word) if texts is not None else f"{word}s not recorded"
     if gain.get("gain") is None:
-        return f"(no numbers in its {counted})"
+        return f"(nothing scored in its {counted})"
     if _too_few(gain, min_texts):
-        return f"{gain['gain']:+.3f} (only {_texts(gain.get('with_numbers') or 0)} with numbers, {min_texts} needed)"
+        return f"{gain['gain']:+.3f} (only {_count(gain.get('with_numbers') or 0, word)} scored, {min_texts} needed)"
     if gain.get("lower") is None or gain.get("upper") is None:
         return f"{gain['gain']:+.3f} ({counted})"
     return f"{gain['gain']:+.3f} [{gain['lower']:+.3f}, {gain['upper']:+.3f}] ({counted})"
 
 
-def _texts(count: int) -> str:
-    return f"{count} text" if count == 1 else f"{count} texts"
+def _count(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"

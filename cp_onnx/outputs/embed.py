@@ -1,12 +1,13 @@
 """The circuit summary for C++ and edge toolchains: in an ONNX model's metadata_props, and as plain text.
 
 Metadata keys (all values strings, as ONNX requires; documented in examples/cpp/README.md): first
-``cp_onnx.decision`` (the answer in one line: the block to duplicate with its gain and cost, that none is
-predicted to help, or that the report holds no prediction), then ``cp_onnx.report_format``,
+``cp_onnx.decision.zero_shot`` and ``cp_onnx.decision.few_shot`` (each regime's answer in one line: the block to
+duplicate with its gain and cost, or that none is predicted to help; ``cp_onnx.decision`` alone when the report
+holds no prediction), then ``cp_onnx.report_format``,
 ``cp_onnx.report_version``, ``cp_onnx.version``, ``cp_onnx.model_sha256`` (sha256 of the analysed ONNX file,
 before embedding), ``cp_onnx.weights_sha256``, ``cp_onnx.calibration_identity``, ``cp_onnx.num_layers``, ``cp_onnx.top_blocks`` ("method=start:end;..."
 for parsers without JSON), ``cp_onnx.circuits`` (JSON: method -> top blocks {start, end, score}) and,
-when the report has the default method's decision, ``cp_onnx.prediction`` ("help start:end" or "abstain").
+per regime with a prediction, ``cp_onnx.prediction.REGIME`` ("help start:end" or "abstain") and ``cp_onnx.kinds.REGIME``.
 
 ``format_text`` is the exact text examples/cpp prints from report.json, so the two can be compared.
 """
@@ -21,7 +22,7 @@ from cp_onnx.files import file_sha256
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import atomic_open
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, kind_table, kinds_line
+from cp_onnx.outputs.decision import decision_lines, kind_table, kinds_line, predictions
 
 PREFIX = "cp_onnx."
 DEFAULT_TOP = 5
@@ -39,8 +40,10 @@ def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
     """The metadata_props entries ``embed`` writes for ``report``."""
     circuits = top_circuits(report, top)
     model, calibration = report["model"], report.get("calibration") or {}
-    entries = {
-        "decision": decision_line(report),  # first: a reader listing the keys meets the answer before the details
+    found = predictions(report)
+    # First: a reader listing the keys meets the answers before the details.
+    entries = {f"decision.{regime}": line for regime, line in zip(found, decision_lines(report))} if found else {"decision": decision_lines(report)[0]}
+    entries |= {
         "report_format": REPORT_FORMAT,
         "report_version": str(REPORT_VERSION),
         "version": __version__,
@@ -51,11 +54,10 @@ def metadata(report: dict, top: int = DEFAULT_TOP) -> dict[str, str]:
         "top_blocks": ";".join(f"{m}={b[0]['start']}:{b[0]['end']}" for m, b in circuits.items() if b),
         "circuits": json.dumps(circuits, separators=(",", ":"), allow_nan=False),
     }
-    if report.get("prediction"):
-        entries["prediction"] = decision_text(report["prediction"])
-        entries["regime"] = str(report["prediction"].get("regime") or "")  # the prompting the decision is for
-        if kinds := kinds_line(report):
-            entries["kinds"] = kinds  # the decision's block per kind of task, one line
+    for regime, prediction in found.items():
+        entries[f"prediction.{regime}"] = decision_text(prediction)
+        if kinds := kinds_line(prediction, regime):
+            entries[f"kinds.{regime}"] = kinds  # the decision's block per kind of task, one line
     return {PREFIX + key: value for key, value in entries.items()}
 
 
@@ -117,10 +119,10 @@ def format_text(report: dict, top: int = DEFAULT_TOP) -> str:
     """The decision, then top circuits per method and per-layer statistics, one fact a line (examples/cpp/main.cpp
     prints the same)."""
     num_layers = report["model"]["num_layers"]
-    lines = [decision_line(report), f"model {report['model']['name']}", f"layers {num_layers}"]
-    if report.get("prediction"):
-        lines.append(f"prediction {decision_text(report['prediction'])}")
-        lines += kind_lines(report["prediction"])
+    lines = [*decision_lines(report), f"model {report['model']['name']}", f"layers {num_layers}"]
+    for regime, prediction in predictions(report).items():
+        lines.append(f"prediction {regime} {decision_text(prediction)}")
+        lines += kind_lines(prediction)
     for method, blocks in top_circuits(report, top).items():
         lines.append(f"method {method}")
         for rank, b in enumerate(blocks, 1):

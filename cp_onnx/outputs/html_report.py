@@ -8,7 +8,8 @@ from pathlib import Path
 from cp_onnx.files import write_text
 from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
 from cp_onnx.outputs import plots, pruning_report
-from cp_onnx.outputs.decision import decision_line, gain_per, greedy_line, helps, kind_figure, kind_table, kinds_line, layers_run_twice, scope as scope_text, span
+from cp_onnx.outputs.decision import (decision_lines, gain_per, greedy_line, helps, kind_figure, kind_table, kinds_line, label, layers_run_twice,
+                                      predictions, scope as scope_text, span, unit_word)
 from cp_onnx.outputs.embed import DEFAULT_TOP, top_circuits
 from cp_onnx.outputs.summary import KIND_METHODS
 
@@ -65,7 +66,7 @@ def render(report: dict, *, top: int = DEFAULT_TOP, sweep_rows: list[dict] | Non
     for regime in regimes:
         flat = regime_rows(sweep_rows, regime)
         what = "removed" if plots.is_removal_sweep(flat) else "duplicated"
-        parts.append(_image(plots.sweep_heatmap_png(flat, report), f"Sweep ({regime.replace('_', '-')}): answer log-probability gain of every "
+        parts.append(_image(plots.sweep_heatmap_png(flat, report, regime), f"Sweep ({regime.replace('_', '-')}): answer log-probability gain of every "
                             f"{what} block [start, end); markers: each method's top-1, star: best."))
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
@@ -83,12 +84,18 @@ def write_html(report: dict, out: str | Path, *, top: int = DEFAULT_TOP, sweep_r
 
 
 def _decision_panel(report: dict) -> str:
-    """The answer, before anything else: the block to duplicate with its gain, bound and cost, or why none, and the
-    least harmful blocks; the one-line form below it is the line `report --text` and the model metadata carry."""
-    prediction = report.get("prediction")
-    line = f"<p class='line'><code>{_e(decision_line(report))}</code></p>"
-    if not isinstance(prediction, dict):
+    """The answers, before anything else: one per prompting regime, the block to duplicate with its gain, bound and
+    cost, or why none and the least harmful blocks; the one-line form below each is the line `report --text` and the
+    model metadata carry."""
+    found = predictions(report)
+    if not found:
+        line = f"<p class='line'><code>{_e(decision_lines(report)[0])}</code></p>"
         return f"<section id='decision'><h2>Decision</h2><p class='answer'>No prediction in this report.</p>{line}</section>"
+    parts = [_regime_decision(prediction, regime, line) for (regime, prediction), line in zip(found.items(), decision_lines(report))]
+    return "<section id='decision'><h2>Decisions</h2>" + "".join(parts) + "</section>"
+
+
+def _regime_decision(prediction: dict, regime: str, line: str) -> str:
     candidates = prediction.get("candidates") or []
     level = f"lower {prediction['confidence']:.0%} bound" if prediction.get("confidence") is not None else "lower bound"
     why = f"<p>Why: {_e(prediction['reason'])}.</p>" if prediction.get("reason") else ""
@@ -104,26 +111,28 @@ def _decision_panel(report: dict) -> str:
         answer = "No block is predicted to help."
         rows = "".join(f"<tr><td>{_e(span(b))}</td><td>{_signed(b.get('score'))}</td><td>{_signed((b.get('metrics') or {}).get('gain_lower_bound'))}</td>"
                        f"<td>{_signed((b.get('metrics') or {}).get('general_nll_change'))}</td></tr>" for b in candidates)
-        details = why + (f"<table id='least-harmful'><caption>Least harmful blocks</caption><tr><th>block</th><th>gain</th>"
+        details = why + (f"<table class='least-harmful'><caption>Least harmful blocks</caption><tr><th>block</th><th>gain</th>"
                          f"<th>{level}</th><th>general-text cost</th></tr>{rows}</table>" if rows else "")
-    greedy = f"<p class='greedy'>{_e(said)}.</p>" if (said := greedy_line(report)) else ""
+    greedy = f"<p class='greedy'>{_e(said)}.</p>" if (said := greedy_line(prediction, regime)) else ""
     scope = f"<p class='scope'>{_e(scope_text(prediction))}; gains in nats per {_e(gain_per(prediction))}, costs as NLL change in nats per token.</p>"
-    return f"<section id='decision'><h2>Decision</h2><p class='answer'>{_e(answer)}</p>{details}{greedy}{_kinds_part(report)}{scope}{line}</section>"
+    return (f"<div class='regime' id='decision-{_e(regime)}'><h3>{_e(label(regime).capitalize())}</h3><p class='answer'>{_e(answer)}</p>{details}"
+            f"{greedy}{_kinds_part(prediction, regime)}{scope}<p class='line'><code>{_e(line)}</code></p></div>")
 
 
-def _kinds_part(report: dict) -> str:
-    """Per kind of calibration text: the kinds line, then the candidates' gain and verdict per kind."""
-    said = kinds_line(report)
+def _kinds_part(prediction: dict, regime: str) -> str:
+    """Per kind of calibration unit: the kinds line, then the candidates' gain and verdict per kind."""
+    said = kinds_line(prediction, regime)
     if said is None:
         return ""
-    least = report["prediction"]["kinds"].get("min_texts")
-    blocks, names = kind_table(report["prediction"])
-    head = "<tr><th class='name'>kind of text</th>" + "".join(f"<th>{_e(span(b))}</th>" for b in blocks) + "</tr>"
+    least = prediction["kinds"].get("min_texts")
+    word = unit_word(prediction)
+    blocks, names = kind_table(prediction)
+    head = f"<tr><th class='name'>kind of {word}</th>" + "".join(f"<th>{_e(span(b))}</th>" for b in blocks) + "</tr>"
     rows = "".join(f"<tr><td class='name'>{_e(name)}</td>" + "".join(
-        f"<td>{_e((g := b['by_kind'].get(name) or {}).get('verdict', ''))} {_e(kind_figure(g, least) if g else 'n/a')}</td>"
+        f"<td>{_e((g := b['by_kind'].get(name) or {}).get('verdict', ''))} {_e(kind_figure(g, least, word) if g else 'n/a')}</td>"
         for b in blocks) + "</tr>" for name in names)
-    caption = f"<caption>Gain per kind of calibration text (nats per {_e(gain_per(report['prediction']))}; bounds hold for all blocks and kinds at once)</caption>"
-    return f"<p class='kinds'>{_e(said)}</p><table id='by-kind'>{caption}{head}{rows}</table>"
+    caption = f"<caption>Gain per kind of calibration {word} (nats per {_e(gain_per(prediction))}; bounds hold for all blocks and kinds at once)</caption>"
+    return f"<p class='kinds'>{_e(said)}</p><table class='by-kind'>{caption}{head}{rows}</table>"
 
 
 def _circuits_table(report: dict, top: int) -> str:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.groundtruth.sweep import regime_rows, regimes_of
-from cp_onnx.groundtruth.validate import save_png
+from cp_onnx.files import atomic_open
+from cp_onnx.groundtruth.validate import best_block, gain, split_rows
+from cp_onnx.models.scoring import METRICS
 
 PLOTS_HINT = "plots need matplotlib: pip install 'cp-onnx[plots]'"
 HEAD_COLUMN = "kl_zero"  # exact effect of zeroing the head: the influence measure the circuit graph weighs heads by
@@ -114,14 +116,17 @@ def head_heatmap(matrix: np.ndarray, title: str = f"head influence ({HEAD_COLUMN
     return figure
 
 
-def sweep_heatmap(sweep_rows: list[dict], report: dict, path: str | Path, metric: str = "answer_logprob") -> Path:
-    """validate.heatmap of block gains, with each method's top-1 and the best block marked."""
-    from cp_onnx.groundtruth.validate import heatmap
-
+def sweep_heatmap(sweep_rows: list[dict], report: dict, path: str | Path, regime: str, metric: str = "answer_logprob") -> Path:
+    """``heatmap`` of block gains of one regime (rows from ``regime_rows``), each method's top-1 and the best block marked."""
     removals = is_removal_sweep(sweep_rows)
+    return heatmap(sweep_rows, ranked_by_regime(report, regime, removals), path, metric=metric, what="Removed" if removals else "Duplicated")
+
+
+def ranked_by_regime(report: dict, regime: str, removals: bool = False, top: int | None = None) -> dict[str, list[dict]]:
+    """Each method's ranked blocks as a sweep of ``regime`` judges them: the pruning methods' for removals, else each
+    method's ranking for that regime (the default method ranks per regime)."""
     methods = ((report.get("pruning") or {}).get("layers") or {}).get("methods") if removals else report.get("methods")
-    predictions = {m: e.get("blocks", []) for m, e in (methods or {}).items()}
-    return heatmap(sweep_rows, predictions, path, metric=metric, what="Removed" if removals else "Duplicated")
+    return {m: ((e.get("by_regime") or {}).get(regime) or e.get("blocks", []))[:top] for m, e in (methods or {}).items()}
 
 
 def is_removal_sweep(sweep_rows: list[dict]) -> bool:
@@ -129,9 +134,9 @@ def is_removal_sweep(sweep_rows: list[dict]) -> bool:
     return any(row.get("operation") == "skip" for row in sweep_rows)
 
 
-def sweep_heatmap_png(sweep_rows: list[dict], report: dict, metric: str = "answer_logprob") -> bytes:
+def sweep_heatmap_png(sweep_rows: list[dict], report: dict, regime: str, metric: str = "answer_logprob") -> bytes:
     with tempfile.TemporaryDirectory() as folder:
-        return sweep_heatmap(sweep_rows, report, Path(folder) / "sweep.png", metric).read_bytes()
+        return sweep_heatmap(sweep_rows, report, Path(folder) / "sweep.png", regime, metric).read_bytes()
 
 
 def write_plots(report: dict, folder: str | Path, sweep_rows: list[dict] | None = None) -> list[Path]:
@@ -142,5 +147,57 @@ def write_plots(report: dict, folder: str | Path, sweep_rows: list[dict] | None 
     if matrix is not None:
         written.append(save_png(head_heatmap(matrix, f"head influence ({head_column(report)})"), folder / "heads.png"))
     for regime in regimes_of(sweep_rows or []):
-        written.append(sweep_heatmap(regime_rows(sweep_rows, regime), report, folder / f"sweep_{regime}.png"))
+        written.append(sweep_heatmap(regime_rows(sweep_rows, regime), report, folder / f"sweep_{regime}.png", regime))
     return written
+
+
+MAX_GAIN = 1e12  # a larger gain on any metric (nats, accuracy) can only come from a damaged sweep file
+
+
+def heatmap(sweep_rows: list[dict], predictions: Mapping[str, Sequence[dict]], out_png: str | Path, metric: str = "answer_logprob",
+            what: str = "Duplicated") -> Path:
+    """A start x end map of each block's gain on ``metric``, each method's top-1 and the best block marked; PNG written atomically."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import TwoSlopeNorm
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CpOnnxError("heatmaps need matplotlib: pip install 'cp-onnx[plots]'") from None
+    import numpy as np
+
+    baseline, blocks = split_rows(sweep_rows)
+    if baseline.get(metric) is None:
+        raise CpOnnxError(f"the sweep has no {metric!r} values; choose one of {', '.join(METRICS)}")
+    size = max([end for _, end in blocks] + [1])
+    grid = np.full((size, size), np.nan)  # [start, end - 1]
+    for (start, end), row in blocks.items():
+        value = gain(row, baseline, metric)
+        grid[start, end - 1] = np.nan if value is None else value
+    limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    if not limit < MAX_GAIN:  # matplotlib's colour bar overflows on such a range: and no probe suite gives it
+        raise CpOnnxError(f"the sweep's {metric} gains reach {limit:.3g}, far beyond any log-probability or accuracy; "
+                          "the sweep file is damaged: run cp-onnx sweep again")
+    figure = Figure(figsize=(7, 6))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(grid), origin="lower", cmap="RdBu", norm=TwoSlopeNorm(0.0, -limit or -1, limit or 1),
+                        extent=(0.5, size + 0.5, -0.5, size - 0.5), aspect="auto")
+    figure.colorbar(image, ax=axes, label=f"{metric} gain over baseline")
+    best = best_block(baseline, blocks, metric)
+    if best:
+        axes.scatter([best[1]], [best[0]], marker="*", s=220, facecolors="gold", edgecolors="black", label=f"best {best[0]}:{best[1]}", zorder=3)
+    for (method, predicted), marker in zip(predictions.items(), "osD^v<>ph"):
+        if predicted:
+            top1 = predicted[0]
+            axes.scatter([top1["end"]], [top1["start"]], marker=marker, s=110, facecolors="none", edgecolors="black", linewidths=1.5,
+                         label=f"{method} top-1 {top1['start']}:{top1['end']}", zorder=3)
+    axes.set(xlabel="end (exclusive)", ylabel="start", title=f"{what} block [start, end): {metric} gain")
+    axes.legend(loc="upper left", fontsize=8)
+    return save_png(figure, Path(out_png))
+
+
+def save_png(figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically."""
+    with atomic_open(path, binary=True) as out:
+        figure.savefig(out, format="png", dpi=120, bbox_inches="tight")
+    return path

@@ -1,47 +1,10 @@
-"""The pruning candidates in report.json (``pruning``), and as the summary, the plain text and the HTML show them
-beside the circuits: which layers each method would remove, and (with head influence) the cheapest heads."""
+"""The pruning candidates of report.json (``pruning``, made by cp_onnx.analysis.prune.pruning_section) as the summary,
+the plain text and the HTML show them beside the circuits: which layers each method would remove, and (with head
+influence) the cheapest heads."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
-import numpy as np
-
-from cp_onnx.models.model import ModelFolder
 
 
-def pruning_section(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str], report: dict, *, max_length: int = 128,
-                    threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """report.json's ``pruning``: every layer method's choices and block rankings and, when the report holds head
-    influence (``analyze --heads``), the heads ranked by it."""
-    from cp_onnx.analysis import head_pruning, prune  # the analysis; formatting a report needs neither
-
-    layers = prune.predict_layers(model, reasoning, general, max_length=max_length, threads=threads, progress=progress)
-    section = {"layers": layers.as_dict(top=None)}
-    scores = head_scores(report)
-    if scores:
-        section["heads"] = head_pruning.heads_section(scores)
-    return section
-
-
-def head_scores(report: dict) -> dict[str, np.ndarray]:
-    """Per head pruning method, [layers, heads] of the report's head influence column it ranks by; a method whose
-    column some head lacks (ablated exactly only for the strongest heads: --exact-heads N) is left out, since its
-    unmeasured heads would rank as the most expensive to remove, not where they belong."""
-    from cp_onnx.analysis import head_pruning
-
-    rows = (report.get("heads") or {}).get("heads")
-    if not rows:
-        return {}
-    shape = (max(r["layer"] for r in rows) + 1, max(r["head"] for r in rows) + 1)
-    scores = {}
-    for method, column in head_pruning.METHODS.items():
-        if any(row.get(column) is None for row in rows):
-            continue
-        table = np.full(shape, np.nan)
-        for row in rows:
-            table[row["layer"], row["head"]] = row[column]
-        scores[method] = table
-    return scores
 
 
 def summary_lines(report: dict, top: int = 3) -> list[str]:

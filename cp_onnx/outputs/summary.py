@@ -4,7 +4,7 @@ from __future__ import annotations
 import textwrap
 
 from cp_onnx.outputs import pruning_report
-from cp_onnx.outputs.decision import decision_line, gain_per, greedy_line, kind_table, kinds_line, span
+from cp_onnx.outputs.decision import decision_lines, gain_per, greedy_line, kind_table, kinds_line, label, predictions, span, unit_word
 
 # Paper's circuit kinds, the method that predicts each, and where the paper says they sit.
 KIND_METHODS = (("stability", "stability", "early, ~10-25% depth"), ("magnitude", "anomaly", "late, ~85-100% depth"))
@@ -15,15 +15,21 @@ def depth(block: dict, num_layers: int) -> str:
 
 
 def format_summary(report: dict, top: int = 5) -> str:
-    """The decision first, then the ranked blocks of each circuit kind found in a report."""
+    """The decisions first (one per prompting regime), what the model itself answers, then the ranked blocks."""
     n = report["model"]["num_layers"]
     calibration = report.get("calibration") or {}
-    lines = [_wrap(decision_line(report)), "", *([_wrap(k), ""] if (k := kinds_line(report)) else []),
-             *([_wrap(g), ""] if (g := greedy_line(report)) else []),
-             f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens)",
-             *regime_lines(report.get("prediction") or {}), RANKINGS_NOTE]
-    lines += candidate_lines(report.get("prediction") or {}, n)
-    lines += kind_table_lines(report.get("prediction") or {})
+    found = predictions(report)
+    lines = [_wrap(line) for line in decision_lines(report)] + [""]
+    for regime, prediction in found.items():
+        for extra in (greedy_line(prediction, regime), kinds_line(prediction, regime)):
+            if extra:
+                lines += [_wrap(extra), ""]
+    asked = f", {calibration['questions']} of them asked zero-shot" if calibration.get("questions") else ""
+    lines += [f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens){asked}",
+              *regime_lines(found), RANKINGS_NOTE]
+    for regime, prediction in found.items():
+        lines += candidate_lines(prediction, regime, n)
+        lines += kind_table_lines(prediction, regime)
     for kind, method, where in KIND_METHODS:
         blocks = report["methods"].get(method, {}).get("blocks")
         if not blocks:
@@ -33,7 +39,7 @@ def format_summary(report: dict, top: int = 5) -> str:
         for rank, block in enumerate(blocks[:top], 1):
             score = "n/a" if block["score"] is None else f"{block['score']:8.3f}"
             lines.append(f"  {rank:>4}  {span(block):>9}  {depth(block, n):>9}  {score:>8}")
-    shown = {method for _, method, _ in KIND_METHODS} | {(report.get("prediction") or {}).get("method")}  # the candidates cover its method
+    shown = {method for _, method, _ in KIND_METHODS} | {p.get("method") for p in found.values()}  # the candidates cover its method
     others = [m for m in report["methods"] if m not in shown]
     for method in others:
         best = report["methods"][method]["blocks"][:1]
@@ -56,26 +62,28 @@ def _wrap(line: str) -> str:
 RANKINGS_NOTE = "the rankings below order blocks by each method's score; they are not recommendations (the decision above is)"
 
 
-OTHER_REGIME = {"few_shot": ("zero", "questions asked alone, no solved examples"), "zero_shot": ("few", "texts that work problems, as after solved examples")}
+def regime_lines(found: dict[str, dict]) -> list[str]:
+    """What each decision is for: the prompting, and how many units it was decided on (a race may stop early)."""
+    lines = []
+    for regime, prediction in found.items():
+        race = prediction.get("race") if isinstance(prediction.get("race"), dict) else {}
+        used, of = race.get("units_used"), race.get("units")
+        decided = f"; decided on {used} of {of} {unit_word(prediction)}s" if isinstance(used, int) and isinstance(of, int) and used < of else ""
+        work = prediction.get("work") if isinstance(prediction.get("work"), dict) else {}
+        share = (f"; {work['layer_tokens'] / work['exhaustive_layer_tokens']:.0%} of the exhaustive computation's work"
+                 if isinstance(work.get("layer_tokens"), int) and work.get("exhaustive_layer_tokens") else "")
+        if prediction.get("prompting"):
+            lines.append(f"the {label(regime)} decision is for {prediction['prompting']}{decided}{share}")
+    return lines
 
 
-def regime_lines(prediction: dict) -> list[str]:
-    """Which prompting the decision is for, and how to ask for the other (a block's gain depends on it)."""
-    regime = prediction.get("regime")
-    if regime not in OTHER_REGIME or not prediction.get("prompting"):
-        return []
-    flag, what = OTHER_REGIME[regime]
-    asked = (prediction.get("texts") or {}).get("questions")
-    return [f"the decision is for {prediction['prompting']}{f' ({asked} questions)' if asked else ''}; for {what}: --regime {flag}"]
-
-
-def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
-    """The default method's best candidates with the figures behind the decision (none for a report without them)."""
+def candidate_lines(prediction: dict, regime: str, num_layers: int) -> list[str]:
+    """One regime's best candidates with the figures behind its decision (none for a prediction without them)."""
     candidates = prediction.get("candidates") or []
     if not candidates:
         return []
-    lines = [f"\n{prediction.get('method') or 'duplication_loss'} ranked (gain: answer log-probability, nats per {gain_per(prediction)}; "
-             "greedy: change in points; cost: NLL change, nats per token)",
+    lines = [f"\n{prediction.get('method') or 'duplication_loss'} ranked, {label(regime)} (gain: answer log-probability, nats per "
+             f"{gain_per(prediction)}; greedy: change in points; cost: NLL change, nats per token)",
              f"  {'rank':>4}  {'block':>9}  {'depth':>9}  {'gain':>8}  {'lower':>8}  {'greedy':>7}  {'all tokens':>10}  {'general':>8}"]
     for rank, block in enumerate(candidates, 1):
         metrics = block.get("metrics") or {}
@@ -86,18 +94,19 @@ def candidate_lines(prediction: dict, num_layers: int) -> list[str]:
     return lines
 
 
-def kind_table_lines(prediction: dict) -> list[str]:
-    """The candidates' gain per kind of calibration text (nats per digit token or question) and verdict; none without per-kind figures."""
+def kind_table_lines(prediction: dict, regime: str) -> list[str]:
+    """The candidates' gain per kind of calibration unit and verdict; none without per-kind figures."""
     blocks, names = kind_table(prediction)
     if not blocks:
         return []
     width = max(len(name) for name in names)
-    lines = [f"\nper kind of calibration text (gain per {gain_per(prediction)}; helps/hurts where the simultaneous bounds say so)",
-             f"  {'kind':<{width}}  {'texts':>5}" + "".join(f"  {span(b):>17}" for b in blocks)]
+    word = unit_word(prediction)
+    lines = [f"\nper kind, {label(regime)} (gain per {gain_per(prediction)}; helps/hurts where the simultaneous bounds say so)",
+             f"  {'kind':<{width}}  {word + 's':>9}" + "".join(f"  {span(b):>17}" for b in blocks)]
     for name in names:
         gains = [b["by_kind"].get(name) or {} for b in blocks]
         cells = ["n/a" if g.get("gain") is None else f"{g['gain']:+.4f} {g.get('verdict', '')}" for g in gains]
-        lines.append(f"  {name:<{width}}  {gains[0].get('texts', '?'):>5}" + "".join(f"  {cell:>17}" for cell in cells))
+        lines.append(f"  {name:<{width}}  {gains[0].get('texts', '?'):>9}" + "".join(f"  {cell:>17}" for cell in cells))
     return lines
 
 

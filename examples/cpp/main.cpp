@@ -1,5 +1,6 @@
-// Reads a cp-onnx report.json (format "cp-onnx-report", version 1) and prints the default prediction's decision,
-// the top circuits of each method and the per-layer statistics, in exactly the format of `cp-onnx report REPORT --text`.
+// Reads a cp-onnx report.json (format "cp-onnx-report", version 2) and prints the default prediction's decision for
+// each prompting regime, the top circuits of each method and the per-layer statistics, in exactly the format of
+// `cp-onnx report REPORT --text`.
 //
 //   report_reader REPORT.json [TOP]
 #include <cstdio>
@@ -7,6 +8,8 @@
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -60,38 +63,35 @@ void print_kinds(const json& prediction) {
   }
 }
 
-// The default prediction's decision in one line: cp_onnx/outputs/decision.py's decision_line, branch for branch.
-std::string decision_line(const json& report) {
-  if (!report.contains("prediction") || !report["prediction"].is_object())
-    return "decision: none: this report holds no default prediction (an older report, or duplication_loss was "
-           "skipped or not run), so no block is recommended; its rankings are not recommendations";
-  const json& prediction = report["prediction"];
+const char* const REGIMES[] = {"zero_shot", "few_shot"};  // cp_onnx/regimes.py's REGIMES, in order
+
+std::string label(const std::string& regime) { return regime == "zero_shot" ? "zero-shot" : regime == "few_shot" ? "few-shot" : regime; }
+
+// One regime's decision in one line: cp_onnx/outputs/decision.py's decision_line, branch for branch.
+std::string decision_line(const json& prediction, const std::string& regime) {
   const json empty = json::array();
   const json& candidates = prediction.contains("candidates") && prediction["candidates"].is_array() ? prediction["candidates"] : empty;
-  std::string figures;  // gain, lower bound and general-text cost of the top candidate, when the report has them
+  std::string figures;  // gain, lower bound and general-text cost of the first candidate, when the report has them
   if (!candidates.empty() && has_number(prediction, "predicted_gain") && has_number(prediction, "gain_lower_bound")) {
     const json& metrics = candidates[0].contains("metrics") ? candidates[0]["metrics"] : json::object();
     const std::string cost = has_number(metrics, "general_nll_change") ? format("%+.4f", metrics["general_nll_change"].get<double>()) : "n/a";
     const std::string level = has_number(prediction, "confidence")
         ? "lower " + format("%.0f%%", 100 * prediction["confidence"].get<double>()) + " bound" : "lower bound";
-    const std::string per = has_string(prediction, "gain_per") && !prediction["gain_per"].get<std::string>().empty()
-        ? prediction["gain_per"].get<std::string>() : "digit token";  // reports written before regimes: digit tokens
+    const std::string per = has_string(prediction, "gain_per") ? prediction["gain_per"].get<std::string>() : "digit token";
     figures = "gain " + format("%+.4f", prediction["predicted_gain"].get<double>()) + " nats per " + per + " (" + level + " " +
               format("%+.4f", prediction["gain_lower_bound"].get<double>()) + "), cost on general text " + cost + " nats per token";
   }
-  std::string scope = has_string(prediction, "metric") && has_string(prediction, "regime")
-      ? "metric " + prediction["metric"].get<std::string>() + ", regime " + prediction["regime"].get<std::string>()
-      : "metric and regime not recorded (an older report)";
+  std::string scope = has_string(prediction, "metric") ? "metric " + prediction["metric"].get<std::string>() : "metric not recorded";
   scope += ", method " + (has_string(prediction, "method") ? prediction["method"].get<std::string>() : std::string("duplication_loss"));
   std::string line;
   const json& block = prediction.contains("block") ? prediction["block"] : json();
   if (prediction.value("decision", "") == "help" && block.is_object()) {
     const int first = block["start"].get<int>(), last = block["end"].get<int>() - 1;
-    line = "decision: duplicate " + span(block) + " (" +
+    line = label(regime) + " decision: duplicate " + span(block) + " (" +
            (first == last ? "layer " + std::to_string(first) : "layers " + std::to_string(first) + " to " + std::to_string(last)) + " run twice)";
     if (!figures.empty()) line += "; " + figures;
   } else {
-    line = "decision: no block is predicted to help";
+    line = label(regime) + " decision: no block is predicted to help";
     if (has_string(prediction, "reason")) line += " (" + prediction["reason"].get<std::string>() + ")";
     if (!candidates.empty()) {
       line += "; least harmful ";
@@ -103,6 +103,16 @@ std::string decision_line(const json& report) {
   for (char& c : line)  // a line break in a hand-edited string would split the one-line answer
     if (c == '\n' || c == '\r') c = ' ';
   return line;
+}
+
+// The report's predictions in REGIMES order (those that are objects).
+std::vector<std::pair<std::string, const json*>> predictions(const json& report) {
+  std::vector<std::pair<std::string, const json*>> found;
+  if (!report.contains("predictions") || !report["predictions"].is_object()) return found;
+  for (const char* regime : REGIMES)
+    if (report["predictions"].contains(regime) && report["predictions"][regime].is_object())
+      found.emplace_back(regime, &report["predictions"][regime]);
+  return found;
 }
 
 int fail(const std::string& message) {
@@ -125,21 +135,24 @@ int main(int argc, char** argv) {
   } catch (const json::parse_error& error) {
     return fail(std::string(argv[1]) + " is not valid JSON: " + error.what());
   }
-  if (report.value("format", "") != "cp-onnx-report" || report.value("version", 0) != 1)
-    return fail(std::string(argv[1]) + " is not a cp-onnx report of version 1");
+  if (report.value("format", "") != "cp-onnx-report" || report.value("version", 0) != 2)
+    return fail(std::string(argv[1]) + " is not a cp-onnx report of version 2");
 
   const json& model = report["model"];
   const int layers = model["num_layers"].get<int>();
-  std::printf("%s\n", decision_line(report).c_str());  // the answer first
+  const auto found = predictions(report);
+  if (found.empty())
+    std::printf("decision: none: this report holds no default prediction (duplication_loss was skipped or not run), so no block "
+                "is recommended; its rankings are not recommendations\n");
+  for (const auto& [regime, prediction] : found) std::printf("%s\n", decision_line(*prediction, regime).c_str());  // the answers first
   std::printf("model %s\nlayers %d\n", model["name"].get<std::string>().c_str(), layers);
-  if (report.contains("prediction") && report["prediction"].is_object()) {  // the default method's decision
-    const json& prediction = report["prediction"];
-    const json& block = prediction["block"];
-    if (prediction.value("decision", "") == "help" && block.is_object())
-      std::printf("prediction help %d:%d\n", block["start"].get<int>(), block["end"].get<int>());
+  for (const auto& [regime, prediction] : found) {  // each regime's decision, for line-based readers
+    const json& block = prediction->contains("block") ? (*prediction)["block"] : json();
+    if (prediction->value("decision", "") == "help" && block.is_object())
+      std::printf("prediction %s help %d:%d\n", regime.c_str(), block["start"].get<int>(), block["end"].get<int>());
     else
-      std::printf("prediction abstain\n");
-    print_kinds(prediction);
+      std::printf("prediction %s abstain\n", regime.c_str());
+    print_kinds(*prediction);
   }
 
   for (const auto& [method, entry] : report["methods"].items()) {
