@@ -13,9 +13,10 @@ import onnx
 from onnx import helper
 
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import infer_types
+from graph_passes.graph_utils import elem_type, infer_types
 from graph_passes.layer_map import LayerMap
-from graph_passes.perturb import add_constant, checked_layers, copy_model, elem_type, require_heads, sort_nodes, reroute
+from graph_passes.passes import checked_heads
+from graph_passes.rewrite import add_constant, copy_model, reroute, sort_nodes
 
 MODES = ("zero", "mean")
 
@@ -34,15 +35,11 @@ def ablate(
     """
     if mode not in MODES:
         raise GraphPassError(f"unknown ablation mode {mode!r}; use 'zero' or 'mean'")
-    chosen = {l: sorted(set(int(h) for h in heads[l])) for l in checked_layers(layer_map, heads)}
-    chosen = {l: hs for l, hs in chosen.items() if hs}
+    chosen = checked_heads(layer_map, heads)
+    chosen = {l: chosen[l] for l in sorted(chosen)}
     if not chosen:
         return copy_model(model)
-    require_heads(layer_map)
     num_heads, head_dim = layer_map.num_heads, layer_map.head_dim
-    for l, hs in chosen.items():
-        if hs[0] < 0 or hs[-1] >= num_heads:
-            raise GraphPassError(f"layer {l} has heads 0..{num_heads - 1}; head {hs[0] if hs[0] < 0 else hs[-1]} does not exist")
     if mode == "mean":
         _check_means(chosen, means, num_heads, head_dim)
     types = infer_types(model)

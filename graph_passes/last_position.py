@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from graph_passes.graph_utils import GraphIndex, find_lm_head
-from graph_passes.perturb import add_constant, copy_model
+from graph_passes.rewrite import add_constant, copy_model
 
 SUFFIX = "/last_position"
 

@@ -17,8 +17,9 @@ _BLOCK = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 EXAMPLE = "0..14,12..14,15..29"
 
 
-def parse_path(text: str, num_layers: int) -> list[int]:
-    """``"0..2,1,2"`` -> ``[0, 1, 2, 1, 2]``; GraphPassError naming the first bad token."""
+def parse_path(text: str, num_layers: int | None = None) -> list[int]:
+    """``"0..2,1,2"`` -> ``[0, 1, 2, 1, 2]``; GraphPassError naming the first bad token. Layers are checked against
+    ``num_layers`` when it is given."""
     if not text.strip():
         raise GraphPassError(f"layer path {text!r} is empty; give layers like '{EXAMPLE}'")
     path: list[int] = []
@@ -36,7 +37,7 @@ def parse_path(text: str, num_layers: int) -> list[int]:
             layers = list(range(first, last + 1))
         else:
             raise GraphPassError(f"layer path {text!r}: {token!r} is not a layer number or a..b range (layers are numbered from 0)")
-        bad = next((layer for layer in layers if layer >= num_layers), None)
+        bad = next((layer for layer in layers if layer >= num_layers), None) if num_layers is not None else None
         if bad is not None:
             raise GraphPassError(f"layer path {text!r}: {token!r} is out of range, the model has {num_layers} layers (0..{num_layers - 1})")
         path.extend(layers)
