@@ -8,29 +8,58 @@ import onnx
 from graph_passes.errors import GraphPassError
 from graph_passes.graph_utils import elem_type, infer_types, token_dims
 from graph_passes.layer_map import LayerMap, parse_name
-from graph_passes.rewrite import add_outputs, copy_model, live_nodes, tensor_type
+from graph_passes.passes import GraphPass
+from graph_passes.rewrite import add_outputs, live_nodes, tensor_type
 
 _STREAM_ROLES = {"resid_in", "resid_mid", "resid_out", "embed", "final_norm"}
 
 
-def expose(model: onnx.ModelProto, layer_map: LayerMap, names: Iterable[str], *, only: bool = False) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are its original ones followed by ``names`` (e.g. ``blocks.3.resid_out``).
+class Expose(GraphPass):
+    """Make activations graph outputs: the model's outputs are its original ones followed by ``names`` (e.g.
+    ``blocks.3.resid_out``).
 
     Each new output is an Identity of the activation, typed and shaped (symbolic batch and sequence
-    dims); names already among the outputs are left as they are. ``model`` itself is not changed.
-    With ``only``, the outputs are ``names`` alone and the nodes they do not need are dropped: a
-    session then skips the head's vocabulary-wide product (onnxruntime computes every graph output).
+    dims); names already among the outputs are left as they are. With ``only``, the outputs are ``names``
+    alone and the nodes they do not need are dropped: a session then skips the head's vocabulary-wide
+    product (onnxruntime computes every graph output).
     """
-    names = list(dict.fromkeys(names))
-    graph = model.graph
+
+    def __init__(self, names: Iterable[str], *, only: bool = False):
+        self.names, self.only = list(dict.fromkeys(names)), only
+
+    def requires(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        for name in self.names:
+            try:
+                layer_map.tensor(name)  # a canonical name, of a tensor this layer map knows
+            except ValueError as exc:
+                raise GraphPassError(str(exc)) from None
+
+    def apply(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        graph = model.graph
+        chosen = _new_outputs(graph, layer_map, self.names)
+        if chosen:
+            inferred = infer_types(model)
+            add_outputs(model, chosen, {name: _output_type(name, tensor, inferred, graph, layer_map) for name, tensor in chosen.items()})
+        if self.only:
+            _only(model, self.names)
+
+    def layer_map_after(self, layer_map: LayerMap, model: onnx.ModelProto) -> LayerMap | None:
+        return None if self.only else layer_map  # the Identity outputs are outside the layers; ``only`` drops nodes
+
+
+def expose(model: onnx.ModelProto, layer_map: LayerMap, names: Iterable[str], *, only: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` with the activations ``names`` as outputs (see ``Expose``); ``model`` itself is not changed."""
+    return Expose(names, only=only)(model, layer_map)
+
+
+def _new_outputs(graph: onnx.GraphProto, layer_map: LayerMap, names: list[str]) -> dict[str, str]:
+    """Canonical name -> graph tensor of the names not yet among the outputs; GraphPassError where the graph lacks the
+    tensor or has another of that name."""
     outputs = {value.name for value in graph.output}
     tensors = {name for node in graph.node for name in node.output} | {v.name for v in graph.input} | {t.name for t in graph.initializer}
     chosen: dict[str, str] = {}
     for name in names:
-        try:
-            tensor = layer_map.tensor(name)
-        except ValueError as exc:
-            raise GraphPassError(str(exc)) from None
+        tensor = layer_map.tensor(name)
         if name in outputs:
             continue
         if tensor not in tensors:
@@ -38,22 +67,17 @@ def expose(model: onnx.ModelProto, layer_map: LayerMap, names: Iterable[str], *,
         if name in tensors and name != tensor:
             raise GraphPassError(f"cannot expose {name!r}: the graph already has another tensor of that name; rename it first")
         chosen[name] = tensor
-    exposed = copy_model(model)
-    if chosen:
-        inferred = infer_types(model)
-        add_outputs(exposed, chosen, {name: _output_type(name, tensor, inferred, graph, layer_map) for name, tensor in chosen.items()})
-    return _only(exposed, names) if only else exposed
+    return chosen
 
 
-def _only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """``model`` (changed in place) with just the outputs ``names`` and the nodes they depend on."""
+def _only(model: onnx.ModelProto, names: list[str]) -> None:
+    """Keep just the outputs ``names`` and the nodes they depend on."""
     graph = model.graph
     kept = [value for value in graph.output if value.name in set(names)]
     nodes = live_nodes(graph.node, [value.name for value in kept])
     del graph.output[:], graph.node[:]
     graph.output.extend(kept)
     graph.node.extend(nodes)
-    return model
 
 
 def _output_type(name: str, tensor: str, inferred: dict[str, onnx.TypeProto], graph: onnx.GraphProto, layer_map: LayerMap) -> onnx.TypeProto:

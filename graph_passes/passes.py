@@ -1,10 +1,77 @@
-"""What every pass shares: the preconditions several passes state about a layer map."""
+"""The contract every pass keeps, a runner for several, and the preconditions several passes state.
+
+Modelled on onnx_ir's passes: a pass is a small class holding its options, that states what it needs of a
+model before it changes anything and rewrites a model it is given. Calling a pass leaves its input as it
+is: the model is copied once and the copy rewritten. ``run_passes`` rewrites one copy by a sequence of
+passes, rediscovering the layers where a pass moved them. discover and segment are not passes: they read a
+graph and return something else (a LayerMap, the segment models).
+"""
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import ClassVar, Iterable, Mapping, Sequence
 
+import onnx
+
+from graph_passes.discovery import discover
 from graph_passes.errors import GraphPassError
 from graph_passes.layer_map import LayerMap
+from graph_passes.rewrite import copy_model
+
+
+class GraphPass:
+    """One rewrite of a model's graph; a subclass takes its options in ``__init__`` and defines
+
+    - ``requires``: the preconditions, as checks that raise GraphPassError in one line (what is wrong, what
+      to do) and change nothing.
+    - ``apply``: the rewrite, in place, on a model that meets them. What only the rewrite's own analysis of
+      the graph can tell (route's layer boundaries, whether prune_heads can slice a layer's attention) it
+      checks the same way as it goes, rather than search the graph twice; a model it refused is to be
+      thrown away, which is why calling a pass and ``run_passes`` hand it their own copy.
+    - ``ensures`` (optional): postconditions on the result.
+    - ``layer_map_after``: the rewritten model's layer map when the pass can tell it; the default None makes
+      ``run_passes`` discover it again (a pass that clones or moves layer nodes keeps the default).
+    """
+
+    needs_layer_map: ClassVar[bool] = True  # False: works on any graph, with or without a layer map
+
+    def requires(self, model: onnx.ModelProto, layer_map: LayerMap | None) -> None:
+        pass
+
+    def apply(self, model: onnx.ModelProto, layer_map: LayerMap | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not define apply")
+
+    def ensures(self, model: onnx.ModelProto, layer_map: LayerMap | None) -> None:
+        pass
+
+    def layer_map_after(self, layer_map: LayerMap, model: onnx.ModelProto) -> LayerMap | None:
+        return None
+
+    def __call__(self, model: onnx.ModelProto, layer_map: LayerMap | None = None) -> onnx.ModelProto:
+        """A rewritten copy of ``model`` (which is left as it is)."""
+        if layer_map is None and self.needs_layer_map:
+            raise GraphPassError(f"{type(self).__name__} needs the model's layer map; run discover on the model and pass it")
+        self.requires(model, layer_map)
+        result = copy_model(model)
+        self.apply(result, layer_map)
+        self.ensures(result, layer_map)
+        return result
+
+
+def run_passes(model: onnx.ModelProto, layer_map: LayerMap | None, passes: Sequence[GraphPass]) -> onnx.ModelProto:
+    """``model`` rewritten by ``passes`` in order, on one copy (``model`` is left as it is).
+
+    Each pass is checked against the model as the passes before it left it; where a pass cannot tell the
+    layer map of its result (or ``layer_map`` is None), discovery finds it for the next pass that needs it.
+    """
+    result = copy_model(model)
+    for graph_pass in passes:
+        if layer_map is None and graph_pass.needs_layer_map:
+            layer_map = discover(result)
+        graph_pass.requires(result, layer_map)
+        graph_pass.apply(result, layer_map)
+        graph_pass.ensures(result, layer_map)
+        layer_map = graph_pass.layer_map_after(layer_map, result) if layer_map is not None else None
+    return result
 
 
 def require_heads(layer_map: LayerMap) -> None:

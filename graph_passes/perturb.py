@@ -22,8 +22,8 @@ from onnx import helper
 from graph_passes.errors import GraphPassError
 from graph_passes.graph_utils import elem_type, infer_types, token_dims
 from graph_passes.layer_map import LayerMap, block_name
-from graph_passes.passes import checked_layers, require_heads
-from graph_passes.rewrite import INSERTED_SCOPE, add_constant, add_input, copy_model, reroute, sort_nodes
+from graph_passes.passes import GraphPass, checked_layers, require_heads
+from graph_passes.rewrite import INSERTED_SCOPE, add_constant, add_input, include_inserted, reroute, sort_nodes
 
 
 def resid_input(layer: int) -> str:
@@ -41,38 +41,52 @@ def head_shift_input(layer: int) -> str:
     return f"perturb.{block_name(layer, 'attn.head_ctx')}"
 
 
-def perturb(model: onnx.ModelProto, layer_map: LayerMap, layers: Iterable[int] = (), heads: Iterable[int] = ()) -> onnx.ModelProto:
-    """A copy of ``model`` with residual inputs for ``layers`` and head scale/shift inputs for the layers in ``heads``.
+class Perturb(GraphPass):
+    """Graph inputs for residual deltas at ``layers`` and head scales and shifts at the layers in ``heads``.
 
     ``heads`` names layers: every head of such a layer gets a scale and a shift (a row picks heads
     by its values). The canonical tensors (``resid_in``, ``head_ctx``) keep their unperturbed values.
     """
-    layers, head_layers = checked_layers(layer_map, layers), checked_layers(layer_map, heads)
-    if head_layers:
-        require_heads(layer_map)
-    out = copy_model(model)
-    types = infer_types(model)
-    dims = token_dims(model.graph)
-    if dims is None:
-        raise GraphPassError("the graph has no [batch, sequence] token input; give a transformer LM exported with Optimum")
-    batch, seq = dims
-    taken = {value.name for value in model.graph.input}
-    new_inputs = [resid_input(l) for l in layers] + [name for l in head_layers for name in (head_scale_input(l), head_shift_input(l))]
-    clash = next((name for name in new_inputs if name in taken), None)
-    if clash is not None:
-        raise GraphPassError(f"the model already has an input {clash!r}; perturb the original model, not a perturbed one")
-    for l in layers:
-        layer = layer_map.layers[l]
-        delta = add_input(out.graph, resid_input(l), elem_type(types, layer.resid_in), [batch, seq, layer_map.hidden_size])
-        reroute(out.graph, layer, layer.resid_in, [("Add", delta)])
-    for l in head_layers:
-        layer = layer_map.layers[l]
-        elem = elem_type(types, layer.head_ctx)
-        scale = add_input(out.graph, head_scale_input(l), elem, [batch, layer_map.num_heads])
-        shift = add_input(out.graph, head_shift_input(l), elem, [batch, layer_map.num_heads, seq, layer_map.head_dim])
-        axes = add_constant(out.graph, f"{INSERTED_SCOPE}{l}/head_scale_axes", np.array([2, 3], dtype=np.int64))
-        scale4 = f"{INSERTED_SCOPE}{l}/head_scale_4d"
-        out.graph.node.append(helper.make_node("Unsqueeze", [scale, axes], [scale4], name=scale4))
-        reroute(out.graph, layer, layer.head_ctx, [("Mul", scale4), ("Add", shift)])
-    sort_nodes(out.graph)
-    return out
+
+    def __init__(self, layers: Iterable[int] = (), heads: Iterable[int] = ()):
+        self.layers, self.head_layers = list(layers), list(heads)
+
+    def requires(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        layers, head_layers = checked_layers(layer_map, self.layers), checked_layers(layer_map, self.head_layers)
+        if head_layers:
+            require_heads(layer_map)
+        if token_dims(model.graph) is None:
+            raise GraphPassError("the graph has no [batch, sequence] token input; give a transformer LM exported with Optimum")
+        new_inputs = [resid_input(l) for l in layers] + [name for l in head_layers for name in (head_scale_input(l), head_shift_input(l))]
+        taken = {value.name for value in model.graph.input}
+        clash = next((name for name in new_inputs if name in taken), None)
+        if clash is not None:
+            raise GraphPassError(f"the model already has an input {clash!r}; perturb the original model, not a perturbed one")
+
+    def apply(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        graph = model.graph
+        types = infer_types(model)
+        batch, seq = token_dims(graph)
+        for l in checked_layers(layer_map, self.layers):
+            layer = layer_map.layers[l]
+            delta = add_input(graph, resid_input(l), elem_type(types, layer.resid_in), [batch, seq, layer_map.hidden_size])
+            reroute(graph, layer, layer.resid_in, [("Add", delta)])
+        for l in checked_layers(layer_map, self.head_layers):
+            layer = layer_map.layers[l]
+            elem = elem_type(types, layer.head_ctx)
+            scale = add_input(graph, head_scale_input(l), elem, [batch, layer_map.num_heads])
+            shift = add_input(graph, head_shift_input(l), elem, [batch, layer_map.num_heads, seq, layer_map.head_dim])
+            axes = add_constant(graph, f"{INSERTED_SCOPE}{l}/head_scale_axes", np.array([2, 3], dtype=np.int64))
+            scale4 = f"{INSERTED_SCOPE}{l}/head_scale_4d"
+            graph.node.append(helper.make_node("Unsqueeze", [scale, axes], [scale4], name=scale4))
+            reroute(graph, layer, layer.head_ctx, [("Mul", scale4), ("Add", shift)])
+        sort_nodes(graph)
+
+    def layer_map_after(self, layer_map: LayerMap, model: onnx.ModelProto) -> LayerMap:
+        return include_inserted(layer_map, model)
+
+
+def perturb(model: onnx.ModelProto, layer_map: LayerMap, layers: Iterable[int] = (), heads: Iterable[int] = ()) -> onnx.ModelProto:
+    """A copy of ``model`` with residual inputs for ``layers`` and head scale/shift inputs for the layers in ``heads``
+    (see ``Perturb``)."""
+    return Perturb(layers, heads)(model, layer_map)

@@ -30,41 +30,66 @@ from graph_passes.errors import GraphPassError
 from graph_passes.graph_utils import MATMUL_OPS, PAST, PRESENT, GraphIndex, concrete_input_dims, constant_value, infer_types, layer_of_nodes, static_dims
 from graph_passes.layer_map import LayerMap
 from graph_passes.metadata import HEADS_KEY
-from graph_passes.passes import checked_heads, require_heads
-from graph_passes.rewrite import copy_model, drop_unread_initializers, graph_reads, sort_nodes
+from graph_passes.passes import GraphPass, checked_heads, require_heads
+from graph_passes.rewrite import drop_unread_initializers, graph_reads, sort_nodes
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
+class PruneHeads(GraphPass):
+    """Remove the heads ``{layer: [head, ...]}`` from the weights; weights left on disk are read from ``weights_dir``.
+
+    Each layer keeps at least one head, and a model is pruned once. That each layer's attention has the shape
+    this pass can slice (separate q, k, v projections; see above) ``apply`` finds out before it changes anything;
+    ``ensures`` checks by shape inference that every pruned layer's head context has its new head count.
+    """
+
+    def __init__(self, heads: Mapping[int, Sequence[int]], *, weights_dir: str | None = None):
+        self.heads, self.weights_dir = heads, weights_dir
+
+    def requires(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        require_heads(layer_map)
+        if metadata.read(model, HEADS_KEY) is not None:
+            raise GraphPassError("this model's heads are already pruned; prune the original model instead")
+        for l, hs in checked_heads(layer_map, self.heads).items():
+            if len(hs) == layer_map.num_heads:
+                raise GraphPassError(f"removing all {layer_map.num_heads} heads of layer {l} leaves it no attention; keep one, or remove the layer (prune --skip)")
+
+    def apply(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        chosen = checked_heads(layer_map, self.heads)
+        if not chosen:
+            return
+        graph, num_heads = model.graph, layer_map.num_heads
+        read_before = graph_reads(graph)
+        index = GraphIndex(graph)
+        types = infer_types(model, concrete_input_dims(graph))
+        layer_of = layer_of_nodes(graph, layer_map)
+        weights = _Weights(graph, self.weights_dir)
+        kept_record = {}
+        for l, removed in chosen.items():
+            members = {i for i, node in enumerate(index.nodes) if layer_of.get(node.name) == l}
+            kept = [h for h in range(num_heads) if h not in removed]
+            kept_record[str(l)] = kept
+            _prune_layer(graph, index, types, weights, members, layer_map, l, kept)
+        sort_nodes(graph)
+        drop_unread_initializers(graph, read_before)
+        del graph.value_info[:]  # shapes inside pruned layers changed; onnxruntime infers them again
+        metadata.write(model, {HEADS_KEY: json.dumps(kept_record)})
+
+    def ensures(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        counts = {l: len(kept) for l, kept in metadata.kept_heads(model).items()}
+        if not counts:
+            return
+        types = infer_types(model, concrete_input_dims(model.graph))
+        for l, count in counts.items():
+            dims = static_dims(types.get(layer_map.layers[l].head_ctx))
+            if dims is not None and len(dims) == 4 and dims[1] is not None and dims[1] != count:
+                raise GraphPassError(f"layer {l}: after pruning, the head context has {dims[1]} heads, not {count}; the graph fixes its head count somewhere this pass does not rewrite")
+
+
 def prune_heads(model: onnx.ModelProto, layer_map: LayerMap, heads: Mapping[int, Sequence[int]], *, weights_dir: str | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` without the heads ``{layer: [head, ...]}``; weights left on disk are read from ``weights_dir``."""
-    require_heads(layer_map)
-    if metadata.read(model, HEADS_KEY) is not None:
-        raise GraphPassError("this model's heads are already pruned; prune the original model instead")
-    num_heads = layer_map.num_heads
-    chosen = checked_heads(layer_map, heads)
-    for l, hs in chosen.items():
-        if len(hs) == num_heads:
-            raise GraphPassError(f"removing all {num_heads} heads of layer {l} leaves it no attention; keep one, or remove the layer (prune --skip)")
-    out = copy_model(model)
-    if not chosen:
-        return out
-    index = GraphIndex(out.graph)
-    types = infer_types(out, concrete_input_dims(out.graph))
-    layer_of = layer_of_nodes(out.graph, layer_map)
-    weights = _Weights(out.graph, weights_dir)
-    kept_record = {}
-    for l, removed in chosen.items():
-        members = {i for i, node in enumerate(index.nodes) if layer_of.get(node.name) == l}
-        kept = [h for h in range(num_heads) if h not in removed]
-        kept_record[str(l)] = kept
-        _prune_layer(out.graph, index, types, weights, members, layer_map, l, kept)
-    sort_nodes(out.graph)
-    drop_unread_initializers(out.graph, graph_reads(model.graph))
-    del out.graph.value_info[:]  # shapes inside pruned layers changed; onnxruntime infers them again
-    _check(out, layer_map, {int(l): len(k) for l, k in kept_record.items()})
-    metadata.write(out, {HEADS_KEY: json.dumps(kept_record)})
-    return out
+    """A copy of ``model`` without the heads ``{layer: [head, ...]}`` (see ``PruneHeads``)."""
+    return PruneHeads(heads, weights_dir=weights_dir)(model, layer_map)
 
 
 def _prune_layer(graph, index: GraphIndex, types, weights: "_Weights", members: set[int], layer_map: LayerMap, l: int, kept: list[int]) -> None:
@@ -218,15 +243,6 @@ def _resize_cache(graph: onnx.GraphProto, index: GraphIndex, members: set[int], 
                 dim = value.type.tensor_type.shape.dim[1]
                 dim.Clear()
                 dim.dim_value = kv_heads
-
-
-def _check(model: onnx.ModelProto, layer_map: LayerMap, counts: dict[int, int]) -> None:
-    """Shape inference must give every pruned layer's head context its new head count."""
-    types = infer_types(model, concrete_input_dims(model.graph))
-    for l, count in counts.items():
-        dims = static_dims(types.get(layer_map.layers[l].head_ctx))
-        if dims is not None and len(dims) == 4 and dims[1] is not None and dims[1] != count:
-            raise GraphPassError(f"layer {l}: after pruning, the head context has {dims[1]} heads, not {count}; the graph fixes its head count somewhere this pass does not rewrite")
 
 
 def _is_float(types, name: str) -> bool:
