@@ -60,10 +60,17 @@ def skip(i: int, j: int, num_layers: int) -> list[int]:
     return [*range(i), *range(j, num_layers)]
 
 
-def parse_spec(text: str, num_layers: int) -> list[int]:
-    """A layer path (``0..14,12..14,15..29``) or the duplication shorthand ``i:j`` (block [i, j) run twice)."""
+def parse_block(text: str) -> tuple[int, int] | None:
+    """``"i:j"`` -> ``(i, j)``, spaces allowed around the numbers; None for any other text."""
     block = _BLOCK.match(text)
-    return duplicate(int(block[1]), int(block[2]), num_layers) if block else parse_path(text, num_layers)
+    return (int(block[1]), int(block[2])) if block else None
+
+
+def parse_spec(text: str, num_layers: int) -> list[int]:
+    """A layer path (``0..14,12..14,15..29``) or the duplication shorthand ``i:j`` (block [i, j) run twice);
+    ``edit.Edit.parse`` reads these and the other edits."""
+    block = parse_block(text)
+    return duplicate(*block, num_layers) if block else parse_path(text, num_layers)
 
 
 def check_path(path: Sequence[int], num_layers: int) -> tuple[int, ...]:
