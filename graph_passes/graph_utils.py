@@ -256,19 +256,27 @@ def weight_shape(index: GraphIndex, node: onnx.NodeProto, types: Mapping[str, on
     return (dims[1], dims[0]) if attribute(node, "transB", 0) else (dims[0], dims[1])
 
 
-def projection_width(index: GraphIndex, tensor: str, types: Mapping[str, onnx.TypeProto] | None = None) -> int | None:
-    """Input width of the first weight matmul that reads ``tensor`` (through reshapes): o_proj's heads * head_dim."""
+def first_weight_matmul(index: GraphIndex, tensor: str, members: set[int] | None = None) -> int | None:
+    """Position of the first weight matmul that reads ``tensor`` through other nodes (among ``members``, default
+    every node), breadth first: the output projection that reads a head context through its reshapes."""
     seen, todo = set(), [tensor]
     while todo:
         for j in sorted(index.consumers.get(todo.pop(0), ())):
+            if members is not None and j not in members or j in seen:
+                continue
             node = index.nodes[j]
             if node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants:
-                shape = weight_shape(index, node, types)
-                return shape[0] if shape else None
-            if j not in seen:
-                seen.add(j)
-                todo.extend(node.output)
+                return j
+            seen.add(j)
+            todo.extend(node.output)
     return None
+
+
+def projection_width(index: GraphIndex, tensor: str, types: Mapping[str, onnx.TypeProto] | None = None) -> int | None:
+    """Input width of the first weight matmul that reads ``tensor`` (through reshapes): o_proj's heads * head_dim."""
+    j = first_weight_matmul(index, tensor)
+    shape = weight_shape(index, index.nodes[j], types) if j is not None else None
+    return shape[0] if shape else None
 
 
 def constant_value(graph: onnx.GraphProto, index: GraphIndex, name: str) -> np.ndarray | None:

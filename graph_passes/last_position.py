@@ -48,8 +48,11 @@ class LastPosition(GraphPass):
         node = graph.node[head]
         node.input[0] = name
         graph.node.insert(head, helper.make_node("Slice", [data, *constants], [name], name=name))
-        # Shapes recorded for the tensors after the slice still say every position: drop them, and say 1.
-        after = {out for i in _downstream(index, head) for out in index.nodes[i].output}
+        # Shapes recorded for the tensors after the slice (the lm_head's and the per-token ops' up to the logits)
+        # still say every position: drop them, and say 1.
+        everything = set(range(len(index.nodes)))
+        downstream = {head}.union(*(index.descendants_within(out, everything) for out in index.nodes[head].output))
+        after = {out for i in downstream for out in index.nodes[i].output}
         kept = [value for value in graph.value_info if value.name not in after]
         del graph.value_info[:]
         graph.value_info.extend(kept)
@@ -68,14 +71,3 @@ def last_position(model: onnx.ModelProto, logits: str = "logits") -> onnx.ModelP
         return LastPosition(logits)(model)
     except GraphPassError:
         return None
-
-
-def _downstream(index: GraphIndex, head: int) -> set[int]:
-    """The lm_head and the per-token nodes between it and the logits."""
-    found, todo = {head}, list(index.nodes[head].output)
-    while todo:
-        for j in index.consumers.get(todo.pop(), ()):
-            if j not in found:
-                found.add(j)
-                todo.extend(index.nodes[j].output)
-    return found

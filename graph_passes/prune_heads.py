@@ -27,7 +27,8 @@ from onnx import helper, numpy_helper
 
 from graph_passes import metadata
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import MATMUL_OPS, PAST, PRESENT, GraphIndex, concrete_input_dims, constant_value, infer_types, layer_of_nodes, static_dims
+from graph_passes.graph_utils import (MATMUL_OPS, PAST, PRESENT, GraphIndex, concrete_input_dims, constant_value, first_weight_matmul, infer_types,
+                                     layer_of_nodes, static_dims)
 from graph_passes.layer_map import LayerMap
 from graph_passes.metadata import HEADS_KEY
 from graph_passes.passes import GraphPass, checked_heads, require_heads
@@ -163,18 +164,10 @@ def _walk_back(index: GraphIndex, members: set[int], tensor: str, stop, follow=l
 
 def _output_projection(index: GraphIndex, members: set[int], head_ctx: str, l: int) -> int:
     """The first weight MatMul that reads the head context (through its transpose and reshape)."""
-    todo, seen = [head_ctx], set()
-    while todo:
-        for j in sorted(index.consumers.get(todo.pop(0), ())):
-            node = index.nodes[j]
-            if j not in members or j in seen:
-                continue
-            seen.add(j)
-            if node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants:
-                return j
-            todo.extend(node.output)
-    raise GraphPassError(f"layer {l}: no output projection reads the head context; its heads cannot be pruned")
-
+    found = first_weight_matmul(index, head_ctx, members)
+    if found is None:
+        raise GraphPassError(f"layer {l}: no output projection reads the head context; its heads cannot be pruned")
+    return found
 
 def _biases(index: GraphIndex, members: set[int], projection: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
     """(Add node, input slot) of a bias added straight to the projection's output."""
