@@ -94,15 +94,15 @@ def clone_nodes(nodes: Iterable[onnx.NodeProto], suffix: str, rename: dict[str, 
 
 
 def live_nodes(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[onnx.NodeProto]:
-    """The nodes some of ``outputs`` depend on (an omitted layer's weight casts, say, go), order kept."""
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-    needed, todo = set(), list(outputs)
-    while todo:
-        i = producer.get(todo.pop())
-        if i is not None and i not in needed:
-            needed.add(i)
-            todo.extend(node_reads(nodes[i]))
-    return [node for i, node in enumerate(nodes) if i in needed]
+    """The nodes some of ``outputs`` depend on (an omitted layer's weight casts, say, go), order kept; ``nodes`` in
+    topological order, as ONNX requires, so one backward sweep finds them."""
+    needed = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(name in needed for name in node.output):
+            keep.append(node)
+            needed.update(node_reads(node))
+    return keep[::-1]
 
 
 def graph_reads(graph: onnx.GraphProto) -> set[str]:
