@@ -3,8 +3,8 @@
 Modelled on onnx_ir's passes: a pass is a small class holding its options, that states what it needs of a
 model before it changes anything and rewrites a model it is given. Calling a pass leaves its input as it
 is: the model is copied once and the copy rewritten. ``run_passes`` rewrites one copy by a sequence of
-passes, rediscovering the layers where a pass moved them. discover and segment are not passes: they read a
-graph and return something else (a LayerMap, the segment models).
+passes, rediscovering the layers where a pass moved them. discover and segment return something other than
+a model (a LayerMap, the segment models), so they stay functions.
 """
 from __future__ import annotations
 
