@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import onnx
 
-from graph_passes import deployed, structural
+from graph_passes import deployed, metadata, structural
 from graph_passes.errors import GraphPassError
 from graph_passes.families import BY_NAME, FAMILIES, Family, scopes_looked_for
 from graph_passes.fused_ops import FUSED_ATTENTION
-from graph_passes.graph_utils import GraphIndex, infer_types, name_nodes, projection_width, static_dims
+from graph_passes.graph_utils import GraphIndex, concrete_input_dims, infer_types, name_nodes, projection_width, static_dims
 from graph_passes.layer_map import Layer, LayerMap
 from graph_passes.located import LayerTensors, Located, adds_to
-from graph_passes.route import PATH_KEY as ROUTED_KEY
-
-# Graph inputs get these sizes for shape inference: batch 1, every other free dim 7 (an odd size
-# no head count or hidden size of a real model is likely to share).
-_BATCH, _OTHER = 1, 7
 
 
 def discover(model: onnx.ModelProto, family: str | None = None) -> LayerMap:
@@ -29,12 +24,12 @@ def discover(model: onnx.ModelProto, family: str | None = None) -> LayerMap:
         raise GraphPassError(f"unknown model family {family!r}; expected one of {', '.join([*BY_NAME, structural.FAMILY])}")
     if not model.graph.output:
         raise GraphPassError("the graph has no outputs; give a complete exported model")
-    if family is None and any(p.key == ROUTED_KEY for p in model.metadata_props):
+    if family is None and metadata.read(model, metadata.PATH_KEY) is not None:
         family = structural.FAMILY  # a routed graph repeats layer scopes in node names: only topology tells the layers apart
     name_nodes(model)
     deployed.prepare(model)
     index = GraphIndex(model.graph)
-    types = infer_types(model, _concrete_input_dims(model.graph))
+    types = infer_types(model, concrete_input_dims(model.graph))
     if family == structural.FAMILY:
         located = structural.locate(index, types)
     elif family is not None:
@@ -192,12 +187,3 @@ def _value_heads(index: GraphIndex, types: dict, head_ctx: str) -> int | None:
             return None
         tensor = index.nodes[i].input[0]
     return None
-
-
-def _concrete_input_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    """Sizes for every graph input: free dims set to batch 1 / 7, fixed dims kept."""
-    sizes = {}
-    for value in graph.input:
-        dims = value.type.tensor_type.shape.dim
-        sizes[value.name] = [d.dim_value if d.HasField("dim_value") else (_BATCH if k == 0 else _OTHER) for k, d in enumerate(dims)]
-    return sizes

@@ -1,11 +1,17 @@
-"""Small helpers over an ONNX graph: node names, producers and consumers, order, extra outputs, types."""
+"""Reading an ONNX graph: node names, producers and consumers, order, types and dims, layer membership.
+
+The helpers that change a graph are in ``rewrite``; these only look (``name_nodes`` aside, which discovery
+runs first so that nodes can be named at all).
+"""
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict, deque
 from typing import Iterable, Mapping
 
+import numpy as np
 import onnx
-from onnx import shape_inference
+from onnx import numpy_helper, shape_inference
 
 from graph_passes.errors import GraphPassError
 from graph_passes.fused_ops import PACKED_MATMULS
@@ -18,6 +24,12 @@ PASS_THROUGH = frozenset({"Cast", "Identity"})
 MATMUL_OPS = frozenset({"MatMul", "Gemm", *PACKED_MATMULS})
 # Per-token ops that may follow the lm_head (bias, softcapping, casts): what reads one position reads it alone.
 PER_TOKEN_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Identity"})
+# Optimum's KV-cache graph inputs and outputs, one key and one value per layer: what route, segment and prune_heads rename or resize.
+PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
+# Sizes graph inputs get for shape inference: batch 1, every other free dim 7 (an odd size no head count or
+# hidden size of a real model is likely to share).
+_BATCH, _OTHER = 1, 7
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
@@ -79,17 +91,6 @@ def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [nodes[i] for i in order]
 
 
-def add_outputs(model: onnx.ModelProto, outputs: Mapping[str, str], types: Mapping[str, onnx.TypeProto]) -> None:
-    """Append graph outputs named by ``outputs`` keys, each an Identity of the tensor it maps to (in place)."""
-    graph = model.graph
-    for new_name, tensor in outputs.items():
-        if new_name != tensor:
-            graph.node.append(onnx.helper.make_node("Identity", [tensor], [new_name], name=f"/expose/{new_name}"))
-        value = onnx.ValueInfoProto(name=new_name)
-        value.type.CopyFrom(types[new_name])
-        graph.output.append(value)
-
-
 def infer_types(model: onnx.ModelProto, fixed_dims: Mapping[str, list[int]] | None = None) -> dict[str, onnx.TypeProto]:
     """Tensor name -> inferred type, by ONNX shape inference on a weightless copy (fast, safe over 2 GB).
 
@@ -108,6 +109,28 @@ def infer_types(model: onnx.ModelProto, fixed_dims: Mapping[str, list[int]] | No
         inferred = light
     graph = inferred.graph
     return {value.name: value.type for value in (*graph.input, *graph.value_info, *graph.output)}
+
+
+def concrete_input_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Sizes for every graph input, for ``infer_types``: free dims set to batch 1 / 7, fixed dims kept."""
+    sizes = {}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        sizes[value.name] = [d.dim_value if d.HasField("dim_value") else (_BATCH if k == 0 else _OTHER) for k, d in enumerate(dims)]
+    return sizes
+
+
+def elem_type(types: Mapping[str, onnx.TypeProto], tensor: str) -> int:
+    """Element type of a tensor as inferred (float when inference could not tell)."""
+    value = types.get(tensor)
+    return value.tensor_type.elem_type if value is not None and value.tensor_type.elem_type else onnx.TensorProto.FLOAT
+
+
+def token_dims(graph: onnx.GraphProto) -> tuple[onnx.TensorShapeProto.Dimension, onnx.TensorShapeProto.Dimension] | None:
+    """The batch and sequence dims of the token inputs (``input_ids``, else the first 2-D input); None without one."""
+    inputs = {value.name: list(value.type.tensor_type.shape.dim) for value in graph.input}
+    dims = inputs.get("input_ids") or next((d for d in inputs.values() if len(d) == 2), None)
+    return (dims[0], dims[1]) if dims and len(dims) == 2 else None
 
 
 def static_dims(value_type: onnx.TypeProto | None) -> list[int | None] | None:
@@ -233,18 +256,38 @@ def weight_shape(index: GraphIndex, node: onnx.NodeProto, types: Mapping[str, on
     return (dims[1], dims[0]) if attribute(node, "transB", 0) else (dims[0], dims[1])
 
 
-def projection_width(index: GraphIndex, tensor: str, types: Mapping[str, onnx.TypeProto] | None = None) -> int | None:
-    """Input width of the first weight matmul that reads ``tensor`` (through reshapes): o_proj's heads * head_dim."""
+def first_weight_matmul(index: GraphIndex, tensor: str, members: set[int] | None = None) -> int | None:
+    """Position of the first weight matmul that reads ``tensor`` through other nodes (among ``members``, default
+    every node), breadth first: the output projection that reads a head context through its reshapes."""
     seen, todo = set(), [tensor]
     while todo:
         for j in sorted(index.consumers.get(todo.pop(0), ())):
+            if members is not None and j not in members or j in seen:
+                continue
             node = index.nodes[j]
             if node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants:
-                shape = weight_shape(index, node, types)
-                return shape[0] if shape else None
-            if j not in seen:
-                seen.add(j)
-                todo.extend(node.output)
+                return j
+            seen.add(j)
+            todo.extend(node.output)
+    return None
+
+
+def projection_width(index: GraphIndex, tensor: str, types: Mapping[str, onnx.TypeProto] | None = None) -> int | None:
+    """Input width of the first weight matmul that reads ``tensor`` (through reshapes): o_proj's heads * head_dim."""
+    j = first_weight_matmul(index, tensor)
+    shape = weight_shape(index, index.nodes[j], types) if j is not None else None
+    return shape[0] if shape else None
+
+
+def constant_value(graph: onnx.GraphProto, index: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of an initializer or Constant-node output, else None (a value computed at run time)."""
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    if tensor is not None:
+        return numpy_helper.to_array(tensor)
+    i = index.producer.get(name)
+    if i is not None and index.nodes[i].op_type == "Constant":
+        value = next((a for a in index.nodes[i].attribute if a.name == "value"), None)
+        return numpy_helper.to_array(value.t) if value is not None else None
     return None
 
 

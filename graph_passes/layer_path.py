@@ -17,8 +17,9 @@ _BLOCK = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 EXAMPLE = "0..14,12..14,15..29"
 
 
-def parse_path(text: str, num_layers: int) -> list[int]:
-    """``"0..2,1,2"`` -> ``[0, 1, 2, 1, 2]``; GraphPassError naming the first bad token."""
+def parse_path(text: str, num_layers: int | None = None) -> list[int]:
+    """``"0..2,1,2"`` -> ``[0, 1, 2, 1, 2]``; GraphPassError naming the first bad token. Layers are checked against
+    ``num_layers`` when it is given."""
     if not text.strip():
         raise GraphPassError(f"layer path {text!r} is empty; give layers like '{EXAMPLE}'")
     path: list[int] = []
@@ -36,7 +37,7 @@ def parse_path(text: str, num_layers: int) -> list[int]:
             layers = list(range(first, last + 1))
         else:
             raise GraphPassError(f"layer path {text!r}: {token!r} is not a layer number or a..b range (layers are numbered from 0)")
-        bad = next((layer for layer in layers if layer >= num_layers), None)
+        bad = next((layer for layer in layers if layer >= num_layers), None) if num_layers is not None else None
         if bad is not None:
             raise GraphPassError(f"layer path {text!r}: {token!r} is out of range, the model has {num_layers} layers (0..{num_layers - 1})")
         path.extend(layers)
@@ -59,10 +60,17 @@ def skip(i: int, j: int, num_layers: int) -> list[int]:
     return [*range(i), *range(j, num_layers)]
 
 
-def parse_spec(text: str, num_layers: int) -> list[int]:
-    """A layer path (``0..14,12..14,15..29``) or the duplication shorthand ``i:j`` (block [i, j) run twice)."""
+def parse_block(text: str) -> tuple[int, int] | None:
+    """``"i:j"`` -> ``(i, j)``, spaces allowed around the numbers; None for any other text."""
     block = _BLOCK.match(text)
-    return duplicate(int(block[1]), int(block[2]), num_layers) if block else parse_path(text, num_layers)
+    return (int(block[1]), int(block[2])) if block else None
+
+
+def parse_spec(text: str, num_layers: int) -> list[int]:
+    """A layer path (``0..14,12..14,15..29``) or the duplication shorthand ``i:j`` (block [i, j) run twice);
+    ``edit.Edit.parse`` reads these and the other edits."""
+    block = parse_block(text)
+    return duplicate(*block, num_layers) if block else parse_path(text, num_layers)
 
 
 def check_path(path: Sequence[int], num_layers: int) -> tuple[int, ...]:

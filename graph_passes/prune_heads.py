@@ -25,56 +25,72 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_passes.discovery import _concrete_input_dims
+from graph_passes import metadata
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import MATMUL_OPS, GraphIndex, infer_types, layer_of_nodes, static_dims
+from graph_passes.graph_utils import (MATMUL_OPS, PAST, PRESENT, GraphIndex, concrete_input_dims, constant_value, first_weight_matmul, infer_types,
+                                     layer_of_nodes, static_dims)
 from graph_passes.layer_map import LayerMap
-from graph_passes.perturb import copy_model, require_heads, sort_nodes
-from graph_passes.route import PAST, PRESENT, _prune_initializers, _set_metadata
+from graph_passes.metadata import HEADS_KEY
+from graph_passes.passes import GraphPass, checked_heads, require_heads
+from graph_passes.rewrite import drop_unread_initializers, graph_reads, sort_nodes
 
-HEADS_KEY = "cp_onnx.heads_kept"  # metadata_props: JSON {layer: [original indices of the kept heads]} of pruned layers
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
+class PruneHeads(GraphPass):
+    """Remove the heads ``{layer: [head, ...]}`` from the weights; weights left on disk are read from ``weights_dir``.
+
+    Each layer keeps at least one head, and a model is pruned once. That each layer's attention has the shape
+    this pass can slice (separate q, k, v projections; see above) ``apply`` finds out before it changes anything;
+    ``ensures`` checks by shape inference that every pruned layer's head context has its new head count.
+    """
+
+    def __init__(self, heads: Mapping[int, Sequence[int]], *, weights_dir: str | None = None):
+        self.heads, self.weights_dir = heads, weights_dir
+
+    def requires(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        require_heads(layer_map)
+        if metadata.read(model, HEADS_KEY) is not None:
+            raise GraphPassError("this model's heads are already pruned; prune the original model instead")
+        for l, hs in checked_heads(layer_map, self.heads).items():
+            if len(hs) == layer_map.num_heads:
+                raise GraphPassError(f"removing all {layer_map.num_heads} heads of layer {l} leaves it no attention; keep one, or remove the layer (prune --skip)")
+
+    def apply(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        chosen = checked_heads(layer_map, self.heads)
+        if not chosen:
+            return
+        graph, num_heads = model.graph, layer_map.num_heads
+        read_before = graph_reads(graph)
+        index = GraphIndex(graph)
+        types = infer_types(model, concrete_input_dims(graph))
+        layer_of = layer_of_nodes(graph, layer_map)
+        weights = _Weights(graph, self.weights_dir)
+        kept_record = {}
+        for l, removed in chosen.items():
+            members = {i for i, node in enumerate(index.nodes) if layer_of.get(node.name) == l}
+            kept = [h for h in range(num_heads) if h not in removed]
+            kept_record[str(l)] = kept
+            _prune_layer(graph, index, types, weights, members, layer_map, l, kept)
+        sort_nodes(graph)
+        drop_unread_initializers(graph, read_before)
+        del graph.value_info[:]  # shapes inside pruned layers changed; onnxruntime infers them again
+        metadata.write(model, {HEADS_KEY: json.dumps(kept_record)})
+
+    def ensures(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        counts = {l: len(kept) for l, kept in metadata.kept_heads(model).items()}
+        if not counts:
+            return
+        types = infer_types(model, concrete_input_dims(model.graph))
+        for l, count in counts.items():
+            dims = static_dims(types.get(layer_map.layers[l].head_ctx))
+            if dims is not None and len(dims) == 4 and dims[1] is not None and dims[1] != count:
+                raise GraphPassError(f"layer {l}: after pruning, the head context has {dims[1]} heads, not {count}; the graph fixes its head count somewhere this pass does not rewrite")
+
+
 def prune_heads(model: onnx.ModelProto, layer_map: LayerMap, heads: Mapping[int, Sequence[int]], *, weights_dir: str | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` without the heads ``{layer: [head, ...]}``; weights left on disk are read from ``weights_dir``."""
-    require_heads(layer_map)
-    if any(p.key == HEADS_KEY for p in model.metadata_props):
-        raise GraphPassError("this model's heads are already pruned; prune the original model instead")
-    num_heads = layer_map.num_heads
-    chosen = {int(l): sorted({int(h) for h in hs}) for l, hs in heads.items() if len(hs)}
-    for l, hs in chosen.items():
-        if not 0 <= l < layer_map.num_layers:
-            raise GraphPassError(f"layer {l} is out of range: the model has layers 0..{layer_map.num_layers - 1}")
-        if hs[0] < 0 or hs[-1] >= num_heads:
-            raise GraphPassError(f"layer {l} has heads 0..{num_heads - 1}; head {hs[0] if hs[0] < 0 else hs[-1]} does not exist")
-        if len(hs) == num_heads:
-            raise GraphPassError(f"removing all {num_heads} heads of layer {l} leaves it no attention; keep one, or remove the layer (prune --skip)")
-    out = copy_model(model)
-    if not chosen:
-        return out
-    index = GraphIndex(out.graph)
-    types = infer_types(out, _concrete_input_dims(out.graph))
-    layer_of = layer_of_nodes(out.graph, layer_map)
-    weights = _Weights(out.graph, weights_dir)
-    kept_record = {}
-    for l, removed in chosen.items():
-        members = {i for i, node in enumerate(index.nodes) if layer_of.get(node.name) == l}
-        kept = [h for h in range(num_heads) if h not in removed]
-        kept_record[str(l)] = kept
-        _prune_layer(out.graph, index, types, weights, members, layer_map, l, kept)
-    sort_nodes(out.graph)
-    _prune_initializers(out.graph, model.graph)
-    del out.graph.value_info[:]  # shapes inside pruned layers changed; onnxruntime infers them again
-    _check(out, layer_map, {int(l): len(k) for l, k in kept_record.items()})
-    _set_metadata(out, {HEADS_KEY: json.dumps(kept_record)})
-    return out
-
-
-def kept_heads(model: onnx.ModelProto) -> dict[int, list[int]]:
-    """{layer: original indices of its kept heads} of a head-pruned model (empty for any other)."""
-    value = next((p.value for p in model.metadata_props if p.key == HEADS_KEY), None)
-    return {} if value is None else {int(l): hs for l, hs in json.loads(value).items()}
+    """A copy of ``model`` without the heads ``{layer: [head, ...]}`` (see ``PruneHeads``)."""
+    return PruneHeads(heads, weights_dir=weights_dir)(model, layer_map)
 
 
 def _prune_layer(graph, index: GraphIndex, types, weights: "_Weights", members: set[int], layer_map: LayerMap, l: int, kept: list[int]) -> None:
@@ -148,18 +164,10 @@ def _walk_back(index: GraphIndex, members: set[int], tensor: str, stop, follow=l
 
 def _output_projection(index: GraphIndex, members: set[int], head_ctx: str, l: int) -> int:
     """The first weight MatMul that reads the head context (through its transpose and reshape)."""
-    todo, seen = [head_ctx], set()
-    while todo:
-        for j in sorted(index.consumers.get(todo.pop(0), ())):
-            node = index.nodes[j]
-            if j not in members or j in seen:
-                continue
-            seen.add(j)
-            if node.op_type in MATMUL_OPS and len(node.input) > 1 and node.input[1] in index.constants:
-                return j
-            todo.extend(node.output)
-    raise GraphPassError(f"layer {l}: no output projection reads the head context; its heads cannot be pruned")
-
+    found = first_weight_matmul(index, head_ctx, members)
+    if found is None:
+        raise GraphPassError(f"layer {l}: no output projection reads the head context; its heads cannot be pruned")
+    return found
 
 def _biases(index: GraphIndex, members: set[int], projection: onnx.NodeProto) -> list[tuple[onnx.NodeProto, int]]:
     """(Add node, input slot) of a bias added straight to the projection's output."""
@@ -194,7 +202,7 @@ def _retarget(graph: onnx.GraphProto, index: GraphIndex, reshape: onnx.NodeProto
               split: bool) -> None:
     """Rewrite a constant Reshape target that names the head count: ``[..., heads, head_dim]`` where a projection's output
     is split into heads (``split``), ``[..., heads * head_dim]`` where they are merged back (targets with -1 adapt by themselves)."""
-    value = _constant(graph, index, reshape.input[1])
+    value = constant_value(graph, index, reshape.input[1])
     if value is None or value.ndim != 1 or not len(value):
         return
     (old, new), changed = counts, value.astype(np.int64).copy()
@@ -207,18 +215,6 @@ def _retarget(graph: onnx.GraphProto, index: GraphIndex, reshape: onnx.NodeProto
         graph.initializer.append(numpy_helper.from_array(changed, name))
         node = next(n for n in graph.node if n.name == reshape.name)
         node.input[1] = name
-
-
-def _constant(graph: onnx.GraphProto, index: GraphIndex, name: str) -> np.ndarray | None:
-    """The value of an initializer or Constant-node output, else None (a shape computed at run time)."""
-    tensor = next((t for t in graph.initializer if t.name == name), None)
-    if tensor is not None:
-        return numpy_helper.to_array(tensor)
-    i = index.producer.get(name)
-    if i is not None and index.nodes[i].op_type == "Constant":
-        attribute = next((a for a in index.nodes[i].attribute if a.name == "value"), None)
-        return numpy_helper.to_array(attribute.t) if attribute is not None else None
-    return None
 
 
 def _gather_heads(graph: onnx.GraphProto, node: onnx.NodeProto, slot: int, picks: list[int], scope: str) -> None:
@@ -240,15 +236,6 @@ def _resize_cache(graph: onnx.GraphProto, index: GraphIndex, members: set[int], 
                 dim = value.type.tensor_type.shape.dim[1]
                 dim.Clear()
                 dim.dim_value = kv_heads
-
-
-def _check(model: onnx.ModelProto, layer_map: LayerMap, counts: dict[int, int]) -> None:
-    """Shape inference must give every pruned layer's head context its new head count."""
-    types = infer_types(model, _concrete_input_dims(model.graph))
-    for l, count in counts.items():
-        dims = static_dims(types.get(layer_map.layers[l].head_ctx))
-        if dims is not None and len(dims) == 4 and dims[1] is not None and dims[1] != count:
-            raise GraphPassError(f"layer {l}: after pruning, the head context has {dims[1]} heads, not {count}; the graph fixes its head count somewhere this pass does not rewrite")
 
 
 def _is_float(types, name: str) -> bool:

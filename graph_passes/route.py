@@ -12,72 +12,87 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import onnx
 
+from graph_passes import metadata
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import layer_of_nodes, node_reads
+from graph_passes.graph_utils import PAST, PRESENT, layer_of_nodes, node_reads
 from graph_passes.layer_map import LayerMap
-from graph_passes.layer_path import check_path, format_path, parse_path
+from graph_passes.layer_path import check_path, format_path
+from graph_passes.metadata import KV_SLOTS_KEY, PATH_KEY
+from graph_passes.passes import GraphPass
+from graph_passes.rewrite import clone_nodes, drop_unread_initializers, graph_reads, live_nodes
 
-PATH_KEY = "cp_onnx.layer_path"  # metadata_props: the path, in layer-path syntax
-KV_SLOTS_KEY = "cp_onnx.kv_slot_layers"  # metadata_props: JSON list, entry k = layer whose cache is slot k
-PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
 DUP_SUFFIX = "/dup{}"
 
 
+class Route(GraphPass):
+    """Run the layers in the order ``path`` (layer indices, repeats allowed).
+
+    Besides a path of this model's layers, the model must never have been routed, and its layers may pass
+    nothing but the residual stream to each other (and each reads its own KV-cache slots only): ``apply``
+    checks those on the graph before it changes anything.
+    """
+
+    def __init__(self, path: Sequence[int]):
+        self.path = path
+
+    def requires(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        check_path(self.path, layer_map.num_layers)
+        routed_before = metadata.read(model, PATH_KEY)
+        if routed_before is not None:
+            raise GraphPassError(f"this model is already routed (layer path {routed_before}); route the original model instead")
+
+    def apply(self, model: onnx.ModelProto, layer_map: LayerMap) -> None:
+        path = check_path(self.path, layer_map.num_layers)
+        graph = model.graph
+        layer_of = layer_of_nodes(graph, layer_map)
+        made_in = {out: layer_of[node.name] for node in graph.node if node.name in layer_of for out in node.output if out}
+        _check_boundaries(graph, layer_map, layer_of, made_in)
+        past, present = _kv_slots(graph, layer_of, made_in, layer_map.num_layers)
+
+        by_layer: dict[int, list[onnx.NodeProto]] = {i: [] for i in range(layer_map.num_layers)}
+        for node in graph.node:
+            if node.name in layer_of:
+                by_layer[layer_of[node.name]].append(node)
+        occurrence_nodes: list[onnx.NodeProto] = []
+        renames: list[dict[str, str]] = []  # per path position: original tensor -> routed tensor
+        seen: Counter[int] = Counter()
+        stream = layer_map.embed
+        for k, i in enumerate(path):
+            suffix = DUP_SUFFIX.format(seen[i]) if seen[i] else ""
+            seen[i] += 1
+            rename = {layer_map.layers[i].resid_in: stream}
+            rename.update({name: f"past_key_values.{k}.{kind}" for (layer, kind), name in past.items() if layer == i})
+            rename.update({name: f"present.{k}.{kind}" for (layer, kind), name in present.items() if layer == i})
+            occurrence_nodes += clone_nodes(by_layer[i], suffix, rename)
+            renames.append(rename)
+            stream = rename[layer_map.layers[i].resid_out]
+
+        first_slot = {i: path.index(i) if i in path else 0 for i in range(layer_map.num_layers)}
+        outside = {layer_map.layers[-1].resid_out: stream}
+        outside.update({name: f"past_key_values.{first_slot[layer]}.{kind}" for (layer, kind), name in past.items()})
+        prefix, tail = _split_outside(graph, layer_of, made_in)
+        nodes = clone_nodes(prefix, "", outside) + occurrence_nodes + clone_nodes(tail, "", outside)
+
+        # From here on the graph changes: what it read before is taken first.
+        read_before = graph_reads(graph)
+        _replace(graph.input, PAST, path, "past_key_values")
+        _replace(graph.output, PRESENT, path, "present")
+        nodes = live_nodes(nodes, [value.name for value in graph.output])
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _retype(graph, made_in, path, renames)
+        drop_unread_initializers(graph, read_before)
+        metadata.write(model, {PATH_KEY: format_path(path), **({KV_SLOTS_KEY: json.dumps(list(path))} if past else {})})
+
+
 def route(model: onnx.ModelProto, layer_map: LayerMap, path: Sequence[int]) -> onnx.ModelProto:
-    """A copy of ``model`` that runs its layers in the order ``path`` (layer indices, repeats allowed)."""
-    path = check_path(path, layer_map.num_layers)
-    routed_before = next((p.value for p in model.metadata_props if p.key == PATH_KEY), None)
-    if routed_before is not None:
-        raise GraphPassError(f"this model is already routed (layer path {routed_before}); route the original model instead")
-    graph = model.graph
-    layer_of = layer_of_nodes(graph, layer_map)
-    made_in = {out: layer_of[node.name] for node in graph.node if node.name in layer_of for out in node.output if out}
-    _check_boundaries(graph, layer_map, layer_of, made_in)
-    past, present = _kv_slots(graph, layer_of, made_in, layer_map.num_layers)
-
-    by_layer: dict[int, list[onnx.NodeProto]] = {i: [] for i in range(layer_map.num_layers)}
-    for node in graph.node:
-        if node.name in layer_of:
-            by_layer[layer_of[node.name]].append(node)
-    occurrence_nodes: list[onnx.NodeProto] = []
-    renames: list[dict[str, str]] = []  # per path position: original tensor -> routed tensor
-    seen: Counter[int] = Counter()
-    stream = layer_map.embed
-    for k, i in enumerate(path):
-        suffix = DUP_SUFFIX.format(seen[i]) if seen[i] else ""
-        seen[i] += 1
-        rename = {layer_map.layers[i].resid_in: stream}
-        rename.update({name: f"past_key_values.{k}.{kind}" for (layer, kind), name in past.items() if layer == i})
-        rename.update({name: f"present.{k}.{kind}" for (layer, kind), name in present.items() if layer == i})
-        occurrence_nodes += _clone(by_layer[i], suffix, rename)
-        renames.append(rename)
-        stream = rename[layer_map.layers[i].resid_out]
-
-    first_slot = {i: path.index(i) if i in path else 0 for i in range(layer_map.num_layers)}
-    outside = {layer_map.layers[-1].resid_out: stream}
-    outside.update({name: f"past_key_values.{first_slot[layer]}.{kind}" for (layer, kind), name in past.items()})
-    prefix, tail = _split_outside(graph, layer_of, made_in)
-    nodes = _clone(prefix, "", outside) + occurrence_nodes + _clone(tail, "", outside)
-
-    routed = onnx.ModelProto()
-    routed.CopyFrom(model)
-    new_graph = routed.graph
-    _replace(new_graph.input, graph.input, PAST, path, "past_key_values")
-    _replace(new_graph.output, graph.output, PRESENT, path, "present")
-    nodes = _live(nodes, [value.name for value in new_graph.output])
-    del new_graph.node[:]
-    new_graph.node.extend(nodes)
-    _retype(new_graph, graph, made_in, path, renames)
-    _prune_initializers(new_graph, graph)
-    _set_metadata(routed, {PATH_KEY: format_path(path), **({KV_SLOTS_KEY: json.dumps(list(path))} if past else {})})
-    return routed
+    """A copy of ``model`` that runs its layers in the order ``path`` (see ``Route``)."""
+    return Route(path)(model, layer_map)
 
 
 def _check_boundaries(graph: onnx.GraphProto, layer_map: LayerMap, layer_of: dict[str, int], made_in: dict[str, int]) -> None:
@@ -116,24 +131,6 @@ def _kv_slots(graph: onnx.GraphProto, layer_of: dict[str, int], made_in: dict[st
     return past, present
 
 
-def _clone(nodes: Iterable[onnx.NodeProto], suffix: str, rename: dict[str, str]) -> list[onnx.NodeProto]:
-    """Copies of ``nodes`` with ``suffix`` on node names and on every output not in ``rename``; inputs renamed."""
-    nodes = list(nodes)
-    for node in nodes:
-        for name in node.output:
-            if name and name not in rename:
-                rename[name] = name + suffix
-    clones = []
-    for node in nodes:
-        clone = onnx.NodeProto()
-        clone.CopyFrom(node)
-        clone.name = node.name + suffix
-        clone.input[:] = [rename.get(name, name) for name in node.input]
-        clone.output[:] = [rename.get(name, name) for name in node.output]
-        clones.append(clone)
-    return clones
-
-
 def _split_outside(graph: onnx.GraphProto, layer_of: dict[str, int], made_in: dict[str, int]) -> tuple[list, list]:
     """Nodes outside the layers: those that run before the layers, and those that read their output."""
     after = set(made_in)
@@ -149,14 +146,14 @@ def _split_outside(graph: onnx.GraphProto, layer_of: dict[str, int], made_in: di
     return prefix, tail
 
 
-def _replace(values, originals, pattern: re.Pattern, path: tuple[int, ...], prefix: str) -> None:
+def _replace(values, pattern: re.Pattern, path: tuple[int, ...], prefix: str) -> None:
     """Replace the KV-cache entries of a graph's input or output list by one per path position, in place."""
-    slots = {(int(m[1]), m[2]): value for value in originals if (m := pattern.match(value.name))}
+    slots = {(int(m[1]), m[2]): value for value in values if (m := pattern.match(value.name))}
     if not slots:
         return
     kinds = list(dict.fromkeys(kind for _, kind in slots))
-    first = next(k for k, value in enumerate(originals) if pattern.match(value.name))
-    kept = [value for value in originals if not pattern.match(value.name)]
+    first = next(k for k, value in enumerate(values) if pattern.match(value.name))
+    kept = [value for value in values if not pattern.match(value.name)]
     fresh = []
     for k, i in enumerate(path):
         for kind in kinds:
@@ -168,22 +165,12 @@ def _replace(values, originals, pattern: re.Pattern, path: tuple[int, ...], pref
     values.extend(kept[:first] + fresh + kept[first:])
 
 
-def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """The nodes some graph output depends on (an omitted layer's weight casts, say, go), order kept."""
-    needed = set(outputs)
-    keep = []
-    for node in reversed(nodes):
-        if any(name in needed for name in node.output):
-            keep.append(node)
-            needed.update(node_reads(node))
-    return keep[::-1]
-
-
-def _retype(graph: onnx.GraphProto, original: onnx.GraphProto, made_in: dict[str, int], path: tuple[int, ...], renames: list[dict[str, str]]) -> None:
-    """Give every occurrence's tensors the value_info their originals had; drop it for tensors that are gone."""
+def _retype(graph: onnx.GraphProto, made_in: dict[str, int], path: tuple[int, ...], renames: list[dict[str, str]]) -> None:
+    """Give every occurrence's tensors the value_info their originals had (``graph`` has its new nodes, its old
+    value_info); drop it for tensors that are gone."""
     produced = {name for node in graph.node for name in node.output}
     values = []
-    for value in original.value_info:
+    for value in graph.value_info:
         targets = [rename[value.name] for k, rename in enumerate(renames) if made_in.get(value.name) == path[k]] if value.name in made_in else [value.name]
         for target in targets:
             if target in produced:
@@ -193,32 +180,3 @@ def _retype(graph: onnx.GraphProto, original: onnx.GraphProto, made_in: dict[str
                 values.append(copy)
     del graph.value_info[:]
     graph.value_info.extend(values)
-
-
-def _prune_initializers(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
-    """Drop the weights only omitted layers used (and their graph-input entries, in old IR versions)."""
-    read_now = {name for node in graph.node for name in node_reads(node)} | {value.name for value in graph.output}
-    read_before = {name for node in original.node for name in node_reads(node)} | {value.name for value in original.output}
-    unused = {t.name for t in graph.initializer if t.name in read_before and t.name not in read_now}
-    if not unused:
-        return
-    kept = [t for t in graph.initializer if t.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    inputs = [value for value in graph.input if value.name not in unused]
-    del graph.input[:]
-    graph.input.extend(inputs)
-
-
-def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
-    kept = [p for p in model.metadata_props if p.key not in entries]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in entries.items():
-        model.metadata_props.add(key=key, value=value)
-
-
-def routed_path(model: onnx.ModelProto) -> list[int] | None:
-    """The layer path a routed model records, or None for a model that was never routed."""
-    value = next((p.value for p in model.metadata_props if p.key == PATH_KEY), None)
-    return None if value is None else parse_path(value, sys.maxsize)

@@ -17,9 +17,9 @@ import onnx
 from onnx import helper
 
 from graph_passes.errors import GraphPassError
-from graph_passes.graph_utils import GraphIndex, find_lm_head, infer_types, layer_of_nodes, node_reads
+from graph_passes.graph_utils import PAST, PRESENT, GraphIndex, find_lm_head, infer_types, layer_of_nodes, node_reads
 from graph_passes.layer_map import LayerMap
-from graph_passes.route import PAST, PRESENT
+from graph_passes.rewrite import clone_nodes, copy_model
 
 POSITIONS = "positions"  # head input: int64 [n], flat indices row * seq + token of the logits wanted
 _GATHERED = "/segment/gathered"
@@ -137,7 +137,7 @@ def _head(extract: _Extractor, index: GraphIndex, members: set[int], inputs: lis
     positions = helper.make_tensor_value_info(POSITIONS, onnx.TensorProto.INT64, [POSITIONS])
     if lm_head is None:
         last = index.producer[logits]
-        nodes = [_renamed_output(index.nodes[last], logits, _GATHERED), *_gather_nodes(_GATHERED, logits)]
+        nodes = [*clone_nodes([index.nodes[last]], "", {logits: _GATHERED}), *_gather_nodes(_GATHERED, logits)]
         members, gathered = members - {last}, False
     else:
         node = onnx.NodeProto()
@@ -165,13 +165,6 @@ def _gather_nodes(source: str, target: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _renamed_output(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    copy.output[list(copy.output).index(old)] = new
-    return copy
-
-
 def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.TensorProto] | None:
     """The head without its unembedding, and the unembedding weight W (its initializer), where ``logits = hidden @ W``
     exactly (the last node a MatMul of the gathered, normed hidden state by a 2-D initializer); else None.
@@ -185,8 +178,7 @@ def split_unembedding(head: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.Tens
     weight = weights.get(last.input[1])
     if weight is None or len(weight.dims) != 2:
         return None
-    normed = onnx.ModelProto()
-    normed.CopyFrom(head)
+    normed = copy_model(head)
     del normed.graph.node[-1]
     kept = {name for node in normed.graph.node for name in node_reads(node)}
     survivors = [t for t in normed.graph.initializer if t.name in kept]

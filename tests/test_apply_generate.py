@@ -16,7 +16,7 @@ from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner, pad_batch
 from exporters.manifest import read_manifest
 from graph_passes import GraphPassError, graph_io
-from graph_passes.route import routed_path
+from graph_passes.metadata import routed_path
 from test_expose import rel_err
 from test_route import repeated_layers, torch_logits
 from tiny import build_hf_model

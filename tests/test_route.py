@@ -13,7 +13,8 @@ from cp_onnx.models.generate import CachedDecoder
 from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
 from graph_passes.layer_path import check_path, duplicate, format_path, parse_path, parse_spec
-from graph_passes.route import KV_SLOTS_KEY, PATH_KEY, route, routed_path
+from graph_passes.metadata import KV_SLOTS_KEY, PATH_KEY, routed_path
+from graph_passes.route import route
 from test_expose import MODULES, module, rel_err, token_batch
 
 # Paths for the 3-layer tiny models: each kind of routing once.

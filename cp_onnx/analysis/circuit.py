@@ -26,7 +26,7 @@ from cp_onnx.files import write_json, write_text
 from cp_onnx.models.model import ModelFolder, open_model
 from cp_onnx.models.runner import open_graph
 from graph_passes import discover
-from graph_passes.perturb import require_heads
+from graph_passes.passes import require_heads
 
 TOP_INFLUENCES = 3  # composition edges kept per head: its strongest later layers
 MIN_INFLUENCE = 1e-3  # relative update change below which a composition edge is left out

@@ -21,7 +21,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import open_graph
 from graph_passes import discover
-from graph_passes.perturb import require_heads
+from graph_passes.passes import require_heads
 
 DEFAULT = "head_ablation"
 METHODS = {"head_first_order": "loss_estimate", DEFAULT: "loss_zero"}  # method -> HeadStats column

@@ -31,7 +31,8 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.runner import Runner, SharedWeights, cache_feeds, position_ids_for, segment_session
 from graph_passes import expose
 from graph_passes.layer_map import LayerMap, block_name
-from graph_passes.perturb import head_scale_input, head_shift_input, include_inserted, perturb, resid_input
+from graph_passes.perturb import head_scale_input, head_shift_input, perturb, resid_input
+from graph_passes.rewrite import include_inserted
 from graph_passes.segment import POSITIONS, segment, split_unembedding
 
 LAYER_TOKENS = 2048  # rows x tokens per layer call: SmolLM2's layers run 20-30% faster per token at 1-2k tokens than at 8k (cache)

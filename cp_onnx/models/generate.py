@@ -12,8 +12,8 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import Runner, cache_feeds, open_graph, run_session
 from graph_passes import graph_io
+from graph_passes.graph_utils import PAST
 from graph_passes.last_position import last_position
-from graph_passes.route import PAST
 
 # Where a model folder may name its end-of-sequence token, most specific first (the manifest may carry it in future).
 _EOS_FILES = ("generation_config.json", "config.json")

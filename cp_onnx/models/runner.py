@@ -18,7 +18,7 @@ from onnx import numpy_helper
 import graph_passes
 from cp_onnx.errors import CpOnnxError
 from graph_passes.deployed import cache_dims
-from graph_passes.route import PAST
+from graph_passes.graph_utils import PAST
 
 # onnxruntime's element type names -> numpy dtypes, for zero-length KV caches.
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32, "tensor(double)": np.float64}
