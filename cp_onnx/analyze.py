@@ -81,6 +81,21 @@ class Settings:
         return self.exact_heads
 
 
+def exact_heads_option(text: str | None) -> int | str | None:
+    """--exact-heads N|all (a manifest's exact_heads) as Settings takes it: a count, None (every head), AUTO when not given."""
+    if text is None:
+        return AUTO
+    if text.strip().lower() == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise CpOnnxError(f"--exact-heads takes a number of heads (0 or more) or 'all', not {text!r}")
+    return count
+
+
 def check_settings(settings: Settings) -> None:
     """The counts a user types, each a positive integer (argparse takes 0 and negatives as integers too), and the names."""
     for name in ("max_length", "batch_size", "threads"):

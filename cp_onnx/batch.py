@@ -6,6 +6,8 @@ The manifest names the models and the settings (keys are checked; relative paths
     [settings]                         # analyze settings for every model (a model may override any)
     n = 10
     block_sizes = [3, 4, 5]
+    regimes = "zero,few"               # as `cp-onnx analyze --regime` (default both)
+    jacobian = true                    # also: heads, exact_heads = 16 or "all", prune, contrastive, languages = ["fr"]
     [sweep]                            # optional: brute-force ground truth, then validation
     sizes = [3, 4, 5]
     per_kind = 8                       # probe items per kind (or probes = "suite.jsonl")
@@ -32,22 +34,23 @@ from pathlib import Path
 from typing import Callable
 
 from cp_onnx import analyze, calibration, inputs
-from cp_onnx.analysis.report import build_report, read_report
+from cp_onnx.analysis.report import read_report
 from cp_onnx.files import file_sha256, write_json
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.files import write_text
-from cp_onnx.regimes import REGIMES, SHORT, parse_regimes
+from cp_onnx.regimes import REGIMES, parse_regimes
 from cp_onnx.groundtruth.sweep import regimes_of
 
 BATCH_FORMAT = "cp-onnx-batch"
+# Every analysis option (analyze.Settings), as `cp-onnx analyze` takes it: regimes "zero,few", exact_heads a number or "all".
 SETTING_TYPES = {"calibration": str, "n": int, "max_length": int, "language": str, "methods": list, "block_sizes": list,
-                 "batch_size": int, "threads": int, "regime": str}
+                 "batch_size": int, "threads": int, "regimes": str, "screen": bool, "contrastive": bool, "jacobian": bool, "heads": bool,
+                 "exact_heads": (int, str), "prune": bool, "languages": list}
 SWEEP_TYPES = {"sizes": list, "all_blocks": bool, "mode": str, "per_kind": int, "probes": str, "batch_size": int,
                "max_length": int, "general": bool, "validate": bool, "regimes": str}
 MODEL_TYPES = {"source": str, "name": str, "tokenizer": str, **SETTING_TYPES}
 TOP_TYPES = {"out": str, "settings": dict, "sweep": dict, "models": list}
-METHODS = (*analyze.DEFAULT_METHODS, "contrastive")  # what `cp-onnx analyze --method` accepts
 SHIPPED_CALIBRATION = {"reasoning", "general", "mixed"}
 SUMMARY_METRIC = "answer_logprob"  # the sweep metric the summary shows (validation.json holds them all)
 
@@ -156,12 +159,17 @@ def report_identity(path: Path) -> dict | None:
         return None
     model = report.get("model") or {}
     return {"onnx_sha256": model.get("onnx_sha256"), "weights_sha256": model.get("weights_sha256"),
-            "calibration_identity": (report.get("calibration") or {}).get("identity"), "methods": sorted(report.get("methods") or {})}
+            "calibration_identity": (report.get("calibration") or {}).get("identity"), "methods": sorted(report.get("methods") or {}),
+            "sections": sorted(key for key in SECTIONS.values() if key in report), "regimes": sorted(report.get("predictions") or {})}
+
+
+# What an analysis option adds to a report: a report lacking the section its settings ask for is not reused.
+SECTIONS = {"jacobian": "jacobian", "heads": "heads", "prune": "pruning", "languages": "languages"}
 
 
 def pending(job: ModelJob) -> dict:
     return {"name": job.name, "source": job.source, "status": "pending", "error": None, "seconds": 0.0, "report": None,
-            "model": None, "top": {}, "validation": None}
+            "model": None, "decisions": {}, "top": {}, "validation": None}
 
 
 def run_model(job: ModelJob) -> dict:
@@ -176,10 +184,10 @@ def run_model(job: ModelJob) -> dict:
         if _is_current(job, model):
             report, result["status"] = read_report(report_path, complete=True), "skipped"
         else:
-            report = build_report(analyze.analyze(model, job.settings, log=notes.append))
-            write_json(report, report_path)
+            report = analyze.analyze(model, job.settings, log=notes.append)
+            analyze.save(report, job.folder)
             result["status"] = "analyzed"
-        result.update(report=str(report_path), model=_model_fields(report), top=_top_fields(report))
+        result.update(report=str(report_path), model=_model_fields(report), decisions=_decisions(report), top=_top_fields(report))
         if job.sweep:
             result["validation"] = _sweep_and_validate(job, model, report, notes)
     except Exception as exc:  # recorded, and the batch goes on
@@ -194,10 +202,13 @@ def run_model(job: ModelJob) -> dict:
 
 def _is_current(job: ModelJob, model) -> bool:
     """Whether the report in the job's folder was made on this model, these calibration texts and these methods."""
-    previous = job.previous
-    if previous is None or not set(job.settings.methods) <= set(previous["methods"]):
+    previous, s = job.previous, job.settings
+    if previous is None or not set(s.methods) <= set(previous["methods"]):
         return False
-    s = job.settings
+    if not {SECTIONS[option] for option in SECTIONS if getattr(s, option)} <= set(previous["sections"]):
+        return False
+    if analyze.predict.METHOD in s.methods and not set(s.regimes) <= set(previous["regimes"]):
+        return False
     texts = calibration.load_calibration(s.calibration, n=s.n, language=s.language)
     return (previous["calibration_identity"] == calibration.calibration_identity(texts, s.identity_settings())
             and previous["weights_sha256"] == model.manifest.get("weights_sha256")
@@ -235,6 +246,13 @@ def _model_fields(report: dict) -> dict:
         "calibration_identity": report["calibration"]["identity"]}
 
 
+def _decisions(report: dict) -> dict[str, str]:
+    """Per regime, the default method's decision as line-based readers take it: "help START:END" or "abstain"."""
+    from cp_onnx.outputs.embed import decision_text
+
+    return {regime: decision_text(found) for regime, found in (report.get("predictions") or {}).items()}
+
+
 def _top_fields(report: dict) -> dict:
     return {m: {k: e["blocks"][0][k] for k in ("start", "end", "score")} for m, e in report["methods"].items() if e.get("blocks")}
 
@@ -255,7 +273,8 @@ def summary_table(results: list[dict]) -> tuple[list[str], list[list]]:
     """Columns and one row per model: status, model, each method's top-1 block and score, sweep gains per regime, time, error."""
     methods = list(dict.fromkeys(m for r in results for m in r["top"]))
     regimes = regimes_of((r.get("validation") or {}) for r in results)  # validated regimes; gain columns name theirs
-    columns = ["name", "status", "family", "layers"]
+    decided = [r for r in REGIMES if any(r in (result.get("decisions") or {}) for result in results)]
+    columns = ["name", "status", "family", "layers", *(f"decision_{r}" for r in decided)]
     for m in methods:
         columns += [f"{m}_block", f"{m}_depth", f"{m}_score"] + [f"{m}_gain_{g}" for g in regimes]
     for g in regimes:
@@ -264,7 +283,7 @@ def summary_table(results: list[dict]) -> tuple[list[str], list[list]]:
     rows = []
     for r in results:
         model, layers = r["model"] or {}, (r["model"] or {}).get("num_layers")
-        row = [r["name"], r["status"], model.get("family", ""), layers or ""]
+        row = [r["name"], r["status"], model.get("family", ""), layers or "", *((r.get("decisions") or {}).get(g, "") for g in decided)]
         validation = (r.get("validation") or {}).get("regimes") or {}
         for m in methods:
             top = r["top"].get(m)
@@ -306,9 +325,9 @@ def _check_keys(table: dict, types: dict, where: str) -> None:
     for key, value in table.items():
         if key not in types:
             raise CpOnnxError(f"{where} has an unknown key {key!r}; use one of {', '.join(types)}")
-        want = types[key]
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise CpOnnxError(f"{where}: {key} must be a {want.__name__}, not {value!r}")
+        want = types[key] if isinstance(types[key], tuple) else (types[key],)
+        if not isinstance(value, want) or (int in want and bool not in want and isinstance(value, bool)):
+            raise CpOnnxError(f"{where}: {key} must be a {' or '.join(w.__name__ for w in want)}, not {value!r}")
 
 
 def _settings_kwargs(table: dict, base: Path, where: str) -> dict:
@@ -318,18 +337,27 @@ def _settings_kwargs(table: dict, base: Path, where: str) -> dict:
         if key in kwargs and kwargs[key] < 1:
             raise CpOnnxError(f"{where}: {key} must be at least 1, not {kwargs[key]}")
     if "methods" in kwargs:
-        unknown = [m for m in kwargs["methods"] if m not in METHODS]
+        unknown = [m for m in kwargs["methods"] if m not in analyze.METHODS]
         if unknown or not kwargs["methods"]:
-            raise CpOnnxError(f"{where}: methods {unknown or '[]'} unknown; choose from {', '.join(METHODS)}")
+            raise CpOnnxError(f"{where}: methods {unknown or '[]'} unknown; choose from {', '.join(analyze.METHODS)}")
         kwargs["methods"] = tuple(kwargs["methods"])
+    if kwargs.pop("contrastive", False):
+        kwargs["methods"] = tuple(dict.fromkeys([*kwargs.get("methods", analyze.DEFAULT_METHODS), "contrastive"]))
     if "block_sizes" in kwargs:
         kwargs["block_sizes"] = _positive_ints(kwargs["block_sizes"], "block_sizes", where)
     if "calibration" in kwargs and kwargs["calibration"] not in SHIPPED_CALIBRATION:
         kwargs["calibration"] = str(_relative(base, kwargs["calibration"]))
-    if "regime" in kwargs:
-        kwargs["regime"] = SHORT.get(kwargs["regime"], kwargs["regime"])
-        if kwargs["regime"] not in REGIMES:
-            raise CpOnnxError(f"{where}: regime {kwargs['regime']!r} unknown; use zero or few")
+    try:
+        if "regimes" in kwargs:
+            kwargs["regimes"] = parse_regimes(kwargs["regimes"])
+        if "exact_heads" in kwargs:
+            kwargs["exact_heads"] = analyze.exact_heads_option(str(kwargs["exact_heads"]))
+    except CpOnnxError as err:
+        raise CpOnnxError(f"{where}: {err}") from None
+    if "languages" in kwargs:
+        if any(not isinstance(lang, str) or not lang.strip() for lang in kwargs["languages"]):
+            raise CpOnnxError(f"{where}: languages must be a list of language codes such as [\"fr\", \"hi\"], not {kwargs['languages']!r}")
+        kwargs["languages"] = tuple(lang.strip() for lang in kwargs["languages"])
     return kwargs
 
 

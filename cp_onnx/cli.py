@@ -47,23 +47,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def exact_heads_option(text: str | None) -> int | str | None:
-    """--exact-heads N|all as analyze.Settings takes it: a count, None (every head) or AUTO when not given."""
-    from cp_onnx.analyze import AUTO
-
-    if text is None:
-        return AUTO
-    if text.strip().lower() == "all":
-        return None
-    try:
-        count = int(text)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise CpOnnxError(f"--exact-heads takes a number of heads (0 or more) or 'all', not {text!r}")
-    return count
-
-
 def cmd_export(args) -> int:
     from exporters import export
 
@@ -83,7 +66,7 @@ def analysis_settings(args):
     return analyze.Settings(
         calibration=args.calibration, n=args.n, max_length=args.max_length, methods=methods, block_sizes=args.block_sizes,
         batch_size=args.batch_size, threads=args.threads, screen=args.screen, regimes=parse_regimes(args.regime),
-        jacobian=args.jacobian, heads=args.heads, exact_heads=exact_heads_option(args.exact_heads), prune=args.prune,
+        jacobian=args.jacobian, heads=args.heads, exact_heads=analyze.exact_heads_option(args.exact_heads), prune=args.prune,
         languages=tuple(lang.strip() for lang in (args.languages or "").split(",") if lang.strip()))
 
 
@@ -107,15 +90,25 @@ def cmd_apply(args) -> int:
 
     if bool(args.duplicate) == bool(args.path):
         raise CpOnnxError("give exactly one of --duplicate i:j or --path P (e.g. --duplicate 12:15, --path 0..14,12..29 or --path merge.yml)")
+    if args.duplicate and edit_arg(args.duplicate).kind != "duplicate":
+        raise CpOnnxError(f"--duplicate takes a block I:J such as 12:15, not {args.duplicate!r}; give other edits with --path")
     for written in apply_outputs(args.model, args.duplicate or args.path, out=args.out, mergekit_out=args.mergekit,
                                  checkpoint=args.mergekit_model, log=log):
         print(written)
     return 0
 
 
+def edit_arg(text: str):
+    """An ``Edit`` from its text (graph_passes.edit: ``12:15``, ``skip:12:15``, ``0..14,12..29``, ``heads:3.0``); one-line error."""
+    from graph_passes.edit import Edit
+
+    return Edit.parse(text)
+
+
 def cmd_prune(args) -> int:
+    from cp_onnx.analysis.prune import choose_edit
+    from cp_onnx.models.apply import prune_folder
     from cp_onnx.models.model import open_model
-    from cp_onnx.outputs.pruned_folder import choose, prune_folder
     from cp_onnx.outputs.runtimes import is_gguf, prune_gguf
 
     if not (args.layers or args.skip or args.heads):
@@ -124,30 +117,21 @@ def cmd_prune(args) -> int:
         raise CpOnnxError("give --layers N (chosen by --method) or --skip I:J (a block you name), not both")
     if is_gguf(args.out) and args.heads:
         raise CpOnnxError("a GGUF output removes whole layers only (--layers N or --skip I:J); write heads' removal as a folder (--out FOLDER)")
-    skipped = list(range(*args.skip)) if args.skip else []
-    if is_gguf(args.out) and skipped:  # a block named: the GGUF is rewritten without exporting the model
+    named = edit_arg(f"skip:{args.skip}") if args.skip else None
+    skipped = list(range(*named.block)) if named else []
+    if is_gguf(args.out) and named:  # a block named: the GGUF is rewritten without exporting the model
         print(prune_gguf(args.model, skipped, Path(args.out), log=log))
         return 0
     model = open_model(args.model, with_past=True, log=log)  # generation with the pruned model then has its KV cache
-    removed, heads = choose(model, layers=args.layers or 0, heads=args.heads or 0, layer_method=args.method, head_method=args.head_method,
-                            removed=skipped, calibration_source=args.calibration, n=args.n, max_length=args.max_length, threads=args.threads,
-                            progress=Progress("pruning candidates"), log=log)
+    edit = choose_edit(model, layers=args.layers or 0, heads=args.heads or 0, layer_method=args.method, head_method=args.head_method,
+                       removed=skipped, calibration_source=args.calibration, n=args.n, max_length=args.max_length, threads=args.threads,
+                       progress=Progress("pruning candidates"), log=log)
     if is_gguf(args.out):
-        print(prune_gguf(args.model, removed, Path(args.out), log=log))
+        kept = edit.path(model.num_layers)
+        print(prune_gguf(args.model, [l for l in range(model.num_layers) if l not in kept], Path(args.out), log=log))
     else:
-        print(prune_folder(model, Path(args.out), layers=removed or skipped, heads=heads, log=log))
+        print(prune_folder(model, edit, Path(args.out), log=log))
     return 0
-
-
-def _block(text: str) -> tuple[int, int]:
-    start, _, end = text.partition(":")
-    try:
-        block = (int(start), int(end))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block I:J (layers I..J-1, J exclusive) such as 20:26, not {text!r}") from None
-    if not 0 <= block[0] < block[1]:
-        raise argparse.ArgumentTypeError(f"block {text!r} is empty or negative; give I:J with 0 <= I < J")
-    return block
 
 
 def cmd_generate(args) -> int:
@@ -358,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="write the model without some layers and heads: gone from the graphs and weights, smaller and faster")
     p.add_argument("model", help="exported folder, .gguf file, or anything `export` accepts (exported with its KV-cache graph)")
     p.add_argument("--layers", type=int, metavar="N", help="remove N layers, chosen by --method on the calibration texts")
-    p.add_argument("--skip", type=_block, metavar="I:J", help="remove layers I..J-1 (J exclusive)")
+    p.add_argument("--skip", metavar="I:J", help="remove layers I..J-1 (J exclusive)")
     p.add_argument("--heads", type=int, metavar="N", help="remove N attention heads, chosen by --head-method (every layer keeps one)")
     p.add_argument("--method", default="removal_loss", choices=["removal_loss", "sleb", "block_influence", "angular_distance"],
                    help="how --layers chooses (default removal_loss: the exact calibration loss of each removal; the others are the published baselines)")

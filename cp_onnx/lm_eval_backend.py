@@ -83,7 +83,10 @@ class CpOnnxLM(TemplateLM):
             try:
                 layer_map = graph_passes.discover(proto)
                 count = layer_map.num_layers
-                layers = mergekit.layer_path(self.spec if isinstance(self.spec, (list, tuple)) else str(self.spec).strip("'\""), count)
+                edit = mergekit.read_edit(self.spec, count)
+                if edit.removed_heads:
+                    raise CpOnnxError(f"{edit} removes heads; evaluate a model pruned by `cp-onnx prune` instead")
+                layers = edit.path(count)
                 proto = graph_passes.route(proto, layer_map, layers)
             except graph_passes.GraphPassError as exc:
                 raise CpOnnxError(str(exc)) from exc

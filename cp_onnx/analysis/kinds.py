@@ -46,8 +46,10 @@ def kind_order(kinds: Sequence[str]) -> list[str]:
     return [k for k in TASK_KINDS if k in present] + [k for k in present if k not in TASK_KINDS]
 
 
-def kind_gains(gains: np.ndarray, tokens: np.ndarray, kinds: Sequence[str], *, confidence: float, min_texts: int) -> list[dict[str, KindGain]]:
-    """Per block (a column of ``gains`` [texts, blocks]), each kind's KindGain; ``tokens`` [texts]: digit tokens per text."""
+def kind_gains(gains: np.ndarray, tokens: np.ndarray, kinds: Sequence[str], *, confidence: float, min_texts: int,
+               floor: float = 0.0) -> list[dict[str, KindGain]]:
+    """Per block (a column of ``gains`` [texts, blocks]), each kind's KindGain; ``tokens`` [texts]: digit tokens per text.
+    ``floor``: the least critical value (after a race, the Bonferroni bound over the blocks raced and the kinds)."""
     kinds = np.asarray(kinds, dtype=object)
     rate = bootstrap.per_token(gains, tokens)
     found, deviations = {}, {}  # kind -> (texts, with numbers, gain, standard error); kind -> the largest |t| over blocks per resample
@@ -65,7 +67,7 @@ def kind_gains(gains: np.ndarray, tokens: np.ndarray, kinds: Sequence[str], *, c
         t = np.zeros((len(drawn), gains.shape[1]))
         t[held] = np.abs(bootstrap.studentised(resampled, resampled_error, point))
         deviations[kind] = t.max(axis=1)
-    critical = max(0.0, float(np.quantile(np.max(list(deviations.values()), axis=0), confidence))) if deviations else None
+    critical = max(floor, float(np.quantile(np.max(list(deviations.values()), axis=0), confidence))) if deviations else None
     return [{kind: _judged(texts, with_numbers, point, error, block, critical, min_texts)
              for kind, (texts, with_numbers, point, error) in found.items()} for block in range(gains.shape[1])]
 

@@ -43,6 +43,7 @@ from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import pad_batch
 from cp_onnx.models.scoring import PROMPT, ProbeItem, ProbePlan, TokenBatch
 from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
+from graph_passes.edit import Edit
 
 METHOD = "duplication_loss"
 CONFIDENCE = 0.95  # one-sided, simultaneous: every raced block's bound holds at once in 95% of resamples
@@ -324,7 +325,7 @@ def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], ca
             scored = evaluator.token_scores(config, [span[k] for k in chosen])
             logprob, argmax = (np.concatenate(part) for part in zip(*scored))
             if not np.isfinite(logprob).all():
-                raise CpOnnxError(f"the model's log-probabilities are not finite with block {config} duplicated; check the exported model")
+                raise CpOnnxError(f"the model's log-probabilities are not finite with the edit {config}; check the exported model")
             owners = np.concatenate([units.batches[k].owners for k in chosen])
             summed, hit = np.bincount(owners, weights=logprob, minlength=size), np.bincount(owners, weights=argmax, minlength=size)
             if zero_shot:
@@ -338,7 +339,7 @@ def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], ca
         if block not in hits:
             progress.step()
             hits[block] = np.full(len(units.counts), np.nan)
-        logprob, hit = run(block, unit_ids)
+        logprob, hit = run(Edit.duplicate(*block), unit_ids)
         hits[block][unit_ids] = hit
         return logprob - base_logprob[unit_ids]
 
@@ -377,7 +378,9 @@ def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], ca
                                        f"{len(seen)} {measure.units}, {jointly}")
     if result.stop:
         reason += f"; decided after {len(seen)} of {len(units.counts)} {measure.units}, the race's early stop"
-    per_kind = dict(zip(alive, kind_gains(gains, counts, [units.kinds[u] for u in seen], confidence=CONFIDENCE, min_texts=MIN_TEXTS)))
+    seen_kinds = [units.kinds[u] for u in seen]
+    floor = _bonferroni(CONFIDENCE, 2 * len(result.gains) * len(set(seen_kinds)), with_numbers) if dropped else 0.0  # two-sided, every kind
+    per_kind = dict(zip(alive, kind_gains(gains, counts, seen_kinds, confidence=CONFIDENCE, min_texts=MIN_TEXTS, floor=floor)))
     lower_by_block = {alive[k]: float(lower[k]) for k in range(len(alive))}
     return _Raced(units, result, base_hits, hits, ranked + dropped_blocks, lower_by_block, critical, confidence, decision, reason, per_kind)
 
@@ -401,9 +404,14 @@ def bounds(gains: np.ndarray, counts: np.ndarray, raced: int | None, confidence:
     critical_low = max(0.0, float(np.quantile(t.max(axis=1), confidence)))
     critical_high = max(0.0, float(np.quantile((-t).max(axis=1), confidence)))
     if raced:
-        guard = float(stats.t.ppf(1 - (1 - confidence) / raced, max(int((counts > 0).sum()) - 1, 1)))
+        guard = _bonferroni(confidence, raced, int((counts > 0).sum()))
         critical_low, critical_high = max(critical_low, guard), max(critical_high, guard)
     return point[0], point[0] - critical_low * error[0], point[0] + critical_high * error[0], critical_low
+
+
+def _bonferroni(confidence: float, comparisons: int, units: int) -> float:
+    """The one-comparison t quantile that holds for ``comparisons`` at once (Bonferroni), over ``units`` units."""
+    return float(stats.t.ppf(1 - (1 - confidence) / comparisons, max(units - 1, 1)))
 
 
 def _greedy(block_hits: np.ndarray | None, base_hits: np.ndarray, counts: np.ndarray, seen: np.ndarray) -> Greedy | None:
@@ -515,7 +523,7 @@ def _costs(evaluator: ReuseEvaluator, plan: ProbePlan, part: list[int], blocks: 
     base = logprob(BASELINE)
     found = {}
     for block in blocks:
-        gain = logprob(block) - base
+        gain = logprob(Edit.duplicate(*block)) - base
         general = -gain[reasoning:].sum() / tokens[reasoning:].sum() if len(tokens) > reasoning else None
         found[block] = {"text_nll_change": float(-gain[:reasoning].sum() / tokens[:reasoning].sum()),
                         "general_nll_change": None if general is None else float(general)}

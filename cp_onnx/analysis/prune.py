@@ -41,6 +41,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.models.evaluators import Batches, ReuseEvaluator
 from cp_onnx.models.model import ModelFolder
+from graph_passes.edit import Edit
 
 DEFAULT = "removal_loss"
 FOLDS = 2  # halves of the reasoning texts on which the default's two searches are held out against each other
@@ -330,3 +331,32 @@ def head_scores(report: dict) -> dict[str, np.ndarray]:
             table[row["layer"], row["head"]] = row[column]
         scores[method] = table
     return scores
+
+
+def choose_edit(model: ModelFolder, *, layers: int = 0, heads: int = 0, layer_method: str = DEFAULT, head_method: str | None = None,
+                removed: Sequence[int] = (), calibration_source: str | None = None, n: int = 10, max_length: int = 128, threads: int | None = None,
+                progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print) -> Edit:
+    """The removal of ``layers`` layers and ``heads`` heads that the named methods choose on the calibration texts, as one
+    Edit (beside the layers already ``removed``, whose heads are not chosen)."""
+    from cp_onnx import calibration
+    from cp_onnx.analysis import head_pruning
+
+    head_method = head_method or head_pruning.DEFAULT
+    if layer_method not in METHODS or head_method not in head_pruning.METHODS:
+        raise CpOnnxError(f"unknown pruning method; layers: {', '.join(METHODS)}; heads: {', '.join(head_pruning.METHODS)}")
+    reasoning = calibration.load_calibration(calibration_source, n=n)
+    general = calibration.load_calibration("general", n=n)
+    removed = list(removed)
+    if layers:
+        found = predict_layers(model, reasoning, general, max_layers=layers, max_length=max_length, threads=threads,
+                                     methods=(layer_method,), progress=progress)
+        removed = list(found.choices[layer_method][layers].layers)
+        log(f"{layer_method} removes layers {removed}")
+    chosen: dict[int, list[int]] = {}
+    if heads:
+        scores = head_pruning.head_scores(model, reasoning, max_length=max_length, threads=threads, progress=progress)  # as removal_loss: the reasoning texts
+        chosen = head_pruning.choose_heads(scores[head_method], heads, skip_layers=removed)
+        log(f"{head_method} removes {heads} heads: " + ", ".join(f"layer {l}: {hs}" for l, hs in chosen.items()))
+    kept = [layer for layer in range(model.num_layers) if layer not in set(removed)]
+    edit = Edit.layers(kept) if removed else Edit()
+    return edit.with_heads(chosen) if chosen else edit

@@ -22,11 +22,13 @@ from cp_onnx.executors import Executor, make_executor
 from cp_onnx.files import file_sha256, json_ready, write_text
 from cp_onnx.groundtruth import probes
 from cp_onnx.groundtruth.regime_plan import RegimePlan
-from cp_onnx.models.evaluators import BASELINE, EVALUATORS, OPERATIONS, Config, candidate_blocks, layer_path
+from cp_onnx.models.evaluators import BASELINE, EVALUATORS, candidate_blocks
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import default_threads
 from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.regimes import FEW_SHOT, REGIMES
+from graph_passes.edit import Edit
+from graph_passes.errors import GraphPassError
 from graph_passes.layer_path import format_path
 
 SWEEP_FORMAT = "cp-onnx-sweep"
@@ -46,25 +48,31 @@ ROW_SCHEMA = {"type": "object", "required": ["start", "end", "regimes"], "proper
 ROW_SCHEMA_V1 = {**_METRICS_SCHEMA, "required": ["start", "end", "answer_logprob"], "properties": {**_METRICS_SCHEMA["properties"], **_BLOCK}}
 
 
-def block_configs(num_layers: int, sizes: Sequence[int] = (3, 4, 5), *, all_blocks: bool = False) -> list[Config]:
-    """The baseline, then every block of the given sizes (or every block with ``all_blocks``), size by size, start ascending."""
+def block_edits(num_layers: int, sizes: Sequence[int] = (3, 4, 5), *, all_blocks: bool = False, operation: str = "duplicate") -> list[Edit]:
+    """The baseline, then every block of the given sizes (or every block with ``all_blocks``), size by size, start ascending,
+    each duplicated or (``operation="skip"``) removed."""
     sizes = range(1, num_layers + 1) if all_blocks else sizes
-    return [BASELINE, *candidate_blocks(num_layers, tuple(sizes))]
+    make = OPERATIONS[operation]
+    return [BASELINE, *(make(start, end) for start, end in candidate_blocks(num_layers, tuple(sizes)) if operation != "skip" or end - start < num_layers)]
 
 
-def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Sequence[probes.ProbeItem] | None = None, *,
+OPERATIONS = {"duplicate": Edit.duplicate, "skip": Edit.skip}  # what a sweep does to its blocks; sweeps of each are kept apart
+
+
+def sweep(model: ModelFolder, edits: Sequence[Edit] | None = None, items: Sequence[probes.ProbeItem] | None = None, *,
           out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
           sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
           batch_size: int = 16, max_length: int = 256, threads: int | None = None,
           executor: Executor | None = None, operation: str = "duplicate", regimes: Sequence[str] = REGIMES,
           log: Callable[[str], None] = print) -> list[dict]:
-    """Score the baseline and every config on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
+    """Score the baseline and every edit on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
 
-    ``configs`` defaults to the blocks of ``sizes`` (every block with ``all_blocks``); the baseline is
-    always added. Each block is duplicated, or with ``operation="skip"`` removed. Configs already in ``out`` are skipped; ``progress(done, total)`` counts this run's.
-    ``regimes`` (cp_onnx.regimes.REGIMES) are scored for every config; items without shots are zero-shot only.
-    ``workers`` processes share the configs and ``threads`` (default: every core), or an ``executor``
-    (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on none of these. Returns the rows of all requested configs, in config order.
+    ``edits`` (blocks duplicated, or all removed: ``Edit.duplicate``/``Edit.skip``) default to the blocks of ``sizes``
+    (every block with ``all_blocks``) under ``operation``; the baseline is always added. Edits already in ``out`` are
+    skipped; ``progress(done, total)`` counts this run's. ``regimes`` (cp_onnx.regimes.REGIMES) are scored for every
+    edit; items without shots are zero-shot only. ``workers`` processes share the edits and ``threads`` (default:
+    every core), or an ``executor`` (cp_onnx.executors: in-process, local processes, Ray) runs them; results depend on
+    none of these. Returns the rows of all requested edits, in order.
     """
     if mode not in MODES:
         raise CpOnnxError(f"unknown sweep mode {mode!r}; use one of {', '.join(MODES)}")
@@ -80,13 +88,14 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
     plan = RegimePlan(items, lambda text: model.encode([text])[0][0], general, regimes=regimes, batch_size=batch_size, max_length=max_length,
                       share_prefixes=cached)
     num_layers = model.num_layers
-    configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers, operation)
+    edits = _checked_edits(block_edits(num_layers, sizes, all_blocks=all_blocks, operation=operation) if edits is None else edits, num_layers)
+    operation = next((e.kind for e in edits if e.kind != "baseline"), operation)
     header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation, "regimes": plan.regimes,
               "model": {"name": model.name, "onnx_sha256": file_sha256(model.onnx_path), "num_layers": num_layers},
               "suite": {"identity": plan.identity, "items": len(items), "sequences": len(plan.sequences), "tokens": plan.tokens}}
     done = open_log(Path(out), header)
-    todo = [c for c in configs if c not in done]
-    log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configs already in {out}; {len(todo)} to run "
+    todo = [e for e in edits if e not in done]
+    log(f"sweep: {len(edits) - len(todo)} of {len(edits)} configs already in {out}; {len(todo)} to run "
         f"({len(plan.sequences)} sequences, {plan.tokens} tokens, {plan.tokens_run} run per config; regimes {', '.join(plan.regimes)}; "
         f"{mode} mode, {workers} worker{'s' * (workers > 1)})")
     if mode == "reuse" and not cached:
@@ -94,35 +103,40 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
             "`cp-onnx export SOURCE --with-past` makes the sweep about 2.5x faster")
     executor = executor or make_executor(workers=workers)
     graph = model.with_past_path if cached else model.onnx_path
-    for count, (config, row) in enumerate(_evaluate_all(graph, plan, todo, mode, executor, threads, operation), 1):
+    for count, (edit, row) in enumerate(_evaluate_all(graph, plan, todo, mode, executor, threads), 1):
         append_row(Path(out), row)
-        done[config] = row
+        done[edit] = row
         if progress:
             progress(count, len(todo))
-    return [done[c] for c in configs]
+    return [done[e] for e in edits]
 
 
-def _checked_configs(configs: Iterable[Config], num_layers: int, operation: str = "duplicate") -> list[Config]:
-    """Configs as (start, end) tuples, baseline first, each once; CpOnnxError for a block that does not fit."""
+def _checked_edits(edits: Iterable[Edit], num_layers: int) -> list[Edit]:
+    """The baseline first, then each edit once; CpOnnxError for an edit that is not a block duplicated or removed, that
+    does not fit the model, or that mixes the two (a sweep's rows are judged as one or the other)."""
     checked = [BASELINE]
-    for config in configs:
-        start, end = tuple(config) if isinstance(config, Sequence) and len(config) == 2 else (-1, -1)
-        if (start, end) != BASELINE and not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= num_layers):
-            raise CpOnnxError(f"config {config!r} is not a block of this {num_layers}-layer model; give (start, end) with 0 <= start < end <= {num_layers}, end exclusive")
-        if operation == "skip" and (start, end) == (0, num_layers):
-            raise CpOnnxError(f"config {config!r} removes all {num_layers} layers; give smaller blocks")
-        if (start, end) not in checked:
-            checked.append((start, end))
+    for edit in edits:
+        if not isinstance(edit, Edit) or edit.kind not in ("baseline", *OPERATIONS) or edit.removed_heads:
+            raise CpOnnxError(f"a sweep scores blocks duplicated or removed, not {edit!r}; give Edit.duplicate(i, j) or Edit.skip(i, j)")
+        try:
+            edit.check(num_layers)
+        except GraphPassError as exc:
+            raise CpOnnxError(f"{exc}") from None
+        if edit not in checked:
+            checked.append(edit)
+    kinds = {e.kind for e in checked} - {"baseline"}
+    if len(kinds) > 1:
+        raise CpOnnxError("a sweep either duplicates blocks or removes them; sweep the two apart, into two files")
     return checked
 
 
-def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode: str, executor: Executor, threads: int | None, operation: str):
-    """(config, row) for every config, in order, from the executor's workers (this process by default)."""
-    if not configs:
+def _evaluate_all(onnx_path: Path, plan: ProbePlan, edits: list[Edit], mode: str, executor: Executor, threads: int | None):
+    """(edit, row) for every edit, in order, from the executor's workers (this process by default)."""
+    if not edits:
         return
     threads = threads or executor.threads_per_task or default_threads()
     try:
-        yield from executor.map(_run_config, configs, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads, operation))
+        yield from executor.map(_run_edit, edits, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads))
     finally:
         _WORKER.clear()  # in-process: the sessions and kept layer outputs go with the sweep
 
@@ -130,23 +144,22 @@ def _evaluate_all(onnx_path: Path, plan: ProbePlan, configs: list[Config], mode:
 _WORKER: dict = {}
 
 
-def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int, operation: str = "duplicate") -> None:
+def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int) -> None:
     _WORKER["evaluator"] = EVALUATORS[mode](onnx_path, plan, threads)
-    _WORKER["operation"] = operation
 
 
-def _run_config(config: Config) -> tuple[Config, dict]:
-    evaluator, operation = _WORKER["evaluator"], _WORKER["operation"]
+def _run_edit(edit: Edit) -> tuple[Edit, dict]:
+    evaluator = _WORKER["evaluator"]
     began = time.perf_counter()
-    path = layer_path(config, evaluator.num_layers, operation)
+    path = edit.path(evaluator.num_layers)
     metrics = evaluator.evaluate(path)
-    start, end = config
-    row = {"start": start, "end": end, "operation": operation, "path": format_path(path), **metrics,
-           "seconds": round(time.perf_counter() - began, 3)}
-    return config, json_ready(row)
+    start, end = edit.block or (None, None)
+    row = {"start": start, "end": end, "operation": edit.kind if edit.block else "duplicate", "edit": edit.format(), "path": format_path(path),
+           **metrics, "seconds": round(time.perf_counter() - began, 3)}
+    return edit, json_ready(row)
 
 
-def open_log(path: Path, header: dict) -> dict[Config, dict]:
+def open_log(path: Path, header: dict) -> dict[Edit, dict]:
     """Rows already in the sweep file at ``path`` (created with ``header`` if absent); a partial last line is dropped."""
     if path.is_dir():
         raise CpOnnxError(f"{path} is a folder; give the path of a .jsonl file for the sweep, e.g. {path / 'sweep.jsonl'}")
@@ -169,7 +182,8 @@ def open_log(path: Path, header: dict) -> dict[Config, dict]:
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
             os.fsync(fh.fileno())
-    return {(row["start"], row["end"]): row for row in rows}
+    make = OPERATIONS[operation_of(found)]
+    return {BASELINE if row["start"] is None else make(row["start"], row["end"]): row for row in rows}
 
 
 _DONE = {"duplicate": "duplicated", "skip": "removed"}

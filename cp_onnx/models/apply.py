@@ -1,10 +1,11 @@
-"""apply: write a model folder whose graphs run the decoder layers along a layer path (a duplicated circuit, say)."""
+"""apply and prune: write a model folder whose graphs run the decoder layers along a layer path (a duplicated circuit,
+say), or without some layers and heads (gone from the graphs and the weights, smaller and faster)."""
 from __future__ import annotations
 
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import onnx
 
@@ -16,7 +17,10 @@ from cp_onnx.models.model import ModelFolder
 from exporters.folders import staging_folder
 from exporters.manifest import MANIFEST_NAME, is_export, write_manifest
 from graph_passes import discover, graph_io
-from graph_passes.layer_path import check_path, format_path, parse_spec
+from graph_passes.edit import Edit
+from graph_passes.errors import GraphPassError
+from graph_passes.layer_path import format_path
+from graph_passes.prune_heads import prune_heads
 from graph_passes.route import route
 
 # manifest "onnx" slot -> where the routed graph goes in the new folder (the exporter's layout)
@@ -25,18 +29,24 @@ GRAPH_FILES = {"model": "model.onnx", "with_past": "with_past/model.onnx"}
 DERIVED_FROM_KEYS = ("source", "source_kind", "weights_sha256", "num_layers", "cache_key")
 
 
-def apply(model: ModelFolder, path: str | Sequence[int], out: Path, *, log: Callable[[str], None] = print) -> Path:
-    """Write ``out``: the model's graphs routed along ``path`` (``"0..14,12..14,15..29"``, ``"12:15"`` or a list), tokenizer and manifest."""
+def apply(model: ModelFolder, edit: Edit, out: Path, *, log: Callable[[str], None] = print) -> Path:
+    """Write ``out``: the model's graphs with ``edit`` made to their layers (a block duplicated, or any layer path), tokenizer
+    and manifest. Heads are removed by ``prune``, which writes only the weights kept."""
     sources = graph_sources(model, log=log)
     num_layers = model.num_layers
-    layers = parse_spec(path, num_layers) if isinstance(path, str) else list(check_path(path, num_layers))
+    if edit.removed_heads:
+        raise CpOnnxError(f"apply changes layers; {edit} also removes heads: use `cp-onnx prune` for them")
+    try:
+        layers = edit.path(num_layers)
+    except GraphPassError as exc:
+        raise CpOnnxError(str(exc)) from None
     text = format_path(layers)
 
     def routed(slot: str, graph: onnx.ModelProto, layer_map, source: Path) -> onnx.ModelProto:
         log(f"routing {GRAPH_FILES[slot]} along {text} ({len(layers)} layers instead of {num_layers})")
         return route(graph, layer_map, layers)
 
-    return write_derived(model, sources, routed, out, {"num_layers": len(layers), "layer_path": text}, log=log)
+    return write_derived(model, sources, routed, out, {"num_layers": len(layers), "layer_path": text, "edit": edit.format()}, log=log)
 
 
 def graph_sources(model: ModelFolder, *, log: Callable[[str], None] = print) -> dict[str, Path]:
@@ -136,3 +146,43 @@ def _data_file(routed: onnx.ModelProto, relative: str, stage: Path) -> str | Non
     written = f"{Path(relative).name}.data"
     name = locations.pop() if locations else (written if (stage / relative).with_name(written).is_file() else None)
     return None if name is None else str(Path(relative).parent / name)
+
+
+def prune_folder(model: ModelFolder, edit: Edit, out: Path, *, log: Callable[[str], None] = print) -> Path:
+    """Write ``out``: the model without the layers ``edit`` leaves out (a block skipped, or a path of kept layers in order)
+    and without its removed heads (numbered as in the original model); only the weights kept are written."""
+    if edit.kind not in ("baseline", "skip", "path"):
+        raise CpOnnxError(f"prune removes layers and heads; {edit} duplicates a block: use `cp-onnx apply` for it")
+    heads = edit.heads_by_layer
+    sources = graph_sources(model, log=log)
+    num_layers = model.num_layers
+    try:
+        kept = edit.path(num_layers)
+    except GraphPassError as exc:
+        raise CpOnnxError(str(exc)) from None
+    if kept != sorted(set(kept)):
+        raise CpOnnxError(f"prune keeps layers in order, once each; {edit} runs some twice or out of order: use `cp-onnx apply` for it")
+    removed = [l for l in range(num_layers) if l not in kept]
+    if any(not 0 <= l < num_layers for l in removed) or len(removed) >= num_layers:
+        raise CpOnnxError(f"cannot remove layers {removed} of this {num_layers}-layer model: give layers 0..{num_layers - 1}, fewer than all")
+    if not removed and not heads:
+        raise CpOnnxError("nothing to prune: give layers (--layers N or --skip I:J) or heads (--heads N) to remove")
+    dropped = sorted(set(heads) & set(removed))
+    if dropped:
+        raise CpOnnxError(f"heads of layers {dropped} are to be removed with their layers; give heads of kept layers only")
+    path = [l for l in range(num_layers) if l not in removed]
+    head_count = sum(map(len, heads.values()))
+
+    def pruned(slot: str, graph: onnx.ModelProto, layer_map, source: Path) -> onnx.ModelProto:
+        if heads:
+            log(f"removing {head_count} heads from {GRAPH_FILES[slot]} ({len(heads)} layers)")
+            graph = prune_heads(graph, layer_map, heads, weights_dir=str(source.parent))
+            layer_map = discover(graph) if removed else layer_map
+        if removed:
+            log(f"removing layers {format_path(removed)} from {GRAPH_FILES[slot]} ({len(path)} layers left of {num_layers})")
+            graph = route(graph, layer_map, path)
+        return graph
+
+    changes = {"num_layers": len(path), "layer_path": format_path(path) if removed else None, "edit": edit.format(),
+               "pruned": {"layers": removed, "heads": {str(l): hs for l, hs in sorted(heads.items())}}}
+    return write_derived(model, sources, pruned, out, changes, weights=True, log=log)  # the new files hold only what is kept

@@ -23,13 +23,11 @@ import graph_passes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.runner import Runner, cache_feeds, open_graph, position_ids_for, segment_session
 from cp_onnx.models.scoring import ProbePlan, TokenBatch, score_model, token_scores
-from graph_passes.layer_path import duplicate, skip
+from graph_passes.edit import Edit
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment
 
-Config = tuple[int | None, int | None]  # (start, end) of the duplicated or removed block, end exclusive; (None, None) = baseline
-BASELINE: Config = (None, None)
-OPERATIONS = {"duplicate": duplicate, "skip": skip}  # what a config does to its block; sweeps of each are kept apart
+BASELINE = Edit()  # the model as exported
 HEAD_BYTES = 64 * 2**20  # float32 logits per head run; scoring holds a few float64 copies (Gemma 3's 262k vocabulary: 64 rows)
 
 
@@ -43,12 +41,6 @@ def candidate_blocks(num_layers: int, block_sizes: Sequence[int] = (3, 4, 5)) ->
             f"the model has {num_layers} layers, fewer than the smallest block size {min(sizes)}; pass smaller --block-sizes"
         )
     return [(start, start + k) for k in sizes for start in range(num_layers - k + 1)]
-
-
-def layer_path(config: Config, num_layers: int, operation: str = "duplicate") -> list[int]:
-    """The layers a config runs, in order: its block duplicated, or removed (``operation="skip"``)."""
-    start, end = config
-    return list(range(num_layers)) if start is None else OPERATIONS[operation](start, end, num_layers)
 
 
 def departure(path: Sequence[int], base: Sequence[int]) -> int:
@@ -145,9 +137,9 @@ class ReuseEvaluator:
             scores.append(token_scores(logits, batch.targets[k : k + self.head_rows]))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
-    def token_scores(self, config: Config, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets with block ``config`` duplicated."""
-        return self.path_scores(layer_path(config, self.num_layers), batches)
+    def token_scores(self, edit: Edit, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets with ``edit`` made."""
+        return self.path_scores(edit.path(self.num_layers), batches)
 
     def path_scores(self, path: Sequence[int], batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per batch, ``scoring.token_scores`` of its targets when the layers run along ``path``."""

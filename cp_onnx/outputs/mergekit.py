@@ -14,7 +14,9 @@ from typing import Sequence
 
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_text
-from graph_passes.layer_path import check_path, format_path, parse_spec
+from graph_passes.edit import Edit
+from graph_passes.errors import GraphPassError
+from graph_passes.layer_path import check_path, format_path
 
 SUFFIXES = (".yml", ".yaml")
 MAX_BYTES = 256 * 1024  # a passthrough config of a 1,000-layer model is a few kB
@@ -28,14 +30,22 @@ def is_config(spec) -> bool:
     return isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in SUFFIXES
 
 
-def layer_path(spec, num_layers: int) -> list[int]:
-    """A layer path from what a user gives: a list of layers, ``I:J`` (block I..J-1 run twice), ``0..14,12..14,15..29``,
-    or a mergekit passthrough config file; checked against the model's ``num_layers``."""
-    if is_config(spec):
-        return list(check_path(read_config(Path(str(spec)), num_layers), num_layers))
-    if isinstance(spec, str):
-        return parse_spec(spec, num_layers)
-    return list(check_path(spec, num_layers))
+def read_edit(spec, num_layers: int) -> Edit:
+    """The edit a user gives to apply or evaluate: an ``Edit``, its text (``I:J``, ``skip:I:J``, ``0..14,12..14,15..29``,
+    ...: ``Edit.parse``), a list of layers, or a mergekit passthrough config file; checked against ``num_layers``."""
+    if isinstance(spec, Edit):
+        edit = spec
+    elif is_config(spec):
+        edit = Edit.layers(read_config(Path(str(spec)), num_layers))
+    elif isinstance(spec, str):
+        edit = Edit.parse(spec.strip().strip("'\""))
+    else:
+        edit = Edit.layers(check_path(spec, num_layers))
+    try:
+        edit.check(num_layers)
+    except GraphPassError as exc:
+        raise CpOnnxError(str(exc)) from None
+    return edit
 
 
 def slices(layers: Sequence[int]) -> list[tuple[int, int]]:

@@ -80,19 +80,23 @@ def _checkpoint(manifest: dict) -> str | None:
 
 def apply_outputs(model: str | Path, spec, *, out: Path | None = None, mergekit_out: Path | None = None, checkpoint: str | None = None,
                   dtype: str | None = None, log: Log = print) -> list[Path]:
-    """Write the model along the layer path ``spec`` (``I:J``, a path, a list, or a mergekit YAML file): to ``out`` (a
-    folder, or a .gguf file) and/or to ``mergekit_out`` (a passthrough config naming ``checkpoint``)."""
+    """Write the model with the edit ``spec`` made (an ``Edit``, its text such as ``I:J`` or a layer path, or a mergekit YAML
+    file): to ``out`` (a folder, or a .gguf file) and/or to ``mergekit_out`` (a passthrough config naming ``checkpoint``)."""
     from cp_onnx.models.apply import apply
 
     if out is None and mergekit_out is None:
         raise CpOnnxError("give --out (a folder, or OUT.gguf) and/or --mergekit OUT.yml")
     target = resolve_model(model, log)
-    layers = mergekit.layer_path(spec, target.num_layers(log))
+    count = target.num_layers(log)
+    edit = mergekit.read_edit(spec, count)
+    if edit.removed_heads and (is_gguf(out) or mergekit_out is not None):
+        raise CpOnnxError("GGUF and mergekit outputs change whole layers; remove heads into a model folder (--out FOLDER)")
+    layers = edit.path(count)
     written = []
     if out is not None:
         out = Path(out)
         written.append(gguf_file.write_gguf_path(target.source_gguf(log), layers, out, log=log) if is_gguf(out)
-                       else apply(target.folder(log), layers, out, log=log))
+                       else apply(target.folder(log), edit, out, log=log))
     if mergekit_out is not None:
         written.append(write_mergekit(target, layers, Path(mergekit_out), checkpoint, dtype, log))
     return written
