@@ -129,10 +129,18 @@ class Texts:
 
 
 def load_texts(model: ModelFolder, settings: Settings, log: Callable[[str], None]) -> Texts:
+    """The calibration inputs. Texts that state no answer leave the zero-shot prediction out, with a note, unless it is
+    the only regime asked for (then the error says what to give)."""
     texts = calibration.load_calibration(settings.calibration, n=settings.n, language=settings.language)
     token_lists = _encode(model, texts, settings, log)
-    zero_shot = predict.METHOD in settings.methods and ZERO_SHOT in settings.regimes
-    questions = calibration.load_questions(settings.calibration, language=settings.language) if zero_shot else []
+    questions = []
+    if predict.METHOD in settings.methods and ZERO_SHOT in settings.regimes:
+        try:
+            questions = calibration.load_questions(settings.calibration, language=settings.language)
+        except CpOnnxError as exc:
+            if settings.regimes == (ZERO_SHOT,):  # asked for alone: say what to give
+                raise
+            log(f"note: the zero-shot prediction is skipped: {exc}")
     return Texts(texts, calibration.load_kinds(settings.calibration, n=settings.n, language=settings.language), token_lists,
                  calibration.load_calibration("general", n=settings.n), questions)
 
@@ -248,13 +256,16 @@ def save(data: dict, folder: str | Path) -> list[Path]:
 
 
 def _predict(model: ModelFolder, settings: Settings, texts: Texts, log, progress) -> dict[str, predict.Prediction]:
-    """The default method's predictions per regime; {} when the only regime asked for has nothing to score and other methods run."""
+    """The default method's predictions per regime that can be made; {} when none can and other methods run."""
+    regimes = tuple(r for r in settings.regimes if r != ZERO_SHOT or texts.questions)
+    if not regimes:
+        return {}
     try:
-        return predict.predict(model, texts.reasoning, texts.general, regimes=settings.regimes, questions=texts.questions, kinds=texts.kinds,
+        return predict.predict(model, texts.reasoning, texts.general, regimes=regimes, questions=texts.questions, kinds=texts.kinds,
                                block_sizes=settings.block_sizes, max_length=settings.max_length, threads=settings.threads, progress=progress,
                                screen=settings.screen, log=log)
     except predict.NoNumbersError as exc:
-        if len(settings.methods) == 1:
+        if settings.methods == (predict.METHOD,):
             raise
         log(f"note: {predict.METHOD} skipped: {exc}")
         return {}

@@ -168,8 +168,9 @@ def test_language_check_reports_each_languages_own_top_block(tiny_folder, tmp_pa
 
             texts.write_text("\n".join(load_calibration("reasoning", n=5, language=language)))
             alone = _report(tiny_folder, tmp_path / language, capsys, "-n", "5", "--calibration", texts, "--block-sizes", "1,2")
-        for method, blocks in check["top"][language].items():
-            assert [(b["start"], b["end"]) for b in blocks] == [(b["start"], b["end"]) for b in alone["methods"][method]["blocks"][:3]]
+        for method, blocks in check["top"][language].items():  # the default method's per language is few-shot (texts as written)
+            ranked = (alone["methods"][method].get("by_regime") or {}).get("few_shot") or alone["methods"][method]["blocks"]
+            assert [(b["start"], b["end"]) for b in blocks] == [(b["start"], b["end"]) for b in ranked[:3]]
     for method, spread in check["spread"].items():
         starts = [s for s, _ in spread["top1"].values()]
         assert spread["start_range"] == max(starts) - min(starts)
@@ -211,18 +212,25 @@ def test_default_method_decides_and_is_skipped_on_texts_without_numbers(tiny_fol
     code, out, _ = run(["analyze", tiny_folder, "--out", tmp_path / "default", *TINY_ARGS], capsys)
     assert code == 0
     data = json.loads((tmp_path / "default" / "report.json").read_text())
-    prediction = data["prediction"]
-    assert list(data["methods"])[0] == prediction["method"] == "duplication_loss"
-    assert prediction["decision"] in ("help", "abstain") and out.startswith("decision: ")
-    assert "the decision is for few-shot (calibration texts as written" in out and "no solved examples: --regime zero" in out
-    assert (prediction["metric"], prediction["regime"], prediction["gain_per"]) == ("answer log-probability (digit tokens)", "few_shot", "digit token")
-    assert [(c["start"], c["end"]) for c in prediction["candidates"]] == [(b["start"], b["end"]) for b in data["methods"]["duplication_loss"]["blocks"][:3]]
-    # General texts hold no numbers: with the paper's methods beside it, the default method is skipped with a note ...
+    assert list(data["predictions"]) == ["zero_shot", "few_shot"]  # both regimes by default, each decided
+    few, zero = data["predictions"]["few_shot"], data["predictions"]["zero_shot"]
+    assert list(data["methods"])[0] == few["method"] == zero["method"] == "duplication_loss"
+    assert out.startswith("zero-shot decision: ") and "\nfew-shot decision: " in out.split("\n\n")[0]
+    assert "few-shot (calibration texts as written" in out and "zero-shot (each calibration question asked alone" in out
+    assert (few["metric"], few["regime"], few["gain_per"]) == ("answer log-probability (digit tokens)", "few_shot", "digit token")
+    assert (zero["regime"], zero["gain_per"], zero["texts"]["questions"]) == ("zero_shot", "question", 83)  # the shipped questions
+    for regime, prediction in data["predictions"].items():
+        assert prediction["decision"] in ("help", "abstain")
+        ranked = data["methods"]["duplication_loss"]["by_regime"][regime]
+        assert [(c["start"], c["end"]) for c in prediction["candidates"]][1:] == [(b["start"], b["end"]) for b in ranked if
+                                                                                   (b["start"], b["end"]) != (prediction["candidates"][0]["start"], prediction["candidates"][0]["end"])][:2]
+    # General texts hold no numbers and state no answers: beside the paper's methods, each regime is skipped with a note ...
     code, out, err = run(["analyze", tiny_folder, "--calibration", "general", "--out", tmp_path / "general", *TINY_ARGS], capsys)
-    assert code == 0 and "note: duplication_loss skipped: the reasoning calibration texts hold no numbers" in err
+    assert code == 0 and "note: the zero-shot prediction is skipped" in err
+    assert "note: duplication_loss skipped: the reasoning calibration texts hold no numbers" in err
     assert " ".join(out.split("\n\n")[0].split()) == NO_PREDICTION  # the summary says first (wrapped) that nothing is recommended
     data = json.loads((tmp_path / "general" / "report.json").read_text())
-    assert "prediction" not in data and list(data["methods"]) == ["stability", "anomaly", "composite", "boundary"]
+    assert data["predictions"] == {} and list(data["methods"]) == ["stability", "anomaly", "composite", "boundary"]
     # ... and asked for alone, it is an error.
     _assert_fails(["analyze", tiny_folder, "--calibration", "general", "--method", "duplication_loss", "--out", tmp_path / "alone", *TINY_ARGS],
                   capsys, "hold no numbers", out=tmp_path / "alone")
@@ -239,12 +247,11 @@ def test_bad_exact_heads(tiny_folder, tmp_path, capsys, args, fragment):
 
 def test_exact_heads_default_and_all():
     from cp_onnx.analysis.heads import EXACT_HEADS
-    from cp_onnx.cli import exact_heads_option
+    from cp_onnx.analyze import AUTO, Settings, exact_heads_option
 
-    assert exact_heads_option(None, heads=True, prune=False) == EXACT_HEADS
-    assert exact_heads_option(None, heads=True, prune=True) is None  # pruning ranks the cheapest heads: all exact
-    assert exact_heads_option("ALL", heads=True, prune=False) is None
-    assert exact_heads_option(" 7", heads=True, prune=True) == 7
+    assert Settings(heads=True, exact_heads=exact_heads_option(None)).exact_head_count == EXACT_HEADS
+    assert Settings(heads=True, prune=True, exact_heads=exact_heads_option(None)).exact_head_count is None  # pruning: all exact
+    assert exact_heads_option(None) == AUTO and exact_heads_option("ALL") is None and exact_heads_option(" 7") == 7
 
 
 def test_zero_shot_regime_scores_the_stated_answers_and_says_so(tiny_folder, tmp_path, capsys):
@@ -257,11 +264,12 @@ def test_zero_shot_regime_scores_the_stated_answers_and_says_so(tiny_folder, tmp
     assert code == 0
     data = json.loads((tmp_path / "zero" / "report.json").read_text())
     jsonschema.validate(data, report_mod.schema())
-    prediction = data["prediction"]
+    assert list(data["predictions"]) == ["zero_shot"]  # --regime zero: that one only
+    prediction = data["predictions"]["zero_shot"]
     assert (prediction["regime"], prediction["gain_per"], prediction["texts"]["questions"]) == ("zero_shot", "question", 2)
-    assert "nats per question" in out.split("\n\n")[0] and "regime zero_shot" in " ".join(out.split("\n\n")[0].split())
+    assert out.startswith("zero-shot decision: ") and "nats per question" in out.split("\n\n")[0]
     assert set(prediction["kinds"]["blocks"][0]["by_kind"]) == {"your texts", "arithmetic"}
-    assert "the decision is for zero-shot (each calibration question asked alone" in out and "(2 questions); for texts that work problems" in out
+    assert "zero-shot (each calibration question asked alone" in out and "decided on 2 of 2 questions" in out
     # Texts that state no answer, and an unknown regime, are refused with one line and no report.
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"text": "Cats purr, and 2 + 2 = 4."}) + "\n")

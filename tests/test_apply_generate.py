@@ -13,6 +13,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.apply import apply
 from cp_onnx.models.generate import CachedDecoder, eos_token_ids, generate, generate_ids, with_past_graph
 from cp_onnx.models.model import open_model
+from graph_passes.edit import Edit
 from cp_onnx.models.runner import Runner, pad_batch
 from exporters.manifest import read_manifest
 from graph_passes import GraphPassError, graph_io
@@ -56,7 +57,7 @@ def llama_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def duplicated(llama_folder, tmp_path_factory):
     """The tiny Llama applied with its block 1:3 duplicated."""
-    return apply(open_model(llama_folder[1]), "1:3", tmp_path_factory.mktemp("applied") / "dup", log=quiet)
+    return apply(open_model(llama_folder[1]), Edit.parse("1:3"), tmp_path_factory.mktemp("applied") / "dup", log=quiet)
 
 
 def torch_generate(hf, ids: list[int], path: list[int], new_tokens: int) -> list[int]:
@@ -121,7 +122,7 @@ def test_apply_without_a_with_past_graph_routes_what_there_is(llama_folder, dupl
     shutil.copytree(llama_folder[1], source, ignore=shutil.ignore_patterns("with_past"))
     edit_json(source / "cp_onnx.json", onnx={**read_manifest(llama_folder[1])["onnx"], "with_past": None})
     messages = []
-    out = apply(open_model(source), DUPLICATE, tmp_path / "out", log=messages.append)
+    out = apply(open_model(source), Edit.layers(DUPLICATE), tmp_path / "out", log=messages.append)
     assert any("no with_past graph: routing model.onnx only" in m for m in messages)
     assert read_manifest(out)["onnx"]["with_past"] is None and not (out / "with_past").exists()
     model = open_model(out)
@@ -137,18 +138,20 @@ def test_apply_refuses_bad_output_folders_and_paths(llama_folder, duplicated, tm
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me")
     with pytest.raises(CpOnnxError, match="is not a cp-onnx model folder; choose another --out folder"):
-        apply(source, "1:3", stranger, log=quiet)
+        apply(source, Edit.parse("1:3"), stranger, log=quiet)
     assert (stranger / "notes.txt").read_text() == "keep me"
     with pytest.raises(CpOnnxError, match="is the source model folder"):
-        apply(source, "1:3", llama_folder[1], log=quiet)
+        apply(source, Edit.parse("1:3"), llama_folder[1], log=quiet)
     with pytest.raises(CpOnnxError, match=r"already routed \(layer path 0..2,1..2\)"):
-        apply(open_model(duplicated), "0", tmp_path / "again", log=quiet)
-    with pytest.raises(GraphPassError, match="'0..2,z': 'z' is not a layer number"):
-        apply(source, "0..2,z", tmp_path / "bad", log=quiet)
+        apply(open_model(duplicated), Edit.parse("0"), tmp_path / "again", log=quiet)
+    with pytest.raises(GraphPassError, match="'z' is not a layer number"):
+        Edit.parse("0..2,z")
+    with pytest.raises(CpOnnxError, match="out of range|is not a layer of this model|has 3 layers"):
+        apply(source, Edit.layers([0, 7]), tmp_path / "bad", log=quiet)
     assert not (tmp_path / "bad").exists()
     # A previous applied folder is replaced.
-    first = apply(source, "1:3", tmp_path / "reused", log=quiet)
-    apply(source, [2, 0], first, log=quiet)
+    first = apply(source, Edit.parse("1:3"), tmp_path / "reused", log=quiet)
+    apply(source, Edit.layers([2, 0]), first, log=quiet)
     assert read_manifest(first)["layer_path"] == "2,0" and read_manifest(first)["num_layers"] == 2
 
 

@@ -1,4 +1,4 @@
-"""The answer comes first: every output opens with the default prediction's decision (or says the report has none)."""
+"""The answers come first: every output opens with the default prediction's decision per regime (or says the report has none)."""
 from __future__ import annotations
 
 import copy
@@ -10,11 +10,11 @@ import pytest
 
 from cp_onnx.files import write_json
 from cp_onnx.cli import main
-from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, greedy_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, decision_lines, greedy_line
 from cp_onnx.outputs.embed import metadata
 from test_embed import tiny_folder, tiny_report
 
-SCOPE = "metric answer log-probability (digit tokens), regime calibration texts as given, method duplication_loss"
+SCOPE = "metric answer log-probability (digit tokens), method duplication_loss"
 
 
 def _block(start, end, gain, lower, general):
@@ -22,49 +22,51 @@ def _block(start, end, gain, lower, general):
             "metrics": {"gain_lower_bound": lower, "text_nll_change": 0.3, "general_nll_change": general}}
 
 
-ABSTAIN = {"method": "duplication_loss", "decision": "abstain", "block": None, "confidence": 0.95,
+ABSTAIN = {"method": "duplication_loss", "regime": "few_shot", "decision": "abstain", "block": None, "confidence": 0.95,
            "reason": "no block's gain is above zero in 95% of 2000 resamples of the texts",
            "predicted_gain": 0.1266, "gain_lower_bound": -0.0079,
            "candidates": [_block(9, 14, 0.1266, -0.0079, 0.2297), _block(9, 13, 0.1123, 0.0025, 0.1591)],
-           "regime": "calibration texts as given", "metric": "answer log-probability (digit tokens)"}
+           "metric": "answer log-probability (digit tokens)", "gain_per": "digit token"}
 HELP = {**ABSTAIN, "decision": "help", "block": {"start": 9, "end": 14}, "gain_lower_bound": 0.0123, "reason": "sure"}
+ZERO = {**HELP, "regime": "zero_shot", "metric": "answer log-probability (the stated answer)", "gain_per": "question"}
 
 
 def test_decision_lines_worked_by_hand():
-    assert decision_line({"prediction": HELP}) == (
-        "decision: duplicate [9, 14) (layers 9 to 13 run twice); gain +0.1266 nats per digit token (lower 95% bound +0.0123), "
+    assert decision_line(HELP, "few_shot") == (
+        "few-shot decision: duplicate [9, 14) (layers 9 to 13 run twice); gain +0.1266 nats per digit token (lower 95% bound +0.0123), "
         f"cost on general text +0.2297 nats per token; {SCOPE}")
-    assert decision_line({"prediction": ABSTAIN}) == (
-        "decision: no block is predicted to help (no block's gain is above zero in 95% of 2000 resamples of the texts); "
+    assert decision_line(ABSTAIN, "few_shot") == (
+        "few-shot decision: no block is predicted to help (no block's gain is above zero in 95% of 2000 resamples of the texts); "
         "least harmful [9, 14), [9, 13); top gain +0.1266 nats per digit token (lower 95% bound -0.0079), "
         f"cost on general text +0.2297 nats per token; {SCOPE}")
-    # A zero-shot prediction's gain is per question, and its scope names the regime.
-    zero = {**HELP, "regime": "zero_shot", "metric": "answer log-probability (the stated answer)", "gain_per": "question"}
-    assert decision_line({"prediction": zero}) == (
-        "decision: duplicate [9, 14) (layers 9 to 13 run twice); gain +0.1266 nats per question (lower 95% bound +0.0123), "
-        "cost on general text +0.2297 nats per token; metric answer log-probability (the stated answer), regime zero_shot, "
-        "method duplication_loss")
-    # Trimmed or older reports lose the parts whose fields are missing, and say so; none fails.
-    assert decision_line({"prediction": {"decision": "help", "block": {"start": 3, "end": 4}}}) == (
-        "decision: duplicate [3, 4) (layer 3 run twice); metric and regime not recorded (an older report), method duplication_loss")
-    assert decision_line({"prediction": {"decision": "abstain", "block": None, "reason": "a\nb"}}).startswith(
-        "decision: no block is predicted to help (a b); metric and regime")
-    assert decision_line({}) == NO_PREDICTION and "\n" not in NO_PREDICTION
+    # A zero-shot prediction's gain is per question, and its line names the regime.
+    assert decision_line(ZERO, "zero_shot") == (
+        "zero-shot decision: duplicate [9, 14) (layers 9 to 13 run twice); gain +0.1266 nats per question (lower 95% bound +0.0123), "
+        "cost on general text +0.2297 nats per token; metric answer log-probability (the stated answer), method duplication_loss")
+    # Both, zero-shot first whatever the report's order; trimmed reports lose the parts whose fields are missing; none fails.
+    assert decision_lines({"predictions": {"few_shot": ABSTAIN, "zero_shot": ZERO}}) == [decision_line(ZERO, "zero_shot"), decision_line(ABSTAIN, "few_shot")]
+    assert decision_line({"decision": "help", "block": {"start": 3, "end": 4}}, "few_shot") == (
+        "few-shot decision: duplicate [3, 4) (layer 3 run twice); metric not recorded, method duplication_loss")
+    assert decision_line({"decision": "abstain", "block": None, "reason": "a\nb"}, "zero_shot").startswith(
+        "zero-shot decision: no block is predicted to help (a b); metric not recorded")
+    assert decision_lines({}) == [NO_PREDICTION] and "\n" not in NO_PREDICTION
+    assert decision_lines({"predictions": {"zero_shot": None, "few_shot": 3}}) == [NO_PREDICTION]
 
 
 def test_greedy_line_worked_by_hand():
-    with_greedy = lambda prediction, change: {**prediction, "greedy_base": 0.0361, "candidates": [  # noqa: E731
-        {**prediction["candidates"][0], "metrics": {**prediction["candidates"][0]["metrics"], "greedy_change": change}}]}
-    zero = with_greedy({**HELP, "gain_per": "question", "texts": {"questions": 83}}, 0.0843)
-    assert greedy_line({"prediction": zero}) == (
-        "greedy (the model's own next token, after the right ones before it): right on 3 of 83 (4%) questions; "
-        "with [9, 14) (the block to duplicate) duplicated 10 of 83 (12%), +8.4 points")
-    few = with_greedy({**ABSTAIN, "texts": {"digit_tokens": 45}}, -0.0222)
-    assert greedy_line({"prediction": few}).endswith(
-        "right on 2 of 45 (4%) digit tokens; with [9, 14) (the least harmful block) duplicated 1 of 45 (1%), -2.2 points")
-    assert greedy_line({"prediction": {**few, "texts": {}}}).endswith("right on 4% of the digit tokens; with [9, 14) (the least harmful block) duplicated 1%, -2.2 points")
-    assert greedy_line({"prediction": HELP}) is None and greedy_line({"prediction": {**few, "candidates": []}}) is None  # older reports
-    assert greedy_line({}) is None
+    zero = {**ZERO, "texts": {"questions": 83}, "greedy": {"base": 0.0361, "change": 0.0843, "lower": 0.036, "upper": 0.1446,
+                                                            "changed_units": 7, "bounded": True, "confidence": 0.95}}
+    assert greedy_line(zero, "zero_shot") == (
+        "zero-shot greedy (the model's own answer): right on 3 of 83 (4%) questions; "
+        "with [9, 14) (the block to duplicate) duplicated 10 of 83 (12%), +8.4 points [95% bounds +3.6, +14.5]")
+    few = {**ABSTAIN, "texts": {"digit_tokens": 45}, "greedy": {"base": 0.0361, "change": -0.0222, "lower": None, "upper": None,
+                                                                 "changed_units": 2, "bounded": False}}
+    assert greedy_line(few, "few_shot").endswith(
+        "right on 2 of 45 (4%) digit tokens; with [9, 14) (the least harmful block) duplicated 1 of 45 (1%), -2.2 points "
+        "(the calibration set cannot bound it: only 2 texts changed)")
+    assert greedy_line({**few, "texts": {}}, "few_shot").startswith("few-shot greedy (the model's own answer): right on 4% of the digit tokens")
+    assert greedy_line(HELP, "few_shot") is None and greedy_line({**few, "candidates": []}, "few_shot") is None  # figures missing
+    assert greedy_line({**few, "greedy": {"base": True, "change": 0.1}}, "few_shot") is None
 
 
 @pytest.fixture(scope="module")
@@ -73,26 +75,28 @@ def reports(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("decision")
     data = tiny_report(tiny_folder(tiny_model, "llama", root / "llama"))
     helped = copy.deepcopy(data)
-    top = helped["prediction"]["candidates"][0]
-    helped["prediction"] |= {"decision": "help", "block": {"start": top["start"], "end": top["end"]}}
-    bare = {k: v for k, v in data.items() if k != "prediction"}
+    for prediction in helped["predictions"].values():
+        top = prediction["candidates"][0]
+        prediction |= {"decision": "help", "block": {"start": top["start"], "end": top["end"]}}
+    bare = {**data, "predictions": {}}
     return {name: write_json(report, root / f"{name}.json") for name, report in (("analysed", data), ("help", helped), ("none", bare))}
 
 
 @pytest.mark.parametrize("case", ["analysed", "help", "none"])
-def test_summary_text_and_metadata_open_with_the_decision(reports, case, capsys):
+def test_summary_text_and_metadata_open_with_the_decisions(reports, case, capsys):
     data = json.loads(reports[case].read_text())
-    line = decision_line(data)
+    lines = decision_lines(data)
+    assert len(lines) == (1 if case == "none" else 2)  # one decision per regime: zero-shot, then few-shot
     assert main(["report", str(reports[case])]) == 0
     summary = capsys.readouterr().out
-    assert summary.split("\n\n")[0] == textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False)
-    assert " ".join(summary.split("\n\n")[0].split()) == " ".join(line.split())  # wrapped, not changed
+    assert summary.split("\n\n")[0] == "\n".join(textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False) for line in lines)
     assert main(["report", str(reports[case]), "--text"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == line
+    assert capsys.readouterr().out.splitlines()[: len(lines)] == lines
     entries = metadata(data)
-    assert next(iter(entries)) == "cp_onnx.decision" and entries["cp_onnx.decision"] == line
-    if case != "none":  # the tiny model's own figures, after the decision (and the kinds line)
-        said = greedy_line(data)
+    keys = ["cp_onnx.decision"] if case == "none" else ["cp_onnx.decision.zero_shot", "cp_onnx.decision.few_shot"]
+    assert list(entries)[: len(keys)] == keys and [entries[k] for k in keys] == lines
+    for regime, prediction in data["predictions"].items():  # the tiny model's own figures, after the decisions
+        said = greedy_line(prediction, regime)
         assert said and " ".join(said.split()) in " ".join(summary.split())
 
 
@@ -136,23 +140,25 @@ def test_html_opens_with_the_decision_panel(reports, case, tmp_path, capsys):
     outside = [e for e in page.events[1:] if not e[2]]
     assert [e[1] for e in outside][:1] == ["top-circuits"] and all(e[2] is False for e in outside)
     text = " ".join(" ".join(page.text).split())  # elements' texts apart, spaces normalised
-    assert " ".join(decision_line(data).split()) in text
-    prediction = data.get("prediction")
-    if prediction is None:
+    for line in decision_lines(data):
+        assert " ".join(line.split()) in text
+    if not data["predictions"]:
         assert text.startswith("Decision No prediction in this report.")
-    elif prediction["decision"] == "help":
-        block = prediction["block"]
-        assert text.startswith(f"Decision Duplicate block [{block['start']}, {block['end']})")
-        assert f"expected gain {prediction['predicted_gain']:+.4f} nats per digit token" in text
-        assert f"{prediction['gain_lower_bound']:+.4f}" in text and "cost on general text" in text
-    else:
-        assert text.startswith("Decision No block is predicted to help.") and prediction["reason"] in text
-        assert [e[1] for e in page.events[1:] if e[2]] == ["least-harmful", "by-kind"]
-        for block in prediction["candidates"]:
-            assert f"[{block['start']}, {block['end']})" in text
-    if prediction:
-        assert f"metric {prediction['metric']}, regime {prediction['regime']}" in text
-        assert " ".join(greedy_line(data).split()) in text
+        return
+    assert text.startswith("Decisions Zero-shot ")  # both regimes, zero-shot first
+    assert text.index("Zero-shot") < text.index("Few-shot")
+    for regime, prediction in data["predictions"].items():
+        if prediction["decision"] == "help":
+            block = prediction["block"]
+            assert f"Duplicate block [{block['start']}, {block['end']})" in text
+            assert f"expected gain {prediction['predicted_gain']:+.4f} nats per {prediction['gain_per']}" in text
+            assert f"{prediction['gain_lower_bound']:+.4f}" in text and "cost on general text" in text
+        else:
+            assert "No block is predicted to help." in text and prediction["reason"] in text
+            for block in prediction["candidates"]:
+                assert f"[{block['start']}, {block['end']})" in text
+        assert f"metric {prediction['metric']}" in text
+        assert " ".join(greedy_line(prediction, regime).split()) in text
 
 
 def test_rankings_are_labelled_as_rankings(reports, tmp_path, capsys):

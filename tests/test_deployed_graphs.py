@@ -19,6 +19,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.apply import apply
 from cp_onnx.models.generate import generate_ids
 from cp_onnx.models.model import open_model
+from graph_passes.edit import Edit
 from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
 from graph_passes.route import route
@@ -207,7 +208,7 @@ def applied(deployed, tmp_path_factory):
     def get(family: str, precision: str) -> Path:
         if (family, precision) not in made:
             source = open_model(deployed(family)[precision])
-            made[family, precision] = apply(source, "1:3", tmp_path_factory.mktemp("applied") / f"{family}-{precision}", log=quiet)
+            made[family, precision] = apply(source, Edit.parse("1:3"), tmp_path_factory.mktemp("applied") / f"{family}-{precision}", log=quiet)
         return made[family, precision]
 
     return get

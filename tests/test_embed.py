@@ -14,7 +14,8 @@ import pytest
 from cp_onnx.analysis import report as report_mod
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.cli import main
-from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, kinds_line
+from cp_onnx.files import file_sha256, write_json
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_lines, kinds_line
 from cp_onnx.models.model import open_model
 from cp_onnx.outputs.embed import format_text, read_metadata
 from tiny import write_byte_tokenizer
@@ -33,8 +34,7 @@ def tiny_folder(tiny_model, family: str, folder: Path) -> Path:
 
 def tiny_report(folder: Path, **settings) -> dict:
     """The report `cp-onnx analyze` would write for a tiny model folder."""
-    result = analyze(open_model(folder), Settings(**(TINY_SETTINGS | settings)), log=lambda _: None)
-    return report_mod.build_report(result)
+    return analyze(open_model(folder), Settings(**(TINY_SETTINGS | settings)), log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def analysed(tiny_model, tmp_path_factory):
     onnx.helper.set_model_props(proto, {"author": "someone"})  # metadata of its own, which embed must keep
     onnx.save(proto, str(folder / "model.onnx"))
     data = tiny_report(folder)
-    return folder, report_mod.write_json(data, folder / "report.json"), data
+    return folder, write_json(data, folder / "report.json"), data
 
 
 def logits(path: Path) -> np.ndarray:
@@ -88,14 +88,17 @@ def test_embed_writes_metadata_and_keeps_graph_and_logits(analysed, tmp_path, ca
     expected_circuits = {m: [{k: b[k] for k in ("start", "end", "score")} for b in e["blocks"][:2]] for m, e in data["methods"].items()}
     assert json.loads(meta["cp_onnx.circuits"]) == expected_circuits
     assert meta["cp_onnx.top_blocks"] == ";".join(f"{m}={e['blocks'][0]['start']}:{e['blocks'][0]['end']}" for m, e in data["methods"].items())
-    assert meta["cp_onnx.model_sha256"] == data["model"]["onnx_sha256"] == report_mod.file_sha256(folder / "model.onnx")
+    assert meta["cp_onnx.model_sha256"] == data["model"]["onnx_sha256"] == file_sha256(folder / "model.onnx")
     assert meta["cp_onnx.calibration_identity"] == data["calibration"]["identity"]
-    assert (meta["cp_onnx.report_format"], meta["cp_onnx.report_version"], meta["cp_onnx.num_layers"]) == ("cp-onnx-report", "1", "3")
-    assert meta["cp_onnx.decision"] == decision_line(data) and "\n" not in meta["cp_onnx.decision"]
-    assert meta["cp_onnx.regime"] == data["prediction"]["regime"] == "few_shot"
-    assert meta["cp_onnx.kinds"] == kinds_line(data) and meta["cp_onnx.kinds"].startswith("per kind of calibration text, [")
+    assert (meta["cp_onnx.report_format"], meta["cp_onnx.report_version"], meta["cp_onnx.num_layers"]) == ("cp-onnx-report", "2", "3")
+    lines = decision_lines(data)
+    assert [meta["cp_onnx.decision.zero_shot"], meta["cp_onnx.decision.few_shot"]] == lines and not any("\n" in line for line in lines)
+    assert lines[0].startswith("zero-shot decision: ") and lines[1].startswith("few-shot decision: ")
+    for regime, prediction in data["predictions"].items():
+        assert meta[f"cp_onnx.prediction.{regime}"] in ("abstain", *(f"help {b['start']}:{b['end']}" for b in prediction["candidates"]))
+        assert meta[f"cp_onnx.kinds.{regime}"] == kinds_line(prediction, regime) and f"per kind of calibration text, [" in meta[f"cp_onnx.kinds.{regime}"]
     ours = [p.key for p in onnx.load(str(source), load_external_data=False).metadata_props if p.key.startswith("cp_onnx.")]
-    assert ours[0] == "cp_onnx.decision"  # the answer is the first of its entries
+    assert ours[:2] == ["cp_onnx.decision.zero_shot", "cp_onnx.decision.few_shot"]  # the answers are the first of its entries
 
     # Embedding again into the embedded file replaces the entries (the analysed sha256 still matches).
     assert main(["embed", str(report_path), str(source), "--top", "1"]) == 0
@@ -109,7 +112,7 @@ def test_embed_to_out_and_refusals(analysed, tmp_path, capsys):
     assert main(["embed", str(report_path), str(folder), "--out", str(out)]) == 0  # MODEL as a folder
     capsys.readouterr()
     assert "cp_onnx.circuits" in read_metadata(out)
-    assert report_mod.file_sha256(folder / "model.onnx") == json.loads(report_path.read_text())["model"]["onnx_sha256"]  # source untouched
+    assert file_sha256(folder / "model.onnx") == json.loads(report_path.read_text())["model"]["onnx_sha256"]  # source untouched
 
     other = tmp_path / "other.onnx"
     proto = onnx.load(str(folder / "model.onnx"))

@@ -13,6 +13,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import InProcessExecutor, ProcessExecutor, RayExecutor, make_executor
 from cp_onnx.groundtruth import sweep as sweep_module
 from cp_onnx.models.evaluators import BASELINE
+from graph_passes.edit import Edit
 from cp_onnx.models.scoring import ProbeItem
 from cp_onnx.models.model import open_model
 from test_embed import tiny_folder
@@ -23,7 +24,7 @@ ITEMS = [
     ProbeItem("o-0", "ordering", "Ann > Bob > Cy. Who is first?", " Ann", (" Bob", " Ann", " Cy")),
 ]
 GENERAL = ["The harbour was quiet in the early morning."]
-CONFIGS = [BASELINE, (0, 1), (1, 2), (2, 3), (0, 2)]
+CONFIGS = [BASELINE, *(Edit.duplicate(i, j) for i, j in ((0, 1), (1, 2), (2, 3), (0, 2)))]
 
 
 @pytest.fixture(scope="module")

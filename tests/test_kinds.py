@@ -131,7 +131,7 @@ def test_per_kind_gains_match_torch_on_each_kinds_texts(tiny_llama, monkeypatch)
     monkeypatch.setattr(predict_module, "MIN_TEXTS", 2)
     hf, model = tiny_llama
     texts, kinds = [t for t, _ in LABELLED], [k for _, k in LABELLED]
-    result = predict(model, texts, GENERAL, block_sizes=(1, 2), kinds=kinds)
+    result = predict(model, texts, GENERAL, regimes=("few_shot",), block_sizes=(1, 2), kinds=kinds)["few_shot"]
     decode = model.tokenizer.id_to_token
     for block in result.blocks:
         path = [*range(block.end), *range(block.start, 3)]
@@ -151,7 +151,7 @@ def test_per_kind_gains_match_torch_on_each_kinds_texts(tiny_llama, monkeypatch)
 
 
 def test_unlabelled_texts_are_your_texts_and_their_gain_is_the_score(tiny_llama):
-    result = predict(tiny_llama[1], [t for t, _ in LABELLED], GENERAL, block_sizes=(1, 2))
+    result = predict(tiny_llama[1], [t for t, _ in LABELLED], GENERAL, regimes=("few_shot",), block_sizes=(1, 2))["few_shot"]
     for block in result.blocks:
         assert list(result.by_kind[block.start, block.end]) == [YOUR_TEXTS]
         assert result.by_kind[block.start, block.end][YOUR_TEXTS].gain == pytest.approx(block.score)
@@ -162,36 +162,36 @@ def test_unlabelled_texts_are_your_texts_and_their_gain_is_the_score(tiny_llama)
 def test_cli_prints_the_per_kind_line_and_the_report_validates(tiny_folder, tmp_path, capsys):
     calibration = tmp_path / "labelled.jsonl"
     calibration.write_text("".join(json.dumps({"text": t, "kind": k}) + "\n" for t, k in LABELLED), encoding="utf-8")
-    code, out, _ = run(["analyze", tiny_folder, "--calibration", calibration, "--out", tmp_path / "out", *TINY_ARGS], capsys)
+    code, out, _ = run(["analyze", tiny_folder, "--calibration", calibration, "--regime", "few", "--out", tmp_path / "out", *TINY_ARGS], capsys)
     assert code == 0
-    decision, said = out.split("\n\n")[:2]  # the per-kind line follows the decision
-    assert decision.startswith("decision: ") and said.startswith("per kind of calibration text, [") and "(the least harmful block)" in said
-    assert "arithmetic" in out and "too few texts with numbers to tell (8 needed) for arithmetic" in " ".join(said.split()) and "per kind of calibration text (gain" in out
+    decision, said = out.split("\n\n")[:2]  # the per-kind line follows the decision (after the greedy line, when there is one)
+    said = said if said.startswith("few-shot per kind") else out.split("\n\n")[2]
+    assert decision.startswith("few-shot decision: ") and said.startswith("few-shot per kind of calibration text, [") and "(the least harmful block)" in said
+    assert "arithmetic" in out and "too few texts to tell (8 needed) for arithmetic" in " ".join(said.split()) and "per kind, few-shot (gain" in out
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     jsonschema.validate(data, report_mod.schema())
-    kinds = data["prediction"]["kinds"]
+    kinds = data["predictions"]["few_shot"]["kinds"]
     assert {kind for b in kinds["blocks"] for kind in b["by_kind"]} == {"arithmetic", "sequence"}
     assert all(g["verdict"] == "unclear" for b in kinds["blocks"] for g in b["by_kind"].values())  # 2 texts each, below MIN_TEXTS
     code, out, _ = run(["report", tmp_path / "out" / "report.json", "--html", tmp_path / "page.html"], capsys)
     assert code == 0
     page = (tmp_path / "page.html").read_text()
-    assert page.index("id='by-kind'") < page.index("Rankings by method") and "per kind of calibration text" in page
+    assert page.index("class='by-kind'") < page.index("Rankings by method") and "per kind of calibration text" in page
 
 
 def test_a_users_unlabelled_texts_are_named_your_texts_in_the_output(tiny_folder, tmp_path, capsys):
     calibration = tmp_path / "mine.txt"
     calibration.write_text("".join(t + "\n" for t, _ in LABELLED), encoding="utf-8")
-    code, out, _ = run(["analyze", tiny_folder, "--calibration", calibration, "--out", tmp_path / "out", *TINY_ARGS], capsys)
+    code, out, _ = run(["analyze", tiny_folder, "--calibration", calibration, "--regime", "few", "--out", tmp_path / "out", *TINY_ARGS], capsys)
     assert code == 0
-    said = out.split("\n\n")[1]
-    assert said.startswith("per kind of calibration text, [") and "too few texts with numbers to tell (8 needed) for your texts" in " ".join(said.split())
+    said = next(part for part in out.split("\n\n") if part.startswith("few-shot per kind"))
+    assert "too few texts to tell (8 needed) for your texts" in " ".join(said.split())
 
 
 def test_a_trimmed_or_older_report_gets_no_per_kind_line_and_no_traceback():
     from cp_onnx.outputs.decision import kinds_line
 
-    for report in ({}, {"prediction": None}, {"prediction": {"decision": "abstain"}}, {"prediction": {"kinds": 3}},
-                   {"prediction": {"kinds": {"blocks": [1]}}}):
-        assert kinds_line(report) is None
-    bare = {"prediction": {"kinds": {"blocks": [{"start": 1, "end": 2, "by_kind": {"a": {"gain": 0.5, "verdict": "helps"}}}]}}}
-    assert kinds_line(bare).startswith("per kind of calibration text, [1, 2) (the least harmful block): helps for a +0.500")
+    for prediction in ({}, None, {"decision": "abstain"}, {"kinds": 3}, {"kinds": {"blocks": [1]}}):
+        assert kinds_line(prediction, "few_shot") is None
+    bare = {"kinds": {"blocks": [{"start": 1, "end": 2, "by_kind": {"a": {"gain": 0.5, "verdict": "helps"}}}]}}
+    assert kinds_line(bare, "few_shot").startswith("few-shot per kind of calibration text, [1, 2) (the least harmful block): helps for a +0.500")

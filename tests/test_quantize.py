@@ -186,17 +186,18 @@ def test_bad_option_values_are_one_line_errors(sources, tmp_path, capsys, option
 
 
 def test_analysis_statistics_at_int8_are_close_to_fp32(exports):
-    settings = analyze.Settings(n=10, block_sizes=(1, 2))
+    settings = analyze.Settings(n=10, block_sizes=(1, 2), regimes=("few_shot",))
     results = {p: analyze.analyze(open_model(exports["llama", p]), settings, log=lambda line: None) for p in PRECISIONS}
+    stats = {p: {name: np.array([row[name] for row in data["layers"]], dtype=float) for name in data["layers"][0] if name != "layer"}
+             for p, data in results.items()}
     worst = {}
     for precision in ("int8", "int4"):
-        worst[precision] = max(relative_difference(results[precision].stats[name], values)
-                               for name, values in results["fp32"].stats.items())
+        worst[precision] = max(relative_difference(stats[precision][name], values) for name, values in stats["fp32"].items())
     # Largest difference of the seven per-layer statistics over their largest value: measured 2.2e-3 (int8), 3.9e-2 (int4).
     assert 0 < worst["int8"] < 1e-2 and worst["int4"] < 0.12
     # The default method's block gains (nats per digit token): measured at most 4e-4 apart at int8.
-    fp32_gains = {(b.start, b.end): b.score for b in results["fp32"].prediction.blocks}
-    int8_gains = {(b.start, b.end): b.score for b in results["int8"].prediction.blocks}
+    fp32_gains = {(b["start"], b["end"]): b["score"] for b in results["fp32"]["methods"]["duplication_loss"]["blocks"]}
+    int8_gains = {(b["start"], b["end"]): b["score"] for b in results["int8"]["methods"]["duplication_loss"]["blocks"]}
     assert fp32_gains.keys() == int8_gains.keys() and len(fp32_gains) == 5
     assert max(abs(int8_gains[block] - gain) for block, gain in fp32_gains.items()) < 2e-3
 
@@ -204,7 +205,7 @@ def test_analysis_statistics_at_int8_are_close_to_fp32(exports):
 def test_predict_runs_on_the_int4_graph(exports):
     model = open_model(exports["qwen2", "int4"])
     result = predict(model, ["If 3x + 5 = 20, then x = 5.", "2, 4, 6, 8: the next is 10."], ["The harbour was quiet."],
-                     block_sizes=(1,))
+                     regimes=("few_shot",), block_sizes=(1,))["few_shot"]
     assert [(b.start, b.end) for b in sorted(result.blocks, key=lambda b: b.start)] == [(0, 1), (1, 2), (2, 3)]
     assert all(np.isfinite(b.score) for b in result.blocks)
 

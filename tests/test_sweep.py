@@ -16,6 +16,7 @@ from cp_onnx.models.scoring import ProbeItem
 from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.groundtruth.sweep import read_sweep, sweep
 from cp_onnx.models.model import open_model
+from graph_passes.edit import Edit
 
 ITEMS = [
     ProbeItem("a-0", "arithmetic", "Q: 2+3=", " 5"),
@@ -144,7 +145,7 @@ def encoder(model):
 def test_both_regimes_match_torch_with_layers_repeated(tiny_llama, tiny_llama_cached, cached, tmp_path):
     """Zero-shot: every item's question alone; few-shot: its shots first (run once per kind through the KV cache when cached)."""
     hf, model = tiny_llama_cached if cached else tiny_llama
-    configs = [(0, 2), (1, 3)]
+    configs = [Edit.duplicate(0, 2), Edit.duplicate(1, 3)]
     rows = sweep(model, configs, SHOT_ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
     assert [(r["start"], r["end"], r["path"]) for r in rows] == [(None, None, "0..2"), (0, 2, "0..1,0..2"), (1, 3, "0..2,1..2")]
     encode = encoder(model)
@@ -161,25 +162,27 @@ def test_removed_blocks_match_torch_without_those_layers_and_naive_routed_models
     """Removal sweeps (pruning's ground truth): from the embedding (block 0:1) and mid-model, with the KV-cached prefixes."""
     hf, model = tiny_llama_cached
     kwargs = dict(general=GENERAL, batch_size=3, operation="skip", log=lambda _: None)
-    rows = sweep(model, [(0, 1), (1, 3)], ITEMS, out=tmp_path / "skip.jsonl", **kwargs)
+    rows = sweep(model, [Edit.skip(0, 1), Edit.skip(1, 3)], ITEMS, out=tmp_path / "skip.jsonl", **kwargs)
     assert [(r["start"], r["end"], r["path"], r["operation"]) for r in rows] == [(None, None, "0..2", "skip"), (0, 1, "1..2", "skip"), (1, 3, "0", "skip")]
     encode = encoder(model)
     assert_metrics_close(rows[1], torch_metrics(hf, encode, [1, 2]))
     assert_metrics_close(rows[2], torch_metrics(hf, encode, [0]))
-    naive = sweep(model, [(0, 1), (1, 3)], ITEMS, out=tmp_path / "naive.jsonl", mode="naive", **kwargs)
+    naive = sweep(model, [Edit.skip(0, 1), Edit.skip(1, 3)], ITEMS, out=tmp_path / "naive.jsonl", mode="naive", **kwargs)
     for fast, slow in zip(rows, naive):
         assert_metrics_close(fast, slow, atol=1e-5)
     assert read_sweep(tmp_path / "skip.jsonl")[0]["operation"] == "skip"
     with pytest.raises(CpOnnxError, match="holds a sweep of removed blocks, not duplicated ones"):
-        sweep(model, [(0, 1)], ITEMS, out=tmp_path / "skip.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
-    with pytest.raises(CpOnnxError, match="removes all 3 layers"):
-        sweep(model, [(0, 3)], ITEMS, out=tmp_path / "all.jsonl", **kwargs)
+        sweep(model, [Edit.duplicate(0, 1)], ITEMS, out=tmp_path / "skip.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
+    with pytest.raises(CpOnnxError, match="remove all 3 layers"):
+        sweep(model, [Edit.skip(0, 3)], ITEMS, out=tmp_path / "all.jsonl", **kwargs)
+    with pytest.raises(CpOnnxError, match="either duplicates blocks or removes them"):
+        sweep(model, [Edit.skip(0, 1), Edit.duplicate(0, 1)], ITEMS, out=tmp_path / "mixed.jsonl", **kwargs)
 
 
 def test_layer_outputs_kept_in_files_past_the_budget_give_the_same_rows(tiny_llama, tmp_path, monkeypatch):
     _, model = tiny_llama
     kwargs = dict(general=GENERAL, batch_size=3, log=lambda _: None)
-    in_memory = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "memory.jsonl", **kwargs)
+    in_memory = sweep(model, [Edit.duplicate(0, 2), Edit.duplicate(1, 3)], ITEMS, out=tmp_path / "memory.jsonl", **kwargs)
     created = []
     monkeypatch.setattr(evaluators.KeptOutputs, "BUDGET", 1)  # the first batch already passes it
     def folder(**kwargs):
@@ -188,7 +191,7 @@ def test_layer_outputs_kept_in_files_past_the_budget_give_the_same_rows(tiny_lla
         return made
 
     monkeypatch.setattr(evaluators.tempfile, "TemporaryDirectory", folder)
-    in_files = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "files.jsonl", **kwargs)
+    in_files = sweep(model, [Edit.duplicate(0, 2), Edit.duplicate(1, 3)], ITEMS, out=tmp_path / "files.jsonl", **kwargs)
     assert len(created) == 1 and not Path(created[0]).exists()  # used, then removed with the sweep's evaluator
     for kept, spilled in zip(in_memory, in_files):
         assert {k: v for k, v in kept.items() if k != "seconds"} == {k: v for k, v in spilled.items() if k != "seconds"}
@@ -201,7 +204,7 @@ def test_shared_prefixes_run_once_with_the_kv_cache_and_match_torch(tiny_llama_c
     # The arithmetic items share BOS + "Q: " (4 tokens), the syllogisms BOS; general texts share nothing.
     assert {len(b.prefix) for b in plan.batches} >= {0, 1, 4} and plan.tokens_run < plan.tokens
     assert model.with_past_path is not None
-    rows = sweep(model, [(0, 2), (1, 3)], ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
+    rows = sweep(model, [Edit.duplicate(0, 2), Edit.duplicate(1, 3)], ITEMS, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=3, log=lambda _: None)
     assert_metrics_close(rows[0], torch_metrics(hf, encode))
     assert_metrics_close(rows[1], torch_metrics(hf, encode, [0, 1, 0, 1, 2]))
     assert_metrics_close(rows[2], torch_metrics(hf, encode, [0, 1, 2, 1, 2]))
@@ -222,8 +225,8 @@ def test_resume_after_a_kill_runs_each_config_once(tiny_llama, tmp_path, monkeyp
     _, model = tiny_llama
     out = tmp_path / "sweep.jsonl"
     evaluated = []
-    real_run = sweep_module._run_config
-    monkeypatch.setattr(sweep_module, "_run_config", lambda config: evaluated.append(config) or real_run(config))
+    real_run = sweep_module._run_edit
+    monkeypatch.setattr(sweep_module, "_run_edit", lambda edit: evaluated.append(edit) or real_run(edit))
 
     def killed_after_3(done, total):
         if done == 3:
@@ -289,10 +292,12 @@ def test_answer_tokens_must_follow_the_prompt_tokens(tmp_path):
         ProbePlan([ProbeItem("merged", "k", "ab", "c")], encode)  # "abc" is a, bc: the prompt's b is gone
 
 
-def test_bad_configs_are_refused(tiny_llama, tmp_path):
+def test_bad_edits_are_refused(tiny_llama, tmp_path):
     _, model = tiny_llama
-    with pytest.raises(CpOnnxError, match=r"config \(2, 5\) is not a block of this 3-layer model"):
-        sweep(model, [(2, 5)], ITEMS, out=tmp_path / "s.jsonl", general=GENERAL, log=lambda _: None)
+    with pytest.raises(CpOnnxError, match=r"cannot duplicate block 2:5"):
+        sweep(model, [Edit.duplicate(2, 5)], ITEMS, out=tmp_path / "s.jsonl", general=GENERAL, log=lambda _: None)
+    with pytest.raises(CpOnnxError, match="blocks duplicated or removed"):
+        sweep(model, [(0, 2)], ITEMS, out=tmp_path / "s.jsonl", general=GENERAL, log=lambda _: None)
 
 
 def test_a_user_suite_gives_shots_per_kind_and_per_item(tiny_llama_cached, tmp_path):
@@ -314,7 +319,7 @@ def test_a_user_suite_gives_shots_per_kind_and_per_item(tiny_llama_cached, tmp_p
     assert load_suite(save_suite(SHOT_ITEMS, tmp_path / "kinds.jsonl")) == SHOT_ITEMS  # one shots line per kind
     assert sum('"shots"' in line for line in (tmp_path / "kinds.jsonl").read_text().splitlines()) == 3
     hf, model = tiny_llama_cached
-    rows = sweep(model, [(1, 3)], items, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=2, log=lambda _: None)
+    rows = sweep(model, [Edit.duplicate(1, 3)], items, out=tmp_path / "sweep.jsonl", general=GENERAL, batch_size=2, log=lambda _: None)
     encode = encoder(model)
     for row, path in zip(rows, (None, [0, 1, 2, 1, 2])):
         assert_metrics_close(regime(row, "zero_shot"), torch_metrics(hf, encode, path, zero_shot(items)))

@@ -129,7 +129,7 @@ def test_a_sweep_whose_gains_are_absurd_is_a_one_line_error(tmp_path):
 
 def test_each_regime_is_judged_on_its_own_rows():
     """A sweep of both regimes: the best block and each method's realised gain differ by regime, and are reported apart."""
-    from cp_onnx.cli import format_validation
+    from cp_onnx.outputs.validation_text import format_validation
     from cp_onnx.groundtruth.sweep import regime_rows
     from cp_onnx.groundtruth.validate import validate_regimes
 

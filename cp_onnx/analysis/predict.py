@@ -282,7 +282,7 @@ class _Raced:
         for block in self.ranked:
             scored = ~np.isnan(result.gains[block][seen])
             gain = float(np.nansum(result.gains[block][seen]) / max(weights[scored].sum(), 1e-12))
-            metrics = {"gain_lower_bound": self.lower.get(block), "units": int(scored.sum()), "still_racing": block in result.alive,
+            metrics = {"gain_lower_bound": self.lower.get(block), "units": int(scored.sum()),
                        "greedy_change": self._greedy_change(block), **costs.get(block, _NO_COST)}
             blocks.append(Block(*block, gain, metrics))
         greedy = _greedy(self.hits.get(self.shown), self.base_hits, units.counts, seen)

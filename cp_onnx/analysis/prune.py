@@ -358,5 +358,7 @@ def choose_edit(model: ModelFolder, *, layers: int = 0, heads: int = 0, layer_me
         chosen = head_pruning.choose_heads(scores[head_method], heads, skip_layers=removed)
         log(f"{head_method} removes {heads} heads: " + ", ".join(f"layer {l}: {hs}" for l, hs in chosen.items()))
     kept = [layer for layer in range(model.num_layers) if layer not in set(removed)]
+    if not kept:
+        raise CpOnnxError(f"cannot remove layers {sorted(set(removed))} of this {model.num_layers}-layer model: keep at least one")
     edit = Edit.layers(kept) if removed else Edit()
     return edit.with_heads(chosen) if chosen else edit

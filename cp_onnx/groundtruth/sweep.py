@@ -103,7 +103,7 @@ def sweep(model: ModelFolder, edits: Sequence[Edit] | None = None, items: Sequen
             "`cp-onnx export SOURCE --with-past` makes the sweep about 2.5x faster")
     executor = executor or make_executor(workers=workers)
     graph = model.with_past_path if cached else model.onnx_path
-    for count, (edit, row) in enumerate(_evaluate_all(graph, plan, todo, mode, executor, threads), 1):
+    for count, (edit, row) in enumerate(_evaluate_all(graph, plan, todo, mode, executor, threads, operation), 1):
         append_row(Path(out), row)
         done[edit] = row
         if progress:
@@ -130,13 +130,13 @@ def _checked_edits(edits: Iterable[Edit], num_layers: int) -> list[Edit]:
     return checked
 
 
-def _evaluate_all(onnx_path: Path, plan: ProbePlan, edits: list[Edit], mode: str, executor: Executor, threads: int | None):
+def _evaluate_all(onnx_path: Path, plan: ProbePlan, edits: list[Edit], mode: str, executor: Executor, threads: int | None, operation: str):
     """(edit, row) for every edit, in order, from the executor's workers (this process by default)."""
     if not edits:
         return
     threads = threads or executor.threads_per_task or default_threads()
     try:
-        yield from executor.map(_run_edit, edits, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads))
+        yield from executor.map(_run_edit, edits, initializer=_start_worker, initargs=(mode, onnx_path, plan, threads, operation))
     finally:
         _WORKER.clear()  # in-process: the sessions and kept layer outputs go with the sweep
 
@@ -144,8 +144,9 @@ def _evaluate_all(onnx_path: Path, plan: ProbePlan, edits: list[Edit], mode: str
 _WORKER: dict = {}
 
 
-def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int) -> None:
+def _start_worker(mode: str, onnx_path: Path, plan: ProbePlan, threads: int, operation: str) -> None:
     _WORKER["evaluator"] = EVALUATORS[mode](onnx_path, plan, threads)
+    _WORKER["operation"] = operation  # what the sweep does to its blocks: every row says it, the baseline's too
 
 
 def _run_edit(edit: Edit) -> tuple[Edit, dict]:
@@ -154,7 +155,7 @@ def _run_edit(edit: Edit) -> tuple[Edit, dict]:
     path = edit.path(evaluator.num_layers)
     metrics = evaluator.evaluate(path)
     start, end = edit.block or (None, None)
-    row = {"start": start, "end": end, "operation": edit.kind if edit.block else "duplicate", "edit": edit.format(), "path": format_path(path),
+    row = {"start": start, "end": end, "operation": _WORKER["operation"], "edit": edit.format(), "path": format_path(path),
            **metrics, "seconds": round(time.perf_counter() - began, 3)}
     return edit, json_ready(row)
 

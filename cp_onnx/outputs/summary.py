@@ -63,17 +63,16 @@ RANKINGS_NOTE = "the rankings below order blocks by each method's score; they ar
 
 
 def regime_lines(found: dict[str, dict]) -> list[str]:
-    """What each decision is for: the prompting, and how many units it was decided on (a race may stop early)."""
+    """What each decision is for (the prompting), how many units it rests on (a race may stop early), and its work."""
     lines = []
     for regime, prediction in found.items():
         race = prediction.get("race") if isinstance(prediction.get("race"), dict) else {}
         used, of = race.get("units_used"), race.get("units")
-        decided = f"; decided on {used} of {of} {unit_word(prediction)}s" if isinstance(used, int) and isinstance(of, int) and used < of else ""
+        facts = [f"decided on {used} of {of} {unit_word(prediction)}s"] if isinstance(used, int) and isinstance(of, int) else []
         work = prediction.get("work") if isinstance(prediction.get("work"), dict) else {}
-        share = (f"; {work['layer_tokens'] / work['exhaustive_layer_tokens']:.0%} of the exhaustive computation's work"
-                 if isinstance(work.get("layer_tokens"), int) and work.get("exhaustive_layer_tokens") else "")
-        if prediction.get("prompting"):
-            lines.append(f"the {label(regime)} decision is for {prediction['prompting']}{decided}{share}")
+        if isinstance(work.get("layer_tokens"), int) and work.get("exhaustive_layer_tokens"):
+            facts.append(f"{work['layer_tokens'] / work['exhaustive_layer_tokens']:.0%} of the exhaustive computation's work")
+        lines.append(f"{prediction.get('prompting') or label(regime)}: {', '.join(facts)}" if facts else prediction.get("prompting") or label(regime))
     return lines
 
 
