@@ -46,7 +46,8 @@ from cp_onnx.groundtruth.validate import best_block, split_rows
 from cp_onnx.models.generate import CachedDecoder, generation_runner
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner
-from cp_onnx.outputs.pruned_folder import prune_folder
+from cp_onnx.models.apply import prune_folder
+from graph_passes.edit import Edit
 from graph_passes.layer_path import format_path
 
 METRIC = "answer_logprob"
@@ -200,7 +201,8 @@ def main() -> None:
         choices = {m: list(found.choices[m][n].layers) for m in prune.METHODS}
         if best:
             choices["sweep_best"] = list(range(*best))
-        folder = prune_folder(model, Path(written.name) / f"layers{n}", layers=choices[prune.DEFAULT], log=lambda _: None)
+        kept = [l for l in range(model.num_layers) if l not in set(choices[prune.DEFAULT])]
+        folder = prune_folder(model, Edit.layers(kept), Path(written.name) / f"layers{n}", log=lambda _: None)
         timing = speed(original, folder, threads=args.threads, rounds=args.rounds, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
         size = folder_bytes(folder) / folder_bytes(original)
         for method, layers in choices.items():
@@ -210,7 +212,7 @@ def main() -> None:
         shutil.rmtree(folder)  # a pruned Gemma is ~3 GB with both graphs: keep one on disk at a time
         for method, scores in head_scores.items():
             chosen = head_pruning.choose_heads(scores, head_counts[fraction])
-            folder = prune_folder(model, Path(written.name) / f"heads_{method}_{head_counts[fraction]}", heads=chosen, log=lambda _: None)
+            folder = prune_folder(model, Edit.heads(chosen), Path(written.name) / f"heads_{method}_{head_counts[fraction]}", log=lambda _: None)
             row = quality.folder(folder)
             trade.append({"what": "heads", "fraction": fraction, "count": head_counts[fraction], "method": method,
                           "removed": {str(l): hs for l, hs in chosen.items()}, "metrics": row, "cost": cost(row, baseline),
@@ -239,7 +241,7 @@ def speed_only(args: argparse.Namespace) -> None:
     start, end = (int(x) for x in args.speed_only.split(":"))
     original = Path(model.path)
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as scratch:
-        folder = prune_folder(model, Path(scratch) / "pruned", layers=list(range(start, end)), log=lambda _: None)
+        folder = prune_folder(model, Edit.skip(start, end), Path(scratch) / "pruned", log=lambda _: None)
         timing = speed(original, folder, threads=args.threads, rounds=args.rounds, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
         size = folder_bytes(folder) / folder_bytes(original)
     load.append(say_load("end"))

@@ -72,7 +72,7 @@ def run(model, texts: list[str], kinds: list[str], general: list[str], questions
     """One prediction: few-shot on ``texts``, or zero-shot on ``questions`` (the texts then only price the cost side)."""
     regime = ZERO_SHOT if questions else FEW_SHOT
     with Stopwatch() as clock:
-        prediction = predict(model, texts, general, kinds=kinds, regime=regime, questions=questions)
+        prediction = predict(model, texts, general, kinds=kinds, regimes=(regime,), questions=questions)[regime]
     return {"texts": len(questions) if questions else len(texts), "decision": prediction.decision, "reason": prediction.reason, "seconds": clock.wall,
             "ranking": [[b.start, b.end] for b in prediction.blocks], "scores": [b.score for b in prediction.blocks],
             "report": prediction.as_dict()}

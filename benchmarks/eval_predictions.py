@@ -36,7 +36,7 @@ import numpy as np
 from bench_common import RESULTS, Stopwatch, say_load, write_results
 
 from cp_onnx.analysis.predict import METHOD
-from cp_onnx.analysis.report import build_report, read_report
+from cp_onnx.analysis.report import read_report
 from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.analyze import Settings, analyze
 from cp_onnx.groundtruth import probes
@@ -76,15 +76,16 @@ def noise_level(sweeps: list[list[dict]], metric: str = METRIC) -> float:
     return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))))
 
 
-def judge(report: dict, rows: list[dict], noise: float | None) -> dict:
-    """Per method: hits, realised gain, per-kind gains, general cost, decision and whether it was right."""
-    top1, top3 = (validate(report, rows, top_k=k, metrics=[METRIC]) for k in (1, 3))
+def judge(report: dict, rows: list[dict], noise: float | None, regime: str) -> dict:
+    """Per method: hits, realised gain, per-kind gains, general cost, decision and whether it was right (the default
+    method's ranking and decision for ``regime``)."""
+    top1, top3 = (validate(report, rows, top_k=k, metrics=[METRIC], regime=regime) for k in (1, 3))
     best = top1["best"][METRIC]
     some_help = None if noise is None else best["gain"] > noise
     judged = {}
     for method in report["methods"]:
         one, three = top1["methods"][method][METRIC], top3["methods"][method][METRIC]
-        decision = report["prediction"]["decision"] if method == METHOD else "help"
+        decision = report["predictions"][regime]["decision"] if method == METHOD else "help"
         helps = None if noise is None else one["top1"]["gain"] > noise
         judged[method] = {
             "top1": [one["top1"]["start"], one["top1"]["end"]],
@@ -118,7 +119,7 @@ def naive_sweep_seconds(model, num_layers: int, count: int, seed: int = 0) -> di
 def markdown(name: str, command: str, result: dict) -> str:
     judged, best = result["judged"], result["judged"]["best"]
     seeds = "mean of two suite seeds" if judged["noise"] is not None else "one suite seed"
-    regime = result["prediction"].get("regime", "few_shot")
+    regime = result["prediction"]["regime"]
     lines = [f"# Predictions on {name} against the sweep (answer log-probability, {seeds}, {regime})", "",
              "Made by:", "", f"    {command}", "",
              f"Best block [{best['start']}, {best['end']}): mean gain {best['gain']:+.4f} nats/item, general-text cost "
@@ -176,12 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     model = open_model(args.model)
     if args.report:  # an analysis made earlier (e.g. beside the sweeps): its own recorded total time stands for the wall time
         report = read_report(Path(args.report))
-        if report.get("prediction", {}).get("regime") != args.regime:
+        if args.regime not in (report.get("predictions") or {}):
             sys.exit(f"{args.report} holds no {args.regime} prediction; analyze with --regime {args.regime.split('_')[0]}")
         analysis_s = report["timings"]["total_s"]
     else:
         with Stopwatch() as clock:
-            report = build_report(analyze(model, Settings(n=args.n, regime=args.regime), log=lambda _: None))
+            report = analyze(model, Settings(n=args.n, regimes=(args.regime,)), log=lambda _: None)
         analysis_s = clock.wall
     sweeps = []
     for path in args.sweeps:
@@ -194,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep_s = float(np.mean([sum(r["seconds"] for r in rows) for rows in sweeps]))
     if len(sweeps) > 2:
         sys.exit("give one or two sweep files (two suite seeds measure the noise)")
-    judged = judge(report, mean_rows(sweeps), noise_level(sweeps) if len(sweeps) == 2 else None)
+    judged = judge(report, mean_rows(sweeps), noise_level(sweeps) if len(sweeps) == 2 else None, args.regime)
     command = "python benchmarks/eval_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"name": args.name, "command": command, "analysis_s": analysis_s, "sweep_s": sweep_s, "speedup": sweep_s / analysis_s,
-              "timings": report["timings"], "prediction": report["prediction"], "prediction_line": decision_line(report),
+              "timings": report["timings"], "prediction": report["predictions"][args.regime],
+              "prediction_line": decision_line(report["predictions"][args.regime], args.regime),
               "judged": judged, "load_average": {"start": load, "end": say_load("end")}}
     if args.naive:
         result["naive"] = naive_sweep_seconds(model, report["model"]["num_layers"], args.naive)

@@ -81,7 +81,7 @@ def main() -> None:
         for name, mark in token_sets(Runner(model.onnx_path)).items():
             predict_module.numeric_tokens = mark  # the one place predict picks the scored tokens
             with Stopwatch() as clock:
-                found = predict_module.predict(model, texts, general, kinds=kinds, screen=False)
+                found = predict_module.predict(model, texts, general, kinds=kinds, regimes=("few_shot",), screen=False)["few_shot"]
             blocks = [b for b in found.blocks if (b.start, b.end) in truth]
             top = found.blocks[0]
             results.append({"tokens": name, "scored": found.texts["digit_tokens"], "texts_scored": found.texts["with_numbers"],

@@ -27,7 +27,7 @@ def run(model, language: str, n: int, regime: str = FEW_SHOT) -> dict:
     general = load_calibration("general", n=min(n, 10) if regime == ZERO_SHOT else n)
     with Stopwatch() as clock:
         result = predict(model, load_calibration("reasoning", n=10 if regime == ZERO_SHOT else n, language=language), general,
-                         regime=regime, questions=questions)
+                         regimes=(regime,), questions=questions)[regime]
     top = result.blocks[0]
     scored = result.texts.get("questions") if regime == ZERO_SHOT else result.texts["digit_tokens"]
     return {"language": language, "n": n, "regime": regime, "digit_tokens": scored, "decision": result.decision,

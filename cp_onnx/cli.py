@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", type=_int_list, default=(3, 4, 5), help="candidate block sizes (default 3,4,5)")
     p.add_argument("--no-screen", dest="screen", action="store_false",
                    help="the exhaustive computation: every candidate block on every calibration unit (by default blocks race: the "
-                        "middle size first, then the leaders' neighbours, zero-shot questions in looks of 8, 16, 32, 64 and all, "
+                        "middle size first, then the leaders' neighbours, zero-shot questions in looks of 8, 16, 24, 32, 48, 64 and all, "
                         "dropping blocks clearly worse than the leader; the same decisions for 10-20%% of the work)")
     p.add_argument("--regime", default="zero,few",
                    help="the prompting regimes the default prediction decides for: zero (each calibration text that states an "

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cp_onnx.analysis import report as report_mod
+from cp_onnx.files import write_json
 from cp_onnx.cli import main
-from cp_onnx.outputs.decision import NO_PREDICTION, decision_line
+from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, decision_lines
 from test_embed import tiny_folder, tiny_report
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
@@ -49,27 +49,31 @@ def run_reader(reader: Path, *args) -> subprocess.CompletedProcess:
 
 def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
     folder = tiny_folder(tiny_model, "qwen2", tmp_path / "qwen2")
-    path = report_mod.write_json(tiny_report(folder), tmp_path / "report.json")
+    path = write_json(tiny_report(folder), tmp_path / "report.json")
     for top in (5, 2):
         done = run_reader(reader, path, top)
         assert done.returncode == 0, done.stderr
         expected = cli_text(path, top, capsys)
         assert done.stdout == expected
         assert expected.count("\n  1 [") == 5  # a first-ranked block for the default method and the paper's four
-        assert expected.splitlines()[0] == decision_line(json.loads(path.read_text()))  # the answer first
-        assert expected.splitlines()[3] in ("prediction abstain", *(f"prediction help {s}:{e}" for s in range(3) for e in range(s + 1, 4)))
-        first = json.loads(path.read_text())["prediction"]["kinds"]["blocks"][0]  # the decided block per kind of text
-        lines = expected.splitlines()[4:5 + len(first["by_kind"])]
-        assert lines[0] == f"kinds {first['start']}:{first['end']}" and first["by_kind"]
-        assert [line.rsplit(" kind ", 1)[1] for line in lines[1:]] == list(first["by_kind"])
+        lines = expected.splitlines()
+        assert lines[:2] == decision_lines(json.loads(path.read_text()))  # the answers first: zero-shot, few-shot
+        at = 4
+        for regime in ("zero_shot", "few_shot"):  # each regime's decision, then its decided block per kind
+            assert lines[at] in (f"prediction {regime} abstain", *(f"prediction {regime} help {s}:{e}" for s in range(3) for e in range(s + 1, 4)))
+            first = json.loads(path.read_text())["predictions"][regime]["kinds"]["blocks"][0]
+            kinds = lines[at + 1 : at + 2 + len(first["by_kind"])]
+            assert kinds[0] == f"kinds {first['start']}:{first['end']}" and first["by_kind"]
+            assert [line.rsplit(" kind ", 1)[1] for line in kinds[1:]] == list(first["by_kind"])
+            at += 2 + len(first["by_kind"])
 
 
 def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
     """Every branch of the decision line: help and abstain with their figures, trimmed and older predictions, a line
     break in a hand-edited reason, null costs, a one-layer block, a missing confidence, a zero-shot gain per question."""
-    from test_decision import ABSTAIN, HELP
+    from test_decision import ABSTAIN, HELP, ZERO
 
-    base = {"format": "cp-onnx-report", "version": 1, "model": {"name": "toy", "num_layers": 30}, "methods": {}, "layers": []}
+    base = {"format": "cp-onnx-report", "version": 2, "model": {"name": "toy", "num_layers": 30}, "methods": {}, "layers": []}
     no_cost = {**ABSTAIN, "candidates": [{**ABSTAIN["candidates"][0], "metrics": {"gain_lower_bound": -0.1, "general_nll_change": None}}]}
     predictions = [HELP, ABSTAIN, no_cost, {**HELP, "block": {"start": 4, "end": 5}, "confidence": None, "metric": ""},
                    {**ABSTAIN, "reason": "two\nlines\r", "method": None, "candidates": []},
@@ -78,14 +82,17 @@ def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
                    {**ABSTAIN, "regime": "zero_shot", "gain_per": "question"}, {**HELP, "gain_per": ""}]
     path = tmp_path / "report.json"
     for prediction in predictions:
-        path.write_text(json.dumps({**base, "prediction": prediction}))
-        done = run_reader(reader, path)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines()[0] == decision_line({"prediction": prediction}), prediction
+        for regime in ("zero_shot", "few_shot"):
+            path.write_text(json.dumps({**base, "predictions": {regime: prediction}}))
+            done = run_reader(reader, path)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.splitlines()[0] == decision_line(prediction, regime), prediction
+    path.write_text(json.dumps({**base, "predictions": {"few_shot": ABSTAIN, "zero_shot": ZERO}}))  # both, zero-shot first
+    assert run_reader(reader, path).stdout.splitlines()[:2] == [decision_line(ZERO, "zero_shot"), decision_line(ABSTAIN, "few_shot")]
 
 
 def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
-    data = {"format": "cp-onnx-report", "version": 1, "model": {"name": "toy", "num_layers": 4},
+    data = {"format": "cp-onnx-report", "version": 2, "model": {"name": "toy", "num_layers": 4},
             "methods": {"boundary": {"blocks": [{"start": 0, "end": 3, "score": None, "metrics": {}}]}},
             "layers": [{"layer": 0, "norm_growth": None}, {"layer": 1, "norm_growth": 2}]}
     path = tmp_path / "toy.json"
@@ -93,17 +100,17 @@ def test_cpp_null_scores_and_bad_input(reader, tmp_path, capsys):
     done = run_reader(reader, path)
     assert done.stdout == NO_PREDICTION + "\nmodel toy\nlayers 4\nmethod boundary\n  1 [0, 3) 0.0-75.0% score n/a\nper-layer statistics\n  layer 0 norm_growth=n/a\n  layer 1 norm_growth=2\n"
 
-    helped = {**data, "prediction": {"decision": "help", "block": {"start": 1, "end": 3}}}
+    helped = {**data, "predictions": {"few_shot": {"decision": "help", "block": {"start": 1, "end": 3}}}}
     path.write_text(json.dumps(helped))
-    assert run_reader(reader, path).stdout.splitlines()[3] == "prediction help 1:3" == cli_text(path, 5, capsys).splitlines()[3]
-    path.write_text(json.dumps({**data, "prediction": {"decision": "abstain", "block": None}}))
-    assert run_reader(reader, path).stdout.splitlines()[3] == "prediction abstain"
+    assert run_reader(reader, path).stdout.splitlines()[3] == "prediction few_shot help 1:3" == cli_text(path, 5, capsys).splitlines()[3]
+    path.write_text(json.dumps({**data, "predictions": {"zero_shot": {"decision": "abstain", "block": None}}}))
+    assert run_reader(reader, path).stdout.splitlines()[3] == "prediction zero_shot abstain"
 
     # Per-kind lines: a block without figures skipped, a null gain and bounds, a kind holding a line break.
     kinds = {"blocks": [{"start": 0, "end": 2, "by_kind": {}},
                         {"start": 1, "end": 3, "by_kind": {"arithmetic": {"texts": 9, "with_numbers": 8, "gain": 0.25, "lower": 0.01, "upper": 0.5, "verdict": "helps"},
                                                            "your\ntexts": {"texts": 2, "with_numbers": 0, "gain": None, "lower": None, "upper": None, "verdict": "unclear"}}}]}
-    path.write_text(json.dumps({**data, "prediction": {"decision": "help", "block": {"start": 1, "end": 3}, "kinds": kinds}}))
+    path.write_text(json.dumps({**data, "predictions": {"few_shot": {"decision": "help", "block": {"start": 1, "end": 3}, "kinds": kinds}}}))
     assert run_reader(reader, path).stdout.splitlines()[4:7] == cli_text(path, 5, capsys).splitlines()[4:7] == [
         "kinds 1:3", "  helps gain 0.25 bounds 0.01 0.5 texts 9 numbers 8 kind arithmetic", "  unclear gain n/a bounds n/a n/a texts 2 numbers 0 kind your texts"]
 

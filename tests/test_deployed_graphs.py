@@ -258,14 +258,16 @@ def test_applied_fp32_build_generates_as_torch_and_as_genai(deployed, applied, f
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int4_build_is_analysed_predicted_applied_and_generates(deployed, applied, family):
     from cp_onnx.analysis.predict import predict
-    from cp_onnx.calibration import load_calibration
+    from cp_onnx.calibration import load_calibration, load_questions
 
     source = open_model(deployed(family)["int4"])
     stats = collect_statistics(ActivationReader(source), source.encode(TEXTS)[0], batch_size=2)
     assert all(np.isfinite(values).all() for name, values in stats.items() if name != "attention_entropy")
-    prediction = predict(source, load_calibration(None, n=10), load_calibration("general", n=4), block_sizes=(1, 2), max_length=48)
-    assert prediction.decision in ("help", "abstain") and len(prediction.blocks) == 5  # blocks of sizes 1 and 2 of 3 layers
-    assert all(np.isfinite(block.score) for block in prediction.blocks)
+    found = predict(source, load_calibration(None, n=10), load_calibration("general", n=4), questions=load_questions(None)[:16],
+                    block_sizes=(1, 2), max_length=48)
+    for prediction in found.values():  # both regimes
+            assert prediction.decision in ("help", "abstain") and len(prediction.blocks) == 5  # blocks of sizes 1 and 2 of 3 layers
+        assert all(np.isfinite(block.score) for block in prediction.blocks)
     folder = open_model(applied(family, "int4"))
     prompt = folder.encode(["The capital of"])[0][0]
     cached = generate_ids(folder, prompt, 10, log=quiet)

@@ -15,6 +15,7 @@ import pytest
 from cp_onnx.analysis import report as report_mod
 from cp_onnx.analysis.circuit import build_circuit_graph, write_circuit
 from cp_onnx.cli import main
+from cp_onnx.files import write_json
 from cp_onnx.outputs.decision import NO_PREDICTION
 from cp_onnx.outputs.embed import PREFIX, format_text
 from test_embed import tiny_folder
@@ -47,7 +48,7 @@ def hostile(tiny_model, tmp_path_factory) -> tuple[Path, dict, Path]:
     data["methods"][METHOD] = data["methods"]["stability"]
     for row in data["layers"]:
         row[STATISTIC] = 0.5
-    return report_mod.write_json(data, root / "report.json"), data, folder
+    return write_json(data, root / "report.json"), data, folder
 
 
 class Page(HTMLParser):

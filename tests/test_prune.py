@@ -228,11 +228,13 @@ def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, ca
 @pytest.mark.slow
 def test_smollm2_pruned_matches_torch_and_zero_ablation_and_generates(smollm2_dir, smollm2_torch, tmp_path):
     """20% of SmolLM2's layers and heads of two layers (one whole key/value group, one split) gone from the written model."""
-    from cp_onnx.outputs.pruned_folder import prune_folder
+    from cp_onnx.models.apply import prune_folder
+    from graph_passes.edit import Edit
 
     model = open_model(smollm2_dir)
     layers, heads = [3, 4, 5, 6, 7, 17], {12: [0, 1, 2], 20: [1, 5, 7]}
-    out = prune_folder(model, tmp_path / "pruned", layers=layers, heads=heads, log=quiet)
+    edit = Edit.layers([l for l in range(30) if l not in layers]).with_heads(heads)
+    out = prune_folder(model, edit, tmp_path / "pruned", log=quiet)
     # The file shrinks by the removed layers' float32 weights and the removed heads' slices of q and o (and of k
     # and v where a whole key/value group goes: layer 12's heads 0-2 are its group 0), counted from torch.
     config = smollm2_torch.config

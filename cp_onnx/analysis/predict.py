@@ -14,7 +14,7 @@ and loses few-shot), so each regime gets its own decision, bound and reason.
 
 Both regimes share one evaluator (the base model's layer outputs are kept; a block reruns only what
 follows its departure from the base model) and race their blocks over their units (cp_onnx/analysis/racing.py):
-zero-shot questions in looks of 8, 16, 32, 64 and all, dropping blocks clearly worse than the leader;
+zero-shot questions in looks of 8, 16, 24, 32, 48, 64 and all, dropping blocks clearly worse than the leader;
 few-shot has too few texts to race (one look: the middle block size first, then its leaders' neighbours).
 ``screen=False`` is the exhaustive computation: every block on every unit.
 A block is predicted to help only when a lower bound on its gain is above zero and at least MIN_TEXTS units
@@ -73,12 +73,12 @@ MEASURES = {
     FEW_SHOT: Measure("few-shot (calibration texts as written: worked problems in running prose)",
                       "answer log-probability (digit tokens)", "digit token", "texts"),
 }
-# The race per regime. Zero-shot: looks double from 8 questions; after each the blocks still racing are capped,
-# so the work is bounded where nothing separates them. Measured against the exhaustive computation on three
-# models (benchmarks/results/race_agreement.md): the same decisions and top blocks for 10-20% of its work.
+# The race per regime. Zero-shot: a look every 8 questions, then every 16; after each the blocks still racing are
+# capped (12, 8, 5, then 3), so the work is bounded where nothing separates them. Measured against the exhaustive
+# computation on three models (benchmarks/results/race_agreement.md): the same decisions and top blocks.
 # Few-shot: ten texts are too few to race; one look is the screen used before the race.
 SCHEDULES = {
-    ZERO_SHOT: racing.Schedule(looks=(8, 16, 32, 64, None), caps=(12, 8, 5, 3), alpha=0.001, early=True),
+    ZERO_SHOT: racing.Schedule(looks=(8, 16, 24, 32, 48, 64, None), caps=(12, 8, 5, 3), alpha=0.001, early=True),
     FEW_SHOT: racing.Schedule(looks=(None,)),
 }
 EXHAUSTIVE = racing.Schedule(looks=(None,))

@@ -87,6 +87,7 @@ def reading_schema(complete: bool = False) -> dict:
     if not complete:
         checked["required"] = ["format", "version", "model", "layers", "methods"]
         checked["properties"]["model"]["required"] = ["name", "num_layers"]
+        checked["properties"]["predictions"]["additionalProperties"]["required"] = ["decision"]
     return checked
 
 
