@@ -24,7 +24,7 @@ def format_summary(report: dict, top: int = 5) -> str:
         for extra in (greedy_line(prediction, regime), kinds_line(prediction, regime)):
             if extra:
                 lines += [_wrap(extra), ""]
-    asked = f", {calibration['questions']} of them asked zero-shot" if calibration.get("questions") else ""
+    asked = f" and {calibration['questions']} calibration questions" if calibration.get("questions") else ""
     lines += [f"{report['model']['name']}: {n} layers, {calibration.get('n', '?')} calibration texts ({calibration.get('tokens', '?')} tokens){asked}",
               *regime_lines(found), RANKINGS_NOTE]
     for regime, prediction in found.items():
