@@ -1,4 +1,5 @@
-"""JSON files from elsewhere (reports, sweeps, manifests) checked against a schema before any field is used.
+"""JSON and TOML files from elsewhere (reports, sweeps, manifests, calibration lines, batch manifests): parsed
+after their nesting is bounded (cp_onnx.nesting), then checked against a schema before any field is used.
 
 A report is read by the summary, the text form, the HTML page, embed and validate; each indexes it
 freely, so a hand-edited or hostile file would otherwise end in a KeyError or TypeError traceback.
@@ -15,7 +16,9 @@ import math
 import re
 from pathlib import Path
 
+from cp_onnx import inputs, nesting
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.inputs import MAX_NESTING
 
 _TYPES = {
     "object": lambda v: isinstance(v, dict),
@@ -29,16 +32,43 @@ _TYPES = {
 }
 
 
-def parse_json(text: str | bytes, path: Path, hint: str):
-    """The JSON value of ``text`` (a file's contents), or a one-line error ending in ``hint``."""
+def parse_json(text: str | bytes, path: Path | str, hint: str):
+    """The JSON value of ``text`` (a file's contents, or one line of it), or a one-line error ending in ``hint``.
+
+    Bytes are decoded as json.loads would (UTF-8, -16 or -32); the nesting is bounded before the parser recurses."""
+    too_deep = f"{path} nests JSON too deeply (more than {MAX_NESTING} levels) to be a cp-onnx input; {hint}"
     try:
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode(json.detect_encoding(text), "surrogatepass")
+        if nesting.json_depth(text) > MAX_NESTING:
+            raise CpOnnxError(too_deep)
         return json.loads(text)
-    except RecursionError:
-        raise CpOnnxError(f"{path} nests JSON too deeply to be a cp-onnx file; {hint}") from None
+    except RecursionError:  # the scan above is the guard; this is its backstop
+        raise CpOnnxError(too_deep) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CpOnnxError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}); {hint}") from None
     except ValueError as exc:  # numbers with more digits than Python converts
         raise CpOnnxError(f"{path} is not valid JSON ({exc}); {hint}") from None
+
+
+def read_json(path: Path, what: str, hint: str, *, cap_mb: float | None = inputs.MAX_JSON_MB):
+    """The JSON value in the file ``path`` (at most ``cap_mb``, None: the file limit), or a one-line error ending
+    in ``hint`` (FileNotFoundError passes through for the caller's hint)."""
+    return parse_json(inputs.read_text(path, what, cap_mb=cap_mb), path, hint)
+
+
+def parse_toml(text: str, path: Path, hint: str) -> dict:
+    """The TOML table of ``text``, its nesting bounded first, or a one-line error ending in ``hint``."""
+    import tomllib  # Python 3.11; callers say what to do on 3.10
+
+    if nesting.toml_depth(text) > MAX_NESTING:
+        raise CpOnnxError(f"{path} nests tables, arrays or dotted keys more than {MAX_NESTING} deep; {hint}")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CpOnnxError(f"{path} is not valid TOML ({exc}); {hint}") from None
+    except RecursionError:  # the bound above is the guard; this is its backstop
+        raise CpOnnxError(f"{path} nests TOML too deeply; {hint}") from None
 
 
 def check(value, schema: dict, where: str, hint: str, *, root: dict | None = None, at: str = "") -> None:

@@ -52,7 +52,7 @@ def load_config(model_dir: Path):
 
     try:
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # a damaged config.json raises any type inside transformers
         raise ExportError(f"transformers cannot read {Path(model_dir) / 'config.json'} ({first_line(err)}); is it a supported model?") from err
 
 

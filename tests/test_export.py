@@ -397,8 +397,13 @@ def test_manifest_round_trip_and_errors(tmp_path):
     with pytest.raises(ExportError, match="model.onnx.*missing"):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text('{"format": "cp-onnx-model/1", ')
-    with pytest.raises(ExportError, match="unreadable"):
+    with pytest.raises(ExportError, match="is not valid JSON"):
         read_manifest(tmp_path)
+    for hostile, found in (("[" * 100_000, "nests JSON too deeply"), ('{"format": "cp-onnx-model/1", "onnx": [1]}', "onnx should be object"),
+                           ('{"format": "cp-onnx-model/1", "onnx": {"model": "../../x.onnx"}}', None)):
+        (tmp_path / MANIFEST_NAME).write_text(hostile)  # each a one-line error, not a RecursionError or AttributeError
+        with pytest.raises(ExportError, match=found or "lacks"):
+            read_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text('{"format": "something-else"}')
     with pytest.raises(ExportError, match="not a cp-onnx-model/1 manifest"):
         read_manifest(tmp_path)

@@ -120,7 +120,7 @@ def read_report(path: Path, *, complete: bool = False) -> dict:
     path = Path(path)
     hint = "give a report.json written by `cp-onnx analyze`"
     try:
-        data = shapes.parse_json(inputs.read_text(path, "report"), path, hint)
+        data = shapes.read_json(path, "report", hint)
     except FileNotFoundError as exc:
         raise CpOnnxError(f"{path} does not exist; run `cp-onnx analyze --out DIR` to make a report") from exc
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:

@@ -101,7 +101,7 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         return {}
-    manifest = shapes.parse_json(inputs.read_text(path, "manifest"), path, "re-export the model")
+    manifest = shapes.read_json(path, "manifest", "re-export the model")
     if not isinstance(manifest, dict):
         raise CpOnnxError(f"{path} is not a cp-onnx manifest; re-export the model")
     shapes.check(manifest, MANIFEST_SCHEMA, str(path), "re-export the model")
