@@ -102,7 +102,10 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     questions = calibration.load_questions(settings.calibration, language=settings.language) if zero_shot else ()  # fails before any work
     reader = ActivationReader(model, threads=settings.threads)
     scores.candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
-    budget.check_batches(budget.model_shape(model, reader.layer_map), token_lists, settings.batch_size, patterns=reader.with_patterns)
+    shape = budget.model_shape(model, reader.layer_map)
+    budget.check_batches(shape, token_lists, settings.batch_size, patterns=reader.with_patterns)
+    if predict.METHOD in settings.methods:  # its batches from the real token counts; a zero-shot question is never cut
+        budget.check_prediction(model, shape, token_lists, questions, settings.max_length, calibration.load_calibration("general", n=settings.n))
     timings["load_and_rewrite_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

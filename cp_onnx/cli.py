@@ -205,7 +205,8 @@ def cmd_sweep(args) -> int:
     executor = executors.executor_from_args(args)
     try:
         rows = sweep(model, items=items, out=Path(args.out), sizes=args.skip or args.blocks or (3, 4, 5), all_blocks=args.all, threads=args.threads,
-                     batch_size=args.batch_size, executor=executor, operation=operation, regimes=regimes, progress=Progress("sweep configs"), log=log)
+                     batch_size=args.batch_size, item_limit=args.max_item_length, executor=executor, operation=operation, regimes=regimes,
+                     progress=Progress("sweep configs"), log=log)
     finally:
         executors.close(executor)
     for regime in regimes_of(rows):
@@ -452,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes, or Ray actors with --executor ray (default 1)")
     add_executor_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-item-length", type=int, default=None, metavar="N",
+                   help="tokens of a probe item with its shots, prompt and answer; a longer item is refused (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker (default: all cores)")
     p.set_defaults(func=cmd_sweep)
 

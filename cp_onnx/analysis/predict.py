@@ -186,7 +186,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
             if progress:
                 progress(len(found) + 1, total)
 
-    sizes = sorted(set(block_sizes))
+    sizes = sorted({end - start for start, end in candidates})  # the sizes that fit the model: the screen's middle one has blocks
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
     if progress:
         progress(0, len(first) + 1)

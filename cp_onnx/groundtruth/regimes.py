@@ -45,14 +45,14 @@ class RegimePlan:
     """
 
     def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, regimes: Sequence[str] = REGIMES,
-                 batch_size: int = 16, max_length: int = 256, share_prefixes: bool = False):
+                 batch_size: int = 16, max_length: int = 256, share_prefixes: bool = False, item_limit: int | None = None):
         regimes = [r for r in REGIMES if r in regimes]
         if "few_shot" in regimes and not any(item.shots for item in items):
             if regimes == ["few_shot"]:
                 raise CpOnnxError("no probe item has shots, so there is no few-shot regime; give items \"shots\" or choose --regimes zero")
             regimes.remove("few_shot")  # a suite without shots is zero-shot only
-        self.plans = {r: ProbePlan(asked(items, r), encode, batch_size=batch_size, share_prefixes=share_prefixes and r == "few_shot")
-                      for r in regimes}
+        self.plans = {r: ProbePlan(asked(items, r), encode, batch_size=batch_size, share_prefixes=share_prefixes and r == "few_shot",
+                                   item_limit=item_limit) for r in regimes}
         self.general = ProbePlan([], encode, general, batch_size=batch_size, max_length=max_length)
         parts = [*self.plans.values(), self.general]
         self.batches = [batch for plan in parts for batch in plan.batches]

@@ -28,6 +28,7 @@ import onnx
 
 import graph_passes
 from cp_onnx import inputs, shapes
+from cp_onnx.analysis import budget
 from cp_onnx.analysis.report import json_ready, file_sha256
 from cp_onnx.analysis.scores import candidate_blocks
 from cp_onnx.errors import CpOnnxError
@@ -98,7 +99,10 @@ class ReuseEvaluator:
 
     def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
         proto, weights = open_graph(onnx_path)
-        parts = segment(proto, graph_passes.discover(proto))
+        layer_map = graph_passes.discover(proto)
+        shape = budget.Shape(layer_map.num_layers, max(layer_map.hidden_size or 1, 1), max(layer_map.num_heads or 1, 1), 1)
+        budget.check_evaluator(shape, budget.batch_shapes(plan.batches), "the batches to evaluate")  # whoever planned them
+        parts = segment(proto, layer_map)
         del proto
         if not parts.past and any(batch.prefix for batch in plan.batches):
             raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")
@@ -250,7 +254,7 @@ EVALUATORS = {"reuse": ReuseEvaluator, "naive": NaiveEvaluator}
 def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Sequence[probes.ProbeItem] | None = None, *,
           out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
           sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
-          batch_size: int = 16, max_length: int = 256, threads: int | None = None,
+          batch_size: int = 16, max_length: int = 256, item_limit: int | None = None, threads: int | None = None,
           executor: Executor | None = None, operation: str = "duplicate", regimes: Sequence[str] = REGIMES,
           log: Callable[[str], None] = print) -> list[dict]:
     """Score the baseline and every config on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
@@ -265,16 +269,24 @@ def sweep(model: ModelFolder, configs: Sequence[Config] | None = None, items: Se
         raise CpOnnxError(f"unknown sweep mode {mode!r}; use one of {', '.join(MODES)}")
     if operation not in OPERATIONS:
         raise CpOnnxError(f"unknown sweep operation {operation!r}; use one of {', '.join(OPERATIONS)}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise CpOnnxError(f"workers must be a whole number >= 1, not {workers!r}")
+    item_limit = inputs.MAX_ITEM_TOKENS if item_limit is None else item_limit
+    for name, value in (("workers", workers), ("max_length", max_length), ("batch_size", batch_size), ("max item length", item_limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CpOnnxError(f"{name} must be a whole number >= 1, not {value!r}")
     items = probes.probe_suite(0) if items is None else list(items)
     if not items:
         raise CpOnnxError("the probe suite is empty; give at least one item")
     general = probes.general_texts() if general is None else general
     cached = mode == "reuse" and model.with_past_path is not None  # shared few-shot prefixes run once per config
     plan = RegimePlan(items, lambda text: model.encode([text])[0][0], general, regimes=regimes, batch_size=batch_size, max_length=max_length,
-                      share_prefixes=cached)
+                      share_prefixes=cached, item_limit=item_limit)
     num_layers = model.num_layers
+    shape = budget.model_shape(model)
+    if mode == "reuse":  # before the sweep file is created: a refused sweep leaves nothing behind
+        budget.check_evaluator(shape, budget.batch_shapes(plan.batches), "the sweep's batches")
+    else:  # the naive evaluator runs each batch through the whole model, all positions' logits included
+        rows, length = max(budget.batch_shapes(plan.batches), key=lambda b: b[0] * b[1])
+        budget.check_batches(shape, [range(length)] * rows, rows, patterns=False)
     configs = _checked_configs(block_configs(num_layers, sizes, all_blocks=all_blocks) if configs is None else configs, num_layers, operation)
     header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation, "regimes": plan.regimes,
               "model": {"name": model.name, "onnx_sha256": file_sha256(model.onnx_path), "num_layers": num_layers},
@@ -387,7 +399,9 @@ def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
         data = inputs.read_bytes(path, "sweep file")
     except FileNotFoundError:
         raise CpOnnxError(f"no sweep file at {path}; run `cp-onnx sweep --out {path}` first") from None
+    inputs.check_line_count(data.count(b"\n"), path, "sweep file")
     lines = data.split(b"\n")
+    inputs.check_lines(lines, path, "sweep file")  # a row is a few kB; each is parsed into objects many times its size
     complete, tail = lines[:-1], lines[-1]  # text after the last newline is a line cut short by a kill
     header = _parse(complete[0] if complete else b"", path, 1)
     if not isinstance(header, dict) or header.get("format") != SWEEP_FORMAT:
