@@ -33,6 +33,12 @@ MAX_JSON_MB = 16
 # A probe item's tokens with its shots, prompt and answer (`cp-onnx sweep --max-item-length`): the shipped items are under
 # 300 bytes; a longer item is refused as soon as it is tokenized, before its tokens are kept.
 MAX_ITEM_TOKENS = 2048
+# Options of one probe item (the shipped ones have 2 to 4): each is tokenized and matched against the item's other
+# sequences, work that grows with the square of their number (20,000 options of one 1 MB line took seconds; 90,000, minutes).
+MAX_PROBE_OPTIONS = 64
+# Characters of one added token of tokenizer.json (real ones are under 100): the tokenizers library builds its matcher
+# for them in time that grows with the square of a token's length.
+MAX_ADDED_TOKEN_CHARS = 1000
 # What str.splitlines() splits at: each is a line of its own for the line count.
 LINE_BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
 

@@ -5,7 +5,7 @@ A report is read by the summary, the text form, the HTML page, embed and validat
 freely, so a hand-edited or hostile file would otherwise end in a KeyError or TypeError traceback.
 The schema shipped for users (``data/report.schema.json``) is the one checked here, by this small
 subset of JSON Schema (type, const, enum, required, properties, additionalProperties, items,
-minItems, minimum, maximum, pattern, local $ref), so jsonschema is not needed at run time.
+minItems, minimum, maximum, minLength, maxLength, pattern, local $ref), so jsonschema is not needed at run time.
 
 "number" means a finite number: JSON has no NaN or Infinity, though Python's reader accepts them.
 """
@@ -32,19 +32,20 @@ _TYPES = {
 }
 
 
-def parse_json(text: str | bytes, path: Path | str, hint: str):
+def parse_json(text: str | bytes, path: Path | str, hint: str, *, scan: bool = True):
     """The JSON value of ``text`` (a file's contents, or one line of it), or a one-line error ending in ``hint``.
 
-    Bytes are decoded as json.loads would (UTF-8, -16 or -32); the nesting is bounded before the parser recurses."""
+    Bytes are decoded as json.loads would (UTF-8, -16 or -32); the nesting is bounded before the parser recurses (without
+    ``scan``, by json's own recursion limit alone: for a large file whose every reader stops deep nesting itself)."""
     too_deep = f"{path} nests JSON too deeply (more than {MAX_NESTING} levels) to be a cp-onnx input; {hint}"
     try:
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode(json.detect_encoding(text), "surrogatepass")
-        if nesting.json_depth(text) > MAX_NESTING:
+        if scan and nesting.json_depth(text) > MAX_NESTING:
             raise CpOnnxError(too_deep)
         return json.loads(text)
-    except RecursionError:  # the scan above is the guard; this is its backstop
-        raise CpOnnxError(too_deep) from None
+    except RecursionError:  # the scan above is the guard (or, without it, json's own limit)
+        raise CpOnnxError(f"{path} nests JSON too deeply to be read; {hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CpOnnxError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}); {hint}") from None
     except ValueError as exc:  # numbers with more digits than Python converts
@@ -94,6 +95,8 @@ def check(value, schema: dict, where: str, hint: str, *, root: dict | None = Non
             fail(f"should be at most {schema['maximum']}, not {_shown(value)}")
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
         fail(f"does not match {schema['pattern']}")
+    if isinstance(value, str) and not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+        fail(f"should be {schema.get('minLength', 0)} to {schema.get('maxLength', 'any number of')} characters long, not {len(value):,}")
     if isinstance(value, dict):
         missing = [key for key in schema.get("required", ()) if key not in value]
         if missing:

@@ -218,17 +218,19 @@ def test_the_prediction_memory_check_counts_every_batch_it_builds(folder, tmp_pa
 
     shape = Shape(3, 64, 4, 256)
     memory, disk = evaluator_bytes(shape, [(16, 510), (4, 510)])
-    # kept layer outputs, contexts (3 hidden floats and a mask row per token), one layer's work for 16 rows (x 1.5), the head
+    # kept layer outputs, contexts (3 hidden floats and a mask row per token), every layer's keys and values of the 16 rows,
+    # one layer's work for them (x 1.5), the head
     kept = 3 * 20 * 510 * 64 * 4
     contexts = 20 * 510 * (3 * 64 + 510) * 4
+    keys_values = 3 * 16 * 510 * 2 * 64 * 4
     working = 16 * 510 * (20 * 64 + 3 * 4 * 510) * 4 * 1.5
-    assert (memory, disk) == (kept + contexts + int(working) + 3 * 64 * 2**20, 0)
+    assert (memory, disk) == (kept + contexts + keys_values + int(working) + 3 * 64 * 2**20, 0)
 
     questions = _questions(tmp_path / "q.jsonl", "y" * 490, count=20)
     assert len("Question: ") + 490 + len("\nAnswer:") + len(" 4") == 510 and planned_batches([510] * 20) == [(16, 510), (4, 510)]
     texts = [len(f"Tom has {k} apples and buys 3 more.") for k in range(10)]  # -n 10 of them; the shipped general texts, cut at 600
     general = [min(len(text.encode()), 600) for text in load_calibration("general", n=10)]
-    need = evaluator_bytes(shape, [(16, 510), (4, 510)] + planned_batches(texts + general))[0]
+    need = evaluator_bytes(shape, [(16, 510), (4, 510)] + planned_batches(texts + general))[0] + 4 * 2000 * 20 * 8  # and the bootstrap's draws
     args = ["analyze", folder, "--calibration", questions, "--regime", "zero", "--max-length", "600", "--block-sizes", "1", "--out", tmp_path / "o"]
     monkeypatch.setenv("CP_ONNX_MEMORY_GB", str(need / 1e9 * 0.999))
     err = _one_line_error(capsys, args)
@@ -297,10 +299,28 @@ def test_json_documents_are_refused_past_their_size_limit(tmp_path):
 
 
 def test_tokenizer_json_nesting_is_bounded_by_its_parser(folder, tmp_path, capsys):
-    """tokenizer.json goes to the tokenizers library whole (serde_json, which stops at 128 levels): one line, no crash."""
+    """tokenizer.json is read by json (its added tokens checked), then by the tokenizers library (serde_json, which stops at
+    128 levels): without a scan of its 33 MB (Gemma), json's own recursion limit stops deep nesting, in one line."""
     deep = tmp_path / "deep"
     deep.mkdir()
     shutil.copy(folder / "model.onnx", deep / "model.onnx")
     (deep / "tokenizer.json").write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
     err = _one_line_error(capsys, ["analyze", deep, "--out", tmp_path / "o"])
-    assert err == f"cp-onnx: error: {deep / 'tokenizer.json'} is not a valid tokenizers file (Exception); re-export the model"
+    assert err == f"cp-onnx: error: {deep / 'tokenizer.json'} nests JSON too deeply to be read; re-export the model"
+    (deep / "tokenizer.json").write_text('{"model": ' + "[" * 200 + "]" * 200 + "}")  # within json's limit, past the library's
+    err = _one_line_error(capsys, ["analyze", deep, "--out", tmp_path / "o"])
+    assert err.startswith(f"cp-onnx: error: {deep / 'tokenizer.json'} is not a valid tokenizers file (Exception: recursion limit exceeded")
+
+
+def test_probe_items_of_too_many_options_are_refused(tmp_path):
+    """Each option is tokenized and matched against the item's other sequences: 90,000 options fit on one 1 MB line."""
+    from cp_onnx import inputs
+    from cp_onnx.groundtruth.probes import load_suite
+
+    options = [f" a{k}" for k in range(inputs.MAX_PROBE_OPTIONS + 1)]
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"kind": "comparison", "prompt": "Question: pick one\nAnswer:", "answer": options[0], "options": options}) + "\n")
+    with pytest.raises(CpOnnxError, match=rf"line 1 of .* has {inputs.MAX_PROBE_OPTIONS + 1} options, more than {inputs.MAX_PROBE_OPTIONS}"):
+        load_suite(suite)
+    suite.write_text(json.dumps({"kind": "comparison", "prompt": "Question: pick one\nAnswer:", "answer": options[0], "options": options[:-1]}) + "\n")
+    assert len(load_suite(suite)[0].options) == inputs.MAX_PROBE_OPTIONS
