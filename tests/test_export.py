@@ -388,6 +388,20 @@ def test_bad_sources(case, match, tiny, tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing half-written
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("config.json", "[" * 100_000 + "]" * 100_000, r"config.json nests JSON too deeply \(more than 64 levels\)"),  # transformers' json: a RecursionError
+    ("tokenizer_config.json", '{"x": "' + "y" * 17_000_000 + '"}', "the tokenizer_config.json .* is larger than 16 MB"),
+    ("tokenizer.json", "{" * 70 + "}" * 70, "tokenizer.json nests JSON too deeply"),
+])
+def test_hugging_face_folders_json_is_bounded_before_transformers_reads_it(tiny, tmp_path, name, text, message):
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny[0], folder)
+    (folder / name).write_text(text)
+    with pytest.raises(ExportError, match=message) as err:
+        export(folder, cache_dir=tmp_path / "cache", log=lambda line: None)
+    assert "\n" not in str(err.value)
+
+
 def test_bad_output_folders(tiny, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
