@@ -327,3 +327,22 @@ def test_tokenizers_found_by_fuzzing(base, tmp_path, capsys, change, outcome):
     else:
         assert code == 2 and err[-1].startswith(f"cp-onnx: error: {folder / 'tokenizer.json'}") and outcome in err[-1]
         assert not (tmp_path / "out").exists()
+
+
+def test_a_constant_declaring_more_than_it_holds_found_by_fuzzing(tmp_path):
+    """A Constant node's int64 value of shape [2**30] holding 8 bytes (an attribute's dims mutated): its declaration
+    (8.6 GB) is within the per-tensor limit, and ONNX shape inference's data propagation, which discovery runs,
+    materialised it: 5.5 GB resident before onnxruntime refused the graph (a kill on a smaller machine). Inline bytes
+    are now checked against the shape at every size, before discovery."""
+    from onnx import TensorProto, helper
+
+    from graph_passes.errors import GraphPassError
+    from graph_passes.mapped import load_mapped
+
+    value = TensorProto(name="c", data_type=TensorProto.INT64, dims=[1 << 30], raw_data=b"\0" * 8)
+    graph = helper.make_graph([helper.make_node("Constant", [], ["c"], name="shape", value=value),
+                               helper.make_node("Reshape", ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    with pytest.raises(GraphPassError, match=re.escape("Constant node 'shape' holds 8 bytes but its shape [1073741824] needs 8589934592")):
+        load_mapped(tmp_path / "model.onnx")
