@@ -34,7 +34,7 @@ from typing import Callable
 
 from cp_onnx import analyze, calibration, inputs, shapes
 from cp_onnx.analysis.report import build_report, file_sha256, read_report, write_json
-from cp_onnx.errors import CpOnnxError
+from cp_onnx.errors import CpOnnxError, one_line
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.files import write_text
 from cp_onnx.groundtruth.regimes import SHORT, parse_regimes, regimes_of
@@ -183,7 +183,7 @@ def run_model(job: ModelJob) -> dict:
         from graph_passes.errors import GraphPassError
 
         known = isinstance(exc, (CpOnnxError, ExportError, GraphPassError))
-        result.update(status="failed", error=str(exc) if known else f"{type(exc).__name__}: {exc}")
+        result.update(status="failed", error=one_line(str(exc) if known else f"{type(exc).__name__}: {exc}"))
     result.update(seconds=round(time.perf_counter() - began, 3), notes=notes)
     return result
 

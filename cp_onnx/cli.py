@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cp_onnx.errors import CpOnnxError
+from cp_onnx.errors import CpOnnxError, one_line
 
 EXIT_USAGE = 2
 REGIME_NAMES = {"zero": "zero_shot", "few": "few_shot"}  # groundtruth.regimes.SHORT, kept here so that --help imports little
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         from graph_passes.errors import GraphPassError
 
         if isinstance(exc, (CpOnnxError, ExportError, GraphPassError)):
-            log(f"cp-onnx: error: {exc}")
+            log(f"cp-onnx: error: {one_line(str(exc))}")
             return EXIT_USAGE
         raise
 

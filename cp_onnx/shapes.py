@@ -83,16 +83,16 @@ def check(value, schema: dict, where: str, hint: str, *, root: dict | None = Non
 
     types = schema.get("type")
     if types is not None and not any(_TYPES[t](value) for t in ([types] if isinstance(types, str) else types)):
-        fail(f"should be {' or '.join([types] if isinstance(types, str) else types)}, not {_shown(value)}")
+        fail(f"should be {' or '.join([types] if isinstance(types, str) else types)}, not {shown(value)}")
     if "const" in schema and value != schema["const"]:
-        fail(f"should be {schema['const']!r}, not {_shown(value)}")
+        fail(f"should be {schema['const']!r}, not {shown(value)}")
     if "enum" in schema and value not in schema["enum"]:
-        fail(f"should be one of {', '.join(map(repr, schema['enum']))}, not {_shown(value)}")
+        fail(f"should be one of {', '.join(map(repr, schema['enum']))}, not {shown(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "minimum" in schema and not value >= schema["minimum"]:
-            fail(f"should be at least {schema['minimum']}, not {_shown(value)}")
+            fail(f"should be at least {schema['minimum']}, not {shown(value)}")
         if "maximum" in schema and not value <= schema["maximum"]:
-            fail(f"should be at most {schema['maximum']}, not {_shown(value)}")
+            fail(f"should be at most {schema['maximum']}, not {shown(value)}")
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
         fail(f"does not match {schema['pattern']}")
     if isinstance(value, str) and not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
@@ -116,6 +116,7 @@ def check(value, schema: dict, where: str, hint: str, *, root: dict | None = Non
                 check(item, schema["items"], where, hint, root=root, at=f"{at}[{index}]")
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A value from a file as an error message may quote it: JSON-escaped, at most 40 characters."""
     text = json.dumps(value, allow_nan=True, default=str) if not isinstance(value, (dict, list)) else type(value).__name__.replace("dict", "an object").replace("list", "an array")
     return text if len(text) <= 40 else text[:37] + "..."

@@ -346,3 +346,18 @@ def test_a_constant_declaring_more_than_it_holds_found_by_fuzzing(tmp_path):
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
     with pytest.raises(GraphPassError, match=re.escape("Constant node 'shape' holds 8 bytes but its shape [1073741824] needs 8589934592")):
         load_mapped(tmp_path / "model.onnx")
+
+
+def test_an_error_quoting_a_file_stays_one_line_found_by_fuzzing(tmp_path, capsys):
+    """A report whose "version" was 600,000 characters of U+2028 (a line separator) and U+D7FF: the error quoted it whole,
+    1.8 MB over 300,000 lines. Values are now quoted shortened, and every message is printed as one line: what breaks
+    a line or drives a terminal escaped, a long one cut in its middle."""
+    from cp_onnx.errors import MESSAGE_CHARS, one_line
+
+    (tmp_path / "report.json").write_text(json.dumps({"format": "cp-onnx-report", "version": "\u2028\ud7ff" * 300_000}))
+    assert main(["report", str(tmp_path / "report.json"), "--text"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 500 and 'is report version "\\u2028\\ud7ff' in err
+    assert one_line("a\nb\u2028c\x1b[2Jd\x00") == "a\\nb\\u2028c\\x1b[2Jd\\x00"
+    long = one_line("what is wrong " + "x" * 10_000 + " what to do")
+    assert len(long) == MESSAGE_CHARS + 5 and long.startswith("what is wrong") and long.endswith("what to do")

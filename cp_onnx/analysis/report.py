@@ -126,7 +126,8 @@ def read_report(path: Path, *, complete: bool = False) -> dict:
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise CpOnnxError(f"{path} is not a cp-onnx report; {hint}")
     if data.get("version") != REPORT_VERSION:
-        raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
+        raise CpOnnxError(f"{path} is report version {shapes.shown(data.get('version'))}, this cp-onnx reads version {REPORT_VERSION}; "
+                          "re-run analyze")
     shapes.check(data, reading_schema(complete), str(path), "re-run `cp-onnx analyze` to write it again")
     layers = data["model"]["num_layers"]
     for method, entry in data["methods"].items():

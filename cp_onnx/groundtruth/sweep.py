@@ -407,7 +407,8 @@ def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
     if not isinstance(header, dict) or header.get("format") != SWEEP_FORMAT:
         raise CpOnnxError(f"{path} is not a cp-onnx sweep file; give the JSONL file written by `cp-onnx sweep`")
     if header.get("version") not in (1, SWEEP_VERSION):
-        raise CpOnnxError(f"{path} is sweep format version {header.get('version')}, this cp-onnx reads versions 1 and {SWEEP_VERSION}; run the sweep again")
+        raise CpOnnxError(f"{path} is sweep format version {shapes.shown(header.get('version'))}, this cp-onnx reads versions 1 and "
+                          f"{SWEEP_VERSION}; run the sweep again")
     shapes.check(header, HEADER_SCHEMA, f"line 1 of {path}", "delete the file to start the sweep over")
     rows = [_parse(line, path, number) for number, line in enumerate(complete[1:], 2)]
     schema = ROW_SCHEMA if header["version"] == SWEEP_VERSION else ROW_SCHEMA_V1
