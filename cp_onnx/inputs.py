@@ -12,8 +12,10 @@ Limits (environment variables, for the rare genuine input that needs more):
   CP_ONNX_MAX_LINES     lines of one text or JSONL file: texts, questions, probe items, sweep rows (default 100,000)
 and, fixed: MAX_NESTING, how deep JSON and TOML may nest (parsers recurse once per level: cp-onnx's own files nest
 under 10 deep, tokenizer.json too), MAX_JSON_MB, the size of a JSON document (parsed, it takes up to 20 times
-that), and MAX_TOML_MB, the size of a batch manifest (tomllib's time grows with the square of a dotted key's parts). A text's length in tokens is bounded where the texts are used: calibration texts are cut at --max-length, zero-shot
-questions longer than it are refused, probe items past MAX_ITEM_TOKENS (--max-item-length) too.
+that), MAX_TOML_MB, the size of a batch manifest (tomllib's time grows with the square of a dotted key's parts),
+and the sizes of probe items and added tokens below. A text's length in tokens is bounded where the texts are used:
+calibration texts are cut at --max-length, zero-shot questions longer than it are refused, probe items past
+MAX_ITEM_TOKENS (--max-item-length) too.
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ def read_text(path: Path, what: str, *, encoding: str = "utf-8", cap_mb: float |
 def split_lines(text: str, path: Path, what: str) -> list[str]:
     """The lines of ``text`` (as str.splitlines gives them), counted before they are split: refused past
     CP_ONNX_MAX_LINES lines, or with a line longer than CP_ONNX_MAX_LINE_MB characters."""
-    check_line_count(sum(text.count(mark) for mark in LINE_BREAKS), path, what)  # str.count allocates nothing; a split would
+    breaks = sum(text.count(mark) for mark in LINE_BREAKS) - text.count("\r\n")  # str.count allocates nothing; a split would
+    check_line_count(breaks, path, what)
     return check_lines(text.splitlines(), path, what)
 
 

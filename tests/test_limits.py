@@ -266,6 +266,8 @@ def test_files_of_too_many_lines_are_refused_before_they_are_split(folder, tmp_p
         read_texts(texts)
     monkeypatch.setenv("CP_ONNX_MAX_LINES", "110")
     assert read_texts(texts) == ["a text"] * 50
+    texts.write_text("a text\r\n" * 110)  # one line each: a CRLF is one break
+    assert read_texts(texts) == ["a text"] * 110
     (tmp_path / "sweep.jsonl").write_text("{}\n" * 111)
     with pytest.raises(CpOnnxError, match="the sweep file .* has more than 110 lines"):
         read_sweep(tmp_path / "sweep.jsonl")
