@@ -20,11 +20,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cp_onnx import calibration
-from cp_onnx.analysis import budget, predict, report, scores
+from cp_onnx.analysis import predict, report, scores
+from cp_onnx.analysis.bootstrap import RESAMPLES
 from cp_onnx.analysis.activations import ActivationReader
 from cp_onnx.analysis.stats import LayerStatistics
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import write_json
+from cp_onnx.models import budget
 from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.regimes import REGIMES, ZERO_SHOT
@@ -183,7 +185,10 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     texts = load_texts(model, settings, log)
     reader = ActivationReader(model, threads=settings.threads)
     candidate_blocks(reader.num_layers, settings.block_sizes)  # fails early on too few layers
-    budget.check_batches(budget.model_shape(model, reader.layer_map), texts.token_lists, settings.batch_size, patterns=reader.with_patterns)
+    shape = budget.model_shape(model, reader.layer_map)
+    budget.check_batches(shape, texts.token_lists, settings.batch_size, patterns=reader.with_patterns)
+    if predict.METHOD in settings.methods:  # its batches from the real token counts; a zero-shot question is never cut
+        budget.check_prediction(model, shape, texts.token_lists, texts.questions, settings.max_length, texts.general, RESAMPLES)
     timings["load_and_rewrite_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

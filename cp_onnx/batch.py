@@ -26,6 +26,7 @@ OUT/batch.json, OUT/summary.csv and OUT/summary.md are rewritten (atomically) af
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import re
 import time
@@ -33,10 +34,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from cp_onnx import analyze, calibration, inputs
+from cp_onnx import analyze, calibration, inputs, shapes
 from cp_onnx.analysis.report import read_report
 from cp_onnx.files import file_sha256, write_json
-from cp_onnx.errors import CpOnnxError
+from cp_onnx.errors import CpOnnxError, one_line
 from cp_onnx.executors import Executor, InProcessExecutor
 from cp_onnx.files import write_text
 from cp_onnx.regimes import REGIMES, parse_regimes
@@ -77,17 +78,14 @@ class Batch:
 
 def load_manifest(path: str | Path, out: str | Path | None = None) -> Batch:
     """Read and check a batch manifest; ``out`` overrides its ``out``."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise CpOnnxError("reading a batch manifest needs Python 3.11 or later (tomllib)") from None
+    if importlib.util.find_spec("tomllib") is None:  # Python 3.10
+        raise CpOnnxError("reading a batch manifest needs Python 3.11 or later (tomllib)")
     path = Path(path)
     try:
-        data = tomllib.loads(inputs.read_text(path, "batch manifest"))
+        text = inputs.read_text(path, "batch manifest", cap_mb=inputs.MAX_TOML_MB)
     except FileNotFoundError:
         raise CpOnnxError(f"no batch manifest at {path}; write a TOML file with [[models]] entries (see `cp-onnx batch --help`)") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CpOnnxError(f"{path} is not valid TOML ({exc}); fix the manifest") from None
+    data = shapes.parse_toml(text, path, "fix the manifest")
     _check_keys(data, TOP_TYPES, f"{path}")
     base = path.resolve().parent  # absolute paths: Ray workers do not share this process's working directory
     out_dir = Path(out).resolve() if out is not None else _inside(base, data.get("out", f"{path.stem}-out"), path)
@@ -195,7 +193,7 @@ def run_model(job: ModelJob) -> dict:
         from graph_passes.errors import GraphPassError
 
         known = isinstance(exc, (CpOnnxError, ExportError, GraphPassError))
-        result.update(status="failed", error=str(exc) if known else f"{type(exc).__name__}: {exc}")
+        result.update(status="failed", error=one_line(str(exc) if known else f"{type(exc).__name__}: {exc}"))
     result.update(seconds=round(time.perf_counter() - began, 3), notes=notes)
     return result
 

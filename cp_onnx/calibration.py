@@ -16,7 +16,7 @@ import json
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Iterator
 
-from cp_onnx import inputs
+from cp_onnx import inputs, shapes
 from cp_onnx.errors import CpOnnxError
 
 DATA_DIR = Path(__file__).with_name("data")
@@ -130,7 +130,7 @@ def read_labelled(path: str | Path) -> list[tuple[str, str]]:
 
 def read_lines(path: Path, what: str = "text file") -> list[str]:
     """The lines of a UTF-8 text file (a byte-order mark is tolerated), within the size limits of ``inputs``."""
-    return inputs.check_lines(inputs.read_text(path, what, encoding="utf-8-sig").splitlines(), path, what)
+    return inputs.split_lines(inputs.read_text(path, what, encoding="utf-8-sig"), path, what)
 
 
 def iter_jsonl(path: Path, example: str, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
@@ -138,10 +138,7 @@ def iter_jsonl(path: Path, example: str, what: str = "JSONL file") -> Iterator[t
     for number, line in enumerate(read_lines(path, what), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CpOnnxError(f"line {number} of {path} is not valid JSON ({err.msg}); write one object per line, like {example}") from None
+        record = shapes.parse_json(line, f"line {number} of {path}", f"write one object per line, like {example}")
         if not isinstance(record, dict):
             raise CpOnnxError(f"line {number} of {path} is not a JSON object; write one object per line, like {example}")
         yield number, record

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cp_onnx.errors import CpOnnxError
+from cp_onnx.errors import CpOnnxError, one_line
 from cp_onnx.files import write_json
 from cp_onnx.regimes import parse_regimes
 
@@ -161,7 +161,8 @@ def cmd_sweep(args) -> int:
     executor = executors.executor_from_args(args)
     try:
         rows = sweep(model, items=items, out=Path(args.out), sizes=args.skip or args.blocks or (3, 4, 5), all_blocks=args.all, threads=args.threads,
-                     batch_size=args.batch_size, executor=executor, operation=operation, regimes=regimes, progress=Progress("sweep configs"), log=log)
+                     batch_size=args.batch_size, item_limit=args.max_item_length, executor=executor, operation=operation, regimes=regimes,
+                     progress=Progress("sweep configs"), log=log)
     finally:
         executors.close(executor)
     for regime in regimes_of(rows):
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes, or Ray actors with --executor ray (default 1)")
     add_executor_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-item-length", type=int, default=None, metavar="N",
+                   help="tokens of a probe item with its shots, prompt and answer; a longer item is refused (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per worker (default: all cores)")
     p.set_defaults(func=cmd_sweep)
 
@@ -440,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         from graph_passes.errors import GraphPassError
 
         if isinstance(exc, (CpOnnxError, ExportError, GraphPassError)):
-            log(f"cp-onnx: error: {exc}")
+            log(f"cp-onnx: error: {one_line(str(exc))}")
             return EXIT_USAGE
         raise
 

@@ -9,7 +9,6 @@ command line after importing it. Nothing else in cp_onnx imports this module: cp
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 import graph_passes
+from cp_onnx import shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.groundtruth import lm_eval_task
 from cp_onnx.models.scoring import token_scores
@@ -32,6 +32,7 @@ from graph_passes.layer_path import format_path
 NAME = "cp-onnx"
 DEFAULT_BATCH = 8  # rows per batch for batch_size=auto: the logits budget below bounds memory anyway
 DEFAULT_MAX_LENGTH = 2048  # context length when neither model_args nor the folder's config.json gives one
+MAX_CONTEXT = 1 << 20  # a config.json naming a longer context is damaged: the default is used instead
 LOGITS_BYTES = 256 * 2**20  # a batch's float32 logits stay under this (a 150k vocabulary costs 0.6 MB per token)
 MAX_GEN_TOKS = 256  # lm-eval's usual default when a task sets no max_gen_toks
 ARGS = ("model", "duplicate", "path", "batch_size", "max_length", "threads", "max_batch_size", "device")
@@ -273,10 +274,11 @@ def _whole(name: str, value) -> int:
 def _context_length(folder) -> int:
     """max_position_embeddings (n_positions for GPT-2) from the folder's config.json, else DEFAULT_MAX_LENGTH."""
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = shapes.read_json(folder / "config.json", "model config", "")
+    except (CpOnnxError, OSError):
         return DEFAULT_MAX_LENGTH  # a bare .onnx file or a deployed build without a config
-    return int(config.get("max_position_embeddings") or config.get("n_positions") or DEFAULT_MAX_LENGTH)
+    found = config.get("max_position_embeddings") or config.get("n_positions") if isinstance(config, dict) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) and 0 < found <= MAX_CONTEXT else DEFAULT_MAX_LENGTH
 
 
 def _vocab_size(runner: Runner, logits: str, folder) -> int:

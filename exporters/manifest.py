@@ -18,6 +18,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from cp_onnx import shapes  # the bounded JSON reader and schema check every cp-onnx input goes through
+from cp_onnx.errors import CpOnnxError
+
 from .errors import ExportError
 
 MANIFEST_NAME = "cp_onnx.json"
@@ -39,6 +42,11 @@ TOOL_DISTRIBUTIONS = {"cp_onnx": "cp-onnx", "optimum": "optimum", "optimum_onnx"
                       "transformers": "transformers", "torch": "torch", "onnx": "onnx",
                       "onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-genai"}  # quantizer, genai builder
 SOURCE_CHECKOUT_VERSION = "0.1.0+source"  # cp-onnx run from a checkout that pip never installed
+_TEXT = {"type": ["string", "null"]}
+# The fields exporters read from a manifest (a cache entry's, an --out folder's or a source folder's), type-checked first.
+_READ_SCHEMA = {"type": "object", "properties": {
+    "source": _TEXT, "cache_key": _TEXT, "precision": _TEXT, "graph_format": _TEXT,
+    "onnx": {"type": "object", "additionalProperties": _TEXT}, "graph_sha256": {"type": ["object", "null"], "additionalProperties": _TEXT}}}
 
 
 def build_manifest(*, source: str, source_kind: str, weights_sha256: str, config, kind: str, tokenizer: dict,
@@ -118,20 +126,31 @@ def read_manifest(folder: Path) -> dict:
     hint = "export the model again with `cp-onnx export SOURCE --out DIR`"
     if not path.is_file():
         raise ExportError(f"{folder} is not a cp-onnx model folder (no {MANIFEST_NAME}); {hint}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path} is unreadable ({type(err).__name__}: {err}); {hint}") from None
+    try:  # the one bounded JSON reader (size and nesting), shared with the analysis
+        manifest = shapes.read_json(path, "manifest", hint)
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+            shapes.check(manifest, _READ_SCHEMA, str(path), hint)
+    except (CpOnnxError, OSError) as err:
+        raise ExportError(str(err) if isinstance(err, CpOnnxError) else f"{path} is unreadable ({err.strerror}); {hint}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ExportError(f"{path} is not a {FORMAT} manifest (format {found!r}); {hint}")
+        raise ExportError(f"{path} is not a {FORMAT} manifest (format {str(found)[:60]!r}); {hint}")
     missing = [key for key in KEYS if key not in manifest]
     if missing:
         raise ExportError(f"{path} lacks {', '.join(missing)}; {hint}")
-    absent = [name for name in onnx_files(manifest) if not (Path(folder) / name).is_file()]
+    absent = [name for name in onnx_files(manifest) if not _inside(Path(folder), name)]
     if absent:
         raise ExportError(f"{folder} lists {', '.join(absent)} in {MANIFEST_NAME} but they are missing; {hint}")
     return manifest
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether the file ``name`` exists inside ``folder`` (a path leading out of it, or no file system can hold, is not)."""
+    try:
+        path = (folder / name).resolve()
+        return path.is_relative_to(folder.resolve()) and path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def onnx_files(manifest: dict) -> list[str]:

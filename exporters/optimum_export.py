@@ -2,6 +2,7 @@
 (lazily, inside the functions)."""
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def load_config(model_dir: Path):
 
     try:
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # a damaged config.json raises any type inside transformers
         raise ExportError(f"transformers cannot read {Path(model_dir) / 'config.json'} ({first_line(err)}); is it a supported model?") from err
 
 
@@ -83,13 +84,17 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path, *, save_weights: bool = True
     1.5B model's float32 weights are 6 GB of disk that Optimum would only read back.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        check_declared_size(gguf_path, config)
+        model = AutoModelForCausalLM.from_pretrained(  # given the config, transformers does not read the metadata again
+            gguf_path.parent, gguf_file=gguf_path.name, config=config, dtype=torch.float32, local_files_only=True
         )
-    except (ValueError, KeyError, NotImplementedError) as err:
+    except ExportError:
+        raise
+    except Exception as err:  # a header that passed gguf_header can still hold values transformers cannot use (any exception type)
         raise ExportError(f"transformers cannot load {gguf_path} ({first_line(err)}); use a GGUF of a supported architecture") from err
     if save_weights:
         model.save_pretrained(out_dir)
@@ -99,6 +104,25 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path, *, save_weights: bool = True
         model.generation_config.save_pretrained(out_dir)
     model.config._name_or_path = str(out_dir)  # Optimum looks for preprocessors there (there are none)
     return model
+
+
+def check_declared_size(gguf_path: Path, config) -> None:
+    """ExportError when the model transformers would build from the GGUF's metadata (``config``) has more parameters and buffers than
+    the file's tensors hold (gguf_header.DECLARED_SLACK times): it would allocate the rest (a rope dimension of 2**31 in
+    a 600 kB file asked for 2.2 TB). The model is built on torch's meta device, which allocates nothing, so every
+    architecture's own use of its metadata is counted, not an estimate of it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .gguf_header import DECLARED_SLACK, read_header
+
+    held = sum(math.prod(dims) for dims, _ in read_header(gguf_path).tensors.values())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    declared = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    if declared > DECLARED_SLACK * held + (1 << 20):
+        raise ExportError(f"{gguf_path} is not a usable GGUF file: its metadata makes a {config.model_type} model of {declared:,} parameters "
+                          f"and buffers, and its tensors hold {held:,}; the file is damaged or not a model: download or convert the GGUF again")
 
 
 def run_optimum(model_dir: Path, out_dir: Path, *, with_past: bool, kind: str, family: str, model=None) -> Path:

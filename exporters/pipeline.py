@@ -10,6 +10,7 @@ from typing import Callable
 from . import folders
 from .errors import ExportError
 from .genai_build import DEFAULT_GRAPH_FORMAT, check_graph_format, check_installed
+from .gguf_header import read_header
 from .manifest import build_manifest, graph_format_of, is_export, precision_of, read_manifest, write_manifest
 from .quantize import DEFAULT_PRECISION, check_precision
 from .runtime_env import hub_offline
@@ -44,6 +45,8 @@ def export(source: str | Path, out: Path | None = None, *, with_past: bool = Fal
     with hub_offline():
         root = cache_root(cache_dir)
         src = resolve_source(source, log, root)
+        if src.is_gguf:
+            read_header(src.path)  # cp-onnx's own bounded walk, before the gguf package or transformers reads the file
         if out is not None:
             check_out(out)
         if src.kind == "export":

@@ -119,7 +119,21 @@ def folder_source(path: Path) -> Source:
             "(tokenizer.save_pretrained into the folder) or export the GGUF the model came from"
         )
     extras = [path / "config.json", *tokenizer, *(path / name for name in TOKENIZER_EXTRAS if (path / name).is_file())]
+    for extra in extras:  # transformers parses these with Python's json (recursive) or tokenizers: bounded here first
+        if extra.suffix == ".json":
+            check_json_file(extra)
     return Source(str(path), "hf", path, weights=tuple(weights), extras=tuple(sorted(extras)))
+
+
+def check_json_file(path: Path) -> None:
+    """ExportError unless ``path`` is JSON within cp-onnx's size and nesting limits (tokenizer.json: the file limit)."""
+    from cp_onnx import inputs, shapes
+    from cp_onnx.errors import CpOnnxError
+
+    try:
+        shapes.read_json(path, path.name, "fix or replace the file", cap_mb=None if path.name == "tokenizer.json" else inputs.MAX_JSON_MB)
+    except CpOnnxError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def packaged_source(name: str, log: Callable[[str], None], cache: Path | None = None) -> Source:

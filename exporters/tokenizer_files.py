@@ -25,14 +25,14 @@ def load_tokenizer(source: Source, family: str):
     """The source's fast tokenizer (from the GGUF itself for GGUF sources); ExportError if there is none."""
     from transformers import AutoTokenizer
 
-    if source.is_gguf and family in REBUILD_FAMILIES:
-        return rebuild_gemma_tokenizer(source.path)
     try:
+        if source.is_gguf and family in REBUILD_FAMILIES:
+            return rebuild_gemma_tokenizer(source.path)
         if source.is_gguf:
             tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name, local_files_only=True)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source.path, use_fast=True, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # the files are the user's: transformers and tokenizers raise any type on a damaged one
         raise ExportError(
             f"{source.path} has no usable tokenizer ({first_line(err)}); add tokenizer.json or tokenizer.model"
         ) from err
@@ -44,11 +44,18 @@ def load_tokenizer(source: Source, family: str):
 def gguf_bos(gguf_path: Path) -> int | None:
     """The BOS id a GGUF asks for in front of every text (tokenizer.ggml.add_bos_token true, as llama.cpp reads
     it), else None. transformers drops that flag for most families (qwen2 among them)."""
-    from gguf import GGUFReader
+    from .gguf_header import ArrayValue, read_header
 
-    fields = GGUFReader(str(gguf_path)).fields
-    wanted = "tokenizer.ggml.add_bos_token" in fields and bool(fields["tokenizer.ggml.add_bos_token"].contents())
-    return fields["tokenizer.ggml.bos_token_id"].contents() if wanted and "tokenizer.ggml.bos_token_id" in fields else None
+    metadata = read_header(gguf_path).metadata  # its values as read, type-checked here
+    wanted, bos = metadata.get("tokenizer.ggml.add_bos_token"), metadata.get("tokenizer.ggml.bos_token_id")
+    if not (isinstance(wanted, (bool, int)) and wanted) or bos is None:
+        return None
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = tokens.count if isinstance(tokens, ArrayValue) else float("inf")
+    if not isinstance(bos, int) or isinstance(bos, bool) or not 0 <= bos < vocab:
+        raise ExportError(f"{gguf_path} asks for a BOS token (tokenizer.ggml.add_bos_token) but its tokenizer.ggml.bos_token_id is "
+                          f"{str(bos)[:40]}; the file is damaged: download or convert the GGUF again")
+    return bos
 
 
 def save_tokenizer(tokenizer, folder: Path, family: str, config_bos_id: int | None, log: Callable[[str], None],

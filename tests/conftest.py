@@ -15,6 +15,18 @@ from tiny import TINY, build_hf_model
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The hardening runs (marker ``hardening``: the full fuzz run, the kill points across commands) take most of an hour:
+    they run only when the -m expression names them (``python -m pytest -m hardening tests``), so that neither the
+    README's command nor ``-m "not slow"`` starts them."""
+    if "hardening" in (config.getoption("markexpr") or ""):
+        return
+    hardening = [item for item in items if item.get_closest_marker("hardening")]
+    if hardening:
+        config.hook.pytest_deselected(items=hardening)
+        items[:] = [item for item in items if not item.get_closest_marker("hardening")]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``tiny_model(family) -> (hf_model, onnx_path)``: a tiny random model (torch, eval) and its Optimum export, built once per session."""

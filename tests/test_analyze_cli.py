@@ -275,3 +275,11 @@ def test_zero_shot_regime_scores_the_stated_answers_and_says_so(tiny_folder, tmp
     plain.write_text(json.dumps({"text": "Cats purr, and 2 + 2 = 4."}) + "\n")
     _assert_fails(["analyze", tiny_folder, "--regime", "zero", "--calibration", plain, "--out", tmp_path / "none", *TINY_ARGS],
                   capsys, 'states an "answer"', out=tmp_path / "none")
+
+
+def test_default_block_sizes_on_a_model_of_fewer_layers(tiny_folder, tmp_path, capsys):
+    """Sizes 3, 4 and 5 on a 3-layer model: only [0, 3) fits. The default method's screen took the middle requested size
+    (4), which has no block, and scored none (an AxisError traceback); it now screens among the sizes that fit."""
+    assert main(["analyze", str(tiny_folder), "--out", str(tmp_path / "o"), "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [(b["start"], b["end"]) for b in report["methods"]["duplication_loss"]["blocks"]] == [(0, 3)]

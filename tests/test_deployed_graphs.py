@@ -265,8 +265,9 @@ def test_int4_build_is_analysed_predicted_applied_and_generates(deployed, applie
     assert all(np.isfinite(values).all() for name, values in stats.items() if name != "attention_entropy")
     found = predict(source, load_calibration(None, n=10), load_calibration("general", n=4), questions=load_questions(None)[:16],
                     block_sizes=(1, 2), max_length=48)
+    assert list(found) == ["zero_shot", "few_shot"]
     for prediction in found.values():  # both regimes
-            assert prediction.decision in ("help", "abstain") and len(prediction.blocks) == 5  # blocks of sizes 1 and 2 of 3 layers
+        assert prediction.decision in ("help", "abstain") and len(prediction.blocks) == 5  # blocks of sizes 1 and 2 of 3 layers
         assert all(np.isfinite(block.score) for block in prediction.blocks)
     folder = open_model(applied(family, "int4"))
     prompt = folder.encode(["The capital of"])[0][0]

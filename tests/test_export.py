@@ -220,6 +220,25 @@ def test_gguf_round_trip(tiny, cache, tmp_path):
         assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
 
 
+def test_gguf_metadata_declaring_more_than_its_tensors_found_by_fuzzing(tiny, tmp_path):
+    """llama.rope.dimension_count set to 2**31 in a GGUF of 143,808 weights: the header walk's estimate does not know that
+    key, transformers makes it the head size and allocated 2.2 TB (a kill without the fuzzer's address-space cap). The
+    model transformers would build is now counted on the meta device first."""
+    from gguf import GGUFReader
+
+    from gguf_files import places, put
+
+    gguf_file = write_gguf(tiny[0], tmp_path / "tiny.gguf", add_bos=True)
+    held = sum(int(np.prod(t.shape)) for t in GGUFReader(str(gguf_file)).tensors)
+    data = bytearray(gguf_file.read_bytes())
+    at = data.find(b"llama.rope.dimension_count") + len(b"llama.rope.dimension_count") + 4  # past the value type
+    put(data, next(p for p in places(gguf_file)["scalar"] if p.offset == at), 2**31)
+    gguf_file.write_bytes(data)
+    with pytest.raises(ExportError, match=rf"its metadata makes a llama model of [\d,]+ parameters and buffers, and its tensors hold {held:,}"):
+        export(gguf_file, cache_dir=tmp_path / "cache", log=lambda line: None)
+    assert not any((tmp_path / "cache").glob("*/*"))
+
+
 def test_a_gguf_model_exported_from_memory_gets_the_graph_optimum_makes_from_its_saved_folder(tiny, tmp_path):
     """export() hands Optimum the dequantized model in memory (no float32 copy on disk, 6 GB for a 1.5B model):
     the graphs, with and without past, equal main_export's on the folder the model saves to."""
@@ -369,6 +388,20 @@ def test_bad_sources(case, match, tiny, tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing half-written
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("config.json", "[" * 100_000 + "]" * 100_000, r"config.json nests JSON too deeply \(more than 64 levels\)"),  # transformers' json: a RecursionError
+    ("tokenizer_config.json", '{"x": "' + "y" * 17_000_000 + '"}', "the tokenizer_config.json .* is larger than 16 MB"),
+    ("tokenizer.json", "{" * 70 + "}" * 70, "tokenizer.json nests JSON too deeply"),
+])
+def test_hugging_face_folders_json_is_bounded_before_transformers_reads_it(tiny, tmp_path, name, text, message):
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny[0], folder)
+    (folder / name).write_text(text)
+    with pytest.raises(ExportError, match=message) as err:
+        export(folder, cache_dir=tmp_path / "cache", log=lambda line: None)
+    assert "\n" not in str(err.value)
+
+
 def test_bad_output_folders(tiny, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -397,8 +430,13 @@ def test_manifest_round_trip_and_errors(tmp_path):
     with pytest.raises(ExportError, match="model.onnx.*missing"):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text('{"format": "cp-onnx-model/1", ')
-    with pytest.raises(ExportError, match="unreadable"):
+    with pytest.raises(ExportError, match="is not valid JSON"):
         read_manifest(tmp_path)
+    for hostile, found in (("[" * 100_000, "nests JSON too deeply"), ('{"format": "cp-onnx-model/1", "onnx": [1]}', "onnx should be object"),
+                           ('{"format": "cp-onnx-model/1", "onnx": {"model": "../../x.onnx"}}', None)):
+        (tmp_path / MANIFEST_NAME).write_text(hostile)  # each a one-line error, not a RecursionError or AttributeError
+        with pytest.raises(ExportError, match=found or "lacks"):
+            read_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text('{"format": "something-else"}')
     with pytest.raises(ExportError, match="not a cp-onnx-model/1 manifest"):
         read_manifest(tmp_path)

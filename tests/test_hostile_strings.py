@@ -12,7 +12,6 @@ import networkx as nx
 import onnx
 import pytest
 
-from cp_onnx.analysis import report as report_mod
 from cp_onnx.analysis.circuit import build_circuit_graph, write_circuit
 from cp_onnx.cli import main
 from cp_onnx.files import write_json

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cp_onnx.analysis import budget
+from cp_onnx.models import budget
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.runner import Runner
@@ -180,3 +180,149 @@ def test_texts_too_long_for_memory_are_refused_with_what_fits(folder, tmp_path, 
 def test_counts_must_be_positive(folder, tmp_path, capsys, option):
     err = _one_line_error(capsys, ["analyze", folder, option, "0", "--out", tmp_path / "o"])
     assert err == f"cp-onnx: error: {option} must be a positive integer, not 0"
+
+
+# Issue 26: the lengths a calibration file or probe suite sets, bounded before any batch is built from them.
+
+def _questions(path: Path, question: str, count: int = 12) -> Path:
+    """A calibration file whose texts are short (the statistics' batches fit) and whose questions are ``question``."""
+    path.write_text("".join(json.dumps({"text": f"Tom has {k} apples and buys 3 more.", "question": question, "answer": "4"}) + "\n"
+                            for k in range(count)))
+    return path
+
+
+def test_zero_shot_questions_are_never_cut_and_longer_ones_are_refused(folder, tmp_path, capsys):
+    """The issue's case: 12 questions of 60,000 characters, --regime zero (killed at 19 GB before). Each is asked with
+    its prompt and answer, and the byte-level tokenizer makes a token of each byte."""
+    questions = _questions(tmp_path / "q.jsonl", "x" * 60_000)
+    err = _one_line_error(capsys, ["analyze", folder, "--calibration", questions, "--regime", "zero", "--out", tmp_path / "o"])
+    tokens = len("Question: ") + 60_000 + len("\nAnswer:") + len(" 4")
+    assert err == (f"cp-onnx: error: calibration question 1 ('{'x' * 40}'...) is {tokens} tokens with its prompt and answer, more than "
+                   "--max-length 128; shorten it, or raise --max-length (questions are never cut)")
+    # Allowed that long, the questions' batches are what the memory check now sees (not only the statistics' texts).
+    err = _one_line_error(capsys, ["analyze", folder, "--calibration", questions, "--regime", "zero", "--max-length", "100000",
+                                   "--out", tmp_path / "o"])
+    found = re.fullmatch(rf"cp-onnx: error: the default prediction's batches \(3 batches, the largest 12 rows of {tokens} tokens; 3 layers, "
+                         r"hidden 64, 4 heads\) need about ([\d.]+) TB of memory, and [\d.]+ [GT]B is available; use fewer or shorter texts "
+                         r"or questions, or a lower --max-length \(\$CP_ONNX_MEMORY_GB sets the memory to plan for\)", err)
+    assert found, err
+    assert float(found[1]) * 1e12 >= 3 * 12 * 4 * tokens**2 * 4  # a floor: one layer's attention scores for the 12 rows
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_prediction_memory_check_counts_every_batch_it_builds(folder, tmp_path, monkeypatch, capsys):
+    """Questions of 510 tokens pass the statistics' check (the texts are short) but not a budget just under what the
+    prediction's batches need, counted by hand from the files' bytes (one token each); just over it, the analysis runs."""
+    from cp_onnx.models.budget import Shape, evaluator_bytes, planned_batches
+    from cp_onnx.calibration import load_calibration
+
+    shape = Shape(3, 64, 4, 256)
+    memory, disk = evaluator_bytes(shape, [(16, 510), (4, 510)])
+    # kept layer outputs, contexts (3 hidden floats and a mask row per token), every layer's keys and values of the 16 rows,
+    # one layer's work for them (x 1.5), the head
+    kept = 3 * 20 * 510 * 64 * 4
+    contexts = 20 * 510 * (3 * 64 + 510) * 4
+    keys_values = 3 * 16 * 510 * 2 * 64 * 4
+    working = 16 * 510 * (20 * 64 + 3 * 4 * 510) * 4 * 1.5
+    assert (memory, disk) == (kept + contexts + keys_values + int(working) + 3 * 64 * 2**20, 0)
+
+    questions = _questions(tmp_path / "q.jsonl", "y" * 490, count=20)
+    assert len("Question: ") + 490 + len("\nAnswer:") + len(" 4") == 510 and planned_batches([510] * 20) == [(16, 510), (4, 510)]
+    texts = [len(f"Tom has {k} apples and buys 3 more.") for k in range(10)]  # -n 10 of them; the shipped general texts, cut at 600
+    general = [min(len(text.encode()), 600) for text in load_calibration("general", n=10)]
+    need = evaluator_bytes(shape, [(16, 510), (4, 510)] + planned_batches(texts + general))[0] + 4 * 2000 * 20 * 8  # and the bootstrap's draws
+    args = ["analyze", folder, "--calibration", questions, "--regime", "zero", "--max-length", "600", "--block-sizes", "1", "--out", tmp_path / "o"]
+    monkeypatch.setenv("CP_ONNX_MEMORY_GB", str(need / 1e9 * 0.999))
+    err = _one_line_error(capsys, args)
+    assert "the default prediction's batches (4 batches, the largest 16 rows of 510 tokens" in err
+    monkeypatch.setenv("CP_ONNX_MEMORY_GB", str(need / 1e9 * 1.001))
+    assert main([str(a) for a in args]) == 0 and (tmp_path / "o" / "report.json").is_file()
+
+
+def test_probe_items_longer_than_their_limit_are_refused_and_their_batches_checked(folder, tmp_path, capsys, monkeypatch):
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"kind": "arithmetic", "shots": "Question: 1+1?\nAnswer: 2\n\n" * 70}) + "\n"
+                     + json.dumps({"kind": "arithmetic", "prompt": "Question: 2+2?\nAnswer:", "answer": " 4"}) + "\n")
+    out = tmp_path / "s.jsonl"
+    tokens = len("Question: 1+1?\nAnswer: 2\n\n") * 70 + len("Question: 2+2?\nAnswer:") + len(" 4")
+    err = _one_line_error(capsys, ["sweep", folder, "--suite", suite, "--blocks", "1", "--max-item-length", "1000", "--out", out])
+    assert err == (f"cp-onnx: error: probe item 'arithmetic-000' is {tokens} tokens with its shots, prompt and answer, more than 1000 "
+                   "(--max-item-length); shorten it, or raise the limit")
+    monkeypatch.setenv("CP_ONNX_MEMORY_GB", "0.01")
+    err = _one_line_error(capsys, ["sweep", folder, "--suite", suite, "--blocks", "1", "--out", out])  # the default limit: 2048
+    assert err.startswith("cp-onnx: error: the sweep's batches (") and f"1 rows of {tokens} tokens" in err
+    assert not out.exists()  # refused before the sweep file was created
+
+
+def test_files_of_too_many_lines_are_refused_before_they_are_split(folder, tmp_path, monkeypatch):
+    from cp_onnx.calibration import read_texts
+    from cp_onnx.groundtruth.sweep import read_sweep
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n" * 50 + "\r" * 60)  # str.splitlines splits at a carriage return too
+    monkeypatch.setenv("CP_ONNX_MAX_LINES", "100")
+    with pytest.raises(CpOnnxError, match=r"the calibration file .*texts.txt has more than 100 lines; split it, or if it is genuine raise "
+                                          r"the limit with CP_ONNX_MAX_LINES=N"):
+        read_texts(texts)
+    monkeypatch.setenv("CP_ONNX_MAX_LINES", "110")
+    assert read_texts(texts) == ["a text"] * 50
+    texts.write_text("a text\r\n" * 110)  # one line each: a CRLF is one break
+    assert read_texts(texts) == ["a text"] * 110
+    (tmp_path / "sweep.jsonl").write_text("{}\n" * 111)
+    with pytest.raises(CpOnnxError, match="the sweep file .* has more than 110 lines"):
+        read_sweep(tmp_path / "sweep.jsonl")
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("texts.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "line 1 of {path} nests JSON too deeply (more than 64 levels)"),  # the issue's case
+    ("texts.jsonl", '{"text": "ok", "extra": ' + "[" * 65 + "]" * 65 + "}\n", "line 1 of {path} nests JSON too deeply"),
+    ("batch.toml", "a" + ".a" * 100_000 + " = 1\n", "{path} nests tables, arrays or dotted keys more than 64 deep"),  # 19 GB in tomllib
+    ("batch.toml", "a = " + "[" * 100_000 + "]" * 100_000 + "\n", "{path} nests tables, arrays or dotted keys more than 64 deep"),
+    ("batch.toml", "a = " + "{b=" * 100_000 + "1" + "}" * 100_000 + "\n", "{path} nests tables, arrays or dotted keys more than 64 deep"),
+    ("report.json", '{"a": "' + "[" * 100_000 + '"}', "is not a cp-onnx report"),  # brackets inside a string are text
+])
+def test_nesting_is_bounded_before_any_parser_recurses(folder, tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    command = {"texts.jsonl": ["analyze", folder, "--calibration", path, "--out", tmp_path / "o"], "batch.toml": ["batch", path],
+               "report.json": ["report", path, "--text"]}[name]
+    err = _one_line_error(capsys, command)
+    assert message.format(path=path) in err
+
+
+def test_json_documents_are_refused_past_their_size_limit(tmp_path):
+    from cp_onnx import inputs
+    from cp_onnx.analysis.report import read_report
+
+    report = tmp_path / "report.json"
+    report.write_text("[" + "{}," * (inputs.MAX_JSON_MB * 1_000_000 // 3) + "{}]")  # parsed: a dict per 3 bytes, 20 times the file
+    with pytest.raises(CpOnnxError, match=rf"the report .* is larger than {inputs.MAX_JSON_MB} MB"):
+        read_report(report)
+
+
+def test_tokenizer_json_nesting_is_bounded_by_its_parser(folder, tmp_path, capsys):
+    """tokenizer.json is read by json (its added tokens checked), then by the tokenizers library (serde_json, which stops at
+    128 levels): without a scan of its 33 MB (Gemma), json's own recursion limit stops deep nesting, in one line."""
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    shutil.copy(folder / "model.onnx", deep / "model.onnx")
+    (deep / "tokenizer.json").write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    err = _one_line_error(capsys, ["analyze", deep, "--out", tmp_path / "o"])
+    assert err == f"cp-onnx: error: {deep / 'tokenizer.json'} nests JSON too deeply to be read; re-export the model"
+    (deep / "tokenizer.json").write_text('{"model": ' + "[" * 200 + "]" * 200 + "}")  # within json's limit, past the library's
+    err = _one_line_error(capsys, ["analyze", deep, "--out", tmp_path / "o"])
+    assert err.startswith(f"cp-onnx: error: {deep / 'tokenizer.json'} is not a valid tokenizers file (Exception: recursion limit exceeded")
+
+
+def test_probe_items_of_too_many_options_are_refused(tmp_path):
+    """Each option is tokenized and matched against the item's other sequences: 90,000 options fit on one 1 MB line."""
+    from cp_onnx import inputs
+    from cp_onnx.groundtruth.probes import load_suite
+
+    options = [f" a{k}" for k in range(inputs.MAX_PROBE_OPTIONS + 1)]
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"kind": "comparison", "prompt": "Question: pick one\nAnswer:", "answer": options[0], "options": options}) + "\n")
+    with pytest.raises(CpOnnxError, match=rf"line 1 of .* has {inputs.MAX_PROBE_OPTIONS + 1} options, more than {inputs.MAX_PROBE_OPTIONS}"):
+        load_suite(suite)
+    suite.write_text(json.dumps({"kind": "comparison", "prompt": "Question: pick one\nAnswer:", "answer": options[0], "options": options[:-1]}) + "\n")
+    assert len(load_suite(suite)[0].options) == inputs.MAX_PROBE_OPTIONS

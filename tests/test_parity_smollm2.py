@@ -6,7 +6,6 @@ per-layer statistics and the same rankings.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

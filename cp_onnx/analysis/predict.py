@@ -220,7 +220,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     batches = [batch for u in units.values() for batch in u.batches]
     evaluator = ReuseEvaluator(model.onnx_path, Batches([*batches, *cost_plan.batches]), threads)
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
-    sizes = sorted(set(block_sizes))
+    sizes = sorted({end - start for start, end in candidates})  # the sizes that fit the model: the screen's middle one has blocks
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
     progress = _Progress(progress, len(units) * len(candidates))
     found, at = {}, 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp_onnx import __version__, inputs, shapes
+from cp_onnx import __version__, shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.files import file_sha256, json_ready
 from cp_onnx.analysis.stats import STAT_NAMES
@@ -97,13 +97,14 @@ def read_report(path: Path, *, complete: bool = False) -> dict:
     path = Path(path)
     hint = "give a report.json written by `cp-onnx analyze`"
     try:
-        data = shapes.parse_json(inputs.read_text(path, "report"), path, hint)
+        data = shapes.read_json(path, "report", hint)
     except FileNotFoundError as exc:
         raise CpOnnxError(f"{path} does not exist; run `cp-onnx analyze --out DIR` to make a report") from exc
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise CpOnnxError(f"{path} is not a cp-onnx report; {hint}")
     if data.get("version") != REPORT_VERSION:
-        raise CpOnnxError(f"{path} is report version {data.get('version')}, this cp-onnx reads version {REPORT_VERSION}; re-run analyze")
+        raise CpOnnxError(f"{path} is report version {shapes.shown(data.get('version'))}, this cp-onnx reads version {REPORT_VERSION}; "
+                          "re-run analyze")
     shapes.check(data, reading_schema(complete), str(path), "re-run `cp-onnx analyze` to write it again")
     layers = data["model"]["num_layers"]
     named = [(f"method {method!r}", block) for method, entry in data["methods"].items()

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 from cp_onnx.calibration import DATA_DIR, TASK_KINDS, iter_jsonl, read_texts
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.inputs import MAX_PROBE_OPTIONS
 from cp_onnx.files import write_text
 from cp_onnx.models.scoring import PROMPT, ProbeItem
 
@@ -305,6 +306,8 @@ def _item_from_record(record: dict, where: str) -> ProbeItem:
     options = record.get("options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise CpOnnxError(f'{where} has "options" that are not a list of strings; write them like ["yes", "no"] with the answer among them')
+    if len(options) > MAX_PROBE_OPTIONS:
+        raise CpOnnxError(f"{where} has {len(options):,} options, more than {MAX_PROBE_OPTIONS}; a probe item's options are its few candidate answers")
     if options and record["answer"] not in options:
         raise CpOnnxError(f'{where} has options {options} without its answer {record["answer"]!r}; add the answer to the options, spelled the same way')
     item_id = record.get("id", "")

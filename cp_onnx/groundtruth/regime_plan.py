@@ -32,14 +32,14 @@ class RegimePlan:
     """
 
     def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, regimes: Sequence[str] = REGIMES,
-                 batch_size: int = 16, max_length: int = 256, share_prefixes: bool = False):
+                 batch_size: int = 16, max_length: int = 256, share_prefixes: bool = False, item_limit: int | None = None):
         regimes = [r for r in REGIMES if r in regimes]
         if FEW_SHOT in regimes and not any(item.shots for item in items):
             if regimes == [FEW_SHOT]:
                 raise CpOnnxError("no probe item has shots, so there is no few-shot regime; give items \"shots\" or choose --regimes zero")
             regimes.remove(FEW_SHOT)  # a suite without shots is zero-shot only
-        self.plans = {r: ProbePlan(asked(items, r), encode, batch_size=batch_size, share_prefixes=share_prefixes and r == FEW_SHOT)
-                      for r in regimes}
+        self.plans = {r: ProbePlan(asked(items, r), encode, batch_size=batch_size, share_prefixes=share_prefixes and r == FEW_SHOT,
+                                   item_limit=item_limit) for r in regimes}
         self.general = ProbePlan([], encode, general, batch_size=batch_size, max_length=max_length)
         parts = [*self.plans.values(), self.general]
         self.batches = [batch for plan in parts for batch in plan.batches]

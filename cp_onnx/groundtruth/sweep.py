@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 from cp_onnx import inputs, shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.executors import Executor, make_executor
+from cp_onnx.models import budget
 from cp_onnx.files import file_sha256, json_ready, write_text
 from cp_onnx.groundtruth import probes
 from cp_onnx.groundtruth.regime_plan import RegimePlan
@@ -62,7 +63,7 @@ OPERATIONS = {"duplicate": Edit.duplicate, "skip": Edit.skip}  # what a sweep do
 def sweep(model: ModelFolder, edits: Sequence[Edit] | None = None, items: Sequence[probes.ProbeItem] | None = None, *,
           out: Path, workers: int = 1, progress: Callable[[int, int], None] | None = None, mode: str = "reuse",
           sizes: Sequence[int] = (3, 4, 5), all_blocks: bool = False, general: Sequence[str] | None = None,
-          batch_size: int = 16, max_length: int = 256, threads: int | None = None,
+          batch_size: int = 16, max_length: int = 256, item_limit: int | None = None, threads: int | None = None,
           executor: Executor | None = None, operation: str = "duplicate", regimes: Sequence[str] = REGIMES,
           log: Callable[[str], None] = print) -> list[dict]:
     """Score the baseline and every edit on ``items`` (default: ``probe_suite(0)``) into the JSONL file ``out``.
@@ -78,16 +79,24 @@ def sweep(model: ModelFolder, edits: Sequence[Edit] | None = None, items: Sequen
         raise CpOnnxError(f"unknown sweep mode {mode!r}; use one of {', '.join(MODES)}")
     if operation not in OPERATIONS:
         raise CpOnnxError(f"unknown sweep operation {operation!r}; use one of {', '.join(OPERATIONS)}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise CpOnnxError(f"workers must be a whole number >= 1, not {workers!r}")
+    item_limit = inputs.MAX_ITEM_TOKENS if item_limit is None else item_limit
+    for name, value in (("workers", workers), ("max_length", max_length), ("batch_size", batch_size), ("max item length", item_limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CpOnnxError(f"{name} must be a whole number >= 1, not {value!r}")
     items = probes.probe_suite(0) if items is None else list(items)
     if not items:
         raise CpOnnxError("the probe suite is empty; give at least one item")
     general = probes.general_texts() if general is None else general
     cached = mode == "reuse" and model.with_past_path is not None  # shared few-shot prefixes run once per config
     plan = RegimePlan(items, lambda text: model.encode([text])[0][0], general, regimes=regimes, batch_size=batch_size, max_length=max_length,
-                      share_prefixes=cached)
+                      share_prefixes=cached, item_limit=item_limit)
     num_layers = model.num_layers
+    shape = budget.model_shape(model)
+    if mode == "reuse":  # before the sweep file is created: a refused sweep leaves nothing behind
+        budget.check_evaluator(shape, budget.batch_shapes(plan.batches), "the sweep's batches")
+    else:  # the naive evaluator runs each batch through the whole model, all positions' logits included
+        rows, length = max(budget.batch_shapes(plan.batches), key=lambda b: b[0] * b[1])
+        budget.check_batches(shape, [range(length)] * rows, rows, patterns=False)
     edits = _checked_edits(block_edits(num_layers, sizes, all_blocks=all_blocks, operation=operation) if edits is None else edits, num_layers)
     operation = next((e.kind for e in edits if e.kind != "baseline"), operation)
     header = {"format": SWEEP_FORMAT, "version": SWEEP_VERSION, "operation": operation, "regimes": plan.regimes,
@@ -207,13 +216,16 @@ def _read_lines(path: Path) -> tuple[dict, list[dict], int | None]:
         data = inputs.read_bytes(path, "sweep file")
     except FileNotFoundError:
         raise CpOnnxError(f"no sweep file at {path}; run `cp-onnx sweep --out {path}` first") from None
+    inputs.check_line_count(data.count(b"\n"), path, "sweep file")
     lines = data.split(b"\n")
+    inputs.check_lines(lines, path, "sweep file")  # a row is a few kB; each is parsed into objects many times its size
     complete, tail = lines[:-1], lines[-1]  # text after the last newline is a line cut short by a kill
     header = _parse(complete[0] if complete else b"", path, 1)
     if not isinstance(header, dict) or header.get("format") != SWEEP_FORMAT:
         raise CpOnnxError(f"{path} is not a cp-onnx sweep file; give the JSONL file written by `cp-onnx sweep`")
     if header.get("version") not in (1, SWEEP_VERSION):
-        raise CpOnnxError(f"{path} is sweep format version {header.get('version')}, this cp-onnx reads versions 1 and {SWEEP_VERSION}; run the sweep again")
+        raise CpOnnxError(f"{path} is sweep format version {shapes.shown(header.get('version'))}, this cp-onnx reads versions 1 and "
+                          f"{SWEEP_VERSION}; run the sweep again")
     shapes.check(header, HEADER_SCHEMA, f"line 1 of {path}", "delete the file to start the sweep over")
     rows = [_parse(line, path, number) for number, line in enumerate(complete[1:], 2)]
     schema = ROW_SCHEMA if header["version"] == SWEEP_VERSION else ROW_SCHEMA_V1

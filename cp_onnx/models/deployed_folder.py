@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from cp_onnx import shapes
 from cp_onnx.errors import CpOnnxError
 from exporters.manifest import FORMAT, tool_version
 
@@ -55,10 +56,7 @@ def set_layer_count(folder: Path, num_layers: int) -> None:
 def _read(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CpOnnxError(f"{path} is not valid JSON ({exc}); rebuild the model") from None
+    data = shapes.read_json(path, "runtime config", "rebuild the model")
     return data if isinstance(data, dict) else {}
 
 

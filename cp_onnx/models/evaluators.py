@@ -21,6 +21,7 @@ import numpy as np
 
 import graph_passes
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.models import budget
 from cp_onnx.models.runner import Runner, cache_feeds, open_graph, position_ids_for, segment_session
 from cp_onnx.models.scoring import ProbePlan, TokenBatch, score_model, token_scores
 from graph_passes.edit import Edit
@@ -66,7 +67,10 @@ class ReuseEvaluator:
 
     def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
         proto, weights = open_graph(onnx_path)
-        parts = segment(proto, graph_passes.discover(proto))
+        layer_map = graph_passes.discover(proto)
+        shape = budget.Shape(layer_map.num_layers, max(layer_map.hidden_size or 1, 1), max(layer_map.num_heads or 1, 1), 1)
+        budget.check_evaluator(shape, budget.batch_shapes(plan.batches), "the batches to evaluate")  # whoever planned them
+        parts = segment(proto, layer_map)
         del proto
         if not parts.past and any(batch.prefix for batch in plan.batches):
             raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")

@@ -2,12 +2,12 @@
 folder has it, otherwise by re-running the whole sequence for every new token."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from cp_onnx import shapes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.model import ModelFolder
 from cp_onnx.models.runner import Runner, cache_feeds, open_graph, run_session
@@ -139,14 +139,13 @@ def eos_token_ids(model: ModelFolder) -> set[int]:
         token = _read_json(model.path / "tokenizer_config.json").get("eos_token")
         token = token.get("content") if isinstance(token, dict) else token
         found = model.tokenizer.token_to_id(token) if isinstance(token, str) else None
-    if found is None:
-        return set()
-    return {int(i) for i in found} if isinstance(found, list) else {int(found)}
+    found = found if isinstance(found, list) else [found]
+    return {i for i in found if isinstance(i, int) and not isinstance(i, bool) and i >= 0}  # a damaged file's others are no token
 
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # absent or unreadable: the next source is tried
+        data = shapes.read_json(path, "model config", "")
+    except (CpOnnxError, OSError):
+        return {}  # absent, unreadable or hostile: the next source is tried
     return data if isinstance(data, dict) else {}

@@ -53,7 +53,7 @@ class ModelFolder:
         """Token ids per text (BOS as the exported tokenizer adds it), and how many texts were truncated."""
         token_lists, truncated = [], 0
         for text in texts:
-            ids = self.tokenizer.encode(text).ids
+            ids = _tokenizer_call(self.tokenizer.encode, text, where=self.path / "tokenizer.json").ids
             if max_length is not None and len(ids) > max_length:
                 ids, truncated = ids[:max_length], truncated + 1
             token_lists.append(ids)
@@ -68,10 +68,27 @@ def load_tokenizer(folder: Path):
     if not path.is_file():
         raise CpOnnxError(f"no tokenizer.json in {folder}; export the model with `cp-onnx export` or pass --tokenizer DIR")
     text = inputs.read_text(path, "tokenizer")  # within the file limit: a huge one would be parsed whole into memory
+    # Its added tokens are checked before the tokenizers library builds its matcher for them, in time that grows with the
+    # square of a token's length (100,000 characters took 21 s). json's own recursion bound (and the library's, at 128
+    # levels) stop deep nesting; a scan first would double the time on a 33 MB vocabulary (Gemma).
+    shapes.check(shapes.parse_json(text, path, "re-export the model", scan=False), TOKENIZER_SCHEMA, str(path), "re-export the model")
+    tokenizer = _tokenizer_call(Tokenizer.from_str, text, where=path)
+    tokenizer.no_truncation()  # cp-onnx cuts and pads texts itself (--max-length, batches): a file's own settings would cut
+    tokenizer.no_padding()     # texts silently or pad each to any length it names
+    _tokenizer_call(tokenizer.encode, TOKENIZER_PROBE, where=path)  # a normalizer or pre-tokenizer that cannot work fails here, once
+    return tokenizer
+
+
+def _tokenizer_call(call, *args, where: Path):
+    """``call(*args)`` of the tokenizers library, whose Rust panics (PanicException, a BaseException) and errors on a damaged
+    tokenizer.json become one line."""
     try:
-        return Tokenizer.from_str(text)
-    except Exception as exc:
-        raise CpOnnxError(f"{path} is not a valid tokenizers file ({type(exc).__name__}); re-export the model") from exc
+        return call(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CpOnnxError(f"{where} is not a valid tokenizers file ({type(exc).__name__}: {reason}); re-export the model") from None
 
 
 def _inside(folder: Path, relative: str) -> Path:
@@ -86,6 +103,12 @@ def _inside(folder: Path, relative: str) -> Path:
     return target
 
 
+TOKENIZER_PROBE = "The 3 cats, 12 dogs: done.\n"
+# What cp-onnx checks of tokenizer.json before the tokenizers library reads it: its added tokens.
+TOKENIZER_SCHEMA = {"type": "object", "properties": {"added_tokens": {"type": ["array", "null"], "items": {
+    "type": "object", "required": ["id", "content"], "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+        "content": {"type": "string", "minLength": 1, "maxLength": inputs.MAX_ADDED_TOKEN_CHARS}}}}}}
 _NAME = {"type": ["string", "null"]}
 _COUNT = {"type": ["integer", "null"], "minimum": 1, "maximum": 2**31}
 # The manifest fields the analysis reads (exporters.manifest checks the whole manifest of a cache entry).
@@ -101,7 +124,7 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         return {}
-    manifest = shapes.parse_json(inputs.read_text(path, "manifest"), path, "re-export the model")
+    manifest = shapes.read_json(path, "manifest", "re-export the model")
     if not isinstance(manifest, dict):
         raise CpOnnxError(f"{path} is not a cp-onnx manifest; re-export the model")
     shapes.check(manifest, MANIFEST_SCHEMA, str(path), "re-export the model")

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.models.budget import PLAN_ROWS
 from cp_onnx.models.runner import Runner, pad_batch
 
 Encode = Callable[[str], Sequence[int]]
@@ -83,10 +84,13 @@ class TokenBatch:
 class ProbePlan:
     """The sequences to run for some probe items and general texts, batched by length."""
 
-    def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, batch_size: int = 16,
-                 max_length: int = 256, share_prefixes: bool = False):
+    def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, batch_size: int = PLAN_ROWS,
+                 max_length: int = 256, share_prefixes: bool = False, item_limit: int | None = None):
+        """General texts are cut at ``max_length`` tokens; an item (shots, prompt and answer) longer than ``item_limit``
+        is refused (cut, it would lose its answer)."""
         if batch_size < 1:
             raise CpOnnxError(f"batch size must be at least 1, not {batch_size}")
+        self.item_limit = item_limit
         self.items = list(items)
         self.continuations: list[Continuation] = []
         self.sequences: list[ScoredSequence] = []
@@ -125,6 +129,10 @@ class ProbePlan:
         hosts: list[tuple[tuple[int, ...], list[int]]] = []  # (tokens, continuations) of this item's sequences
         for option, text in choices:
             tokens = _continuation(item, prompt, text, encode)
+            if self.item_limit is not None and len(prompt) + len(tokens) > self.item_limit:
+                raise CpOnnxError(f"probe item {item.id[:60]!r} is {len(prompt) + len(tokens)} tokens with its shots, prompt and "
+                                  f"{'answer' if option is None else 'option ' + repr(text[:20])}, more than {self.item_limit} "
+                                  "(--max-item-length); shorten it, or raise the limit")
             self.continuations.append(Continuation(tokens, k, option))
             host = next((h for h in hosts if h[0][len(prompt) : len(prompt) + len(tokens) - 1] == tokens[:-1]), None)
             if host is None:
