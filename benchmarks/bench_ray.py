@@ -41,7 +41,7 @@ def main() -> None:
     items = probes.probe_suite(0, per_kind=math.ceil(args.items / len(probes.TASK_KINDS)))[: args.items]
     general = probes.general_texts()[:GENERAL_TEXTS]
     num_layers = model.num_layers
-    blocks = sweep_module.block_configs(num_layers, (3, 4, 5))[1:]
+    blocks = sweep_module.block_edits(num_layers, (3, 4, 5))[1:]
     configs = blocks[:: max(1, len(blocks) // args.configs)][: args.configs]  # spread over depth and sizes
 
     with tempfile.TemporaryDirectory() as folder:

@@ -30,11 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from cp_onnx.groundtruth import probes  # noqa: E402
 
-from cp_onnx.groundtruth.sweep import block_configs, read_sweep, regime_rows, sweep  # noqa: E402
+from cp_onnx.groundtruth.sweep import block_edits, read_sweep, regime_rows, sweep  # noqa: E402
+from graph_passes.edit import Edit  # noqa: E402
 from cp_onnx.models.model import open_model  # noqa: E402
 
 # Spread over the depth and sizes 3-5, rerunning on average about as many layers as the full sweep's blocks do.
-CONFIGS = [(3, 6), (9, 12), (12, 15), (15, 19), (20, 25), (26, 30)]
+CONFIGS = [Edit.duplicate(i, j) for i, j in ((3, 6), (9, 12), (12, 15), (15, 19), (20, 25), (26, 30))]
 METRICS = ("answer_logprob", "greedy_accuracy", "choice_accuracy", "general_nll")
 MODES = ("prefix", "reuse", "naive")
 
@@ -68,8 +69,8 @@ def estimate_full_sweep(result: dict, num_layers: int) -> float:
     y = np.array([r["seconds"] for r in rows])
     slope, intercept = np.polyfit(x, y, 1)
     setup = result["seconds"] - sum(r["seconds"] for r in result["rows"])
-    configs = block_configs(num_layers, (3, 4, 5))
-    return setup + sum(intercept + slope * reruns(c, num_layers) for c in configs)
+    configs = block_edits(num_layers, (3, 4, 5))
+    return setup + sum(intercept + slope * reruns(c.block or (None, None), num_layers) for c in configs)
 
 
 def main() -> None:

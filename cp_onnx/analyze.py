@@ -29,7 +29,7 @@ from cp_onnx.files import write_json
 from cp_onnx.models import budget
 from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.models.model import ModelFolder
-from cp_onnx.regimes import REGIMES, ZERO_SHOT
+from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
 
 # The paper's two kinds of circuit and the method that predicts each.
 KINDS = {"stability": "stability", "magnitude": "anomaly"}
@@ -188,7 +188,8 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
     shape = budget.model_shape(model, reader.layer_map)
     budget.check_batches(shape, texts.token_lists, settings.batch_size, patterns=reader.with_patterns)
     if predict.METHOD in settings.methods:  # its batches from the real token counts; a zero-shot question is never cut
-        budget.check_prediction(model, shape, texts.token_lists, texts.questions, settings.max_length, texts.general, RESAMPLES)
+        budget.check_prediction(model, shape, texts.token_lists, texts.questions, settings.max_length, texts.general, RESAMPLES,
+                                few_shot=FEW_SHOT in settings.regimes)
     timings["load_and_rewrite_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

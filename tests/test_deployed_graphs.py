@@ -258,13 +258,13 @@ def test_applied_fp32_build_generates_as_torch_and_as_genai(deployed, applied, f
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int4_build_is_analysed_predicted_applied_and_generates(deployed, applied, family):
     from cp_onnx.analysis.predict import predict
-    from cp_onnx.calibration import load_calibration, load_questions
+    from cp_onnx.calibration import load_calibration
 
     source = open_model(deployed(family)["int4"])
     stats = collect_statistics(ActivationReader(source), source.encode(TEXTS)[0], batch_size=2)
     assert all(np.isfinite(values).all() for name, values in stats.items() if name != "attention_entropy")
-    found = predict(source, load_calibration(None, n=10), load_calibration("general", n=4), questions=load_questions(None)[:16],
-                    block_sizes=(1, 2), max_length=48)
+    questions = [(f"What is {a} plus {a}?", str(2 * a), "arithmetic") for a in range(1, 9)]  # within the tiny build's context
+    found = predict(source, load_calibration(None, n=10), load_calibration("general", n=4), questions=questions, block_sizes=(1, 2), max_length=48)
     assert list(found) == ["zero_shot", "few_shot"]
     for prediction in found.values():  # both regimes
         assert prediction.decision in ("help", "abstain") and len(prediction.blocks) == 5  # blocks of sizes 1 and 2 of 3 layers
@@ -282,7 +282,7 @@ def test_int4_sweep_reuse_equals_routed_models_run_from_scratch(deployed, tmp_pa
 
     folder = open_model(deployed("qwen2")["int4"])
     items, general = probes.probe_suite(0)[:6], probes.general_texts()[:2]
-    configs = [(0, 1), (1, 3)]
+    configs = [Edit.duplicate(0, 1), Edit.duplicate(1, 3)]
     rows = {mode: sweep(folder, configs, items, general=general, out=tmp_path / f"{mode}.jsonl", mode=mode, max_length=64, log=quiet)
             for mode in ("reuse", "naive")}
     for reuse, naive in zip(rows["reuse"], rows["naive"]):

@@ -245,11 +245,11 @@ def test_damaged_graphs_found_by_fuzzing_are_one_line_errors(tmp_path, damage, m
 
 @pytest.mark.parametrize("text, message", [
     ("[" * 100_000 + "]" * 100_000, "nests JSON too deeply"),
-    ('{"format": "cp-onnx-report", "version": 1, "model": {"name": "m", "num_layers": 1e400}, "layers": [], "methods": {}}',
+    ('{"format": "cp-onnx-report", "version": 2, "model": {"name": "m", "num_layers": 1e400}, "layers": [], "methods": {}}',
      "model.num_layers should be integer, not Infinity"),
-    ('{"format": "cp-onnx-report", "version": 1, "model": {"name": "m", "num_layers": 3}, "layers": [{"layer": 0}], '
+    ('{"format": "cp-onnx-report", "version": 2, "model": {"name": "m", "num_layers": 3}, "layers": [{"layer": 0}], '
      '"methods": {"m": {"blocks": [{"start": 0, "end": 9, "score": 1, "metrics": {}}]}}}', r"names block \[0, 9\), not a block"),
-    ('{"format": "cp-onnx-report", "version": 1, "model": {"name": "m", "num_layers": 3}, "layers": [{"layer": 0, "x": NaN}], '
+    ('{"format": "cp-onnx-report", "version": 2, "model": {"name": "m", "num_layers": 3}, "layers": [{"layer": 0, "x": NaN}], '
      '"methods": {}}', r"layers\[0\].x should be number or null, not NaN"),
 ])
 def test_damaged_reports_found_by_fuzzing_are_one_line_errors(tmp_path, text, message):

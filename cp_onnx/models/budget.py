@@ -11,7 +11,7 @@ The default prediction and the sweep run their token batches through the reuse e
 then on disk), every batch's context tensors (an attention mask of seq x seq per row among them) and
 works on one batch at a time: ``evaluator_bytes``. The batches are those actually built: the few-shot
 texts' digit-token batches, the zero-shot questions (each asked with its answer, never cut: a question
-longer than --max-length is refused, ``question_lengths``), the cost side's texts and general texts, a
+longer than a probe item may be is refused, ``question_lengths``), the cost side's texts and general texts, a
 probe suite's items; ``check_prediction`` plans them from the real token counts before anything runs.
 
 Available memory: $CP_ONNX_MEMORY_GB, else the system's MemAvailable (what may be used without swapping).
@@ -106,17 +106,18 @@ def model_shape(model, layer_map=None) -> Shape:
     return Shape(layers, size("hidden_size", found[0]), size("num_heads", found[1]), max(int(vocab), 1))
 
 
-def question_lengths(encode: Callable[[str], Sequence[int]], questions: Sequence[tuple[str, str, str]], max_length: int) -> list[int]:
+def question_lengths(encode: Callable[[str], Sequence[int]], questions: Sequence[tuple[str, str, str]], limit: int) -> list[int]:
     """Tokens of each zero-shot question as the prediction asks it (prompt and answer), one at a time; CpOnnxError for
-    the first longer than ``max_length``: a question is never cut (cut, it would lose the answer it is scored on)."""
+    the first longer than ``limit`` (a probe item's, MAX_ITEM_TOKENS: a question is a probe item asked alone): a
+    question is never cut (cut, it would lose the answer it is scored on)."""
     from cp_onnx.models.scoring import PROMPT
 
     lengths = []
     for k, (question, answer, _) in enumerate(questions):
         count = len(encode(PROMPT.format(question=question) + " " + answer))
-        if count > max_length:
+        if count > limit:
             raise CpOnnxError(f"calibration question {k + 1} ({question[:40]!r}...) is {count} tokens with its prompt and answer, more than "
-                              f"--max-length {max_length}; shorten it, or raise --max-length (questions are never cut)")
+                              f"the {limit} a question asked alone may take; shorten it (questions are never cut)")
         lengths.append(count)
     return lengths
 
@@ -177,16 +178,18 @@ def check_evaluator(shape: Shape, batches: Sequence[tuple[int, int]], what: str,
 
 
 def check_prediction(model, shape: Shape, token_lists: Sequence[Sequence[int]], questions: Sequence[tuple[str, str, str]],
-                     max_length: int, general: Sequence[str], resamples: int) -> None:
+                     max_length: int, general: Sequence[str], resamples: int, *, few_shot: bool = True) -> None:
     """The default prediction's batches planned from the real token counts and checked, before anything runs: the
-    zero-shot ``questions`` asked with their answers (each refused past ``max_length``), the few-shot texts'
+    zero-shot ``questions`` asked with their answers (each refused past MAX_ITEM_TOKENS), with ``few_shot`` the texts'
     ``token_lists`` (cut after their last digit: no longer than this), and the cost side (the texts and the ``general``
     texts, cut at ``max_length``). Both regimes share one evaluator, so their batches are counted together."""
+    from cp_onnx.inputs import MAX_ITEM_TOKENS
+
     encode = lambda text: model.encode([text])[0][0]  # noqa: E731  (as predict tokenizes)
-    asked = question_lengths(encode, questions, max_length) if questions else []
+    asked = question_lengths(encode, questions, MAX_ITEM_TOKENS) if questions else []
     written = [len(t) for t in token_lists]
     general_lengths = [len(t) for t in model.encode(list(general), max_length=max_length)[0]]
     # The decision's bootstrap draws every unit ``resamples`` times: a few float64 arrays of that size at once.
-    resampling = BOOTSTRAP_COPIES * resamples * max(len(asked), len(written)) * 8
-    batches = planned_batches(asked) + planned_batches(written) + planned_batches(written + general_lengths)
+    resampling = BOOTSTRAP_COPIES * resamples * max(len(asked), len(written) if few_shot else 0) * 8
+    batches = planned_batches(asked) + (planned_batches(written) if few_shot else []) + planned_batches(written + general_lengths)
     check_evaluator(shape, batches, "the default prediction's batches", extra=resampling)
