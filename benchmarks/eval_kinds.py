@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweeps:
         parser.error("give --sweeps SEED0.jsonl SEED1.jsonl")
     regime = ZERO_SHOT if args.regime == "zero" else FEW_SHOT
-    stem = f"kinds_{args.name}" + ("-zero-shot" if regime == ZERO_SHOT else "")
+    stem = f"kinds_{args.name}_{regime}"
     if args.rejudge:
         result = json.loads((RESULTS / f"{stem}.json").read_text())
         sweeps = [regime_rows_of(path, result["onnx_sha256"], regime) for path in args.sweeps]

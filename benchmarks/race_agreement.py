@@ -32,12 +32,12 @@ from cp_onnx.models.model import open_model
 
 # Per development model, its committed sweeps by regime (two probe-suite seeds each).
 SWEEPS = {
-    "smollm2": {"zero_shot": ["sweep_smollm2_regimes_seed0.jsonl", "sweep_smollm2_regimes_seed1.jsonl"],
-                "few_shot": ["sweep_smollm2_regimes_seed0.jsonl", "sweep_smollm2_regimes_seed1.jsonl"]},
-    "qwen2.5-coder-0.5b": {"zero_shot": ["sweep_qwen2.5-coder-0.5b_zero_seed0.jsonl", "sweep_qwen2.5-coder-0.5b_zero_seed1.jsonl"],
-                           "few_shot": ["sweep_qwen2.5-coder-0.5b_few_seed0.jsonl", "sweep_qwen2.5-coder-0.5b_few_seed1.jsonl"]},
-    "gemma3-270m": {"zero_shot": ["sweep_gemma3-270m_zero_seed0.jsonl", "sweep_gemma3-270m_zero_seed1.jsonl"],
-                    "few_shot": ["sweep_gemma3-270m_sizes3-5_seed0.jsonl", "sweep_gemma3-270m_sizes3-5_seed1.jsonl"]},
+    "smollm2": {"zero_shot": ["sweep_smollm2_both_seed0.jsonl", "sweep_smollm2_both_seed1.jsonl"],
+                "few_shot": ["sweep_smollm2_both_seed0.jsonl", "sweep_smollm2_both_seed1.jsonl"]},
+    "qwen2.5-coder-0.5b": {"zero_shot": ["sweep_qwen2.5-coder-0.5b_zero_shot_seed0.jsonl", "sweep_qwen2.5-coder-0.5b_zero_shot_seed1.jsonl"],
+                           "few_shot": ["sweep_qwen2.5-coder-0.5b_few_shot_seed0.jsonl", "sweep_qwen2.5-coder-0.5b_few_shot_seed1.jsonl"]},
+    "gemma3-270m": {"zero_shot": ["sweep_gemma3-270m_zero_shot_seed0.jsonl", "sweep_gemma3-270m_zero_shot_seed1.jsonl"],
+                    "few_shot": ["sweep_gemma3-270m_few_shot_seed0.jsonl", "sweep_gemma3-270m_few_shot_seed1.jsonl"]},
 }
 METRICS = ("answer_logprob", "greedy_accuracy")
 

@@ -44,7 +44,7 @@ def test_readme_shows_the_decision_analyze_prints_first():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## What `cp-onnx analyze` prints on the default model", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"```\n(.+?)\n```", section, flags=re.S).group(1)
-    recorded = json.loads((ROOT / "benchmarks" / "results" / "predictions_smollm2-135m.json").read_text())["prediction"]
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "predictions_smollm2_few_shot_v1.json").read_text())["prediction"]
     few_shot = predict.REGIMES[predict.FEW_SHOT]  # the default regime, as the code now names it
     prediction = recorded | {"regime": predict.FEW_SHOT, "metric": few_shot.metric, "gain_per": few_shot.per}
     assert shown.split("\n\n")[0] == textwrap.fill(decision_line({"prediction": prediction}), WIDTH, subsequent_indent="  ",

@@ -24,7 +24,7 @@ n layers it would remove (its *choice*) and, where it has one, a ranking of the 
   more than the search: on SmolLM2 the general texts' loss (SLEB's) picks layer 9 as the cheapest single
   layer, which costs 0.43 nats per probe item, and the reasoning texts' loss picks layer 3, which costs
   nothing (+0.01); the held-out choice matters at 3-4 layers, where the greedy set's lower calibration loss
-  cost 0.37-0.93 nats per probe item against 0.05-0.17 for the block (benchmarks/results/prune_smollm2-135m.md).
+  cost 0.37-0.93 nats per probe item against 0.05-0.17 for the block (benchmarks/results/prune_smollm2.md).
 
 Lower scores mean "cheaper to remove" for every method.
 """
