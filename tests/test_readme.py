@@ -31,22 +31,22 @@ def test_every_readme_subcommand_exists():
     assert documented and documented <= set(choices)
 
 
-def test_readme_shows_the_decision_analyze_prints_first():
-    """The README's SmolLM2 printout opens with the decision line, formatted as the code formats it, for the prediction
-    the SmolLM2 benchmark recorded (recorded before `regime` named the few-shot regime so; the method measured the same)."""
+def test_readme_shows_what_analyze_prints_first():
+    """The README's SmolLM2 printout is the summary of the committed report of `cp-onnx analyze` on SmolLM2 (both
+    decisions, then the zero-shot greedy line), as the code formats it."""
     import json
-    import textwrap
 
-    from cp_onnx.analysis import predict
-    from cp_onnx.outputs.decision import decision_line
-    from cp_onnx.outputs.summary import RANKINGS_NOTE, WIDTH
+    from cp_onnx.outputs.summary import format_summary
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## What `cp-onnx analyze` prints on the default model", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"```\n(.+?)\n```", section, flags=re.S).group(1)
-    recorded = json.loads((ROOT / "benchmarks" / "results" / "predictions_smollm2_few_shot_v1.json").read_text())["prediction"]
-    few_shot = predict.REGIMES[predict.FEW_SHOT]  # the default regime, as the code now names it
-    prediction = recorded | {"regime": predict.FEW_SHOT, "metric": few_shot.metric, "gain_per": few_shot.per}
-    assert shown.split("\n\n")[0] == textwrap.fill(decision_line({"prediction": prediction}), WIDTH, subsequent_indent="  ",
-                                                   break_on_hyphens=False)
-    assert RANKINGS_NOTE in shown.splitlines()
+    report = json.loads((ROOT / "benchmarks" / "results" / "report_smollm2.json").read_text())
+    printed = format_summary(report).split("\n\n")
+    assert shown.split("\n\n")[:2] == printed[:2]  # the two decisions, then the first greedy line
+    assert list(report["predictions"]) == ["zero_shot", "few_shot"]
+    assert report["predictions"]["zero_shot"]["decision"] == "help" and report["predictions"]["few_shot"]["decision"] == "abstain"
+
+
+def test_readme_line_count():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
