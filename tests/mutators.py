@@ -9,7 +9,7 @@ import random
 
 import onnx
 
-from gguf_files import Place, get, put
+from support import Place, get, put
 
 def mutate_model(model: onnx.ModelProto, rng: random.Random) -> tuple[onnx.ModelProto | bytes, str]:
     """One structural mutation of a copy of ``model`` (or the serialized bytes, damaged), and its description."""
@@ -211,7 +211,7 @@ GGUF_MUTATIONS = ("count", "key_length", "value_type", "string_length", "array_c
 def mutate_gguf(data: bytes, places: dict[str, list[Place]], rng: random.Random) -> tuple[bytes, str]:
     """A GGUF file with one field of its header set to a value the file cannot back (or a plausible one), cut, flipped in
     its header, renamed to another architecture, extended, or with its weights' bytes flipped; ``places`` locate the
-    fields (gguf_files.places)."""
+    fields (support.places)."""
     data, how = bytearray(data), rng.choice(GGUF_MUTATIONS)
     header_end = max(p.offset for ps in places.values() for p in ps) + 8
     if how == "truncate":

@@ -11,25 +11,7 @@ from onnx import TensorProto, helper
 from cp_onnx.analysis import report as report_mod
 from cp_onnx.cli import main
 from cp_onnx.outputs.decision import NO_PREDICTION
-from tiny import write_byte_tokenizer
-
-TINY_ARGS = ["-n", "6", "--block-sizes", "1,2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tiny_model, tmp_path_factory):
-    """A tiny Llama export with a byte-level tokenizer beside it."""
-    _, onnx_path = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    shutil.copy(onnx_path, folder / "model.onnx")
-    write_byte_tokenizer(folder)
-    return folder
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from support import TINY_ARGS, run, write_byte_tokenizer
 
 
 def test_report_validates_and_is_deterministic(tiny_folder, tmp_path, capsys):

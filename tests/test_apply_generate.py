@@ -18,55 +18,11 @@ from cp_onnx.models.runner import Runner, pad_batch
 from exporters.manifest import read_manifest
 from graph_passes import GraphPassError, graph_io
 from graph_passes.metadata import routed_path
-from test_expose import rel_err
-from test_route import repeated_layers, torch_logits
-from tiny import build_hf_model
+from support import quiet, rel_err, repeated_layers, torch_generate, torch_logits
 
 DUPLICATE = [0, 1, 2, 1, 2]  # block 1:3 of the 3-layer tiny model run twice
 PROMPT = "Hello there, world"
 NEW_TOKENS = 12
-quiet = lambda message: None  # noqa: E731
-
-
-def byte_tokenizer():
-    """A transformers fast tokenizer over printable ASCII (ids 3..97) with <unk>, <s> (prepended) and </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = {byte: char for byte, char in zip(range(32, 127), ["Ġ", *map(chr, range(33, 127))])}  # ByteLevel's space is Ġ
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{char: 3 + k for k, char in enumerate(alphabet.values())}}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    """(torch model, cp-onnx model folder with_past) of a tiny Llama with a byte tokenizer, through `export`."""
-    from exporters import export
-
-    root = tmp_path_factory.mktemp("llama_export")
-    hf = build_hf_model("llama", root / "hf")
-    byte_tokenizer().save_pretrained(root / "hf")
-    folder = export(root / "hf", with_past=True, cache_dir=root / "cache", log=quiet)
-    return hf, folder
-
-
-@pytest.fixture(scope="module")
-def duplicated(llama_folder, tmp_path_factory):
-    """The tiny Llama applied with its block 1:3 duplicated."""
-    return apply(open_model(llama_folder[1]), Edit.parse("1:3"), tmp_path_factory.mktemp("applied") / "dup", log=quiet)
-
-
-def torch_generate(hf, ids: list[int], path: list[int], new_tokens: int) -> list[int]:
-    import torch
-
-    with repeated_layers(hf, "llama", path), torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=new_tokens,
-                          do_sample=False, use_cache=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("which", ["original", "duplicated"])

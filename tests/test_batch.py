@@ -16,7 +16,7 @@ from cp_onnx.analysis import report as report_mod
 from cp_onnx.batch import load_manifest
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
-from test_embed import tiny_folder, tiny_report
+from support import tiny_report, write_tiny_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "[settings]\nn = 6\nblock_sizes = [1, 2]\n"
@@ -25,7 +25,7 @@ SETTINGS = "[settings]\nn = 6\nblock_sizes = [1, 2]\n"
 @pytest.fixture(scope="module")
 def folders(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("batch-models")
-    return {family: tiny_folder(tiny_model, family, root / family) for family in ("llama", "qwen2")}
+    return {family: write_tiny_folder(tiny_model, family, root / family) for family in ("llama", "qwen2")}
 
 
 def manifest(path: Path, folders: dict, *extra: str, settings: str = SETTINGS) -> Path:

@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from cp_onnx.analysis.circuit import build_circuit_graph, circuit_analysis, head_node, layer_node, to_dot, write_circuit
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.model import ModelFolder
-from tiny import write_byte_tokenizer
+from support import write_byte_tokenizer
 
 TEXTS = ["the cat sat on it", "2 + 3 = 5, so 5 - 3 = 2"]
 SIZES = (1, 2)

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,31 +9,9 @@ import pytest
 from cp_onnx.files import write_json
 from cp_onnx.cli import main
 from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, decision_lines
-from test_embed import tiny_folder, tiny_report
+from support import ABSTAIN, HELP, ZERO, cpp_tools_missing, run_reader, tiny_report, write_tiny_folder
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
-HEADER = Path("/usr/include/nlohmann/json.hpp")
-
-
-def _missing() -> str | None:
-    for tool in ("cmake", "c++"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (CI installs it; locally: apt-get install cmake g++)"
-    if not HEADER.is_file():
-        return "nlohmann/json is not installed (CI installs it; locally: apt-get install nlohmann-json3-dev)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
-
-
-@pytest.fixture(scope="module")
-def reader(tmp_path_factory) -> Path:
-    build = tmp_path_factory.mktemp("cpp-build")
-    for command in (["cmake", "-S", EXAMPLE, "-B", build, "-Wno-dev"], ["cmake", "--build", build]):
-        done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-    return build / "report_reader"
+pytestmark = pytest.mark.skipif(cpp_tools_missing() is not None, reason=cpp_tools_missing() or "")
 
 
 def cli_text(report_path: Path, top: int, capsys) -> str:
@@ -43,12 +19,8 @@ def cli_text(report_path: Path, top: int, capsys) -> str:
     return capsys.readouterr().out
 
 
-def run_reader(reader: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(reader), *map(str, args)], capture_output=True, text=True)
-
-
 def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
-    folder = tiny_folder(tiny_model, "qwen2", tmp_path / "qwen2")
+    folder = write_tiny_folder(tiny_model, "qwen2", tmp_path / "qwen2")
     path = write_json(tiny_report(folder), tmp_path / "report.json")
     for top in (5, 2):
         done = run_reader(reader, path, top)
@@ -71,8 +43,6 @@ def test_cpp_prints_what_the_cli_prints(reader, tiny_model, tmp_path, capsys):
 def test_cpp_decision_line_equals_pythons(reader, tmp_path, capsys):
     """Every branch of the decision line: help and abstain with their figures, trimmed and older predictions, a line
     break in a hand-edited reason, null costs, a one-layer block, a missing confidence, a zero-shot gain per question."""
-    from test_decision import ABSTAIN, HELP, ZERO
-
     base = {"format": "cp-onnx-report", "version": 2, "model": {"name": "toy", "num_layers": 30}, "methods": {}, "layers": []}
     no_cost = {**ABSTAIN, "candidates": [{**ABSTAIN["candidates"][0], "metrics": {"gain_lower_bound": -0.1, "general_nll_change": None}}]}
     predictions = [HELP, ABSTAIN, no_cost, {**HELP, "block": {"start": 4, "end": 5}, "confidence": None, "metric": ""},

@@ -12,23 +12,9 @@ from cp_onnx.files import write_json
 from cp_onnx.cli import main
 from cp_onnx.outputs.decision import NO_PREDICTION, decision_line, decision_lines, greedy_line
 from cp_onnx.outputs.embed import metadata
-from test_embed import tiny_folder, tiny_report
+from support import ABSTAIN, HELP, ZERO, tiny_report, write_tiny_folder
 
 SCOPE = "metric answer log-probability (digit tokens), method duplication_loss"
-
-
-def _block(start, end, gain, lower, general):
-    return {"start": start, "end": end, "score": gain,
-            "metrics": {"gain_lower_bound": lower, "text_nll_change": 0.3, "general_nll_change": general}}
-
-
-ABSTAIN = {"method": "duplication_loss", "regime": "few_shot", "decision": "abstain", "block": None, "confidence": 0.95,
-           "reason": "no block's gain is above zero in 95% of 2000 resamples of the texts",
-           "predicted_gain": 0.1266, "gain_lower_bound": -0.0079,
-           "candidates": [_block(9, 14, 0.1266, -0.0079, 0.2297), _block(9, 13, 0.1123, 0.0025, 0.1591)],
-           "metric": "answer log-probability (digit tokens)", "gain_per": "digit token"}
-HELP = {**ABSTAIN, "decision": "help", "block": {"start": 9, "end": 14}, "gain_lower_bound": 0.0123, "reason": "sure"}
-ZERO = {**HELP, "regime": "zero_shot", "metric": "answer log-probability (the stated answer)", "gain_per": "question"}
 
 
 def test_decision_lines_worked_by_hand():
@@ -73,7 +59,7 @@ def test_greedy_line_worked_by_hand():
 def reports(tiny_model, tmp_path_factory):
     """Report paths by case: the tiny llama's own report, with its decision set to help, and without a prediction."""
     root = tmp_path_factory.mktemp("decision")
-    data = tiny_report(tiny_folder(tiny_model, "llama", root / "llama"))
+    data = tiny_report(write_tiny_folder(tiny_model, "llama", root / "llama"))
     helped = copy.deepcopy(data)
     for prediction in helped["predictions"].values():
         top = prediction["candidates"][0]

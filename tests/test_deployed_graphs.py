@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -23,33 +22,17 @@ from graph_passes.edit import Edit
 from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
 from graph_passes.route import route
-from test_route import repeated_layers, torch_logits
-from tiny import build_hf_model
+from support import DEPLOYED_TEXTS, build_hf_model, quiet, repeated_layers, save_bpe_tokenizer, torch_logits
 
 FAMILIES = ("llama", "qwen2")
-TEXTS = ["The capital of France is Paris.", "12 + 35 = 47, and 47 - 12 = 35.", "Hello world"]
 STREAM = ["embed", "final_norm", *(f"blocks.{l}.{role}" for l in range(3) for role in ("resid_in", "resid_mid", "resid_out"))]
 TOL = 1e-4
-quiet = lambda message: None  # noqa: E731
 
 
 def _needs_genai() -> None:
     for module in ("onnxruntime_genai", "onnx_ir"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install onnxruntime-genai==0.15.2 onnx-ir): the genai model builder needs it")
-
-
-def _tokenizer(folder: Path) -> None:
-    """A small BPE tokenizer (ids below the tiny models' vocabulary of 256) saved with its config files, as the builder needs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tokenizer.train_from_iterator([string.printable, *TEXTS] * 8, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
 
 
 def _special_ids(folder: Path) -> None:
@@ -81,7 +64,7 @@ def deployed(tmp_path_factory):
 
             root = tmp_path_factory.mktemp(f"deployed-{family}")
             hf = build_hf_model(family, root / "hf")
-            _tokenizer(root / "hf")
+            save_bpe_tokenizer(root / "hf")
             _special_ids(root / "hf")
             optimum = Path(export_hf_folder(root / "hf", root / "optimum", kind="decoder"))
             fused = optimize_model(str(optimum), model_type="gpt2", num_heads=4, hidden_size=64, opt_level=0)
@@ -94,7 +77,7 @@ def deployed(tmp_path_factory):
 
 
 def _batch(model) -> tuple[np.ndarray, np.ndarray]:
-    return pad_batch(model.encode(TEXTS)[0])  # right-padded, as genai's GroupQueryAttention needs
+    return pad_batch(model.encode(DEPLOYED_TEXTS)[0])  # right-padded, as genai's GroupQueryAttention needs
 
 
 def _stream(onnx_path: Path, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -145,7 +128,7 @@ def test_fp32_build_statistics_equal_optimum_export(deployed, family):
     models = deployed(family)
     genai = open_model(models["fp32"])
     optimum = open_model(models["optimum"], tokenizer_dir=models["fp32"])
-    tokens = genai.encode(TEXTS)[0]
+    tokens = genai.encode(DEPLOYED_TEXTS)[0]
     ours = collect_statistics(ActivationReader(genai), tokens, batch_size=2)
     theirs = collect_statistics(ActivationReader(optimum), tokens, batch_size=2)
     assert np.isnan(ours.pop("attention_entropy")).all() and np.isfinite(theirs.pop("attention_entropy")).all()  # no patterns in GQA
@@ -157,7 +140,7 @@ def test_fp32_build_statistics_equal_optimum_export(deployed, family):
 def test_right_padding_matches_single_texts_and_left_padding_is_not_used(deployed, family):
     folder = open_model(deployed(family)["fp32"])
     runner = Runner(folder.onnx_path)
-    tokens = folder.encode(TEXTS)[0]
+    tokens = folder.encode(DEPLOYED_TEXTS)[0]
     ids, mask = pad_batch(tokens)
     padded = runner.run(ids, mask, ["logits"])["logits"]
     for row, text in enumerate(tokens):
@@ -261,7 +244,7 @@ def test_int4_build_is_analysed_predicted_applied_and_generates(deployed, applie
     from cp_onnx.calibration import load_calibration
 
     source = open_model(deployed(family)["int4"])
-    stats = collect_statistics(ActivationReader(source), source.encode(TEXTS)[0], batch_size=2)
+    stats = collect_statistics(ActivationReader(source), source.encode(DEPLOYED_TEXTS)[0], batch_size=2)
     assert all(np.isfinite(values).all() for name, values in stats.items() if name != "attention_entropy")
     questions = [(f"What is {a} plus {a}?", str(2 * a), "arithmetic") for a in range(1, 9)]  # within the tiny build's context
     found = predict(source, load_calibration(None, n=10), load_calibration("general", n=4), questions=questions, block_sizes=(1, 2), max_length=48)
@@ -305,14 +288,14 @@ def test_heads_on_fused_attention_fail_in_one_line(deployed, tmp_path, capsys):
     assert code == 2 and "\n" not in err and not (tmp_path / "report.json").exists()
     assert "fused (GroupQueryAttention): per-head tensors do not exist" in err and "cp-onnx export" in err
     with pytest.raises(GraphPassError, match="fused \\(GroupQueryAttention\\)"):
-        circuit_analysis(folder, TEXTS, with_heads=True)
+        circuit_analysis(folder, DEPLOYED_TEXTS, with_heads=True)
     from cp_onnx.analysis.heads import head_means
     from cp_onnx.analysis.perturbation import base_activations
 
     proto = graph_io.load(folder / "model.onnx")
     layer_map = discover(proto)
     with pytest.raises(CpOnnxError, match="attention is fused .*per-head tensors do not exist"):
-        head_means(base_activations(proto, layer_map, open_model(folder).encode(TEXTS)[0]))
+        head_means(base_activations(proto, layer_map, open_model(folder).encode(DEPLOYED_TEXTS)[0]))
 
 
 def test_layer_level_circuit_analysis_equals_optimum_export(deployed):
@@ -321,8 +304,8 @@ def test_layer_level_circuit_analysis_equals_optimum_export(deployed):
 
     models = deployed("llama")
     kwargs = dict(with_heads=False, num_probes=2, neurons_per_layer=2, block_sizes=(1, 2))
-    ours = circuit_analysis(open_model(models["fp32"]), TEXTS, **kwargs)
-    theirs = circuit_analysis(open_model(models["optimum"], tokenizer_dir=models["fp32"]), TEXTS, **kwargs)
+    ours = circuit_analysis(open_model(models["fp32"]), DEPLOYED_TEXTS, **kwargs)
+    theirs = circuit_analysis(open_model(models["optimum"], tokenizer_dir=models["fp32"]), DEPLOYED_TEXTS, **kwargs)
     for mine, other in zip(ours["jacobian"]["layers"], theirs["jacobian"]["layers"]):
         for key, value in other.items():
             assert mine[key] == pytest.approx(value, rel=1e-3, abs=1e-6), key

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from cp_onnx.cli import main
-from test_embed import tiny_folder
+from support import write_tiny_folder
 
 ARGS = ["-n", "10", "--block-sizes", "1,2"]  # the default methods: duplication_loss and the paper's four
 TOLERANCE = dict(rel=1e-4, abs=1e-6)
@@ -19,7 +19,7 @@ TIMINGS = re.compile(r'\n "timings": \{[^{}]*\}(,?)')
 @pytest.fixture(scope="module")
 def reports(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("determinism")
-    folder = tiny_folder(tiny_model, "llama", root / "llama")
+    folder = write_tiny_folder(tiny_model, "llama", root / "llama")
     texts = {}
     for name, threads in (("first", 1), ("again", 1), ("two", 2)):
         assert main(["analyze", str(folder), "--threads", str(threads), "--out", str(root / name), *ARGS]) == 0

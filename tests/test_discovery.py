@@ -14,8 +14,7 @@ from onnx import TensorProto, helper
 from cp_onnx.models.runner import Runner
 from graph_passes import GraphPassError, discover, graph_io
 from graph_passes.graph_utils import name_nodes, topological_order
-from test_expose import MODULES, module, rel_err, token_batch
-from tiny import TINY
+from support import MODULES, TINY, module, rel_err, token_batch
 
 # What auto-detection calls each tiny model: Mistral's export is node-for-node Llama's.
 DETECTED = {"mistral": "llama", "gpt_neox_sequential": "gpt_neox"}

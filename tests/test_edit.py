@@ -11,7 +11,6 @@ from graph_passes import GraphPassError, discover, layer_path, run_passes
 from graph_passes.edit import Edit
 from graph_passes.prune_heads import prune_heads
 from graph_passes.route import route
-from test_passes import llama  # noqa: F401 (a fixture: the tiny llama graph and its layer map)
 
 HEADS = {1: [3, 0], 4: [2]}
 

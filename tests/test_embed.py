@@ -12,35 +12,17 @@ import onnxruntime
 import pytest
 
 from cp_onnx.analysis import report as report_mod
-from cp_onnx.analyze import Settings, analyze
 from cp_onnx.cli import main
 from cp_onnx.files import file_sha256, write_json
 from cp_onnx.outputs.decision import NO_PREDICTION, decision_lines, kinds_line
-from cp_onnx.models.model import open_model
 from cp_onnx.outputs.embed import format_text, read_metadata
-from tiny import write_byte_tokenizer
-
-TINY_SETTINGS = dict(n=6, block_sizes=(1, 2))
-
-
-def tiny_folder(tiny_model, family: str, folder: Path) -> Path:
-    """A folder with a tiny model's model.onnx and a byte-level tokenizer.json (shared by the tests of issue 6)."""
-    _, onnx_path = tiny_model(family)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(onnx_path, folder / "model.onnx")
-    write_byte_tokenizer(folder)
-    return folder
-
-
-def tiny_report(folder: Path, **settings) -> dict:
-    """The report `cp-onnx analyze` would write for a tiny model folder."""
-    return analyze(open_model(folder), Settings(**(TINY_SETTINGS | settings)), log=lambda _: None)
+from support import tiny_report, write_tiny_folder
 
 
 @pytest.fixture(scope="module")
 def analysed(tiny_model, tmp_path_factory):
     """(model folder, report.json path, report) for the tiny llama."""
-    folder = tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("embed") / "llama")
+    folder = write_tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("embed") / "llama")
     proto = onnx.load(str(folder / "model.onnx"))
     onnx.helper.set_model_props(proto, {"author": "someone"})  # metadata of its own, which embed must keep
     onnx.save(proto, str(folder / "model.onnx"))

@@ -16,7 +16,7 @@ from cp_onnx.models.evaluators import BASELINE
 from graph_passes.edit import Edit
 from cp_onnx.models.scoring import ProbeItem
 from cp_onnx.models.model import open_model
-from test_embed import tiny_folder
+from support import write_tiny_folder
 
 ITEMS = [
     ProbeItem("a-0", "arithmetic", "Q: 2+3=", " 5"),
@@ -38,7 +38,7 @@ def ray_executor():
 @pytest.fixture(scope="module")
 def folders(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("executor-models")
-    return {family: tiny_folder(tiny_model, family, root / family) for family in ("llama", "qwen2")}
+    return {family: write_tiny_folder(tiny_model, family, root / family) for family in ("llama", "qwen2")}
 
 
 def test_ray_problems_are_one_line_errors(tmp_path, monkeypatch, capsys):

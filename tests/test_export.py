@@ -19,64 +19,11 @@ import pytest
 
 from exporters import ExportError, export, read_manifest, write_manifest
 from exporters.manifest import MANIFEST_NAME
-from hf_to_gguf import write_gguf  # benchmarks/ (conftest puts it on the path): the scale benchmark writes its GGUFs with it too
-from tiny import COMMON, TINY, build_hf_model
+from exporters.hf_gguf import write_gguf
+from support import (COMMON, EXPORT_TEXTS, REFERENCE_SMOLLM2, TINY, assert_close, build_hf_model, onnx_logits, places, plain_ids,
+                     put, save_tokenizer, tiny_tokenizer, torch_ids_logits)
 
-TEXTS = ["The capital of France is", "If 4y - 9 = 23, what is y?", "the lazy dog jumps over the quick brown fox"]
-CORPUS = [
-    "The capital of France is Paris.", "If 4y - 9 = 23, what is y?", "A baker makes 48 rolls and sells them.",
-    "the quick brown fox jumps over the lazy dog", "Hello world! How are you today?",
-]
-SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
-BOS_ID = 1
-REFERENCE = Path(__file__).parent / "fixtures" / "reference_smollm2.json"
-
-
-def tiny_tokenizer():
-    """A byte-level BPE (printable ASCII, merges trained on CORPUS) that does NOT add BOS by itself."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    alphabet = [chr(c) for c in range(33, 127)] + ["\u0120"]  # byte-level spelling of ASCII, "Ġ" is the space
-    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=SPECIALS, initial_alphabet=alphabet,
-                                  limit_alphabet=len(alphabet), show_progress=False)
-    tokenizer.train_from_iterator(CORPUS * 3, trainer)
-    return tokenizer
-
-
-def save_tokenizer(folder: Path, tokenizer) -> None:
-    from transformers import PreTrainedTokenizerFast
-
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-
-
-def torch_logits(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def onnx_logits(folder: Path, ids: list[int], graph: str = "model.onnx") -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-            "position_ids": np.arange(len(ids), dtype=np.int64)[None], "token_type_ids": np.zeros((1, len(ids)), np.int64)}
-    return session.run(["logits"], {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})[0][0]
-
-
-def plain_ids(folder: Path, text: str) -> list[int]:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
-
-
-def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-4) -> None:
-    assert actual.shape == expected.shape
-    assert np.abs(actual - expected).max() <= rel * np.abs(expected).max()
+BOS_ID = 1  # <s> in support.tiny_tokenizer
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -133,9 +80,9 @@ def test_manifest_fields_equal_the_config(tiny, exported):
 def test_onnx_logits_equal_torch(tiny, exported):
     _, model, _ = tiny
     folder, _ = exported
-    for text in TEXTS:
+    for text in EXPORT_TEXTS:
         ids = plain_ids(folder, text)
-        assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+        assert_close(onnx_logits(folder, ids), torch_ids_logits(model, ids))
 
 
 def test_tokenizer_json_prepends_exactly_one_bos_like_transformers(tiny, exported):
@@ -144,7 +91,7 @@ def test_tokenizer_json_prepends_exactly_one_bos_like_transformers(tiny, exporte
     _, _, raw = tiny
     folder, lines = exported
     reloaded = AutoTokenizer.from_pretrained(folder)
-    for text in TEXTS:
+    for text in EXPORT_TEXTS:
         ids = plain_ids(folder, text)
         assert ids == [BOS_ID] + raw.encode(text).ids  # the source tokenizer adds none: export added exactly one
         assert ids == reloaded(text).input_ids
@@ -197,12 +144,12 @@ def test_with_past_graph_takes_past_key_values_and_agrees_with_the_plain_graph(t
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(folder / "with_past/model.onnx"), providers=["CPUExecutionProvider"])
-    ids = plain_ids(folder, TEXTS[0])
+    ids = plain_ids(folder, EXPORT_TEXTS[0])
     head_dim = config.hidden_size // config.num_attention_heads
     feed = {name: np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32) for name in expected}
     feed.update(input_ids=np.array([ids]), attention_mask=np.ones((1, len(ids)), np.int64), position_ids=np.arange(len(ids))[None])
     logits = session.run(["logits"], {k: v for k, v in feed.items() if k in inputs})[0][0]
-    assert_close(logits, torch_logits(model, ids))
+    assert_close(logits, torch_ids_logits(model, ids))
 
 
 def test_gguf_round_trip(tiny, cache, tmp_path):
@@ -214,10 +161,10 @@ def test_gguf_round_trip(tiny, cache, tmp_path):
     assert manifest["weights_sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
     assert (manifest["num_layers"], manifest["num_heads"], manifest["num_kv_heads"], manifest["vocab_size"]) == (3, 4, 2, 256)
     assert manifest["add_bos"] is True and manifest["onnx"]["with_past"] is None
-    for text in TEXTS:
+    for text in EXPORT_TEXTS:
         ids = plain_ids(folder, text)
         assert ids == [BOS_ID] + raw.encode(text).ids  # the GGUF tokenizer's own BOS, not doubled
-        assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+        assert_close(onnx_logits(folder, ids), torch_ids_logits(model, ids))
 
 
 def test_gguf_metadata_declaring_more_than_its_tensors_found_by_fuzzing(tiny, tmp_path):
@@ -225,8 +172,6 @@ def test_gguf_metadata_declaring_more_than_its_tensors_found_by_fuzzing(tiny, tm
     key, transformers makes it the head size and allocated 2.2 TB (a kill without the fuzzer's address-space cap). The
     model transformers would build is now counted on the meta device first."""
     from gguf import GGUFReader
-
-    from gguf_files import places, put
 
     gguf_file = write_gguf(tiny[0], tmp_path / "tiny.gguf", add_bos=True)
     held = sum(int(np.prod(t.shape)) for t in GGUFReader(str(gguf_file)).tensors)
@@ -280,10 +225,10 @@ def test_qwen2_gguf_written_as_llama_cpp_does_exports_to_the_original_logits(cac
     manifest = read_manifest(out)
     assert (manifest["family"], manifest["source_kind"], manifest["num_layers"], manifest["num_heads"], manifest["num_kv_heads"],
             manifest["vocab_size"], manifest["bos_token_id"], manifest["add_bos"]) == ("qwen2", "gguf", 3, 4, 2, 256, BOS_ID, True)
-    assert plain_ids(out, TEXTS[0]) == [BOS_ID] + raw.encode(TEXTS[0]).ids  # tokens and merges came through, BOS once
-    for text in TEXTS:
+    assert plain_ids(out, EXPORT_TEXTS[0]) == [BOS_ID] + raw.encode(EXPORT_TEXTS[0]).ids  # tokens and merges came through, BOS once
+    for text in EXPORT_TEXTS:
         ids = plain_ids(out, text)
-        assert_close(onnx_logits(out, ids), torch_logits(model, ids))
+        assert_close(onnx_logits(out, ids), torch_ids_logits(model, ids))
 
 
 def test_out_folder_gets_a_copy_and_can_be_reexported(tiny, cache, exported, tmp_path):
@@ -308,8 +253,8 @@ def test_large_models_get_one_external_data_file(tiny, tmp_path, monkeypatch):
     assert manifest["onnx"]["model_data"] == "model.onnx.data"
     assert sorted(p.name for p in folder.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
     assert (folder / "model.onnx").stat().st_size < (folder / "model.onnx.data").stat().st_size
-    ids = plain_ids(folder, TEXTS[1])
-    assert_close(onnx_logits(folder, ids), torch_logits(model, ids))
+    ids = plain_ids(folder, EXPORT_TEXTS[1])
+    assert_close(onnx_logits(folder, ids), torch_ids_logits(model, ids))
 
 
 def test_encoder_exports_for_fill_mask(tmp_path, cache):
@@ -321,8 +266,8 @@ def test_encoder_exports_for_fill_mask(tmp_path, cache):
     out = export(folder, cache_dir=cache, log=lambda line: None)
     manifest = read_manifest(out)
     assert (manifest["family"], manifest["kind"], manifest["num_layers"], manifest["add_bos"]) == ("bert", "encoder", 3, False)
-    ids = plain_ids(out, TEXTS[0])
-    assert_close(onnx_logits(out, ids), torch_logits(model, ids))
+    ids = plain_ids(out, EXPORT_TEXTS[0])
+    assert_close(onnx_logits(out, ids), torch_ids_logits(model, ids))
 
 
 def test_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
@@ -446,7 +391,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_default_model(tmp_path):
-    fixture = json.loads(REFERENCE.read_text())
+    fixture = json.loads(REFERENCE_SMOLLM2.read_text())
     folder = export("smollm2", cache_dir=tmp_path, log=lambda line: None)
     manifest = read_manifest(folder)
     assert manifest["source"] == "smollm2" and manifest["source_kind"] == "package"

@@ -7,37 +7,9 @@ import pytest
 
 from cp_onnx.models.runner import Runner, pad_batch
 from graph_passes import GraphPassError, discover, expose, graph_io
-from tiny import TINY
+from support import MODULES, TINY, module, rel_err, token_batch
 
-# family -> (decoder layers, module whose input (or output, for BERT's post-LN) is resid_mid, output projection)
-MODULES = {
-    "llama": ("model.layers", ("post_attention_layernorm", "input"), "self_attn.o_proj"),
-    "mistral": ("model.layers", ("post_attention_layernorm", "input"), "self_attn.o_proj"),
-    "qwen2": ("model.layers", ("post_attention_layernorm", "input"), "self_attn.o_proj"),
-    "phi3": ("model.layers", ("post_attention_layernorm", "input"), "self_attn.o_proj"),
-    "gemma3": ("model.layers", ("pre_feedforward_layernorm", "input"), "self_attn.o_proj"),
-    "gpt2": ("transformer.h", ("ln_2", "input"), "attn.c_proj"),
-    "gpt_neox": ("gpt_neox.layers", None, "attention.dense"),  # parallel residual: no resid_mid
-    "gpt_neox_sequential": ("gpt_neox.layers", ("post_attention_layernorm", "input"), "attention.dense"),
-    "bert": ("bert.encoder.layer", ("attention.output", "output"), "attention.output.dense"),
-}
-TEXT_LENGTHS = (9, 5)
 REL = 1e-4
-
-
-def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
-
-
-def token_batch(side: str, vocab: int = 256, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return pad_batch([rng.integers(3, vocab, size=n).tolist() for n in TEXT_LENGTHS], side=side)
-
-
-def module(root, path: str):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def torch_activations(hf, family: str, ids: np.ndarray, mask: np.ndarray, feeds: dict) -> dict[str, np.ndarray]:

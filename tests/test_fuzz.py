@@ -22,8 +22,7 @@ import mutators
 from cp_onnx.calibration import DATA_DIR, shipped_texts
 from cp_onnx.cli import main
 from cp_onnx.groundtruth import probes
-from gguf_files import places
-from test_embed import tiny_folder
+from support import build_hf_model, places, save_tokenizer, tiny_tokenizer, write_tiny_folder
 
 ANALYZE = ["--method", "stability", "-n", "3", "--max-length", "12", "--block-sizes", "1", "--threads", "1"]
 # The zero-shot prediction on the questions (a byte-level tokenizer: the shipped questions are under 400 tokens with answers).
@@ -43,12 +42,10 @@ FULL = {"model": 1000, "report": 4600, "sweep": 2000, "manifest": 350, "batch": 
 def base(tiny_model, tmp_path_factory):
     """The tiny llama folder, its report, a sweep of it, a GGUF of a tiny llama (and where its fields lie), the shipped
     questions: the inputs every mutation starts from."""
-    from hf_to_gguf import write_gguf
-    from test_export import save_tokenizer, tiny_tokenizer
-    from tiny import build_hf_model
+    from exporters.hf_gguf import write_gguf
 
     root = tmp_path_factory.mktemp("fuzz-base")
-    folder = tiny_folder(tiny_model, "llama", root / "llama")
+    folder = write_tiny_folder(tiny_model, "llama", root / "llama")
     build_hf_model("llama", root / "hf")
     save_tokenizer(root / "hf", tiny_tokenizer())
     gguf = write_gguf(root / "hf", root / "tiny.gguf", add_bos=True)

@@ -12,7 +12,7 @@ import pytest
 from cp_onnx.cli import main
 from exporters.errors import ExportError
 from exporters.gguf_header import MAX_ARRAY_NESTING, read_header
-from gguf_files import get, places, put, small_gguf
+from support import get, places, put, small_gguf
 
 
 @pytest.fixture

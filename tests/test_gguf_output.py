@@ -20,15 +20,13 @@ from exporters import export  # noqa: E402
 from exporters.hf_gguf import write_gguf  # noqa: E402
 from graph_passes import discover, graph_io  # noqa: E402
 from graph_passes.route import route  # noqa: E402
-from test_deployed_graphs import _tokenizer  # noqa: E402
-from tiny import build_hf_model  # noqa: E402
+from support import build_hf_model, quiet, save_bpe_tokenizer  # noqa: E402
 
 FAMILIES = ("llama", "qwen2")
 DUPLICATE = [0, 1, 2, 1, 2]  # block 1:3 of the 3-layer tiny models run twice
 SKIP = [0, 2]
 IDS = [1, 40, 41, 42, 7, 80, 99, 12, 150, 3]
 TOL = 1e-4
-quiet = lambda message: None  # noqa: E731
 
 
 def _quantize_q8_0(source: Path, out: Path) -> Path:
@@ -72,7 +70,7 @@ def sources(tmp_path_factory):
                     if name.endswith("_proj.bias"):
                         parameter.normal_(0, 0.5)
             hf.save_pretrained(root / "hf")
-            _tokenizer(root / "hf")
+            save_bpe_tokenizer(root / "hf")
             path = write_gguf(root / "hf", root / f"tiny-{family}.F32.gguf", add_bos=True)
             if quant == "Q8_0":
                 path = _quantize_q8_0(path, root / f"tiny-{family}.Q8_0.gguf")

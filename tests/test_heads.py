@@ -12,7 +12,7 @@ from cp_onnx.analysis.perturbation import PerturbedRuns, base_activations
 from cp_onnx.models.runner import Runner
 from graph_passes import discover, graph_io
 from graph_passes.ablate import ablate
-from test_perturb_ablate import torch_logits
+from support import hooked_torch_logits, log_probs
 
 TEXTS = ([5, 7, 9, 11, 13, 17, 19, 23], [3, 4, 99, 100, 7])
 
@@ -33,17 +33,12 @@ def influence(request, tiny_model):
     return request.param, copy.deepcopy(hf).double(), stats.result(), means, proto, layer_map
 
 
-def log_probs(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 _BASES: dict = {}  # keyed by family, not id(hf): a freed model's id can come back as the next family's model
 
 
 def _base_logits(hf, family: str, ids: tuple) -> np.ndarray:
     if (family, ids) not in _BASES:
-        _BASES[family, ids] = torch_logits(hf, family, ids=list(ids))
+        _BASES[family, ids] = hooked_torch_logits(hf, family, ids=list(ids))
     return _BASES[family, ids]
 
 
@@ -58,7 +53,7 @@ def torch_effects(hf, family: str, layer: int, head: int, scale: float, shift=No
     loss = kl = fisher = 0.0
     for ids in TEXTS:
         base = _base_logits(hf, family, tuple(ids))
-        changed = torch_logits(hf, family, ids=ids, heads={layer: (s, sh)})
+        changed = hooked_torch_logits(hf, family, ids=ids, heads={layer: (s, sh)})
         lp, lq = log_probs(base), log_probs(changed)
         targets = (np.arange(len(ids) - 1), ids[1:])
         loss += np.sum(lp[targets] - lq[targets])
@@ -129,8 +124,8 @@ def test_composition_is_the_relative_change_of_later_layer_updates(influence):
         change, base_norm = np.zeros(num_layers), np.zeros(num_layers)
         for ids in TEXTS:
             before, after = [], []
-            torch_logits(hf, family, ids=ids, layer_outputs=before)
-            torch_logits(hf, family, ids=ids, heads={l: (scale, np.zeros((num_heads, 1, 1)))}, layer_outputs=after)
+            hooked_torch_logits(hf, family, ids=ids, layer_outputs=before)
+            hooked_torch_logits(hf, family, ids=ids, heads={l: (scale, np.zeros((num_heads, 1, 1)))}, layer_outputs=after)
             embed = torch_embed(hf, family, ids)
             u_base = np.diff(np.stack([embed, *before]), axis=0)
             u_after = np.diff(np.stack([embed, *after]), axis=0)

@@ -17,9 +17,7 @@ from cp_onnx.cli import main
 from cp_onnx.files import write_json
 from cp_onnx.outputs.decision import NO_PREDICTION
 from cp_onnx.outputs.embed import PREFIX, format_text
-from test_embed import tiny_folder
-from test_cpp_example import _missing, reader, run_reader  # noqa: F401  (reader: the built C++ example, a fixture)
-from test_html_report import CHROMIUM, rendered_dom
+from support import CHROMIUM, cpp_tools_missing, rendered_dom, run_reader, write_tiny_folder
 
 # Each payload, if it ever ran, would mark the page's body: the rendered DOM shows whether any did.
 SCRIPT = "<script>document.body.setAttribute('data-pwned', 'script')</script>"
@@ -36,7 +34,7 @@ def hostile(tiny_model, tmp_path_factory) -> tuple[Path, dict, Path]:
     """(report path, report, model folder): a tiny model named with payloads, analysed on texts in a folder named
     with one, and a method and a statistic named with others (as a hand-edited report could have)."""
     root = tmp_path_factory.mktemp("hostile")
-    folder = tiny_folder(tiny_model, "llama", root / "model")
+    folder = write_tiny_folder(tiny_model, "llama", root / "model")
     (folder / "cp_onnx.json").write_text(json.dumps({"source": NAME, "family": IMG, "onnx": {"model": "model.onnx"}}))
     texts = root / FOLDER / "texts.txt"
     texts.parent.mkdir()
@@ -143,7 +141,7 @@ def test_onnx_metadata_holds_the_strings(hostile, tmp_path, capsys):
     assert f"{METHOD}={circuits[METHOD][0]['start']}:{circuits[METHOD][0]['end']}" in props[PREFIX + "top_blocks"].split(";")
 
 
-@pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+@pytest.mark.skipif(cpp_tools_missing() is not None, reason=cpp_tools_missing() or "")
 def test_cpp_reader_prints_the_same_lines(hostile, reader, capsys):
     report_path, _, _ = hostile
     done = run_reader(reader, report_path)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,9 +15,8 @@ from cp_onnx.files import write_json
 from cp_onnx.cli import main
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.outputs import plots
-from test_embed import tiny_folder, tiny_report
+from support import CHROMIUM, rendered_dom, tiny_report, write_tiny_folder
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Two layers x three heads of hand-made influence rows, as the circuit analysis writes them.
 HEAD_ROWS = [{"layer": l, "head": h, "kl_zero": 10 * l + h, "loss_zero": 0.0, "influences": []} for l in range(3) for h in range(4)]
@@ -69,7 +66,7 @@ def parse(page: str) -> Tables:
 def tiny(tiny_model, tmp_path_factory):
     """(report path, report) of the tiny llama, with a hand-made heads section."""
     root = tmp_path_factory.mktemp("html")
-    data = tiny_report(tiny_folder(tiny_model, "llama", root / "llama"))
+    data = tiny_report(write_tiny_folder(tiny_model, "llama", root / "llama"))
     data["heads"] = {"alpha": 0.05, "heads": HEAD_ROWS, "spearman": {}}
     return write_json(data, root / "report.json"), data
 
@@ -80,16 +77,6 @@ def sweep_rows() -> list[dict]:
     base = {"answer_logprob": -6.0, "greedy_accuracy": 0.25, "choice_accuracy": None, "general_nll": 3.0, "by_kind": {}}
     return [{"start": None, "end": None, **base}] + [
         {"start": s, "end": e, **base, "answer_logprob": -6.0 + g, "general_nll": 3.0 + abs(g)} for (s, e), g in gains.items()]
-
-
-def rendered_dom(page: Path, tmp_path: Path) -> str:
-    profile = tmp_path / "chromium-profile"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def expected_top_rows(data: dict, top: int) -> list[tuple[str, str, str]]:

@@ -27,9 +27,7 @@ from typing import Callable
 import pytest
 
 from exporters.manifest import read_manifest
-from test_embed import tiny_folder
-from test_export import save_tokenizer, tiny_tokenizer
-from tiny import build_hf_model
+from support import build_hf_model, save_tokenizer, tiny_tokenizer, write_tiny_folder
 
 ANALYZE = ["--method", "stability", "-n", "4", "--block-sizes", "1,2", "--threads", "1"]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "CP_ONNX_THREADS": "1"}
@@ -72,7 +70,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def folder(tiny_model, tmp_path_factory) -> Path:
-    return tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("interrupt") / "llama")
+    return write_tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("interrupt") / "llama")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from cp_onnx.analysis import jacobian
 from cp_onnx.analysis.perturbation import PerturbedRuns, Probe, Row, base_activations
 from cp_onnx.errors import CpOnnxError
 from graph_passes import discover, graph_io
-from test_perturb_ablate import module
+from support import module
 
 FAMILIES = ("llama", "gpt2")
 # family -> (decoder layers, final norm: the head's input is this module's input)

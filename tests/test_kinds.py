@@ -15,9 +15,7 @@ from cp_onnx.analysis.predict import predict
 from cp_onnx.calibration import YOUR_TEXTS, load_calibration, load_kinds, read_labelled
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.calibration import TASK_KINDS
-from test_analyze_cli import TINY_ARGS, run, tiny_folder  # noqa: F401  (a module fixture)
-from test_predict import GENERAL, torch_token_logprob
-from test_sweep import tiny_llama  # noqa: F401  (a module fixture)
+from support import GENERAL, TINY_ARGS, run, torch_token_logprob
 
 # Two kinds, the second text of each without a number in one of them (it is left out of that kind's gain).
 LABELLED = [("2 + 3 = 5, and 5 + 4 = 9.", "arithmetic"), ("7, 9, 11: the next is 13.", "sequence"),

@@ -9,8 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cp_onnx.models.runner import Runner
 from graph_passes import graph_io
 from graph_passes.last_position import last_position
-from test_expose import rel_err
-from test_route import torch_logits
+from support import rel_err, torch_logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "phi3"])

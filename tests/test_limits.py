@@ -21,7 +21,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.runner import Runner
 from graph_passes.errors import GraphPassError
 from graph_passes.mapped import load_mapped
-from test_embed import tiny_folder
+from support import write_tiny_folder
 
 TERA = [1 << 20, 1 << 20]  # 2**40 float32 elements: 4.4 TB
 
@@ -106,7 +106,7 @@ def test_external_data_longer_than_declared_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def folder(tiny_model, tmp_path_factory) -> Path:
-    return tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("limits") / "llama")
+    return write_tiny_folder(tiny_model, "llama", tmp_path_factory.mktemp("limits") / "llama")
 
 
 def _sparse(path: Path, size: int, head: bytes = b"") -> Path:

@@ -9,8 +9,7 @@ import pytest
 from cp_onnx.analysis import heads, mahalanobis
 from cp_onnx.analysis.perturbation import PerturbedRuns, Probe, base_activations
 from graph_passes import discover, graph_io
-from test_heads import log_probs
-from test_perturb_ablate import torch_logits
+from support import hooked_torch_logits, log_probs
 
 IDS = [5, 7, 9, 11, 13, 17, 19, 23]
 WANTED = frozenset({"loss", "fisher", "logit_change"})  # every measure a linear row gives
@@ -34,7 +33,7 @@ def head_step_logits(hf, family: str, key: tuple) -> np.ndarray:
     num_heads = hf.config.num_attention_heads
     scale = np.ones(num_heads)
     scale[h] = 1 - heads.ALPHA
-    return torch_logits(hf, family, ids=IDS, heads={l: (scale, np.zeros((num_heads, 1, 1)))})
+    return hooked_torch_logits(hf, family, ids=IDS, heads={l: (scale, np.zeros((num_heads, 1, 1)))})
 
 
 def test_linear_rows_match_the_full_head(setup):
@@ -59,7 +58,7 @@ def test_linear_rows_are_the_second_order_expansion_of_the_exact_change(setup):
     at t = 1 is at most (4/3) e^(2 max|x|) E_p|x|^3 for the centred change x."""
     family, hf, proto, layer_map, _, probes = setup
     base_row, results = PerturbedRuns(proto, layer_map).run(IDS, probes)
-    base = torch_logits(hf, family, ids=IDS)
+    base = hooked_torch_logits(hf, family, ids=IDS)
     p, positions, targets = np.exp(log_probs(base)), np.arange(len(IDS) - 1), np.array(IDS[1:])
     for result in results:
         if result.probe.key[0] != heads.KIND:
@@ -84,7 +83,7 @@ def test_fisher_is_summed_over_the_most_likely_tokens(setup):
     family, hf, proto, layer_map, _, probes = setup
     top = 16
     base_row, results = PerturbedRuns(proto, layer_map, top_tokens=top).run(IDS, probes)
-    base = torch_logits(hf, family, ids=IDS)
+    base = hooked_torch_logits(hf, family, ids=IDS)
     p, positions, targets = np.exp(log_probs(base)), np.arange(len(IDS) - 1), np.array(IDS[1:])
     for result in results[:4]:
         d = head_step_logits(hf, family, result.probe.key) - base

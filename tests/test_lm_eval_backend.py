@@ -23,9 +23,7 @@ from cp_onnx.models.scoring import ProbePlan, token_scores  # noqa: E402
 from cp_onnx.lm_eval_backend import CpOnnxLM, join_layer_path, quote_layer_paths  # noqa: E402
 from cp_onnx.models.model import open_model  # noqa: E402
 from cp_onnx.models.runner import Runner  # noqa: E402
-from test_apply_generate import duplicated, llama_folder, torch_generate  # noqa: E402,F401  (module fixtures)
-from test_predict import torch_token_logprob  # noqa: E402
-from test_route import repeated_layers  # noqa: E402
+from support import repeated_layers, torch_generate, torch_token_logprob  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "fixtures" / "lm_eval"

@@ -9,7 +9,7 @@ from cp_onnx.analysis import mahalanobis
 from cp_onnx.analysis.perturbation import PerturbedRuns, TextBase, base_activations
 from cp_onnx.errors import CpOnnxError
 from graph_passes import discover, graph_io
-from test_perturb_ablate import torch_logits
+from support import hooked_torch_logits
 
 
 def ledoit_wolf_by_definition(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -88,14 +88,14 @@ def test_neuron_logit_effect_matches_torch(tiny_model):
     stats.add(text, results)
     jacobian_norms = np.full(layer_map.num_layers + 1, 1.0)
     found = stats.result(jacobian_norms)
-    base = torch_logits(hf, "llama", ids=ids)
+    base = hooked_torch_logits(hf, "llama", ids=ids)
     for neuron in found["neurons"]:
         l, i = neuron["layer"], neuron["dim"]
         if l + 1 == layer_map.num_layers:
             continue  # the head's input: transformers has no layer to hook there
         delta = np.zeros_like(text.resid[l + 1])
         delta[:, i] = -mahalanobis.ALPHA * text.resid[l + 1][:, i]
-        changed = torch_logits(hf, "llama", ids=ids, resid={l + 1: delta})
+        changed = hooked_torch_logits(hf, "llama", ids=ids, resid={l + 1: delta})
         effect = np.sqrt(np.mean(np.sum((changed - base) ** 2, axis=-1))) / mahalanobis.ALPHA
         assert neuron["logit_effect"] == pytest.approx(effect, rel=2e-3)
         rms = np.sqrt(np.mean(text.resid[l + 1].astype(np.float64) ** 2, axis=0))

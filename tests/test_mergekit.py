@@ -19,7 +19,6 @@ from cp_onnx.models.runner import Runner
 from cp_onnx.outputs.mergekit import read_config
 from exporters.manifest import read_manifest
 from graph_passes import graph_io
-from test_apply_generate import llama_folder  # noqa: F401  (module fixture: tiny Llama, exported from its HF folder)
 
 PATHS = {"duplicate": ("--duplicate", "1:3"), "repeat": ("--path", "0,1,1,1,2"), "skip": ("--path", "0,2"), "reorder": ("--path", "2,0..2")}
 SOFTMAX = re.compile(r"^/model/layers\.(\d+)/self_attn/Softmax(/dup\d+)?$")
@@ -65,7 +64,7 @@ def passthrough_logits(hf_folder: Path, config: Path, out: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", PATHS)
-def test_the_configs_slices_are_the_path_the_routed_graph_runs(llama_folder, name, tmp_path):  # noqa: F811
+def test_the_configs_slices_are_the_path_the_routed_graph_runs(llama_folder, name, tmp_path):
     _, source = llama_folder
     config, out = tmp_path / "merge.yml", tmp_path / "applied"
     assert main(["apply", str(source), *PATHS[name], "--out", str(out), "--mergekit", str(config)]) == 0
@@ -78,7 +77,7 @@ def test_the_configs_slices_are_the_path_the_routed_graph_runs(llama_folder, nam
     assert np.abs(passthrough_logits(Path(read_manifest(source)["source"]), config, tmp_path / "merged") - routed).max() < 1e-4
 
 
-def test_apply_and_lm_eval_take_a_users_self_merge_config(llama_folder, tmp_path):  # noqa: F811
+def test_apply_and_lm_eval_take_a_users_self_merge_config(llama_folder, tmp_path):
     _, source = llama_folder
     config = tmp_path / "rys.yaml"
     config.write_text("""# a self-merge in the RYS style: layers 1-2 again
@@ -119,7 +118,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_configs_are_one_line_errors(llama_folder, case, tmp_path, capsys):  # noqa: F811
+def test_bad_configs_are_one_line_errors(llama_folder, case, tmp_path, capsys):
     text, message = BAD[case]
     config = tmp_path / "bad.yml"
     config.write_text(text)
@@ -129,7 +128,7 @@ def test_bad_configs_are_one_line_errors(llama_folder, case, tmp_path, capsys): 
     assert not (tmp_path / "out").exists()
 
 
-def test_a_config_needs_a_checkpoint_name_when_the_source_is_not_a_hf_folder(llama_folder, tmp_path, capsys):  # noqa: F811
+def test_a_config_needs_a_checkpoint_name_when_the_source_is_not_a_hf_folder(llama_folder, tmp_path, capsys):
     onnx_file = tmp_path / "bare" / "model.onnx"  # a bare graph: no manifest, so no checkpoint is known
     onnx_file.parent.mkdir()
     shutil.copy(llama_folder[1] / "model.onnx", onnx_file)

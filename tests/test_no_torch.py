@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny import write_byte_tokenizer
+from support import write_byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from cp_onnx.analysis.activations import ActivationReader
 from cp_onnx.analysis.scores import rank_blocks
 from cp_onnx.analysis.stats import STAT_NAMES, LayerStatistics
 from cp_onnx.models.model import open_model
-from test_scores import assert_same_top, load_reference, reference_stats
+from support import assert_same_top, load_reference, reference_stats
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from graph_passes import GraphPassError, discover, graph_io, run_passes
+from graph_passes import GraphPassError, discover, run_passes
 from graph_passes.ablate import Ablate
 from graph_passes.expose import Expose, expose
 from graph_passes.last_position import LastPosition, last_position
@@ -15,13 +15,6 @@ from graph_passes.rewrite import include_inserted
 from graph_passes.route import Route, route
 
 PATH = [0, 1, 1, 2]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model):
-    _, onnx_path = tiny_model("llama")
-    model = graph_io.load(onnx_path)
-    return model, discover(model)
 
 
 def test_calling_a_pass_copies_and_leaves_the_input_alone(llama):

@@ -9,18 +9,10 @@ from cp_onnx.models.runner import Runner
 from graph_passes import GraphPassError, discover, graph_io
 from graph_passes.ablate import ablate
 from graph_passes.perturb import head_scale_input, head_shift_input, perturb, resid_input
+from support import TEXT_IDS, hooked_torch_logits
 
 FAMILIES = ("llama", "gpt2")
-# family -> (decoder layers, output projection whose input holds the heads' contexts side by side)
-MODULES = {"llama": ("model.layers", "self_attn.o_proj"), "gpt2": ("transformer.h", "attn.c_proj")}
-IDS = [5, 7, 9, 11, 13, 17, 19, 23]
 REL = 1e-4
-
-
-def module(root, path: str):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def rel_err(actual, expected) -> float:
@@ -37,47 +29,14 @@ def family(request, tiny_model):
 def onnx_logits(proto, extra: dict | None = None) -> np.ndarray:
     """Logits of the one test text; ``extra`` feeds the perturbation inputs."""
     runner = Runner(proto)
-    ids = np.array([IDS])
+    ids = np.array([TEXT_IDS])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
     feeds = {k: v for k, v in feeds.items() if k in runner.input_names}
     return runner.session.run(["logits"], {**feeds, **(extra or {})})[0][0]
 
 
-def torch_logits(hf, family: str, *, ids=IDS, resid: dict | None = None, heads: dict | None = None, layer_outputs: list | None = None) -> np.ndarray:
-    """Logits of ``ids`` with ``resid[l]`` added to layer l's input and ``heads[l] = (scale [H], shift [H, S or 1, D])``
-    applied to its projection input; each layer's output is appended to ``layer_outputs`` if given."""
-    import torch
-
-    layers_path, proj_path = MODULES[family]
-    layers = module(hf, layers_path)
-    dtype = next(hf.parameters()).dtype
-    handles = []
-    for l, delta in (resid or {}).items():
-        def add(mod, args, kwargs, delta=torch.tensor(delta, dtype=dtype)):
-            if args:
-                return (args[0] + delta, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta}
-        handles.append(layers[l].register_forward_pre_hook(add, with_kwargs=True))
-    for l, (scale, shift) in (heads or {}).items():
-        def change(mod, args, scale=torch.tensor(scale, dtype=dtype), shift=torch.tensor(shift, dtype=dtype)):
-            b, s, width = args[0].shape
-            ctx = args[0].reshape(b, s, len(scale), width // len(scale)).transpose(1, 2)
-            ctx = ctx * scale[None, :, None, None] + shift[None]
-            return (ctx.transpose(1, 2).reshape(b, s, width),)
-        handles.append(module(layers[l], proj_path).register_forward_pre_hook(change))
-    if layer_outputs is not None:
-        for layer in layers:
-            handles.append(layer.register_forward_hook(lambda mod, args, out: layer_outputs.append((out[0] if isinstance(out, tuple) else out)[0].numpy())))
-    try:
-        with torch.no_grad():
-            return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def identity_feeds(layer_map, layers=(), head_layers=()) -> dict:
-    return perturb_feeds(layer_map, 1, len(IDS), layers, head_layers)
+    return perturb_feeds(layer_map, 1, len(TEXT_IDS), layers, head_layers)
 
 
 def test_zeros_and_ones_leave_the_model_unchanged(family):
@@ -89,13 +48,13 @@ def test_zeros_and_ones_leave_the_model_unchanged(family):
 def test_residual_input_adds_to_the_layer_input(family):
     name, hf, proto, layer_map = family
     rng = np.random.default_rng(0)
-    delta = (0.5 * rng.standard_normal((len(IDS), layer_map.hidden_size))).astype(np.float32)
+    delta = (0.5 * rng.standard_normal((len(TEXT_IDS), layer_map.hidden_size))).astype(np.float32)
     for layer in range(3):
         feeds = identity_feeds(layer_map, [layer])
         feeds[resid_input(layer)] = delta[None]
-        expected = torch_logits(hf, name, resid={layer: delta})
+        expected = hooked_torch_logits(hf, name, resid={layer: delta})
         assert rel_err(onnx_logits(perturb(proto, layer_map, layers=[layer]), feeds), expected) < REL
-        assert rel_err(expected, torch_logits(hf, name)) > 1e-2  # the change is visible, not noise
+        assert rel_err(expected, hooked_torch_logits(hf, name)) > 1e-2  # the change is visible, not noise
 
 
 def test_head_scale_and_shift_change_the_context_before_the_projection(family):
@@ -103,10 +62,10 @@ def test_head_scale_and_shift_change_the_context_before_the_projection(family):
     rng = np.random.default_rng(1)
     h, k = layer_map.num_heads, layer_map.head_dim
     scale = np.array([1.0, 0.3, -1.0, 2.0], np.float32)[:h]
-    shift = (0.2 * rng.standard_normal((h, len(IDS), k))).astype(np.float32)
+    shift = (0.2 * rng.standard_normal((h, len(TEXT_IDS), k))).astype(np.float32)
     feeds = identity_feeds(layer_map, head_layers=[1])
     feeds[head_scale_input(1)], feeds[head_shift_input(1)] = scale[None], shift[None]
-    expected = torch_logits(hf, name, heads={1: (scale, shift)})
+    expected = hooked_torch_logits(hf, name, heads={1: (scale, shift)})
     assert rel_err(onnx_logits(perturb(proto, layer_map, heads=[1]), feeds), expected) < REL
 
 
@@ -120,10 +79,10 @@ def test_ablate_equals_hooked_projection_input(family, mode):
         scale[head] = 0
         if mode == "mean":
             shift[head, 0] = means[2][head]
-    expected = torch_logits(hf, name, heads={2: (scale, shift)})
+    expected = hooked_torch_logits(hf, name, heads={2: (scale, shift)})
     ablated = ablate(proto, layer_map, {2: [0, 3]}, mode, means if mode == "mean" else None)
     assert rel_err(onnx_logits(ablated), expected) < REL
-    assert rel_err(expected, torch_logits(hf, name)) > 1e-3
+    assert rel_err(expected, hooked_torch_logits(hf, name)) > 1e-3
 
 
 def test_ablating_nothing_copies_the_model(family):

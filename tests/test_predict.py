@@ -9,36 +9,13 @@ from cp_onnx.analysis import predict as predict_module
 from cp_onnx.analysis import racing
 from cp_onnx.analysis.predict import bounds, predict
 from cp_onnx.errors import CpOnnxError
-from test_sweep import tiny_llama  # noqa: F401  (a module fixture)
+from support import GENERAL, torch_token_logprob
 
 REASONING = ["If 3x + 5 = 20, then x = 5.", "All cats purr. Tom is a cat, so Tom purrs.", "2, 4, 6, 8: the next is 10."]
 DIGITS = set("0123456789")
-GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets."]
 QUESTIONS = [("If 3x + 5 = 20, what is x?", "5", "multi_step"), ("Does a gecko have feathers?", "No", "syllogism"),
              ("What comes after 2, 4, 6, 8?", "10", "sequence")]
 FEW, ZERO = ("few_shot",), ("zero_shot",)
-
-_TORCH_LOGPROBS: dict = {}
-
-
-def torch_token_logprob(hf, tokens: list[int], path: list[int] | None, position: int) -> float:
-    """Log-probability of tokens[position] under torch with ``path``'s layers run in order (memoised per sequence and path)."""
-    import torch
-
-    key = (tuple(tokens), None if path is None else tuple(path))
-    if key not in _TORCH_LOGPROBS:
-        model = hf.model
-        layers, count = model.layers, hf.config.num_hidden_layers
-        if path is not None:
-            model.layers, hf.config.num_hidden_layers = torch.nn.ModuleList([layers[k] for k in path]), len(path)
-        try:
-            with torch.no_grad():
-                logits = hf(torch.tensor([tokens]), use_cache=False).logits[0].double()
-        finally:
-            model.layers, hf.config.num_hidden_layers = layers, count
-        _TORCH_LOGPROBS[key] = torch.log_softmax(logits, dim=-1)
-    return _TORCH_LOGPROBS[key][position - 1, tokens[position]].item()
-
 
 def duplicated(block) -> list[int]:
     return [*range(block.end), *range(block.start, 3)]

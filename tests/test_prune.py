@@ -10,15 +10,12 @@ import pytest
 
 from cp_onnx.analysis.head_pruning import choose_heads
 from cp_onnx.analysis.prune import predict_layers
-from cp_onnx.cli import main
 from cp_onnx.models.generate import generate
 from cp_onnx.models.model import open_model
 from cp_onnx.models.runner import Runner
 from exporters.manifest import read_manifest
 from graph_passes import ablate, discover, graph_io, route
-from test_apply_generate import llama_folder, quiet  # noqa: F401  (the module fixture: torch model + exported folder with past)
-from test_expose import rel_err
-from test_route import repeated_layers
+from support import SHOT_ITEMS, quiet, rel_err, repeated_layers, run
 
 REASONING = ["Tom has 3 apples and buys 4 more, so he has 7.", "Half of 18 is 9, and 9 + 6 = 15 in all."]
 GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets while the boats came in."]
@@ -54,7 +51,7 @@ def torch_nll(hf, token_lists: list[list[int]], kept: list[int]) -> float:
     return total / count
 
 
-def test_statistics_losses_and_greedy_choices_match_torch(llama_folder):  # noqa: F811
+def test_statistics_losses_and_greedy_choices_match_torch(llama_folder):
     hf, folder = llama_folder
     model = open_model(folder)
     found = predict_layers(model, REASONING, GENERAL, max_layers=2)
@@ -112,12 +109,6 @@ def test_choose_heads_keeps_a_head_in_every_layer():
         choose_heads(scores, 7)
 
 
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def torch_pruned_logits(hf, ids: np.ndarray, kept_layers: list[int], heads: dict[int, list[int]]) -> np.ndarray:
     """transformers' logits running only ``kept_layers``, with the removed heads' o_proj columns zeroed."""
     import torch
@@ -137,7 +128,7 @@ def torch_pruned_logits(hf, ids: np.ndarray, kept_layers: list[int], heads: dict
                 hf.model.layers[l].self_attn.o_proj.weight.copy_(weight)
 
 
-def test_prune_writes_a_smaller_model_equal_to_torch_with_the_layers_dropped_and_heads_zeroed(llama_folder, tmp_path, capsys):  # noqa: F811
+def test_prune_writes_a_smaller_model_equal_to_torch_with_the_layers_dropped_and_heads_zeroed(llama_folder, tmp_path, capsys):
     hf, folder = llama_folder
     out = tmp_path / "pruned"
     code, stdout, _ = run(["prune", folder, "--skip", "1:2", "--heads", "3", "--out", out, "-n", "2", "--max-length", "32"], capsys)
@@ -166,7 +157,7 @@ def test_prune_writes_a_smaller_model_equal_to_torch_with_the_layers_dropped_and
     assert cached == uncached == expected_ids and len(set(cached)) > 1
 
 
-def test_prune_layers_by_a_method_and_its_refusals(llama_folder, tmp_path, capsys):  # noqa: F811
+def test_prune_layers_by_a_method_and_its_refusals(llama_folder, tmp_path, capsys):
     _, folder = llama_folder
     out = tmp_path / "sleb"
     assert run(["prune", folder, "--layers", "1", "--method", "sleb", "-n", "2", "--max-length", "32", "--out", out], capsys)[0] == 0
@@ -182,12 +173,11 @@ def test_prune_layers_by_a_method_and_its_refusals(llama_folder, tmp_path, capsy
         assert not target.exists()
 
 
-def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, capsys):  # noqa: F811
+def test_analyze_prune_sweep_skip_validate_and_report(llama_folder, tmp_path, capsys):
     import jsonschema
 
     from cp_onnx.analysis import report as report_mod
     from cp_onnx.groundtruth.probes import save_suite
-    from test_sweep import SHOT_ITEMS
 
     _, folder = llama_folder
     suite = save_suite(SHOT_ITEMS, tmp_path / "suite.jsonl")  # both regimes: zero-shot and few-shot

@@ -11,7 +11,7 @@ from cp_onnx.models.runner import Runner
 from graph_passes import GraphPassError, ablate, discover, graph_io
 from graph_passes.metadata import kept_heads
 from graph_passes.prune_heads import prune_heads
-from test_expose import MODULES, module, rel_err
+from support import MODULES, module, rel_err
 
 # 4 query heads over 2 key/value heads (groups {0, 1}, {2, 3}): split groups, whole groups, one head left.
 REMOVALS = {"mixed": {0: [1], 2: [0, 3]}, "group": {1: [0, 1]}, "one_left": {0: [0, 1, 2], 1: [3]}}

@@ -23,9 +23,8 @@ from exporters import ExportError, export, graph_format_of, precision_of, read_m
 from exporters.manifest import MANIFEST_NAME
 from exporters.pipeline import EXPORT_VERSION
 from exporters.sources import resolve_source
-from hf_to_gguf import write_gguf
-from test_export import TEXTS, assert_close, onnx_logits, plain_ids, save_tokenizer, tiny_tokenizer, torch_logits
-from tiny import build_hf_model
+from exporters.hf_gguf import write_gguf
+from support import EXPORT_TEXTS, assert_close, build_hf_model, onnx_logits, plain_ids, save_tokenizer, tiny_tokenizer, torch_ids_logits
 
 PRECISIONS = ("fp32", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -93,13 +92,13 @@ def test_logits_stay_within_the_stated_bound_of_fp32(exports, family):
     for precision in ("int8", "int4"):
         differences[precision] = max(
             relative_difference(onnx_logits(exports[family, precision], ids), onnx_logits(exports[family, "fp32"], ids))
-            for ids in (plain_ids(exports[family, "fp32"], text) for text in TEXTS))
+            for ids in (plain_ids(exports[family, "fp32"], text) for text in EXPORT_TEXTS))
         assert 0 < differences[precision] < LOGIT_BOUND[precision], precision
     assert differences["int8"] < differences["int4"] / 4  # 8-bit weights are much closer than 4-bit ones
 
 
 def test_with_past_graph_is_quantized_and_close(exports):
-    folder, ids = exports["llama", "int8"], plain_ids(exports["llama", "int8"], TEXTS[1])
+    folder, ids = exports["llama", "int8"], plain_ids(exports["llama", "int8"], EXPORT_TEXTS[1])
     plain, cached = onnx_logits(folder, ids), cached_logits(folder, ids, "with_past/model.onnx")
     assert relative_difference(cached, onnx_logits(exports["llama", "fp32"], ids)) < LOGIT_BOUND["int8"]
     assert relative_difference(cached, plain) < 1e-5  # the two graphs quantize the same weights the same way
@@ -236,9 +235,9 @@ def test_genai_fp32_export_equals_transformers(sources, cache):
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("_") or p.name.startswith(".")) == []
     ops = {node.op_type for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
     assert "GroupQueryAttention" in ops  # the builder's fused graph, not Optimum's
-    for text in TEXTS:
+    for text in EXPORT_TEXTS:
         ids = plain_ids(folder, text)
-        assert_close(cached_logits(folder, ids), torch_logits(model, ids), rel=1e-4)
+        assert_close(cached_logits(folder, ids), torch_ids_logits(model, ids), rel=1e-4)
 
 
 @needs_genai
@@ -249,9 +248,9 @@ def test_genai_int4_export_holds_matmulnbits_and_its_cache_key_differs(sources, 
     assert int4 != fp32 and read_manifest(int4)["precision"] == "int4"
     nodes = onnx.load(str(int4 / "model.onnx"), load_external_data=False).graph.node
     assert sum(node.op_type == "MatMulNBits" for node in nodes) >= 3 * 5  # qkv, o, gate, up, down per layer
-    ids = plain_ids(int4, TEXTS[0])
-    # Measured 0.18-0.25 of the largest logit (0.11-0.14 absolute) on TEXTS; fp32 builds agree to 4e-7.
-    assert 0 < relative_difference(cached_logits(int4, ids), torch_logits(model, ids)) < LOGIT_BOUND["int4"]
+    ids = plain_ids(int4, EXPORT_TEXTS[0])
+    # Measured 0.18-0.25 of the largest logit (0.11-0.14 absolute) on EXPORT_TEXTS; fp32 builds agree to 4e-7.
+    assert 0 < relative_difference(cached_logits(int4, ids), torch_ids_logits(model, ids)) < LOGIT_BOUND["int4"]
 
 
 @needs_genai
@@ -261,9 +260,9 @@ def test_genai_export_of_a_gguf_gets_the_tokenizer_from_the_gguf(sources, cache,
     raw = tiny_tokenizer()
     folder = export(gguf_file, graph_format="genai", cache_dir=cache, log=lambda line: None)
     assert read_manifest(folder)["source_kind"] == "gguf"
-    ids = plain_ids(folder, TEXTS[2])
-    assert ids == [1] + raw.encode(TEXTS[2]).ids  # the GGUF's BOS, once
-    assert_close(cached_logits(folder, ids), torch_logits(model, ids), rel=1e-4)
+    ids = plain_ids(folder, EXPORT_TEXTS[2])
+    assert ids == [1] + raw.encode(EXPORT_TEXTS[2]).ids  # the GGUF's BOS, once
+    assert_close(cached_logits(folder, ids), torch_ids_logits(model, ids), rel=1e-4)
 
 
 def test_genai_without_onnxruntime_genai_says_what_to_install(sources, tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """route and layer paths: routed ONNX graphs against torch models whose layer lists repeat, skip or reorder layers."""
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from graph_passes import GraphPassError, discover, expose, graph_io
 from graph_passes.layer_path import check_path, duplicate, format_path, parse_path, parse_spec
 from graph_passes.metadata import KV_SLOTS_KEY, PATH_KEY, routed_path
 from graph_passes.route import route
-from test_expose import MODULES, module, rel_err, token_batch
+from support import rel_err, repeated_layers, token_batch, torch_logits
 
 # Paths for the 3-layer tiny models: each kind of routing once.
 PATHS = {
@@ -25,30 +24,6 @@ PATHS = {
     "reorder": [2, 0, 1],
 }
 REL = 1e-3  # the brief's tolerance; measured: below 1e-6 on every tiny family and path
-
-
-@contextlib.contextmanager
-def repeated_layers(hf, family: str, path):
-    """The torch model running its layers along ``path`` (same modules, so shared weights), restored on exit."""
-    import torch
-
-    owner_path, _, attribute = MODULES[family][0].rpartition(".")
-    owner = module(hf, owner_path)
-    layers, count = getattr(owner, attribute), hf.config.num_hidden_layers
-    setattr(owner, attribute, torch.nn.ModuleList([layers[i] for i in path]))
-    hf.config.num_hidden_layers = len(path)  # Llama and Gemma3 iterate over layers[:num_hidden_layers]
-    try:
-        yield hf
-    finally:
-        setattr(owner, attribute, layers)
-        hf.config.num_hidden_layers = count
-
-
-def torch_logits(hf, feeds: dict) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return hf(**{name: torch.from_numpy(value) for name, value in feeds.items()}, use_cache=False).logits.numpy()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Block scores: parity with the reference implementation's rankings, and small cases worked by hand."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,35 +8,12 @@ import pytest
 from cp_onnx.analysis.scores import METHODS, layer_contrast, rank_blocks
 from cp_onnx.models.evaluators import candidate_blocks
 from cp_onnx.errors import CpOnnxError
+from support import assert_same_top, load_reference, reference_stats
 
-# The reference implementation's own outputs on SmolLM2 (copied from shared/fixtures).
-FIXTURE = Path(__file__).parent / "fixtures" / "reference_smollm2.json"
 # The reference computed variance_z, rank_z and moderate_var_z in float32 (its variance and rank
 # are numpy float32 scalars); emulating float32 reproduces its numbers bit for bit, while this
 # float64 implementation differs by up to 6e-7. Hence 1e-6, not 1e-12.
 SCORE_TOL = 1e-6
-TIE_TOL = 1e-3  # blocks whose reference scores lie this close may trade places
-
-
-def load_reference() -> dict:
-    if not FIXTURE.exists():
-        pytest.skip(f"reference fixture {FIXTURE} is not available")
-    return json.loads(FIXTURE.read_text())
-
-
-def reference_stats(reference: dict) -> dict[str, np.ndarray]:
-    rows = reference["layer_stats"]
-    return {name: np.array([row[name] for row in rows]) for name in rows[0] if name != "layer_idx"}
-
-
-def assert_same_top(got, expected: list[dict], top: int = 10) -> None:
-    """The first `top` blocks agree, except blocks whose reference scores lie within TIE_TOL may swap."""
-    ref_score = {(r["start"], r["end"]): r["score"] for r in expected}
-    for rank, (block, ref) in enumerate(zip(got[:top], expected[:top])):
-        if (block.start, block.end) != (ref["start"], ref["end"]):
-            assert abs(ref_score[(block.start, block.end)] - ref["score"]) <= TIE_TOL, (
-                f"rank {rank}: got [{block.start}, {block.end}), reference [{ref['start']}, {ref['end']})"
-            )
 
 
 @pytest.mark.parametrize("method", ["stability", "anomaly", "composite", "boundary"])

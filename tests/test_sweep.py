@@ -15,61 +15,10 @@ from cp_onnx.models import evaluators
 from cp_onnx.models.scoring import ProbeItem
 from cp_onnx.models.scoring import ProbePlan
 from cp_onnx.groundtruth.sweep import read_sweep, sweep
-from cp_onnx.models.model import open_model
 from graph_passes.edit import Edit
+from support import GENERAL, ITEMS, SHOT_ITEMS
 
-ITEMS = [
-    ProbeItem("a-0", "arithmetic", "Q: 2+3=", " 5"),
-    ProbeItem("a-1", "arithmetic", "Q: 17+1=", " 18"),
-    ProbeItem("s-0", "syllogism", "All A are B. x is A. Is x B?", " yes", (" yes", " no")),
-    ProbeItem("s-1", "syllogism", "No A are B. x is A. Is x B?", " no", (" yes", " no")),
-    ProbeItem("o-0", "ordering", "Ann > Bob > Cy. Who is first?", " Ann", (" Bob", " Ann", " Cy")),
-    ProbeItem("c-0", "comparison", "Which is larger, 1 or 2?", " 2", (" 1", " 2")),  # bytes " ", "1" and " ", "2": one sequence
-]
-# The same questions with solved examples of their kind first (few-shot); one kind keeps none (zero-shot only).
-SHOTS = {"arithmetic": "Q: 1+1= 2\n", "syllogism": "All C are D. y is C. Is y D? yes\n", "ordering": "Di > Ed. Who is first? Di\n"}
-SHOT_ITEMS = [replace(item, shots=SHOTS.get(item.kind, "")) for item in ITEMS]
-GENERAL = ["The harbour was quiet in the early morning.", "Gulls circled over the nets."]
 SMALL_BLOCKS = (1, 2)  # on 3 layers: [0,1) [1,2) [2,3) [0,2) [1,3)
-
-
-def bos_tokenizer(folder):
-    """Byte-level tokenizer over the tiny vocabulary (256 ids) that prepends BOS, as Llama's does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    bos = vocab.pop(chr(0x100))  # the character of byte 0, which no text holds
-    tokenizer = Tokenizer(models.BPE(vocab={**vocab, "<s>": bos}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.add_special_tokens(["<s>"])
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_model, tmp_path_factory):
-    """(torch model, ModelFolder with a BOS tokenizer) for the tiny llama."""
-    hf, onnx_path = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("tokenizer")
-    bos_tokenizer(folder)
-    return hf, open_model(onnx_path, tokenizer_dir=folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_cached(tiny_model, tmp_path_factory):
-    """The same tiny llama as a model folder that also holds its graph with a KV cache (with_past/model.onnx)."""
-    import shutil
-
-    from exporters.optimum_export import export_hf_folder
-
-    hf, onnx_path = tiny_model("llama")
-    folder = tmp_path_factory.mktemp("cached")
-    export_hf_folder(onnx_path.parent.parent / "hf", folder / "with_past", with_past=True)
-    shutil.copy(onnx_path, folder / "model.onnx")
-    (folder / "cp_onnx.json").write_text(json.dumps({"onnx": {"model": "model.onnx", "with_past": "with_past/model.onnx"}}))
-    bos_tokenizer(folder)
-    return hf, open_model(folder)
 
 
 def torch_metrics(hf, encode, path=None, items=ITEMS) -> dict:
