@@ -5,15 +5,15 @@ Each model runs in child processes, one at a time (a 1.5B float32 model is 6 GB 
      layer-token rate of the machine and model;
   2. `cp-onnx analyze MODEL --out DIR` exactly as a user runs it (every default method, both regimes), its peak
      RSS read from the kernel (ru_maxrss of the child) and its stage timings and work from report.json;
-  3. with --exhaustive, `cp-onnx analyze MODEL --no-screen --method duplication_loss` (every block on every unit),
-     timed; otherwise its time is estimated from its layer-tokens (report.json: work.exhaustive_layer_tokens) at
-     the rate the analysis itself reached;
-  4. the sweep it replaces (`cp-onnx sweep`, both regimes, every block of sizes 3-5 on the probe suite): K blocks
-     timed (--sweep-blocks, spread over the starts) and scaled to all of them by the layers each reruns.
+  3. the exhaustive computation (every block on every unit): its layer-tokens (report.json: work.exhaustive_layer_tokens)
+     at the rate the prediction itself reached, and with --exhaustive SECONDS, where that estimate is under SECONDS,
+     `cp-onnx analyze MODEL --no-screen --method duplication_loss` timed;
+  4. the sweep it replaces (`cp-onnx sweep`, both regimes, every block of sizes 3-5 on the probe suite): its layer-tokens
+     counted from the suite's batches, at the same rate (one evaluator runs both).
 Targets (issue 24): SmolLM2 <= 30 s; Qwen2.5-1.5B's shapes in float32 <= 150 s at <= 1.3 x weights + 1.5 GB;
 Llama-3.2-3B's shapes as an int4 genai build <= 300 s; the Coder's analysis >= 100 x cheaper than its sweep.
 
-    python benchmarks/bench_scale.py MODEL [MODEL ...] [--exhaustive] [--sweep-blocks 3] [--name NAME]
+    python benchmarks/bench_scale.py MODEL [MODEL ...] [--exhaustive SECONDS] [--name NAME]
 
 MODEL: an exported folder, .onnx file, or anything `cp-onnx export` accepts (smollm2, gemma3-270m, qwen2.5-coder-0.5b).
 Random-weight models with real shapes: benchmarks/scale_models.py builds the HF folders.
@@ -62,24 +62,20 @@ for _ in range(2):  # the first run pages the weights in; the second is the rate
 print(json.dumps({"forward_s": min(times), "tokens": int(sum(len(t) for t in ids))}))
 """
 
-SWEEP = r"""
-import json, sys, tempfile, time
-from pathlib import Path
+SWEEP_WORK = r"""
+import json, sys
 from cp_onnx.groundtruth import probes
 from cp_onnx.groundtruth.regime_plan import RegimePlan
-from cp_onnx.groundtruth.sweep import block_edits, sweep
+from cp_onnx.groundtruth.sweep import block_edits
 from cp_onnx.models.model import open_model
-from graph_passes.edit import Edit
-model = open_model(sys.argv[1], with_past=True, log=lambda _: None)
-blocks = [tuple(int(v) for v in c.split(":")) for c in sys.argv[2].split(",")]
-with tempfile.TemporaryDirectory() as out:
-    rows = sweep(model, [Edit.duplicate(*b) for b in blocks], probes.probe_suite(0), out=Path(out) / "sweep.jsonl", log=lambda _: None)
+model = open_model(sys.argv[1], log=lambda _: None)
+cached = model.with_past_path is not None  # the sweep shares each kind's few-shot examples through the KV cache when it can
+plan = RegimePlan(probes.probe_suite(0), lambda text: model.encode([text])[0][0], probes.general_texts(), share_prefixes=cached)
+padded = sum(int(b.input_ids.size) for b in plan.batches) + sum(len(b.prefix) for b in plan.batches)
 L = model.num_layers
-configs = [e.block for e in block_edits(L)[1:]]
-print(json.dumps({"num_layers": L, "configs": len(configs) + 1, "layers_rerun_all": sum(L - s for s, _ in configs),
-                  "rows": [{"block": [r["start"], r["end"]], "seconds": r["seconds"]} for r in rows]}))
+blocks = [e.block for e in block_edits(L)[1:]]
+print(json.dumps({"configs": len(blocks) + 1, "padded_tokens": padded, "layer_tokens": padded * (L + sum(L - s for s, _ in blocks))}))
 """
-
 
 def weight_bytes(onnx_path: Path) -> int:
     """Bytes of every initializer, read from the file's protobuf fields (nothing loaded)."""
@@ -98,23 +94,18 @@ def _analyze(python: str, model_path: Path, env: dict, extra: list[str]) -> tupl
         return run, json.loads((Path(out) / "report.json").read_text())
 
 
-def sweep_estimate(python: str, model_path: Path, env: dict, num_layers: int, count: int) -> dict:
-    """The sweep's time: ``count`` blocks of size 4 spread over the starts timed on the whole suite (both regimes), scaled to
-    every block of sizes 3-5 by the layers each reruns (a block [i, j) reruns L - i layers from the kept outputs)."""
-    starts = sorted({round(k * (num_layers - 4) / max(count - 1, 1)) for k in range(count)})
-    blocks = ",".join(f"{s}:{s + 4}" for s in starts)
-    run = _peak(python, ["-c", SWEEP, str(model_path), blocks], env)
+def sweep_estimate(python: str, model_path: Path, env: dict, rate: float) -> dict:
+    """The sweep it replaces (`cp-onnx sweep`: the baseline and every block of sizes 3-5 on the probe suite, both regimes,
+    each block rerun from its departure): its layer-tokens, counted from the suite's batches, and their time at the rate
+    the analysis reached on the same model (the same evaluator runs both)."""
+    run = _peak(python, ["-c", SWEEP_WORK, str(model_path)], env)
     if run["returncode"] != 0:
-        raise SystemExit(f"the sweep failed on {model_path}:\n{run['stderr'][-2000:]}")
+        raise SystemExit(f"planning the sweep failed on {model_path}:\n{run['stderr'][-2000:]}")
     found = json.loads(run["stdout"].strip().splitlines()[-1])
-    rows = [r for r in found["rows"] if r["block"][0] is not None]
-    per_layer = sum(r["seconds"] for r in rows) / sum(num_layers - r["block"][0] for r in rows)
-    baseline = next(r["seconds"] for r in found["rows"] if r["block"][0] is None)
-    return {"blocks_timed": [r["block"] for r in rows], "seconds_per_layer_rerun": per_layer, "configs": found["configs"],
-            "estimated_s": baseline + per_layer * found["layers_rerun_all"], "peak_rss_gb": run["peak_gb"]}
+    return {**found, "estimated_s": found["layer_tokens"] / rate}
 
 
-def measure(source: str, threads: int, exhaustive: bool, sweep_blocks: int) -> dict:
+def measure(source: str, threads: int, exhaustive: float) -> dict:
     from cp_onnx.models.model import open_model
 
     model = open_model(source, log=lambda line: print("  " + line))
@@ -127,18 +118,17 @@ def measure(source: str, threads: int, exhaustive: bool, sweep_blocks: int) -> d
     timings, predictions = report["timings"], report["predictions"]
     layers = report["model"]["num_layers"]
     work = {regime: found["work"] for regime, found in predictions.items()}
-    layer_tokens = sum(v for k, v in timings.items() if k.endswith("_layer_tokens"))
-    rate = layer_tokens / timings["duplication_loss_s"] if timings.get("duplication_loss_s") else None  # the analysis' own rate
     run_work = sum(w["layer_tokens"] for w in work.values())
+    rate = run_work / timings["duplication_loss_s"] if timings.get("duplication_loss_s") else None  # the prediction's own layer-token rate
     exhaustive_work = sum(w["exhaustive_layer_tokens"] for w in work.values())
     result_exhaustive = {"layer_tokens": exhaustive_work, "work_ratio": exhaustive_work / run_work if run_work else None,
-                         "estimated_s": exhaustive_work / (run_work / timings["duplication_loss_s"]) if run_work else None}
-    if exhaustive:
+                         "estimated_s": exhaustive_work / rate if rate else None}
+    if exhaustive and (result_exhaustive["estimated_s"] or 0) < exhaustive:
         run, full = _analyze(python, model.path, env, ["--no-screen", "--method", "duplication_loss"])
         result_exhaustive |= {"measured_s": run["wall_s"], "time_ratio": run["wall_s"] / analyze["wall_s"],
                               "decisions": {r: p["decision"] for r, p in full["predictions"].items()},
                               "top3": {r: [[c["start"], c["end"]] for c in p["candidates"]] for r, p in full["predictions"].items()}}
-    swept = sweep_estimate(python, model.path, env, layers, sweep_blocks) if sweep_blocks else None
+    swept = sweep_estimate(python, model.path, env, rate) if rate else None
     precision = model.manifest.get("precision", "fp32")
     target = TIME_TARGETS_S.get((layers, model.manifest.get("hidden_size"), precision))
     bound = MEMORY_FACTOR * weights / GB + MEMORY_SLACK_GB
@@ -153,7 +143,9 @@ def measure(source: str, threads: int, exhaustive: bool, sweep_blocks: int) -> d
         "decisions": {r: p["decision"] for r, p in predictions.items()},
         "top3": {r: [[c["start"], c["end"]] for c in p["candidates"]] for r, p in predictions.items()},
         "exhaustive": result_exhaustive,
-        "sweep": None if swept is None else {**swept, "ratio": swept["estimated_s"] / analyze["wall_s"]},
+        "sweep": None if swept is None else {**swept, "ratio": swept["estimated_s"] / analyze["wall_s"],
+                                             "within_target": swept["estimated_s"] / analyze["wall_s"] >= SWEEP_TARGET,
+                                             "work_ratio": swept["layer_tokens"] / (run_work + timings.get("statistics_layer_tokens", 0))},
     }
 
 
@@ -178,14 +170,14 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="exported folders, .onnx files or export sources")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: every core)")
     parser.add_argument("--name", default="bench_scale", help="results/NAME.json and .md")
-    parser.add_argument("--exhaustive", action="store_true", help="also run the exhaustive computation (--no-screen), timed")
-    parser.add_argument("--sweep-blocks", type=int, default=3, help="blocks of the sweep timed to estimate it (0: no sweep)")
+    parser.add_argument("--exhaustive", type=float, default=0, metavar="SECONDS",
+                        help="also run the exhaustive computation (--no-screen), timed, where its estimate is under SECONDS")
     args = parser.parse_args()
     load_before = say_load("start")
     results = []
     for source in args.models:
         print(f"\n{source}")
-        found = measure(source, args.threads, args.exhaustive, args.sweep_blocks)
+        found = measure(source, args.threads, args.exhaustive)
         results.append(found)
         exhaustive, swept = found["exhaustive"], found["sweep"]
         print_table(f"{found['model']} ({found['num_layers']} layers, {found['precision']})", [
@@ -197,7 +189,8 @@ def main() -> None:
             ("exhaustive / analysis (work)", exhaustive["work_ratio"] or float("nan"), f"{exhaustive['layer_tokens']} layer-tokens"),
             *([("exhaustive measured (s)", exhaustive["measured_s"], f"x{exhaustive['time_ratio']:.1f} the analysis")] if "measured_s" in exhaustive else
               [("exhaustive estimated (s)", exhaustive["estimated_s"] or float("nan"), "at the analysis' layer-token rate")]),
-            *([("sweep estimated (s)", swept["estimated_s"], f"x{swept['ratio']:.0f} the analysis; {swept['configs']} configs")] if swept else []),
+            *([("sweep estimated (s)", swept["estimated_s"], f"x{swept['ratio']:.0f} the analysis' time, x{swept['work_ratio']:.0f} its work; "
+                                                                       f"{swept['configs']} configs")] if swept else []),
         ])
     load_after = say_load("end")
     path = write_results(args.name, {"threads": args.threads, "load_average": {"start": load_before, "end": load_after}, "models": results})
@@ -222,15 +215,15 @@ def markdown(results: list[dict], command: str, load_before, load_after) -> str:
         ex_s = f"{ex['measured_s']:.0f} (measured)" if "measured_s" in ex else f"{ex['estimated_s']:.0f} (est.)" if ex.get("estimated_s") else "n/a"
         ex_x = f"{ex['time_ratio']:.1f}" if "time_ratio" in ex else f"{ex['work_ratio']:.1f} (work)" if ex.get("work_ratio") else "n/a"
         decided = "; ".join(f"{regime}: {d} {r['top3'][regime][0] if r['top3'][regime] else ''}" for regime, d in r["decisions"].items())
-        sweep_s, sweep_x = (f"{sw['estimated_s']:.0f} (est.)", f"{sw['ratio']:.0f}") if sw else ("n/a", "n/a")
+        sweep_s, sweep_x = (f"{sw['estimated_s']:.0f} (est.)", f"{sw['ratio']:.0f}{' (>= 100)' if sw['within_target'] else ''}") if sw else ("n/a", "n/a")
         lines.append(f"| {r['model']} ({r['num_layers']} layers) | {r['precision']} / {r['graph_format']} | {r['weight_gb']:.2f} | "
                      f"{r['peak_rss_gb']:.2f} ({r['memory_bound_gb']:.2f}){_met(r['within_memory_bound'])} | "
                      f"{r['analyze_wall_s']:.1f} ({r['time_target_s'] or '-'}){_met(r['within_time_target'])} | "
                      f"{work.get('zero_shot', 'n/a')} | {work.get('few_shot', 'n/a')} | {ex_s} | {ex_x} | {sweep_s} | {sweep_x} | {decided} |")
     lines.append("\nwork: layer-tokens (tokens, padding included, times layers run) of the prediction against the exhaustive "
                  "computation (every block of sizes 3-5 on every unit). exhaustive s: measured with --exhaustive, else its layer-tokens "
-                 "at the rate the analysis reached. sweep s: `cp-onnx sweep` (both regimes, probe suite seed 0), a few blocks timed and "
-                 "scaled to all by the layers each reruns. Targets: SmolLM2 30 s; Qwen2.5-1.5B shapes (fp32) 150 s at 1.3 x weights + 1.5 GB; "
+                 "at the rate the prediction reached. sweep s: `cp-onnx sweep` (both regimes, probe suite seed 0, every block of "
+                 "sizes 3-5), its layer-tokens counted from the suite's batches at the same rate. Targets: SmolLM2 30 s; Qwen2.5-1.5B shapes (fp32) 150 s at 1.3 x weights + 1.5 GB; "
                  "Llama-3.2-3B shapes (int4 genai) 300 s; the Coder >= 100 x cheaper than its sweep.\n")
     return "\n".join(lines)
 
