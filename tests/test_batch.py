@@ -88,6 +88,24 @@ def test_batch_reports_summary_failure_and_resume(folders, tmp_path, capsys):
     assert json.loads((out / "qwen2" / "report.json").read_text())["calibration"]["n"] == 4
 
 
+def test_batch_with_every_section_equals_cp_onnx_analyze(folders, tmp_path, capsys):
+    """A manifest asking for jacobian, heads and prune writes the report `cp-onnx analyze` writes with the same flags."""
+    folder = folders["llama"]
+    settings = SETTINGS + "jacobian = true\nheads = true\nprune = true\n"
+    path = manifest(tmp_path / "all.toml", {"llama": folder}, settings=settings)
+    assert main(["batch", str(path)]) == 0
+    alone = tmp_path / "alone"
+    assert main(["analyze", str(folder), "-n", "6", "--block-sizes", "1,2", "--jacobian", "--heads", "--prune",
+                 "--out", str(alone)]) == 0
+    capsys.readouterr()
+    batched = json.loads((tmp_path / "all-out" / "llama" / "report.json").read_text())
+    single = json.loads((alone / "report.json").read_text())
+    assert {"jacobian", "heads", "pruning"} <= set(single)  # the sections were really computed
+    assert without_timings(batched) == without_timings(single)
+    circuit = sorted(p.name for p in alone.iterdir() if p.name != "report.json")
+    assert circuit and circuit == sorted(p.name for p in (tmp_path / "all-out" / "llama").iterdir() if p.name != "report.json")
+
+
 def test_killed_batch_resumes_without_redoing_or_losing(folders, tmp_path):
     extra = f'source = "{folders["llama"]}"\nname = "llama-n4"\nn = 4'
     path = manifest(tmp_path / "k.toml", folders, extra)
