@@ -50,8 +50,8 @@ def plain_forward(model, texts: list[str], threads: int | None) -> tuple[Stopwat
     return min(watches, key=lambda w: w.wall), token_lists, ids.size
 
 
-def matmul_weights(model: "onnx.ModelProto") -> int:
-    """Elements of the matrices a segment multiplies by: its multiply-adds per token."""
+def matmul_weights(model) -> int:
+    """Elements of the matrices an onnx.ModelProto segment multiplies by: its multiply-adds per token."""
     products = {name for node in model.graph.node if node.op_type in ("MatMul", "Gemm") for name in node.input}
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name in products and len(t.dims) >= 2)
 

@@ -78,7 +78,7 @@ def test_embed_writes_metadata_and_keeps_graph_and_logits(analysed, tmp_path, ca
     assert lines[0].startswith("zero-shot decision: ") and lines[1].startswith("few-shot decision: ")
     for regime, prediction in data["predictions"].items():
         assert meta[f"cp_onnx.prediction.{regime}"] in ("abstain", *(f"help {b['start']}:{b['end']}" for b in prediction["candidates"]))
-        assert meta[f"cp_onnx.kinds.{regime}"] == kinds_line(prediction, regime) and f"per kind of calibration text, [" in meta[f"cp_onnx.kinds.{regime}"]
+        assert meta[f"cp_onnx.kinds.{regime}"] == kinds_line(prediction, regime) and "per kind of calibration text, [" in meta[f"cp_onnx.kinds.{regime}"]
     ours = [p.key for p in onnx.load(str(source), load_external_data=False).metadata_props if p.key.startswith("cp_onnx.")]
     assert ours[:2] == ["cp_onnx.decision.zero_shot", "cp_onnx.decision.few_shot"]  # the answers are the first of its entries
 
