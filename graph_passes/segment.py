@@ -23,6 +23,21 @@ from graph_passes.rewrite import clone_nodes, copy_model
 
 POSITIONS = "positions"  # head input: int64 [n], flat indices row * seq + token of the logits wanted
 _GATHERED = "/segment/gathered"
+_GATHERED_MID = "/segment/gathered_mid"
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The last layer cut at its attention residual add, for a run whose last step is that layer.
+
+    ``attention``: resid_in + context -> resid_mid (and the layer's cache outputs). ``positionwise``: resid_mid +
+    positions -> logits [n, vocab]: the gather of the positions, then the layer's MLP half, the final norm and the
+    lm_head. Every op after resid_mid acts on each token alone, so the MLP (most of a layer's work) runs only
+    where logits are read, and the result is the head's on the whole last layer."""
+
+    attention: onnx.ModelProto
+    positionwise: onnx.ModelProto
+    resid_mid: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,7 @@ class Segments:
     gathered_before_lm_head: bool
     past: tuple[tuple[str, ...], ...] = ()  # per layer: its KV-cache inputs (key, value); () without a cache
     present: tuple[tuple[str, ...], ...] = ()  # per layer: its KV-cache outputs, after resid_out  # False: the head computes all logits and gathers them after
+    tail: Tail | None = None  # None where the last layer's MLP half reads more than resid_mid (or the head reads context)
 
 
 def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
@@ -70,6 +86,7 @@ def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
         for l, (layer, members, reads) in enumerate(zip(layer_map.layers, layer_sets, layer_reads))
     )
     head_model, gathered = _head(extract, index, head, [last, *sorted(head_reads)], layer_map.logits)
+    tail = None if head_reads else _tail(extract, index, layer_map.layers[-1], layer_sets[-1], head, layer_map.logits, present[-1] if present else ())
     return Segments(
         preamble=extract("preamble", preamble, preamble_inputs, made),
         layers=layers,
@@ -82,7 +99,37 @@ def segment(model: onnx.ModelProto, layer_map: LayerMap) -> Segments:
         gathered_before_lm_head=gathered,
         past=past,
         present=present,
+        tail=tail,
     )
+
+
+def _tail(extract: _Extractor, index: GraphIndex, layer, members: set[int], head: set[int], logits: str, present: tuple[str, ...]) -> Tail | None:
+    """The last layer's Tail, or None where its nodes after resid_mid read anything but resid_mid and weights."""
+    mid = layer.resid_mid
+    if not mid:
+        return None
+    attention = index.ancestors(mid) & members
+    rest = members - attention
+    if _external_reads(index, rest, {mid}) or any(index.producer.get(t) in rest for t in present):
+        return None
+    reads = _external_reads(index, attention, {layer.resid_in})
+    attention_model = extract(f"layer{layer.index}_attention", attention, [layer.resid_in, *sorted(reads)], [mid, *present])
+    nodes = [*_gather_nodes(mid, _GATHERED_MID), *clone_nodes([index.nodes[i] for i in sorted(rest | head)], "", {mid: _GATHERED_MID})]
+    positions = helper.make_tensor_value_info(POSITIONS, onnx.TensorProto.INT64, [POSITIONS])
+    positionwise = extract("tail", set(), [mid], [logits], nodes, [positions])
+    _rows_are_positions(positionwise)
+    return Tail(attention_model, positionwise, mid)
+
+
+def _rows_are_positions(model: onnx.ModelProto) -> None:
+    """The output's [batch, seq, vocab] becomes [positions, vocab]."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    vocab = onnx.TensorShapeProto.Dimension()
+    if len(dims):
+        vocab.CopyFrom(dims[-1])
+    del dims[:]
+    dims.add().dim_param = POSITIONS
+    dims.add().CopyFrom(vocab)
 
 
 def _cache_names(graph: onnx.GraphProto, num_layers: int) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
@@ -146,13 +193,7 @@ def _head(extract: _Extractor, index: GraphIndex, members: set[int], inputs: lis
         nodes = [*_gather_nodes(data, _GATHERED), node]
         members, gathered = members - {lm_head}, True
     head = extract("head", members, inputs, [logits], nodes, [positions])
-    dims = head.graph.output[0].type.tensor_type.shape.dim  # [batch, seq, vocab] becomes [positions, vocab]
-    vocab = onnx.TensorShapeProto.Dimension()
-    if len(dims):
-        vocab.CopyFrom(dims[-1])
-    del dims[:]
-    dims.add().dim_param = POSITIONS
-    dims.add().CopyFrom(vocab)
+    _rows_are_positions(head)
     return head, gathered
 
 

@@ -221,12 +221,15 @@ def test_the_prediction_memory_check_counts_every_batch_it_builds(folder, tmp_pa
     shape = Shape(3, 64, 4, 256)
     memory, disk = evaluator_bytes(shape, [(16, 510), (4, 510)])
     # kept layer outputs, contexts (3 hidden floats and a mask row per token), every layer's keys and values of the 16 rows,
-    # one layer's work for them (x 1.5), the head
+    # one layer's work for them (x 1.5; 8,160 tokens, more than a stacked call's 2,048), the head (logits and a copy of
+    # 128 MB), the stacked paths' streams (128 MB)
     kept = 3 * 20 * 510 * 64 * 4
     contexts = 20 * 510 * (3 * 64 + 510) * 4
     keys_values = 3 * 16 * 510 * 2 * 64 * 4
     working = 16 * 510 * (20 * 64 + 3 * 4 * 510) * 4 * 1.5
-    assert (memory, disk) == (kept + contexts + keys_values + int(working) + 3 * 64 * 2**20, 0)
+    assert (memory, disk) == (kept + contexts + keys_values + int(working) + 3 * 128 * 2**20 + 128 * 2**20, 0)
+    short = evaluator_bytes(shape, [(1, 20)])[0]  # a short batch's layer calls are stacked paths of 2,048 tokens
+    assert short == 3 * 20 * 64 * 4 + 20 * (3 * 64 + 20) * 4 + 3 * 20 * 2 * 64 * 4 + int(2048 * (20 * 64 + 3 * 4 * 20) * 4 * 1.5) + 4 * 128 * 2**20
 
     questions = _questions(tmp_path / "q.jsonl", "y" * 490, count=20)
     assert len("Question: ") + 490 + len("\nAnswer:") + len(" 4") == 510 and planned_batches([510] * 20) == [(16, 510), (4, 510)]

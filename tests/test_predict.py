@@ -213,7 +213,7 @@ def _simulated_race(rng, helps: float | None, schedule: racing.Schedule, guard: 
     shared = rng.standard_t(3, size=83) * 0.7
     gains = {b: truth[k] + 0.5 * shared + 0.8 * rng.standard_t(3, size=83) for k, b in enumerate(blocks)}
     result = racing.race(blocks, [b for b in blocks if b[1] - b[0] == 4], np.arange(83), np.ones(83),
-                         lambda block, units: gains[block][units], schedule)
+                         lambda group, units: [gains[b][units] for b in group], schedule)
     matrix = np.stack([result.gains[b][result.seen] for b in result.alive], axis=1)
     _, lower, _, _ = bounds(matrix, np.ones(len(result.seen)), len(result.gains) if guard else None, 0.95)
     return bool((lower > 0).any())
@@ -240,8 +240,13 @@ def test_greedy_figures_count_what_the_model_itself_continues_with(tiny_llama, m
 
     hf, model = tiny_llama
     level = -5.7  # near the median token's log-prob under this model (ln 256 = 5.55): some tokens and answers hit, some not
-    scores = ReuseEvaluator.token_scores
-    monkeypatch.setattr(ReuseEvaluator, "token_scores", lambda self, *a, **k: [(lp, lp > level) for lp, _ in scores(self, *a, **k)])
+    head = ReuseEvaluator._head  # every scored token passes through here, whichever way its path was run
+
+    def thresholded(self, *args, **kwargs):
+        logprob, _ = head(self, *args, **kwargs)
+        return logprob, logprob > level
+
+    monkeypatch.setattr(ReuseEvaluator, "_head", thresholded)
     encode = lambda text: model.encode([text])[0][0]  # noqa: E731
     decode = model.tokenizer.id_to_token
 

@@ -58,6 +58,27 @@ def test_chained_segments_equal_the_full_model(tiny_model, family):
     np.testing.assert_allclose(got, expected.reshape(-1, expected.shape[-1])[positions], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tail_gives_the_full_model_logits_with_the_last_mlp_on_the_positions_only(tiny_model, family):
+    _, onnx_path = tiny_model(family)
+    proto = graph_io.load(onnx_path)
+    parts = segment(proto, discover(proto))
+    if family == "gpt2":  # its head reshapes the stream to the input's [batch, seq] (read from the context): no tail
+        assert parts.tail is None
+        return
+    full = Runner(proto)
+    ids, mask = batch()
+    feeds = full.feeds(ids, mask)
+    expected = full.run(ids, mask)["logits"]
+    positions = np.flatnonzero(mask.reshape(-1))[::-1][:5].copy()
+    values = head_feeds(parts, feeds, range(len(parts.layers) - 1), positions)
+    mid = run(session(parts.tail.attention), {**values, parts.resid_in[-2]: values[parts.resid_in[-1]]})
+    gathered = [n for n in parts.tail.positionwise.graph.node if n.op_type == "Gather" and POSITIONS in n.input]
+    assert len(gathered) == 1 and gathered[0].input[0].endswith("flat")  # the gather comes first, on resid_mid
+    got = run(session(parts.tail.positionwise), {parts.tail.resid_mid: mid, POSITIONS: positions})
+    np.testing.assert_allclose(got, expected.reshape(-1, expected.shape[-1])[positions], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ("llama", "gpt2"))
 def test_segments_along_a_path_equal_the_routed_model(tiny_model, family):
     _, onnx_path = tiny_model(family)

@@ -336,3 +336,28 @@ def test_version_1_files_are_read_as_few_shot_and_not_resumed(tiny_llama, tmp_pa
     assert parse_regimes("few, zero") == ("zero_shot", "few_shot") and parse_regimes("zero_shot") == ("zero_shot",)
     with pytest.raises(CpOnnxError, match="unknown regimes 'one'"):
         parse_regimes("one")
+
+
+@pytest.mark.parametrize("graph", ["plain", "kv_cache"])
+def test_paths_scored_together_equal_each_path_scored_alone(tiny_llama, tiny_llama_cached, graph, monkeypatch):
+    """paths_scores stacks the duplicated blocks' rows and runs each layer once for all of them (path_scores, which
+    the tests above check against torch, runs one path at a time); a skip, and the base model, run alone."""
+    _, model = tiny_llama if graph == "plain" else tiny_llama_cached
+    onnx_path = model.onnx_path if graph == "plain" else model.path / "with_past" / "model.onnx"
+    encode = lambda text: model.encode([text])[0][0]  # noqa: E731
+    plan = ProbePlan(ITEMS, encode, GENERAL, batch_size=2)
+    evaluator = evaluators.ReuseEvaluator(onnx_path, plan, threads=1)
+    monkeypatch.setattr(evaluators, "STACK_TOKENS", 2 * max(b.input_ids.size for b in plan.batches))  # two paths a call
+    streams = max(evaluator.base_context(b)[evaluator.embed].nbytes for b in range(len(plan.batches)))
+    monkeypatch.setattr(evaluators, "STACK_BYTES", 3 * streams)  # groups of three paths or fewer
+    edits = [Edit.duplicate(0, 1), Edit.duplicate(1, 3), Edit.skip(0, 1), Edit.duplicate(0, 2), Edit.duplicate(2, 3),
+             Edit.duplicate(1, 2), Edit()]
+    paths = [edit.path(evaluator.num_layers) for edit in edits]
+    chosen = list(range(len(plan.batches)))[::-1][: max(2, len(plan.batches) - 1)]
+    together = evaluator.paths_scores(paths, chosen)
+    for edit, path, scores in zip(edits, paths, together):
+        alone = evaluator.path_scores(path, chosen)
+        assert len(scores) == len(alone) == len(chosen)
+        for (logprob, hit), (expected_logprob, expected_hit) in zip(scores, alone):
+            np.testing.assert_allclose(logprob, expected_logprob, atol=1e-5, err_msg=str(edit))
+            np.testing.assert_array_equal(hit, expected_hit)

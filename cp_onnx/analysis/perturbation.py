@@ -158,7 +158,7 @@ class PerturbedRuns:
         self.embed, self.resid_in = parts.embed, parts.resid_in
         self.preamble = segment_session(parts.preamble, weights, threads)
         self.layers = [segment_session(layer, weights, threads) for layer in parts.layers]
-        self.head = segment_session(parts.head, weights, threads, arena=True)
+        self.head = segment_session(parts.head, weights, threads)
         self.layer_tokens, self.head_bytes = layer_tokens, head_bytes
         # Where logits = hidden @ W, rows that need no KL skip the vocabulary-wide product (module docstring):
         # pairs, SmolLM2's Jacobian probes, a third of its head time; single rows, its head estimates, ~9 layers' worth per row.

@@ -316,32 +316,38 @@ def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], ca
     base_hits = np.full(len(units.counts), np.nan)
     hits: dict = {}
 
-    def run(config, unit_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per unit of ``unit_ids``: summed log-prob of its scored tokens and its hits (zero-shot: 1 when all tokens hit)."""
+    def run(configs: list[Edit], unit_ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per config, per unit of ``unit_ids``: summed log-prob of its scored tokens and its hits (zero-shot: 1 when all
+        tokens hit). The configs are scored together (ReuseEvaluator.paths_scores)."""
         size = len(units.counts)
-        summed, hit = np.zeros(size), np.zeros(size)
         chosen = sorted(set(batch_of[unit_ids].tolist()) - {-1})
-        if chosen:
-            scored = evaluator.token_scores(config, [span[k] for k in chosen])
+        if not chosen:
+            return [(np.zeros(len(unit_ids)), np.zeros(len(unit_ids))) for _ in configs]
+        owners = np.concatenate([units.batches[k].owners for k in chosen])
+        found = []
+        paths = [config.path(evaluator.num_layers) for config in configs]
+        for config, scored in zip(configs, evaluator.paths_scores(paths, [span[k] for k in chosen])):
             logprob, argmax = (np.concatenate(part) for part in zip(*scored))
             if not np.isfinite(logprob).all():
                 raise CpOnnxError(f"the model's log-probabilities are not finite with the edit {config}; check the exported model")
-            owners = np.concatenate([units.batches[k].owners for k in chosen])
             summed, hit = np.bincount(owners, weights=logprob, minlength=size), np.bincount(owners, weights=argmax, minlength=size)
             if zero_shot:
                 hit = (hit == np.bincount(owners, minlength=size)).astype(np.float64)
-        return summed[unit_ids], hit[unit_ids]
+            found.append((summed[unit_ids], hit[unit_ids]))
+        return found
 
-    def score(block, unit_ids: np.ndarray) -> np.ndarray:
+    def score(blocks: list, unit_ids: np.ndarray) -> list[np.ndarray]:
         missing = unit_ids[np.isnan(base_logprob[unit_ids])]
         if len(missing):
-            base_logprob[missing], base_hits[missing] = run(BASELINE, missing)
-        if block not in hits:
-            progress.step()
-            hits[block] = np.full(len(units.counts), np.nan)
-        logprob, hit = run(Edit.duplicate(*block), unit_ids)
-        hits[block][unit_ids] = hit
-        return logprob - base_logprob[unit_ids]
+            [(base_logprob[missing], base_hits[missing])] = run([BASELINE], missing)
+        gains = []
+        for block, (logprob, hit) in zip(blocks, run([Edit.duplicate(*block) for block in blocks], unit_ids)):
+            if block not in hits:
+                progress.step()
+                hits[block] = np.full(len(units.counts), np.nan)
+            hits[block][unit_ids] = hit
+            gains.append(logprob - base_logprob[unit_ids])
+        return gains
 
     def clear(alive, seen, gains) -> str | None:
         point, lower, upper, _ = bounds(np.stack([gains[b][seen] for b in alive], axis=1), units.counts[seen],
@@ -517,13 +523,14 @@ def _costs(evaluator: ReuseEvaluator, plan: ProbePlan, part: list[int], blocks: 
     """Per block, the change of the mean NLL over all tokens of the reasoning texts and of the general texts."""
     tokens = np.array([len(c.tokens) for c in plan.continuations], dtype=np.float64)
 
-    def logprob(config) -> np.ndarray:
-        return plan.continuation_scores(evaluator.token_scores(config, part))[0]
+    def logprob(scored) -> np.ndarray:
+        return plan.continuation_scores(scored)[0]
 
-    base = logprob(BASELINE)
+    base = logprob(evaluator.token_scores(BASELINE, part))
     found = {}
-    for block in blocks:
-        gain = logprob(Edit.duplicate(*block)) - base
+    together = evaluator.paths_scores([Edit.duplicate(*block).path(evaluator.num_layers) for block in blocks], part)
+    for block, scored in zip(blocks, together):
+        gain = logprob(scored) - base
         general = -gain[reasoning:].sum() / tokens[reasoning:].sum() if len(tokens) > reasoning else None
         found[block] = {"text_nll_change": float(-gain[:reasoning].sum() / tokens[:reasoning].sum()),
                         "general_nll_change": None if general is None else float(general)}

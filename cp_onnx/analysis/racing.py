@@ -68,11 +68,12 @@ def near(a: Block, b: Block) -> bool:
 
 
 def race(candidates: Sequence[Block], first: Sequence[Block], order: np.ndarray, weights: np.ndarray,
-         score: Callable[[Block, np.ndarray], np.ndarray], schedule: Schedule,
+         score: Callable[[list[Block], np.ndarray], list[np.ndarray]], schedule: Schedule,
          clear: Callable[[list[Block], np.ndarray, dict], str | None] | None = None) -> RaceResult:
     """Race ``first`` (then the leaders' neighbours among ``candidates``) over the units in ``order``.
 
-    ``score(block, units)`` returns the block's gain on each of ``units``; ``weights`` [units] are the scored
+    ``score(blocks, units)`` returns each block's gain on each of ``units`` (blocks scored together share their
+    work: see ReuseEvaluator.paths_scores); ``weights`` [units] are the scored
     tokens per unit (a unit's gain is a sum over them). ``clear(alive, seen, gains)`` says whether the
     decision is already clear ("help", "abstain" or None), for an early stop."""
     total = len(order)
@@ -81,25 +82,28 @@ def race(candidates: Sequence[Block], first: Sequence[Block], order: np.ndarray,
     alive = list(dict.fromkeys(first))
     history, stop, seen = [], None, 0
 
-    def catch_up(block: Block, upto: int) -> None:
-        if block not in gains:
-            gains[block] = np.full(len(weights), np.nan)
-        units = order[done.get(block, 0) : upto]
-        if len(units):
-            gains[block][units] = score(block, units)
-        done[block] = upto
+    def catch_up(blocks: list[Block], upto: int) -> None:
+        """Score ``blocks`` on the units up to ``upto`` they have not seen, those with the same units together."""
+        behind: dict[int, list[Block]] = {}
+        for block in blocks:
+            gains.setdefault(block, np.full(len(weights), np.nan))
+            behind.setdefault(done.get(block, 0), []).append(block)
+        for since, group in behind.items():
+            units = order[since:upto]
+            if len(units):
+                for block, gain in zip(group, score(group, units)):
+                    gains[block][units] = gain
+            done.update(dict.fromkeys(group, upto))
 
     for look, count in enumerate(schedule.looks):
         seen = total if count is None else min(count, total)
-        for block in alive:
-            catch_up(block, seen)
+        catch_up(alive, seen)
         units = order[:seen]
         rate = lambda b: gains[b][units].sum() / max(weights[units].sum(), 1e-12)  # noqa: E731
         leaders = sorted(alive, key=lambda b: (-rate(b), b))[:SCREEN_TOP]
-        for block in candidates:
-            if block not in gains and any(near(block, leader) for leader in leaders):
-                catch_up(block, seen)
-                alive.append(block)
+        joining = [block for block in candidates if block not in gains and any(near(block, leader) for leader in leaders)]
+        catch_up(joining, seen)
+        alive.extend(joining)
         if seen == total:
             history.append({"units": seen, "racing": len(alive), "dropped": 0})
             break

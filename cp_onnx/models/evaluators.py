@@ -22,14 +22,20 @@ import numpy as np
 import graph_passes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models import budget
-from cp_onnx.models.runner import Runner, cache_feeds, open_graph, position_ids_for, segment_session
+from cp_onnx.models.runner import _ORT_ERRORS, Runner, cache_feeds, open_graph, position_ids_for, segment_session
 from cp_onnx.models.scoring import ProbePlan, TokenBatch, score_model, token_scores
 from graph_passes.edit import Edit
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment
 
 BASELINE = Edit()  # the model as exported
-HEAD_BYTES = 64 * 2**20  # float32 logits per head run; scoring holds a few float64 copies (Gemma 3's 262k vocabulary: 64 rows)
+HEAD_BYTES = 128 * 2**20  # float32 logits per head run, and scoring's float32 copy (Gemma 3's 262k vocabulary: 128 rows); every
+# call reads the whole vocabulary matrix, so rows per call cut the calls (Qwen2.5-1.5B: 0.9 GB each)
+# Paths scored together (``ReuseEvaluator.paths_scores``) run a layer on up to STACK_TOKENS tokens at a time: a layer
+# call on one short batch reads every weight from memory for a few dozen tokens (Qwen2.5-1.5B shapes on 2 cores:
+# 1,960 layer-tokens/s at 30 tokens, 3,670 at 120, 3,970 at 320, 4,130 at 640). STACK_BYTES bounds the streams held.
+STACK_TOKENS = 2048
+STACK_BYTES = 128 * 2**20
 
 
 def candidate_blocks(num_layers: int, block_sizes: Sequence[int] = (3, 4, 5)) -> list[tuple[int, int]]:
@@ -77,9 +83,17 @@ class ReuseEvaluator:
         self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
         self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
         models = [parts.preamble, *parts.layers, parts.head]
+        # Every segment reads the one mapping of the weights and allocates from the one shared arena.
+        self.preamble, *self.layers, self.head = [segment_session(m, weights, threads) for m in models]
+        # The last layer's attention half, and its MLP half with the head on the scored positions only (paths_scores);
+        # checked against the whole layer on the first batch it serves (_tail_agrees).
+        try:
+            self.tail = None if parts.tail is None else (segment_session(parts.tail.attention, weights, threads),
+                                                         segment_session(parts.tail.positionwise, weights, threads), parts.tail.resid_mid)
+        except CpOnnxError:  # onnxruntime does not take the halves: the whole layer serves
+            self.tail = None
+        self._tail_checked = False
         del parts
-        # Every segment reads the one mapping of the weights; the head (last) keeps an arena (its calls are HEAD_BYTES of logits).
-        self.preamble, *self.layers, self.head = [segment_session(m, weights, threads, arena=k == len(models) - 1) for k, m in enumerate(models)]
         vocab = self.head.get_outputs()[0].shape[-1]
         self.head_rows = max(1, HEAD_BYTES // (4 * vocab)) if isinstance(vocab, int) and vocab > 0 else 256
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
@@ -119,26 +133,33 @@ class ReuseEvaluator:
             return cache_feeds(self.layers[layer].get_inputs(), rows)
         return {name: np.repeat(value, rows, axis=0) for name, value in zip(self.past[layer], kv)}
 
-    def _run(self, layers: Iterable[int], stream: np.ndarray, context: dict, past: list | None) -> list[tuple[np.ndarray, tuple]]:
+    def _run(self, layers: Iterable[int], stream: np.ndarray, context: dict, past: list | None, *,
+             attention_half: bool = False) -> list[tuple[np.ndarray, tuple]]:
         """Run ``layers`` in order from ``stream``; per layer run, its output and its keys and values.
 
-        ``past[k]`` is the prefix's cache for the k-th layer run (None: no prefix)."""
+        ``past[k]`` is the prefix's cache for the k-th layer run (None: no prefix). ``attention_half``: the last
+        layer (which must come last) stops at its resid_mid (the tail's positionwise half goes on from there)."""
         results = []
         for k, layer in enumerate(layers):
             self.layer_tokens += stream.shape[0] * stream.shape[1]
             feeds = {**context, **self._past_feeds(layer, past[k] if past else None, len(stream)), self.resid_in[layer]: stream}
-            session = self.layers[layer]
+            session = self.tail[0] if attention_half and layer == self.num_layers - 1 else self.layers[layer]
             stream, *kv = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
             results.append((stream, tuple(kv)))
         return results
 
-    def _head(self, stream: np.ndarray, context: dict, batch: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
-        resid_in = self.resid_in[-1]
-        feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in self.head.get_inputs() if i.name != POSITIONS}
+    def _head(self, stream: np.ndarray, context: dict, batch: TokenBatch, positions: np.ndarray | None = None,
+              targets: np.ndarray | None = None, *, from_mid: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``token_scores`` of the batch's targets (or of ``targets`` at ``positions`` of ``stream``), HEAD_BYTES of logits a call.
+        ``from_mid``: ``stream`` is the last layer's resid_mid, and the tail's positionwise half finishes the layer."""
+        positions = batch.positions if positions is None else positions
+        targets = batch.targets if targets is None else targets
+        head, resid_in = (self.tail[1], self.tail[2]) if from_mid else (self.head, self.resid_in[-1])
+        feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in head.get_inputs() if i.name != POSITIONS}
         scores = []
-        for k in range(0, len(batch.positions), self.head_rows):
-            logits = self.head.run(None, {**feeds, POSITIONS: batch.positions[k : k + self.head_rows]})[0]
-            scores.append(token_scores(logits, batch.targets[k : k + self.head_rows]))
+        for k in range(0, len(positions), self.head_rows):
+            logits = head.run(None, {**feeds, POSITIONS: positions[k : k + self.head_rows]})[0]
+            scores.append(token_scores(logits, targets[k : k + self.head_rows]))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
     def token_scores(self, edit: Edit, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -159,6 +180,87 @@ class ReuseEvaluator:
             results.append(self._head(runs[-1][0] if runs else stream, context, batch))
         return results
 
+    def paths_scores(self, paths: Sequence[Sequence[int]], batches: Sequence[int] | None = None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per path, what ``path_scores(path, batches)`` returns, with the paths that end in the base order run together.
+
+        A duplicated block's path departs at j and then runs i, i+1, ..., L-1: every such path runs the same layers
+        from its start on, so per batch the paths are stacked along the rows and each layer runs once on all the
+        paths that have reached it (a wavefront over the layers). Rows never see each other, so each path's scores
+        are its own; only the calls get the tokens the matrix products need. The scored rows of every path and
+        batch then go through the head together (a head call reads the whole vocabulary matrix, Qwen2.5-1.5B: 0.9 GB,
+        so one on a few positions waits on memory). The kept path itself is scored from its kept outputs; other
+        paths run one by one (path_scores)."""
+        batches = list(range(len(self.plan.batches))) if batches is None else list(batches)
+        results: list[list] = [[None] * len(batches) for _ in paths]
+        stacked: list[tuple[int, int, int]] = []  # (path index, layers shared with base_path, first layer run after)
+        kept: list[int] = []  # paths equal to base_path
+        for k, path in enumerate(paths):
+            resume_at = departure(path, self.base_path)
+            rest = list(path[resume_at:])
+            if not self.prefixes and rest and rest == list(range(rest[0], self.num_layers)):
+                stacked.append((k, resume_at, rest[0]))
+            elif not self.prefixes and list(path) == self.base_path:
+                kept.append(k)
+            else:
+                results[k] = self.path_scores(path, batches)
+        stacked.sort(key=lambda entry: (entry[2], entry[0]))
+        pools = {False: _HeadPool(self, from_mid=False), True: _HeadPool(self, from_mid=True)}
+        for n, b in enumerate(batches if stacked or kept else ()):
+            batch, context = self.plan.batches[b], self.base_context(b)
+            for k in kept:
+                pools[False].add((k, n), self.outputs.get(b, self.num_layers - 1), context, batch)
+            half = bool(stacked) and self._tail_agrees(b)
+            group = max(1, STACK_BYTES // max(1, context[self.embed].nbytes))  # paths whose streams are held at once
+            for at in range(0, len(stacked), group):
+                chosen = stacked[at : at + group]
+                for (k, _, _), stream in zip(chosen, self._wavefront(b, chosen, half)):
+                    pools[half].add((k, n), stream, context, batch)
+        for pool in pools.values():
+            for (k, n), scores in pool.scores():
+                results[k][n] = scores
+        return results
+
+    def _tail_agrees(self, b: int) -> bool:
+        """Whether the tail serves: the first time, batch ``b``'s last layer and head are run both ways and compared
+        (an architecture whose MLP half is not token by token, or a runtime that disagrees, keeps the whole layer)."""
+        if self.tail is not None and not self._tail_checked:
+            self._tail_checked = True
+            batch, context = self.plan.batches[b], self.base_context(b)
+            last = self.num_layers - 1
+            stream = self.outputs.get(b, last - 1) if last else context[self.embed]
+            work = self.layer_tokens  # the check is not part of any path's work
+            whole = self._head(self._run([last], stream, context, None)[0][0], context, batch)
+            try:
+                halves = self._head(self._run([last], stream, context, None, attention_half=True)[0][0], context, batch, from_mid=True)
+            except _ORT_ERRORS:
+                halves = None
+            self.layer_tokens = work
+            if halves is None or not (np.allclose(halves[0], whole[0], rtol=1e-4, atol=1e-4) and (halves[1] == whole[1]).mean() > 0.99):
+                self.tail = None
+        return self.tail is not None
+
+    def _wavefront(self, b: int, chosen: list[tuple[int, int, int]], attention_half: bool = False) -> list[np.ndarray]:
+        """Batch ``b``'s final streams of the ``chosen`` (path, resume_at, first layer) entries, sorted by first layer
+        (``attention_half``: the last layer's resid_mid)."""
+        batch, context = self.plan.batches[b], self.base_context(b)
+        per_call = max(1, STACK_TOKENS // batch.input_ids.size)  # paths stacked in one layer call
+        tiled: dict[int, dict] = {1: context}
+        streams: list[np.ndarray] = []
+        joined = 0
+        for layer in range(chosen[0][2], self.num_layers):
+            while joined < len(chosen) and chosen[joined][2] == layer:
+                resume_at = chosen[joined][1]
+                streams.append(self.outputs.get(b, resume_at - 1) if resume_at else context[self.embed])
+                joined += 1
+            for at in range(0, len(streams), per_call):
+                part = streams[at : at + per_call]
+                if len(part) not in tiled:
+                    copies = (len(part), 1)
+                    tiled[len(part)] = self._context(np.tile(batch.input_ids, copies), np.tile(batch.attention_mask, copies), None)
+                out = self._run([layer], np.concatenate(part) if len(part) > 1 else part[0], tiled[len(part)], None, attention_half=attention_half)[0][0]
+                streams[at : at + per_call] = np.split(out, len(part))
+        return streams
+
     def evaluate(self, path: Sequence[int]) -> dict:
         return self.plan.metrics(self.path_scores(path))
 
@@ -173,6 +275,35 @@ class ReuseEvaluator:
         for b, context in self.contexts.items():
             kept.put(b, [stream for stream, _ in self._run(path, context[self.embed], context, None)])
         self.base_path, self.outputs = list(path), kept
+
+
+class _HeadPool:
+    """Scored rows of many (path, batch) pairs, run through the head (or the tail's positionwise half) together.
+
+    The rows are gathered here, so pairs of different batches share calls: the head sees them as one row of
+    tokens. A head that reads context tensors (a shape) cannot take them so, and scores each pair at once."""
+
+    def __init__(self, evaluator: ReuseEvaluator, *, from_mid: bool):
+        self.evaluator, self.from_mid = evaluator, from_mid
+        head, resid = (evaluator.tail[1], evaluator.tail[2]) if from_mid and evaluator.tail else (evaluator.head, evaluator.resid_in[-1])
+        self.poolable = not {i.name for i in head.get_inputs()} - {resid, POSITIONS}
+        self.keys, self.rows, self.targets, self.done = [], [], [], []
+
+    def add(self, key, stream: np.ndarray, context: dict, batch: TokenBatch) -> None:
+        if not self.poolable:
+            self.done.append((key, self.evaluator._head(stream, context, batch, from_mid=self.from_mid)))
+            return
+        self.keys.append(key)
+        self.rows.append(stream.reshape(-1, stream.shape[-1])[batch.positions])
+        self.targets.append(batch.targets)
+
+    def scores(self) -> list[tuple[object, tuple[np.ndarray, np.ndarray]]]:
+        if self.keys:
+            rows = np.concatenate(self.rows)[None]  # [1, positions, hidden]: position k is row k
+            logprob, hit = self.evaluator._head(rows, {}, None, np.arange(rows.shape[1]), np.concatenate(self.targets), from_mid=self.from_mid)
+            cuts = np.cumsum([len(t) for t in self.targets])[:-1]
+            self.done.extend(zip(self.keys, zip(np.split(logprob, cuts), np.split(hit, cuts))))
+        return self.done
 
 
 class KeptOutputs:
