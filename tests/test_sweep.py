@@ -347,7 +347,7 @@ def test_paths_scored_together_equal_each_path_scored_alone(tiny_llama, tiny_lla
     encode = lambda text: model.encode([text])[0][0]  # noqa: E731
     plan = ProbePlan(ITEMS, encode, GENERAL, batch_size=2)
     evaluator = evaluators.ReuseEvaluator(onnx_path, plan, threads=1)
-    monkeypatch.setattr(evaluators, "STACK_TOKENS", 2 * max(b.input_ids.size for b in plan.batches))  # two paths a call
+    evaluator.stack_tokens = 2 * max(b.input_ids.size for b in plan.batches)  # two paths a call
     streams = max(evaluator.base_context(b)[evaluator.embed].nbytes for b in range(len(plan.batches)))
     monkeypatch.setattr(evaluators, "STACK_BYTES", 3 * streams)  # groups of three paths or fewer
     edits = [Edit.duplicate(0, 1), Edit.duplicate(1, 3), Edit.skip(0, 1), Edit.duplicate(0, 2), Edit.duplicate(2, 3),
