@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 import graph_passes
 from cp_onnx.errors import CpOnnxError
@@ -159,13 +160,18 @@ class ReuseEvaluator:
         ``from_mid``: ``stream`` is the last layer's resid_mid, and the tail's positionwise half finishes the layer."""
         positions = batch.positions if positions is None else positions
         targets = batch.targets if targets is None else targets
-        head, resid_in = (self.tail[1], self.tail[2]) if from_mid else (self.head, self.resid_in[-1])
+        head, resid_in = self._head_session(from_mid)
         feeds = {i.name: stream if i.name == resid_in else context[i.name] for i in head.get_inputs() if i.name != POSITIONS}
         scores = []
         for k in range(0, len(positions), self.head_rows):
             logits = head.run(None, {**feeds, POSITIONS: positions[k : k + self.head_rows]})[0]
             scores.append(token_scores(logits, targets[k : k + self.head_rows]))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
+
+    def _head_session(self, from_mid: bool) -> tuple[ort.InferenceSession, str]:
+        """The session that finishes a path and the stream name it reads: the head from the last layer's output, or
+        the tail's positionwise half from the last layer's resid_mid."""
+        return (self.tail[1], self.tail[2]) if from_mid else (self.head, self.resid_in[-1])
 
     def token_scores(self, edit: Edit, batches: Sequence[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per batch (all, or the plan's ``batches`` by index), ``scoring.token_scores`` of its targets with ``edit`` made."""
@@ -290,7 +296,7 @@ class _HeadPool:
 
     def __init__(self, evaluator: ReuseEvaluator, *, from_mid: bool):
         self.evaluator, self.from_mid = evaluator, from_mid
-        head, resid = (evaluator.tail[1], evaluator.tail[2]) if from_mid and evaluator.tail else (evaluator.head, evaluator.resid_in[-1])
+        head, resid = evaluator._head_session(from_mid and evaluator.tail is not None)  # a pool without a tail stays empty
         self.poolable = not {i.name for i in head.get_inputs()} - {resid, POSITIONS}
         self.keys, self.rows, self.targets, self.done = [], [], [], []
 

@@ -160,11 +160,11 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
 _PREPACK_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat"})
 
 
-def session_options(threads: int | None, *, arena: bool = False, shared_arena: bool = False, spinning: bool = True,
+def session_options(threads: int | None, *, shared_arena: bool = False, spinning: bool = True,
                     prepack: bool = False) -> ort.SessionOptions:
     """CPU session settings shared by every session cp-onnx makes.
 
-    No memory arena unless asked: an arena keeps as much memory as the session's largest call ever
+    No memory arena of its own: an arena keeps as much memory as the session's largest call ever
     needed, for as long as the session lives. ``shared_arena``: the process's one arena, which every
     session so made allocates from (segment models run in turn, so one call's working memory serves
     them all). No prepacking of float weights: a packed weight is a second copy, per session, of a
@@ -174,7 +174,7 @@ def session_options(threads: int | None, *, arena: bool = False, shared_arena: b
     options.intra_op_num_threads = threads or 0  # 0 lets onnxruntime use every core
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-    options.enable_cpu_mem_arena = arena or shared_arena
+    options.enable_cpu_mem_arena = shared_arena
     if shared_arena:
         _register_shared_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
@@ -199,7 +199,7 @@ def _register_shared_arena() -> None:
         _SHARED_ARENA.append(True)
 
 
-def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads: int | None, *, arena: bool = False,
+def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads: int | None, *,
                  shared_arena: bool = False, spinning: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session over ``model``, whose stubbed weights come from ``weights`` (shared, not copied).
 
@@ -213,7 +213,7 @@ def make_session(model: onnx.ModelProto, weights: SharedWeights | None, threads:
     sources = [s for s in (weights, SharedWeights(inline) if inline else None) if s is not None]
     used = _names_read(model.graph)  # onnxruntime drops unread initializers before it looks for supplied ones
     prepack = any(node.op_type in _PREPACK_OPS for node in model.graph.node)
-    options = session_options(threads, arena=arena, shared_arena=shared_arena, spinning=spinning, prepack=prepack)
+    options = session_options(threads, shared_arena=shared_arena, spinning=spinning, prepack=prepack)
     for source in sources:
         names, values = source.values(name for name in source.arrays if name in used)
         if source.folder is None:  # stubs of a graph built in memory: onnxruntime copies these values
