@@ -206,7 +206,7 @@ def analyze(model: ModelFolder, settings: Settings, *, log: Callable[[str], None
         began = time.perf_counter()
         if method == predict.METHOD:
             del reader
-            predictions = _predict(model, settings, texts, log, progress("duplicated blocks"))
+            predictions = _predict(model, settings, texts, log, progress("duplicated blocks, % of the planned work"))
             if not predictions:
                 continue
             methods[method] = next(iter(predictions.values())).blocks  # the first regime's ranking (REGIMES order); each is in "predictions"

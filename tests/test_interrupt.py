@@ -164,7 +164,7 @@ def _analyze(folder, out):
     """analyze with the default prediction (its blocks run after the statistics: the work a kill interrupts)."""
     args = ["analyze", folder, "--out", out, "-n", "8", "--block-sizes", "1,2", "--threads", "1"]
     stages = [Stage("the statistics", lambda err: "calibration texts:" in err, _absent(out / "report.json", "report.json")),
-              Stage("the screened blocks", lambda err: "duplicated blocks:" in err, _absent(out / "report.json", "report.json"))]
+              Stage("the screened blocks", lambda err: "duplicated blocks, " in err, _absent(out / "report.json", "report.json"))]
     return args, lambda: (no_temporaries(out), report_without_timings(out / "report.json"))[1], stages
 
 

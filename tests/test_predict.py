@@ -9,6 +9,7 @@ from cp_onnx.analysis import predict as predict_module
 from cp_onnx.analysis import racing
 from cp_onnx.analysis.predict import bounds, predict
 from cp_onnx.errors import CpOnnxError
+from cp_onnx.models.evaluators import candidate_blocks
 from support import GENERAL, torch_token_logprob
 
 REASONING = ["If 3x + 5 = 20, then x = 5.", "All cats purr. Tom is a cat, so Tom purrs.", "2, 4, 6, 8: the next is 10."]
@@ -142,8 +143,16 @@ def test_the_race_gives_each_block_what_the_exhaustive_computation_gives_on_the_
     questions = [(f"What is {a} plus {b}?", str(a + b), ("arithmetic", "sequence")[k % 2]) for k, (a, b) in enumerate(zip(range(1, 21), range(3, 23)))]
     monkeypatch.setitem(predict_module.SCHEDULES, "zero_shot", racing.Schedule(looks=(4, 8, 12, None), caps=(4, 3, 2), alpha=0.2))
     raced = predict(model, REASONING, GENERAL, regimes=ZERO, questions=questions, block_sizes=(1, 2))["zero_shot"]
-    full = predict(model, REASONING, GENERAL, regimes=ZERO, questions=questions, block_sizes=(1, 2), screen=False)["zero_shot"]
+    reports = []
+    full = predict(model, REASONING, GENERAL, regimes=ZERO, questions=questions, block_sizes=(1, 2), screen=False,
+                   progress=lambda done, total: reports.append((done, total)))["zero_shot"]
     exhaustive = {(b.start, b.end): b for b in full.blocks}
+    # Progress is the share of the planned work, rising to 100; the plan of the exhaustive computation is its work.
+    assert reports[0] == (0, 100) and reports[-1] == (100, 100) and [d for d, _ in reports] == sorted(d for d, _ in reports)
+    layers = tiny_llama[0].config.num_hidden_layers
+    blocks = candidate_blocks(layers, (1, 2))
+    units = predict_module._question_units(questions, lambda text: model.encode([text])[0][0])
+    assert predict_module.planned_work(units, layers, blocks, blocks, predict_module.EXHAUSTIVE) == full.layer_tokens
     race = raced.as_dict()["race"]
     assert race["blocks_racing_at_end"] < race["blocks_raced"] <= len(exhaustive)  # something was dropped
     assert raced.layer_tokens < full.layer_tokens and full.layer_tokens == full.exhaustive_layer_tokens

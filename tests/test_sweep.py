@@ -229,6 +229,10 @@ def test_options_share_a_sequence_when_all_but_their_last_token_match(tiny_llama
     # " yes" / " no" differ in their second byte, so each needs a sequence; " 1" is read off " 2"'s sequence.
     assert len(plan.sequences) == 2 + 2 * 2 + 3 + 1 and hosted["c-0"] == 2
     assert len(plan.continuations) == 2 + 4 + 3 + 2
+    for batch in plan.batches:  # every row stops at its last scored token's predictor: the last token predicts nothing
+        width = batch.input_ids.shape[1]
+        for row, length in enumerate(batch.attention_mask.sum(axis=1)):
+            assert length - 1 == max(p % width for p in batch.positions if p // width == row)
 
 
 def test_answer_tokens_must_follow_the_prompt_tokens(tmp_path):

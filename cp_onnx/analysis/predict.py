@@ -194,6 +194,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     None); zero-shot asks each of ``questions`` (question, answer, kind) alone. The cost side (all tokens of the
     reasoning texts, the general texts) is measured for each regime's first block; the others' cost metrics are None.
     ``screen=False`` runs every block on every unit (the exhaustive computation the race is measured against).
+    ``progress(percent, 100)``: the share of the planned work done (``planned_work``).
     Few-shot is left out, with a note to ``log``, when the texts hold no numbers and zero-shot was asked for too."""
     if not reasoning:
         raise CpOnnxError("no reasoning calibration texts to score blocks on; give at least one")
@@ -222,39 +223,83 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
     sizes = sorted({end - start for start, end in candidates})  # the sizes that fit the model: the screen's middle one has blocks
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
-    progress = _Progress(progress, len(units) * len(candidates))
+    schedules = {regime: SCHEDULES[regime] if screen else EXHAUSTIVE for regime in units}
+    cost_tokens = sum(int(batch.input_ids.size) for batch in cost_plan.batches)
+    planned = {**{regime: planned_work(u, evaluator.num_layers, candidates, first, schedules[regime]) for regime, u in units.items()},
+               "cost": cost_tokens * (evaluator.num_layers + len(units) * _mean_layers(evaluator.num_layers, candidates))}
+    progress = _Progress(progress, evaluator, planned)
     found, at = {}, 0
     for regime, regime_units in units.items():
         began = evaluator.layer_tokens
         span = range(at, at + len(regime_units.batches))
         at += len(regime_units.batches)
-        schedule = SCHEDULES[regime] if screen else EXHAUSTIVE
-        found[regime] = _predict_regime(evaluator, regime_units, list(span), candidates, first, schedule, progress)
+        found[regime] = _predict_regime(evaluator, regime_units, list(span), candidates, first, schedules[regime], progress)
         found[regime].layer_tokens_run = evaluator.layer_tokens - began
+        progress.finished(regime, found[regime].layer_tokens_run)
     cost_part = list(range(len(batches), len(batches) + len(cost_plan.batches)))
     costs = _costs(evaluator, cost_plan, cost_part, list(dict.fromkeys(r.shown for r in found.values())), len(reasoning))
+    progress.finished("cost", None)
     return {regime: raced.prediction(regime, len(reasoning), len(general), len(candidates), costs, _exhaustive_work(regime_units, evaluator.num_layers, candidates))
             for (regime, raced), regime_units in zip(found.items(), units.values())}
 
 
 class _Progress:
-    """Blocks raced so far against the candidates of every regime (a raced block counts once, at its first look)."""
+    """The share of the planned work (layer-tokens, ``planned_work``) done so far, in percent.
 
-    def __init__(self, report: Callable[[int, int], None] | None, total: int):
-        self.report, self.total, self.done = report, total, 0
+    Counting blocks misled: the race runs most of its blocks in its first look, on its cheapest questions, and its
+    later looks run few blocks on many questions, so an ETA from blocks done was 20x too long early on. The plan
+    assumes every cap binds (no early stop); a regime that finishes replaces its planned work with what it ran."""
+
+    def __init__(self, report: Callable[[int, int], None] | None, evaluator: ReuseEvaluator, planned: dict[str, float]):
+        self.report, self.evaluator, self.planned = report, evaluator, dict(planned)
+        self.began, self.shown = evaluator.layer_tokens, -1
         if report:
-            report(0, total)
+            report(0, 100)
 
-    def step(self) -> None:
-        self.done += 1
+    def update(self) -> None:
         if self.report:
-            self.report(self.done, self.total)
+            done = self.evaluator.layer_tokens - self.began
+            percent = min(99, int(100 * done / max(sum(self.planned.values()), 1)))
+            if percent > self.shown:
+                self.shown = percent
+                self.report(percent, 100)
 
-    def skip(self, count: int) -> None:
-        """Blocks that will not run (not raced, or dropped): the total shrinks so that the ETA stays honest."""
-        self.total -= count
-        if self.report:
-            self.report(self.done, self.total)
+    def finished(self, part: str, work: int | None) -> None:
+        """``part`` ran ``work`` layer-tokens (None: the last part; the bar completes)."""
+        if work is None:
+            if self.report:
+                self.report(100, 100)
+            return
+        self.planned[part] = work
+        self.update()
+
+
+def _mean_layers(num_layers: int, blocks: Sequence[tuple[int, int]]) -> float:
+    """Layers a duplicated block reruns, on average over ``blocks`` (from its start to the last layer)."""
+    return float(np.mean([num_layers - start for start, _ in blocks]))
+
+
+def planned_work(units: Units, num_layers: int, candidates: Sequence[tuple[int, int]], first: Sequence[tuple[int, int]],
+                 schedule: racing.Schedule) -> float:
+    """Layer-tokens a regime's race runs at most, for progress: the base model on every unit, and per look the blocks
+    still racing (``first`` and the neighbours its leaders bring, then each look's cap) on the units the look adds."""
+    width = np.zeros(len(units.counts))
+    for batch in units.batches:
+        width[np.unique(batch.owners)] = batch.input_ids.shape[1]
+    tokens = width[units.order]
+    first_set = set(first)
+    brought = np.mean([sum(1 for c in candidates if c not in first_set and racing.near(c, b)) for b in first])
+    racing_now = min(len(candidates), len(first) + racing.SCREEN_TOP * brought)
+    work, seen = tokens.sum() * num_layers, 0
+    for look, count in enumerate(schedule.looks):
+        upto = len(tokens) if count is None else min(count, len(tokens))
+        work += racing_now * tokens[seen:upto].sum() * _mean_layers(num_layers, candidates)
+        seen = upto
+        cap = schedule.cap(look)
+        racing_now = min(racing_now, cap) if cap else racing_now
+        if seen == len(tokens):
+            break
+    return float(work)
 
 
 @dataclass
@@ -342,11 +387,10 @@ def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], ca
             [(base_logprob[missing], base_hits[missing])] = run([BASELINE], missing)
         gains = []
         for block, (logprob, hit) in zip(blocks, run([Edit.duplicate(*block) for block in blocks], unit_ids)):
-            if block not in hits:
-                progress.step()
-                hits[block] = np.full(len(units.counts), np.nan)
+            hits.setdefault(block, np.full(len(units.counts), np.nan))
             hits[block][unit_ids] = hit
             gains.append(logprob - base_logprob[unit_ids])
+        progress.update()
         return gains
 
     def clear(alive, seen, gains) -> str | None:
@@ -358,7 +402,6 @@ def _predict_regime(evaluator: ReuseEvaluator, units: Units, span: list[int], ca
         return "abstain" if (upper < 0).all() else None
 
     result = racing.race(candidates, first, units.order, units.counts, score, schedule, clear)
-    progress.skip(len(candidates) - len(result.gains))
     seen, alive = result.seen, result.alive
     counts = units.counts[seen]
     confidence = racing.EARLY_CONFIDENCE if result.stop else CONFIDENCE
@@ -485,27 +528,26 @@ def _question_units(questions: Sequence[tuple[str, str, str]], encode) -> Units:
 def unit_batches(sequences: list[tuple[int, list[int], np.ndarray]], looks: Sequence[Sequence[int]], batch_size: int = 16) -> list[TokenBatch]:
     """Token batches of (unit, tokens, scored positions), never mixing two looks (a race runs a look's batches only):
     within a look, shortest first, at most ``batch_size`` rows, a new batch where the next sequence would pad the
-    batch past PAD_SLACK times its real tokens (every block reruns these tokens). Owners = the unit."""
-    by_unit = {unit: (tokens, at) for unit, tokens, at in sequences}
+    batch past PAD_SLACK times its real tokens (every block reruns these tokens). Owners = the unit. A sequence runs up
+    to its last scored token's predictor: the last token's logits predict nothing scored (3% of the work)."""
+    run = {unit: list(tokens[: int(at.max())]) for unit, tokens, at in sequences}  # the tokens each unit runs
+    scored = {unit: (at, np.asarray(tokens)[at]) for unit, tokens, at in sequences}  # scored token indices, their tokens
     batches = []
     for look in looks:
-        members = sorted((u for u in look if u in by_unit), key=lambda u: (len(by_unit[u][0]), u))
+        members = sorted((u for u in look if u in run), key=lambda u: (len(run[u]), u))
         groups, real = [[]], 0
         for unit in members:
-            group, length = groups[-1], len(by_unit[unit][0])
+            group, length = groups[-1], len(run[unit])
             if group and (len(group) == batch_size or (len(group) + 1) * length > PAD_SLACK * (real + length)):
                 groups.append(group := [])
                 real = 0
             group.append(unit)
             real += length
         for group in (g for g in groups if g):
-            ids, mask = pad_batch([by_unit[u][0] for u in group])
-            positions, targets, owners = [], [], []
-            for row, unit in enumerate(group):
-                tokens, at = by_unit[unit]
-                positions.append(row * ids.shape[1] + at - 1)
-                targets.append(np.asarray(tokens)[at])
-                owners.append(np.full(len(at), unit))
+            ids, mask = pad_batch([run[u] for u in group])
+            positions = [row * ids.shape[1] + scored[u][0] - 1 for row, u in enumerate(group)]
+            targets = [scored[u][1] for u in group]
+            owners = [np.full(len(scored[u][0]), u) for u in group]
             batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners))))
     return batches
 

@@ -366,6 +366,3 @@ class NaiveEvaluator:
 
 
 EVALUATORS = {"reuse": ReuseEvaluator, "naive": NaiveEvaluator}
-
-
-EVALUATORS = {"reuse": ReuseEvaluator, "naive": NaiveEvaluator}

@@ -142,7 +142,7 @@ class ProbePlan:
         self.sequences += [ScoredSequence(tokens, len(prompt), tuple(members)) for tokens, members in hosts]
 
     def _batch(self, members: list[int], shared: int) -> TokenBatch:
-        ids, mask = pad_batch([self.sequences[s].tokens[shared:] for s in members])
+        ids, mask = pad_batch([self.sequences[s].tokens[shared : self._needed(s)] for s in members])
         positions, targets, owners = [], [], []
         for row, s in enumerate(members):
             seq = self.sequences[s]
@@ -153,6 +153,12 @@ class ProbePlan:
                 owners.append(np.full(len(tokens), c))
         prefix = self.sequences[members[0]].tokens[:shared]
         return TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)), prefix=prefix)
+
+    def _needed(self, s: int) -> int:
+        """How many of sequence ``s``'s tokens run: up to the last one whose logits predict a target (the logits of a
+        sequence's last token predict nothing scored, and causal attention lets no earlier position see it)."""
+        seq = self.sequences[s]
+        return max(seq.start - 1 + len(self.continuations[c].tokens) for c in seq.continuations)
 
     @property
     def identity(self) -> str:
@@ -165,7 +171,7 @@ class ProbePlan:
     @property
     def tokens(self) -> int:
         """Tokens run through the model per config (padding not counted)."""
-        return sum(len(s.tokens) for s in self.sequences)
+        return sum(map(self._needed, range(len(self.sequences))))
 
     @property
     def tokens_run(self) -> int:
