@@ -112,7 +112,7 @@ class RemovalLoss:
                 groups.update({part: group[i::k] for i, part in enumerate(self.whole[name])})
             elif group:
                 groups[name] = group
-        self.plans = {name: ProbePlan([], encode, group, max_length=max_length) for name, group in groups.items()}
+        self.plans = {name: ProbePlan([], encode, group, max_length=max_length, every_token=True) for name, group in groups.items()}
         if any(len(plan.continuations) != len(groups[name]) for name, plan in self.plans.items()):
             raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
         batches, self.parts = [], {}

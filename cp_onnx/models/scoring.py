@@ -85,12 +85,13 @@ class ProbePlan:
     """The sequences to run for some probe items and general texts, batched by length."""
 
     def __init__(self, items: Sequence[ProbeItem], encode: Encode, general: Sequence[str] = (), *, batch_size: int = PLAN_ROWS,
-                 max_length: int = 256, share_prefixes: bool = False, item_limit: int | None = None):
+                 max_length: int = 256, share_prefixes: bool = False, item_limit: int | None = None, every_token: bool = False):
         """General texts are cut at ``max_length`` tokens; an item (shots, prompt and answer) longer than ``item_limit``
-        is refused (cut, it would lose its answer)."""
+        is refused (cut, it would lose its answer). ``every_token``: the batches hold each sequence's last token too,
+        for whoever reads the activations (pruning's statistics), not only the scores."""
         if batch_size < 1:
             raise CpOnnxError(f"batch size must be at least 1, not {batch_size}")
-        self.item_limit = item_limit
+        self.item_limit, self.every_token = item_limit, every_token
         self.items = list(items)
         self.continuations: list[Continuation] = []
         self.sequences: list[ScoredSequence] = []
@@ -158,6 +159,8 @@ class ProbePlan:
         """How many of sequence ``s``'s tokens run: up to the last one whose logits predict a target (the logits of a
         sequence's last token predict nothing scored, and causal attention lets no earlier position see it)."""
         seq = self.sequences[s]
+        if self.every_token:
+            return len(seq.tokens)
         return max(seq.start - 1 + len(self.continuations[c].tokens) for c in seq.continuations)
 
     @property
