@@ -13,7 +13,7 @@ from cp_onnx.errors import CpOnnxError
 from cp_onnx.groundtruth import sweep as sweep_module
 from cp_onnx.models import evaluators
 from cp_onnx.models.scoring import ProbeItem
-from cp_onnx.models.scoring import ProbePlan
+from cp_onnx.models.scoring import ProbePlan, token_scores
 from cp_onnx.groundtruth.sweep import read_sweep, sweep
 from graph_passes.edit import Edit
 from support import GENERAL, ITEMS, SHOT_ITEMS
@@ -365,3 +365,16 @@ def test_paths_scored_together_equal_each_path_scored_alone(tiny_llama, tiny_lla
         for (logprob, hit), (expected_logprob, expected_hit) in zip(scores, alone):
             np.testing.assert_allclose(logprob, expected_logprob, atol=1e-5, err_msg=str(edit))
             np.testing.assert_array_equal(hit, expected_hit)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_token_scores_equal_a_float64_log_softmax_whatever_the_workers(workers):
+    from scipy.special import log_softmax
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((100, 5000)) * 4).astype(np.float32)
+    targets = rng.integers(0, 5000, 100)
+    targets[:10] = logits[:10].argmax(axis=1)  # some hits
+    logprob, hit = token_scores(logits, targets, workers)
+    np.testing.assert_allclose(logprob, log_softmax(logits.astype(np.float64), axis=1)[np.arange(100), targets], rtol=1e-6)
+    assert hit.tolist() == (logits.argmax(axis=1) == targets).tolist() and hit[:10].all()

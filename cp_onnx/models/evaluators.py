@@ -23,7 +23,7 @@ import onnxruntime as ort
 import graph_passes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models import budget
-from cp_onnx.models.runner import _ORT_ERRORS, Runner, cache_feeds, open_graph, position_ids_for, segment_session
+from cp_onnx.models.runner import _ORT_ERRORS, Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
 from cp_onnx.models.scoring import ProbePlan, TokenBatch, score_model, token_scores
 from graph_passes.edit import Edit
 from graph_passes.route import route
@@ -77,6 +77,7 @@ class ReuseEvaluator:
 
     def __init__(self, onnx_path: Path, plan: ProbePlan, threads: int | None):
         proto, weights = open_graph(onnx_path)
+        self.threads = threads or default_threads()  # onnxruntime's, and the head's scoring between its calls
         layer_map = graph_passes.discover(proto)
         shape = budget.Shape(layer_map.num_layers, max(layer_map.hidden_size or 1, 1), max(layer_map.num_heads or 1, 1), 1)
         budget.check_evaluator(shape, budget.batch_shapes(plan.batches), "the batches to evaluate")  # whoever planned them
@@ -165,7 +166,7 @@ class ReuseEvaluator:
         scores = []
         for k in range(0, len(positions), self.head_rows):
             logits = head.run(None, {**feeds, POSITIONS: positions[k : k + self.head_rows]})[0]
-            scores.append(token_scores(logits, targets[k : k + self.head_rows]))
+            scores.append(token_scores(logits, targets[k : k + self.head_rows], self.threads))
         return np.concatenate([s[0] for s in scores]), np.concatenate([s[1] for s in scores])
 
     def _head_session(self, from_mid: bool) -> tuple[ort.InferenceSession, str]:
