@@ -238,7 +238,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
         progress.finished(regime, found[regime].layer_tokens_run)
     cost_part = list(range(len(batches), len(batches) + len(cost_plan.batches)))
     costs = _costs(evaluator, cost_plan, cost_part, list(dict.fromkeys(r.shown for r in found.values())), len(reasoning))
-    progress.finished("cost", None)
+    progress.done()
     return {regime: raced.prediction(regime, len(reasoning), len(general), len(candidates), costs, _exhaustive_work(regime_units, evaluator.num_layers, candidates))
             for (regime, raced), regime_units in zip(found.items(), units.values())}
 
@@ -264,14 +264,14 @@ class _Progress:
                 self.shown = percent
                 self.report(percent, 100)
 
-    def finished(self, part: str, work: int | None) -> None:
-        """``part`` ran ``work`` layer-tokens (None: the last part; the bar completes)."""
-        if work is None:
-            if self.report:
-                self.report(100, 100)
-            return
+    def finished(self, part: str, work: int) -> None:
+        """``part`` (a regime) ran ``work`` layer-tokens: its plan is replaced by what it ran."""
         self.planned[part] = work
         self.update()
+
+    def done(self) -> None:
+        if self.report:
+            self.report(100, 100)
 
 
 def _mean_layers(num_layers: int, blocks: Sequence[tuple[int, int]]) -> float:
