@@ -228,10 +228,10 @@ _TORCH_LOGPROBS: dict = {}
 
 
 def torch_token_logprob(hf, tokens: list[int], path: list[int] | None, position: int) -> float:
-    """Log-probability of tokens[position] under torch with ``path``'s layers run in order (memoised per sequence and path)."""
+    """Log-probability of tokens[position] under torch with ``path``'s layers run in order (memoised per model, sequence and path)."""
     import torch
 
-    key = (tuple(tokens), None if path is None else tuple(path))
+    key = (id(hf), tuple(tokens), None if path is None else tuple(path))
     if key not in _TORCH_LOGPROBS:
         model = hf.model
         layers, count = model.layers, hf.config.num_hidden_layers

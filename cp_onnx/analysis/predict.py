@@ -40,8 +40,7 @@ from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.evaluators import BASELINE, Batches, ReuseEvaluator, candidate_blocks
 from cp_onnx.models.model import ModelFolder
-from cp_onnx.models.runner import pad_batch
-from cp_onnx.models.scoring import PROMPT, ProbeItem, ProbePlan, TokenBatch
+from cp_onnx.models.scoring import PROMPT, ProbeItem, ProbePlan, TokenBatch, pack_batch
 from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
 from graph_passes.edit import Edit
 
@@ -228,10 +227,10 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     planned = {**{regime: planned_work(u, evaluator.num_layers, candidates, first, schedules[regime]) for regime, u in units.items()},
                "cost": cost_tokens * (evaluator.num_layers + len(units) * _mean_layers(evaluator.num_layers, candidates))}
     progress = _Progress(progress, evaluator, planned)
-    found, at = {}, 0
+    found, at, spans = {}, 0, {}
     for regime, regime_units in units.items():
         began = evaluator.layer_tokens
-        span = range(at, at + len(regime_units.batches))
+        span = spans[regime] = range(at, at + len(regime_units.batches))
         at += len(regime_units.batches)
         found[regime] = _predict_regime(evaluator, regime_units, list(span), candidates, first, schedules[regime], progress)
         found[regime].layer_tokens_run = evaluator.layer_tokens - began
@@ -239,8 +238,9 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     cost_part = list(range(len(batches), len(batches) + len(cost_plan.batches)))
     costs = _costs(evaluator, cost_plan, cost_part, list(dict.fromkeys(r.shown for r in found.values())), len(reasoning))
     progress.done()
-    return {regime: raced.prediction(regime, len(reasoning), len(general), len(candidates), costs, _exhaustive_work(regime_units, evaluator.num_layers, candidates))
-            for (regime, raced), regime_units in zip(found.items(), units.values())}
+    return {regime: raced.prediction(regime, len(reasoning), len(general), len(candidates), costs,
+                                      _exhaustive_work([evaluator.batches[b] for b in spans[regime]], evaluator.num_layers, candidates))
+            for regime, raced in found.items()}
 
 
 class _Progress:
@@ -283,10 +283,7 @@ def planned_work(units: Units, num_layers: int, candidates: Sequence[tuple[int, 
                  schedule: racing.Schedule) -> float:
     """Layer-tokens a regime's race runs at most, for progress: the base model on every unit, and per look the blocks
     still racing (``first`` and the neighbours its leaders bring, then each look's cap) on the units the look adds."""
-    width = np.zeros(len(units.counts))
-    for batch in units.batches:
-        width[np.unique(batch.owners)] = batch.input_ids.shape[1]
-    tokens = width[units.order]
+    tokens = _unit_tokens(units.batches, len(units.counts))[units.order]
     first_set = set(first)
     brought = np.mean([sum(1 for c in candidates if c not in first_set and racing.near(c, b)) for b in first])
     racing_now = min(len(candidates), len(first) + racing.SCREEN_TOP * brought)
@@ -525,39 +522,56 @@ def _question_units(questions: Sequence[tuple[str, str, str]], encode) -> Units:
     return Units(ZERO_SHOT, unit_batches(sequences, looks), counts, kinds, order, {"questions": len(items), "with_numbers": len(items)})
 
 
-def unit_batches(sequences: list[tuple[int, list[int], np.ndarray]], looks: Sequence[Sequence[int]], batch_size: int = 16) -> list[TokenBatch]:
+def unit_batches(sequences: list[tuple[int, list[int], np.ndarray]], looks: Sequence[Sequence[int]]) -> list[TokenBatch]:
     """Token batches of (unit, tokens, scored positions), never mixing two looks (a race runs a look's batches only):
-    within a look, shortest first, at most ``batch_size`` rows, a new batch where the next sequence would pad the
-    batch past PAD_SLACK times its real tokens (every block reruns these tokens). Owners = the unit. A sequence runs up
-    to its last scored token's predictor: the last token's logits predict nothing scored (3% of the work)."""
+    within a look the sequences are packed into rows of about PACK_WIDTH tokens, at most PACK_TOKENS tokens a batch (scoring.pack_batch: every block reruns these tokens, so padding each row to the longest
+    question cost 9% of the zero-shot work, and a batch of one short question made calls too small to be efficient).
+    Owners = the unit. A sequence runs up to its last scored token's predictor: the last token's logits predict nothing
+    scored (3% of the work)."""
     run = {unit: list(tokens[: int(at.max())]) for unit, tokens, at in sequences}  # the tokens each unit runs
     scored = {unit: (at, np.asarray(tokens)[at]) for unit, tokens, at in sequences}  # scored token indices, their tokens
     batches = []
     for look in looks:
-        members = sorted((u for u in look if u in run), key=lambda u: (len(run[u]), u))
-        groups, real = [[]], 0
-        for unit in members:
-            group, length = groups[-1], len(run[unit])
-            if group and (len(group) == batch_size or (len(group) + 1) * length > PAD_SLACK * (real + length)):
-                groups.append(group := [])
-                real = 0
+        members = [u for u in look if u in run]
+        group: list[int] = []
+        for unit in sorted(members, key=lambda u: (len(run[u]), u)):
+            if group and sum(len(run[u]) for u in group) + len(run[unit]) > PACK_TOKENS:
+                batches.append(_packed(group, run, scored))
+                group = []
             group.append(unit)
-            real += length
-        for group in (g for g in groups if g):
-            ids, mask = pad_batch([run[u] for u in group])
-            positions = [row * ids.shape[1] + scored[u][0] - 1 for row, u in enumerate(group)]
-            targets = [scored[u][1] for u in group]
-            owners = [np.full(len(scored[u][0]), u) for u in group]
-            batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners))))
+        if group:
+            batches.append(_packed(group, run, scored))
     return batches
 
 
-PAD_SLACK = 1.15  # padded tokens per real token a batch may reach (SmolLM2's 8 digit texts: 223 padded for 198, not 256)
+def _packed(units: list[int], run: dict, scored: dict) -> TokenBatch:
+    ids, mask, position_ids, offsets = pack_batch([run[u] for u in units], PACK_WIDTH)
+    positions = [offset + scored[u][0] - 1 for offset, u in zip(offsets, units)]
+    targets = [scored[u][1] for u in units]
+    owners = [np.full(len(scored[u][0]), u) for u in units]
+    return TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)), position_ids=position_ids)
 
 
-def _exhaustive_work(units: Units, num_layers: int, candidates: Sequence[tuple[int, int]]) -> int:
-    """Layer-tokens of every candidate block (and the base model) on every unit: what the race is measured against."""
-    tokens = sum(int(batch.input_ids.size) for batch in units.batches)
+# Rows of packed sequences: a wider row wastes attention on other sequences' tokens (masked, still computed), a narrower
+# one leaves more of its end empty. Three duplicated blocks on the 83 questions of Qwen2.5-1.5B shapes (2 AVX2 cores):
+# padded batches 128-133 s; rows of 128 tokens 119-121 s, 256 114 s; SmolLM2: 11.8-12.4, 11.4-11.8, 11.5-11.6, 512 12.1-12.3.
+PACK_WIDTH = 256
+PACK_TOKENS = 1024
+
+
+def _unit_tokens(batches: Sequence[TokenBatch], units: int) -> np.ndarray:
+    """Per unit, its share of the tokens (padding included) of the batch that runs it."""
+    tokens = np.zeros(units)
+    for batch in batches:
+        owners = np.unique(batch.owners)
+        tokens[owners] = batch.input_ids.size / len(owners)
+    return tokens
+
+
+def _exhaustive_work(batches: Sequence[TokenBatch], num_layers: int, candidates: Sequence[tuple[int, int]]) -> int:
+    """Layer-tokens of every candidate block (and the base model) on every unit of ``batches`` (as the evaluator runs
+    them): what the race is measured against."""
+    tokens = sum(int(batch.input_ids.size) for batch in batches)
     return tokens * (num_layers + sum(num_layers - start for start, _ in candidates))
 
 

@@ -88,6 +88,7 @@ class ReuseEvaluator:
         if not parts.past and any(batch.prefix for batch in plan.batches):
             raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")
         self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
+        self.batches = list(plan.batches)  # packed ones unpacked below where the graph cannot run them packed
         self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
         models = [parts.preamble, *parts.layers, parts.head]
         # Every segment reads the one mapping of the weights and allocates from the one shared arena.
@@ -103,6 +104,11 @@ class ReuseEvaluator:
         del parts
         vocab = self.head.get_outputs()[0].shape[-1]
         self.head_rows = max(1, HEAD_BYTES // (4 * vocab)) if isinstance(vocab, int) and vocab > 0 else 256
+        self.preamble_outputs = {o.name for o in self.preamble.get_outputs()}
+        self.masks: list[str] = []  # preamble outputs masked per sequence for packed batches (_packing_masks)
+        self.masks = self._packing_masks() if any(batch.position_ids is not None for batch in self.batches) else []
+        if not self.masks:
+            self.batches = [batch.unpacked() for batch in self.batches]
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
         for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
             ids = np.asarray([prefix], dtype=np.int64)
@@ -115,22 +121,65 @@ class ReuseEvaluator:
     def base_context(self, b: int) -> dict:
         """Batch ``b``'s context, its layer outputs along ``base_path`` run at first use (a race may never need some batches)."""
         if b not in self.contexts:
-            batch = self.plan.batches[b]
+            batch = self.batches[b]
             past = [kv for _, kv in self.prefixes[batch.prefix][1]] if batch.prefix else None
-            context = self._context(batch.input_ids, batch.attention_mask, past)
+            context = self._context(batch.input_ids, batch.attention_mask, past, batch.position_ids)
             self.outputs.put(b, [stream for stream, _ in self._run(self.base_path, context[self.embed], context, past)])
             self.contexts[b] = context
         return self.contexts[b]
 
-    def _context(self, ids: np.ndarray, mask: np.ndarray, past: list | None) -> dict[str, np.ndarray]:
-        """Graph inputs and preamble outputs for rows ``ids`` that continue a prefix whose cache is ``past`` (None: no prefix)."""
+    def _context(self, ids: np.ndarray, mask: np.ndarray, past: list | None, position_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Graph inputs and preamble outputs for rows ``ids`` that continue a prefix whose cache is ``past`` (None: no prefix).
+        ``position_ids``: a packed batch's (each sequence from 0); its attention masks then keep every sequence to itself."""
         shared = past[0][0].shape[2] if past else 0
         full = np.concatenate([np.ones((len(ids), shared), dtype=np.int64), mask], axis=1)
-        feeds = {"input_ids": ids, "attention_mask": full, "position_ids": position_ids_for(full)[:, shared:],
+        feeds = {"input_ids": ids, "attention_mask": full, "position_ids": position_ids_for(full)[:, shared:] if position_ids is None else position_ids,
                  **self._past_feeds(0, past[0] if past else None, len(ids))}
         wanted = {i.name: feeds[i.name] if i.name in feeds else np.zeros_like(ids) for i in self.preamble.get_inputs()}  # token_type_ids: zeros
         names = [o.name for o in self.preamble.get_outputs()]
-        return {**feeds, **dict(zip(names, self.preamble.run(names, wanted)))}
+        context = {**feeds, **dict(zip(names, self.preamble.run(names, wanted)))}
+        if position_ids is not None:
+            sequence = np.where(mask > 0, np.cumsum((position_ids == 0) & (mask > 0), axis=1), 0)
+            # [rows, 1, query, key]: a token of one sequence and a token of another (a padding query keeps its view, which
+            # sees real keys: one that saw none would soften to NaN with some masks and spread through 0 x NaN)
+            apart = (sequence[:, None, :, None] != sequence[:, None, None, :]) & (sequence[:, None, :, None] > 0)
+            for name in self.masks:
+                table = context[name]  # [rows or 1, heads or 1, query, key]: the causal (and padding) mask
+                closed = table[(0,) * (table.ndim - 2) + (0, -1)]  # the first query's view of the last key: masked in every causal mask
+                context[name] = np.where(apart, closed, table)
+        return context
+
+    def _packing_masks(self) -> list[str]:
+        """The preamble outputs that are attention masks ([.., query, key] tables, causal), when masking them per sequence
+        runs two packed sequences as the model runs each alone; [] otherwise (a graph that masks inside its layers, like
+        fused attention's sequence lengths, or a KV-cache graph: its packed batches run unpacked)."""
+        self.masks = []
+        if self.past:
+            return []
+        first, second = [3, 5, 7, 11, 13], [17, 19, 23]
+        ids = np.asarray([first + second], dtype=np.int64)
+        plain = self._context(ids, np.ones_like(ids), None)
+        future = np.triu(np.ones((8, 8), dtype=bool), 1)
+        for name, table in plain.items():
+            if name not in self.preamble_outputs or table.ndim != 4 or table.shape[-2:] != (8, 8):
+                continue
+            if all(len(np.unique(t[future])) == 1 and not np.isin(t[~future], t[future]).any() for t in table.reshape(-1, 8, 8)):
+                self.masks.append(name)
+        if not self.masks:
+            return []
+
+        def last_layer(ids: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+            context = self._context(ids, np.ones_like(ids), None, positions)
+            return self._run(range(self.num_layers), context[self.embed], context, None)[-1][0][0]
+
+        try:
+            packed = last_layer(ids, np.asarray([[*range(len(first)), *range(len(second))]]))
+            alone = np.concatenate([last_layer(np.asarray([part]), None) for part in (first, second)])
+        except _ORT_ERRORS:
+            return []
+        finally:
+            self.layer_tokens = 0  # the check is not part of any path's work
+        return self.masks if np.allclose(packed, alone, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(alone).max()))) else []
 
     def _past_feeds(self, layer: int, kv: tuple | None, rows: int) -> dict[str, np.ndarray]:
         """Layer ``layer``'s cache inputs: the prefix's keys and values repeated for every row, or empty (no prefix)."""
@@ -185,8 +234,8 @@ class ReuseEvaluator:
         prefix_caches = {prefix: [kv for _, kv in self._run(remaining, base[resume_at - 1][0] if resume_at else context[self.embed], context, None)]
                          for prefix, (context, base) in self.prefixes.items()}
         results = []
-        for b in range(len(self.plan.batches)) if batches is None else batches:
-            batch, context = self.plan.batches[b], self.base_context(b)
+        for b in range(len(self.batches)) if batches is None else batches:
+            batch, context = self.batches[b], self.base_context(b)
             stream = self.outputs.get(b, resume_at - 1) if resume_at else context[self.embed]
             runs = self._run(remaining, stream, context, prefix_caches.get(batch.prefix))
             results.append(self._head(runs[-1][0] if runs else stream, context, batch))
@@ -202,7 +251,7 @@ class ReuseEvaluator:
         batch then go through the head together (a head call reads the whole vocabulary matrix, Qwen2.5-1.5B: 0.9 GB,
         so one on a few positions waits on memory). The kept path itself is scored from its kept outputs; other
         paths run one by one (path_scores)."""
-        batches = list(range(len(self.plan.batches))) if batches is None else list(batches)
+        batches = list(range(len(self.batches))) if batches is None else list(batches)
         results: list[list] = [[None] * len(batches) for _ in paths]
         stacked: list[tuple[int, int, int]] = []  # (path index, layers shared with base_path, first layer run after)
         kept: list[int] = []  # paths equal to base_path
@@ -218,7 +267,7 @@ class ReuseEvaluator:
         stacked.sort(key=lambda entry: (entry[2], entry[0]))
         pools = {False: _HeadPool(self, from_mid=False), True: _HeadPool(self, from_mid=True)}
         for n, b in enumerate(batches if stacked or kept else ()):
-            batch, context = self.plan.batches[b], self.base_context(b)
+            batch, context = self.batches[b], self.base_context(b)
             for k in kept:
                 pools[False].add((k, n), self.outputs.get(b, self.num_layers - 1), context, batch)
             half = bool(stacked) and self._tail_agrees(b)
@@ -237,7 +286,7 @@ class ReuseEvaluator:
         (an architecture whose MLP half is not token by token, or a runtime that disagrees, keeps the whole layer)."""
         if self.tail is not None and not self._tail_checked:
             self._tail_checked = True
-            batch, context = self.plan.batches[b], self.base_context(b)
+            batch, context = self.batches[b], self.base_context(b)
             last = self.num_layers - 1
             stream = self.outputs.get(b, last - 1) if last else context[self.embed]
             work = self.layer_tokens  # the check is not part of any path's work
@@ -254,7 +303,7 @@ class ReuseEvaluator:
     def _wavefront(self, b: int, chosen: list[tuple[int, int, int]], attention_half: bool = False) -> list[np.ndarray]:
         """Batch ``b``'s final streams of the ``chosen`` (path, resume_at, first layer) entries, sorted by first layer
         (``attention_half``: the last layer's resid_mid)."""
-        batch, context = self.plan.batches[b], self.base_context(b)
+        batch, context = self.batches[b], self.base_context(b)
         per_call = max(1, self.stack_tokens // batch.input_ids.size)  # paths stacked in one layer call
         tiled: dict[int, dict] = {1: context}
         streams: list[np.ndarray] = []
@@ -268,7 +317,8 @@ class ReuseEvaluator:
                 part = streams[at : at + per_call]
                 if len(part) not in tiled:
                     copies = (len(part), 1)
-                    tiled[len(part)] = self._context(np.tile(batch.input_ids, copies), np.tile(batch.attention_mask, copies), None)
+                    tiled[len(part)] = self._context(np.tile(batch.input_ids, copies), np.tile(batch.attention_mask, copies), None,
+                                                     None if batch.position_ids is None else np.tile(batch.position_ids, copies))
                 out = self._run([layer], np.concatenate(part) if len(part) > 1 else part[0], tiled[len(part)], None, attention_half=attention_half)[0][0]
                 streams[at : at + per_call] = np.split(out, len(part))
         return streams
@@ -281,7 +331,7 @@ class ReuseEvaluator:
         (a greedy search that removes one more layer each step departs from the last step's path, not the model's)."""
         if self.prefixes:
             raise CpOnnxError("rebase needs a plan without shared prefixes (their caches follow the base model)")
-        for b in range(len(self.plan.batches)):
+        for b in range(len(self.batches)):
             self.base_context(b)  # the batch's context (and its outputs along the old path, replaced below)
         kept = KeptOutputs()
         for b, context in self.contexts.items():

@@ -74,6 +74,9 @@ class TokenBatch:
 
     Every row's sequence is ``prefix`` followed by the row's ``input_ids``; positions count from the
     end of the prefix. Without shared prefixes, ``prefix`` is empty and the rows are whole sequences.
+    A packed batch (``position_ids`` given) holds several sequences per row, each starting at position 0:
+    a token attends only to the tokens of its own sequence (the evaluator masks the rest, or runs
+    ``unpacked()`` where the graph does not let it), so no row is padded to the longest sequence.
     """
 
     input_ids: np.ndarray  # [rows, seq]
@@ -82,6 +85,49 @@ class TokenBatch:
     targets: np.ndarray  # [n] int64
     owners: np.ndarray  # [n] index of the continuation each target belongs to
     prefix: tuple[int, ...] = ()
+    position_ids: np.ndarray | None = None  # [rows, seq], packed batches only: each sequence counts from 0
+
+    @property
+    def sequences(self) -> np.ndarray:
+        """[rows, seq]: which sequence of its row each token belongs to (padding: -1)."""
+        if self.position_ids is None:
+            return np.where(self.attention_mask > 0, 0, -1)
+        return np.where(self.attention_mask > 0, np.cumsum((self.position_ids == 0) & (self.attention_mask > 0), axis=1) - 1, -1)
+
+    def unpacked(self) -> "TokenBatch":
+        """The same sequences and targets (in the same order), one sequence per right-padded row."""
+        if self.position_ids is None:
+            return self
+        sequences, width = self.sequences, self.input_ids.shape[1]
+        spans = [(row, np.flatnonzero(sequences[row] == k)) for row in range(len(sequences)) for k in range(sequences[row].max() + 1)]
+        ids, mask = pad_batch([self.input_ids[row, cols] for row, cols in spans])
+        new_row, new_col = np.full(self.input_ids.size, -1), np.full(self.input_ids.size, -1)
+        for k, (row, cols) in enumerate(spans):
+            new_row[row * width + cols], new_col[row * width + cols] = k, np.arange(len(cols))
+        return TokenBatch(ids, mask, new_row[self.positions] * ids.shape[1] + new_col[self.positions], self.targets, self.owners, self.prefix)
+
+
+def pack_batch(token_lists: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sequences packed into as many rows as ``width`` tokens a row needs, balanced (longest first, each to the row
+    holding the fewest tokens so far), so that only the rows' ends are padded: ``input_ids``, ``attention_mask``,
+    ``position_ids`` [rows, seq] and each sequence's flat offset."""
+    lengths = [len(tokens) for tokens in token_lists]
+    rows: list[list[int]] = [[] for _ in range(max(1, min(len(lengths), -(-sum(lengths) // max(width, 1)))))]
+    load = [0] * len(rows)
+    for k in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        row = min(range(len(rows)), key=lambda r: (load[r], r))
+        rows[row].append(k)
+        load[row] += lengths[k]
+    seq = max(load)
+    ids, mask, positions = (np.zeros((len(rows), seq), dtype=np.int64) for _ in range(3))
+    offsets = np.zeros(len(lengths), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for k in row:
+            ids[r, at : at + lengths[k]], mask[r, at : at + lengths[k]], positions[r, at : at + lengths[k]] = token_lists[k], 1, np.arange(lengths[k])
+            offsets[k] = r * seq + at
+            at += lengths[k]
+    return ids, mask, positions, offsets
 
 
 class ProbePlan:
