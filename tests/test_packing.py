@@ -61,3 +61,22 @@ def test_a_graph_that_cannot_run_them_packed_runs_them_unpacked_with_the_same_sc
     assert fallback.batches[0].position_ids is None and fallback.batches[0].input_ids.shape == (5, 7)
     unpacked = fallback.path_scores(path)[0]
     assert unpacked[0] == pytest.approx(packed[0], abs=1e-5) and (unpacked[1] == packed[1]).all()
+
+
+def test_the_prediction_replans_padded_batches_where_the_graph_cannot_run_packed_ones(tiny_llama, monkeypatch):
+    """Same gains either way (the torch tests of test_predict check the packed ones); the padded plan is what runs."""
+    from cp_onnx.analysis.predict import predict
+
+    hf, model = tiny_llama
+    questions = [("If 3x + 5 = 20, what is x?", "5", "multi_step"), ("Does a gecko have feathers?", "No", "syllogism"),
+                 ("What comes after 2, 4, 6, 8?", "10", "sequence")]
+    texts = ["If 3x + 5 = 20, then x = 5.", "2, 4, 6, 8: the next is 10."]
+    packed = predict(model, texts, ["Some general text."], questions=questions, block_sizes=(1, 2))
+    ran = []
+    monkeypatch.setattr(evaluators.ReuseEvaluator, "_packing_masks", lambda self: [])
+    original = evaluators.ReuseEvaluator.replan
+    monkeypatch.setattr(evaluators.ReuseEvaluator, "replan", lambda self, plan: (ran.extend(plan.batches), original(self, plan))[1])
+    padded = predict(model, texts, ["Some general text."], questions=questions, block_sizes=(1, 2))
+    assert ran and all(batch.position_ids is None for batch in ran)
+    for regime in packed:
+        assert [b.score for b in padded[regime].blocks] == pytest.approx([b.score for b in packed[regime].blocks], abs=1e-5)

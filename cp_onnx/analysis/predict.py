@@ -40,6 +40,7 @@ from cp_onnx.calibration import YOUR_TEXTS
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models.evaluators import BASELINE, Batches, ReuseEvaluator, candidate_blocks
 from cp_onnx.models.model import ModelFolder
+from cp_onnx.models.runner import pad_batch
 from cp_onnx.models.scoring import PROMPT, ProbeItem, ProbePlan, TokenBatch, pack_batch
 from cp_onnx.regimes import FEW_SHOT, REGIMES, ZERO_SHOT
 from graph_passes.edit import Edit
@@ -219,6 +220,11 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
             (log or print)(f"note: the few-shot prediction is skipped: {exc}")
     batches = [batch for u in units.values() for batch in u.batches]
     evaluator = ReuseEvaluator(model.onnx_path, Batches([*batches, *cost_plan.batches]), threads)
+    if not evaluator.packs:  # a graph that cannot mask packed rows (fused attention): padded rows, split where padding grows
+        units = {regime: (_question_units(questions, encode, packed=False) if regime == ZERO_SHOT else
+                          _digit_units(model, reasoning, kinds, encode, max_length, packed=False)) for regime in units}
+        batches = [batch for u in units.values() for batch in u.batches]
+        evaluator.replan(Batches([*batches, *cost_plan.batches]))
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))
     sizes = sorted({end - start for start, end in candidates})  # the sizes that fit the model: the screen's middle one has blocks
     first = [b for b in candidates if b[1] - b[0] == sizes[len(sizes) // 2]] if screen and len(sizes) > 1 else candidates
@@ -485,7 +491,7 @@ COST_BLOCKS = 1
 _NO_COST = {"text_nll_change": None, "general_nll_change": None}
 
 
-def _digit_units(model: ModelFolder, reasoning: Sequence[str], kinds: list[str], encode, max_length: int) -> Units:
+def _digit_units(model: ModelFolder, reasoning: Sequence[str], kinds: list[str], encode, max_length: int, *, packed: bool = True) -> Units:
     """Few-shot: each text cut after its last digit token, scored at its digit tokens (one unit per text)."""
     token_lists = [encode(text)[:max_length] for text in reasoning]
     digits = [numeric_tokens(model, np.asarray(tokens)) for tokens in token_lists]
@@ -498,7 +504,7 @@ def _digit_units(model: ModelFolder, reasoning: Sequence[str], kinds: list[str],
         at = at[at > 0]
         if len(at):
             sequences.append((k, tokens[: int(at[-1]) + 1], at))
-    batches = unit_batches(sequences, [range(len(reasoning))])
+    batches = unit_batches(sequences, [range(len(reasoning))], packed=packed)
     counts = np.zeros(len(reasoning))
     for k, _, at in sequences:
         counts[k] = len(at)
@@ -506,7 +512,7 @@ def _digit_units(model: ModelFolder, reasoning: Sequence[str], kinds: list[str],
     return Units(FEW_SHOT, batches, counts, kinds, np.arange(len(reasoning)), texts)
 
 
-def _question_units(questions: Sequence[tuple[str, str, str]], encode) -> Units:
+def _question_units(questions: Sequence[tuple[str, str, str]], encode, *, packed: bool = True) -> Units:
     """Zero-shot: each question asked alone and scored on its answer's tokens (one unit per question), batched per look."""
     if not questions:
         raise CpOnnxError('the zero-shot prediction needs calibration questions that state an "answer"; give a .jsonl file with them, '
@@ -519,37 +525,43 @@ def _question_units(questions: Sequence[tuple[str, str, str]], encode) -> Units:
     bounds = [0, *(min(n, len(order)) for n in SCHEDULES[ZERO_SHOT].looks if n is not None), len(order)]
     looks = [order[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
     counts = np.ones(len(items))  # one unit of weight per question, whatever its answer's length: nats per question
-    return Units(ZERO_SHOT, unit_batches(sequences, looks), counts, kinds, order, {"questions": len(items), "with_numbers": len(items)})
+    return Units(ZERO_SHOT, unit_batches(sequences, looks, packed=packed), counts, kinds, order, {"questions": len(items), "with_numbers": len(items)})
 
 
-def unit_batches(sequences: list[tuple[int, list[int], np.ndarray]], looks: Sequence[Sequence[int]]) -> list[TokenBatch]:
-    """Token batches of (unit, tokens, scored positions), never mixing two looks (a race runs a look's batches only):
-    within a look the sequences are packed into rows of about PACK_WIDTH tokens, at most PACK_TOKENS tokens a batch (scoring.pack_batch: every block reruns these tokens, so padding each row to the longest
-    question cost 9% of the zero-shot work, and a batch of one short question made calls too small to be efficient).
-    Owners = the unit. A sequence runs up to its last scored token's predictor: the last token's logits predict nothing
-    scored (3% of the work)."""
+def unit_batches(sequences: list[tuple[int, list[int], np.ndarray]], looks: Sequence[Sequence[int]], *, packed: bool = True) -> list[TokenBatch]:
+    """Token batches of (unit, tokens, scored positions), never mixing two looks (a race runs a look's batches only),
+    at most PACK_TOKENS real tokens a batch, shortest first. ``packed``: the sequences packed into rows of about
+    PACK_WIDTH tokens (scoring.pack_batch: every block reruns these tokens, and padding every row to the longest
+    question cost 9% of the zero-shot work); else one sequence a row, a new batch where the next would pad the batch
+    past PAD_SLACK times its real tokens. Owners = the unit. A sequence runs up to its last scored token's predictor:
+    the last token's logits predict nothing scored (3% of the work)."""
     run = {unit: list(tokens[: int(at.max())]) for unit, tokens, at in sequences}  # the tokens each unit runs
     scored = {unit: (at, np.asarray(tokens)[at]) for unit, tokens, at in sequences}  # scored token indices, their tokens
-    batches = []
+    groups: list[list[int]] = []
     for look in looks:
-        members = [u for u in look if u in run]
-        group: list[int] = []
-        for unit in sorted(members, key=lambda u: (len(run[u]), u)):
-            if group and sum(len(run[u]) for u in group) + len(run[unit]) > PACK_TOKENS:
-                batches.append(_packed(group, run, scored))
-                group = []
+        group, real = [], 0
+        for unit in sorted((u for u in look if u in run), key=lambda u: (len(run[u]), u)):
+            length = len(run[unit])
+            full = real + length > PACK_TOKENS or (not packed and (len(group) + 1) * length > PAD_SLACK * (real + length))
+            if group and full:
+                groups.append(group)
+                group, real = [], 0
             group.append(unit)
+            real += length
         if group:
-            batches.append(_packed(group, run, scored))
+            groups.append(group)
+    batches = []
+    for group in groups:
+        if packed:
+            ids, mask, position_ids, offsets = pack_batch([run[u] for u in group], PACK_WIDTH)
+        else:
+            (ids, mask), position_ids = pad_batch([run[u] for u in group]), None
+            offsets = np.arange(len(group)) * ids.shape[1]
+        positions = [offset + scored[u][0] - 1 for offset, u in zip(offsets, group)]
+        targets = [scored[u][1] for u in group]
+        owners = [np.full(len(scored[u][0]), u) for u in group]
+        batches.append(TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)), position_ids=position_ids))
     return batches
-
-
-def _packed(units: list[int], run: dict, scored: dict) -> TokenBatch:
-    ids, mask, position_ids, offsets = pack_batch([run[u] for u in units], PACK_WIDTH)
-    positions = [offset + scored[u][0] - 1 for offset, u in zip(offsets, units)]
-    targets = [scored[u][1] for u in units]
-    owners = [np.full(len(scored[u][0]), u) for u in units]
-    return TokenBatch(ids, mask, *(np.concatenate(a).astype(np.int64) for a in (positions, targets, owners)), position_ids=position_ids)
 
 
 # Rows of packed sequences: a wider row wastes attention on other sequences' tokens (masked, still computed), a narrower
@@ -557,6 +569,7 @@ def _packed(units: list[int], run: dict, scored: dict) -> TokenBatch:
 # padded batches 128-133 s; rows of 128 tokens 119-121 s, 256 114 s; SmolLM2: 11.8-12.4, 11.4-11.8, 11.5-11.6, 512 12.1-12.3.
 PACK_WIDTH = 256
 PACK_TOKENS = 1024
+PAD_SLACK = 1.15  # unpacked: padded tokens per real token a batch may reach (SmolLM2's 8 digit texts: 223 padded for 198, not 256)
 
 
 def _unit_tokens(batches: Sequence[TokenBatch], units: int) -> np.ndarray:

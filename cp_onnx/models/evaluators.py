@@ -107,7 +107,8 @@ class ReuseEvaluator:
         self.preamble_outputs = {o.name for o in self.preamble.get_outputs()}
         self.masks: list[str] = []  # preamble outputs masked per sequence for packed batches (_packing_masks)
         self.masks = self._packing_masks() if any(batch.position_ids is not None for batch in self.batches) else []
-        if not self.masks:
+        self.packs = bool(self.masks)  # whether packed batches run packed (else unpacked: whoever planned them may replan)
+        if not self.packs:
             self.batches = [batch.unpacked() for batch in self.batches]
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
         for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
@@ -117,6 +118,12 @@ class ReuseEvaluator:
         self.base_path = list(range(self.num_layers))  # the path whose outputs are kept (see rebase)
         self.contexts: dict[int, dict] = {}  # per batch run so far: context tensors
         self.outputs = KeptOutputs()  # per batch run so far: every layer's output along base_path
+
+    def replan(self, plan: ProbePlan) -> None:
+        """Run ``plan``'s batches instead of the ones given (before any has run: e.g. padded where packed rows cannot run)."""
+        if self.contexts or any(batch.prefix for batch in plan.batches):
+            raise CpOnnxError("replan needs an evaluator that has run nothing yet and batches without shared prefixes")
+        self.plan, self.batches = plan, [batch.unpacked() for batch in plan.batches] if not self.packs else list(plan.batches)
 
     def base_context(self, b: int) -> dict:
         """Batch ``b``'s context, its layer outputs along ``base_path`` run at first use (a race may never need some batches)."""
