@@ -7,7 +7,9 @@ once, layer by layer (segment pass), keeps every layer's output, and for each pa
 follows that point (for a duplicated block, i..L-1 from the kept output of layer j-1), then the head
 at the scored positions. ``NaiveEvaluator`` builds each routed model (route pass) and runs it from
 scratch; it exists to check and time the reuse one. The sweep (ground truth) and the prediction and
-pruning methods (analysis) all score through here.
+pruning methods (analysis) all score through here. A packed batch (``TokenBatch.position_ids``: several
+sequences a row) runs with the preamble's causal masks closed between its sequences, where a check on two
+sequences shows the graph computes them so; elsewhere it runs unpacked.
 """
 from __future__ import annotations
 
