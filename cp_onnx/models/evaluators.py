@@ -26,7 +26,7 @@ import graph_passes
 from cp_onnx.errors import CpOnnxError
 from cp_onnx.models import budget
 from cp_onnx.models.runner import _ORT_ERRORS, Runner, cache_feeds, default_threads, open_graph, position_ids_for, segment_session
-from cp_onnx.models.scoring import ProbePlan, TokenBatch, score_model, token_scores
+from cp_onnx.models.scoring import ProbePlan, TokenBatch, score_model, sequence_ids, token_scores
 from graph_passes.edit import Edit
 from graph_passes.route import route
 from graph_passes.segment import POSITIONS, segment
@@ -148,10 +148,10 @@ class ReuseEvaluator:
         names = [o.name for o in self.preamble.get_outputs()]
         context = {**feeds, **dict(zip(names, self.preamble.run(names, wanted)))}
         if position_ids is not None:
-            sequence = np.where(mask > 0, np.cumsum((position_ids == 0) & (mask > 0), axis=1), 0)
+            sequence = sequence_ids(position_ids, mask)
             # [rows, 1, query, key]: a token of one sequence and a token of another (a padding query keeps its view, which
             # sees real keys: one that saw none would soften to NaN with some masks and spread through 0 x NaN)
-            apart = (sequence[:, None, :, None] != sequence[:, None, None, :]) & (sequence[:, None, :, None] > 0)
+            apart = (sequence[:, None, :, None] != sequence[:, None, None, :]) & (sequence[:, None, :, None] >= 0)
             for name in self.masks:
                 table = context[name]  # [rows or 1, heads or 1, query, key]: the causal (and padding) mask
                 closed = table[(0,) * (table.ndim - 2) + (0, -1)]  # the first query's view of the last key: masked in every causal mask

@@ -92,7 +92,7 @@ class TokenBatch:
         """[rows, seq]: which sequence of its row each token belongs to (padding: -1)."""
         if self.position_ids is None:
             return np.where(self.attention_mask > 0, 0, -1)
-        return np.where(self.attention_mask > 0, np.cumsum((self.position_ids == 0) & (self.attention_mask > 0), axis=1) - 1, -1)
+        return sequence_ids(self.position_ids, self.attention_mask)
 
     def unpacked(self) -> "TokenBatch":
         """The same sequences and targets (in the same order), one sequence per right-padded row."""
@@ -105,6 +105,13 @@ class TokenBatch:
         for k, (row, cols) in enumerate(spans):
             new_row[row * width + cols], new_col[row * width + cols] = k, np.arange(len(cols))
         return TokenBatch(ids, mask, new_row[self.positions] * ids.shape[1] + new_col[self.positions], self.targets, self.owners, self.prefix)
+
+
+def sequence_ids(position_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[rows, seq]: per token of packed rows, which sequence of its row it belongs to (each starts at position 0;
+    padding: -1)."""
+    real = mask > 0
+    return np.where(real, np.cumsum((position_ids == 0) & real, axis=1) - 1, -1)
 
 
 def pack_batch(token_lists: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
