@@ -7,7 +7,7 @@ import pytest
 
 from cp_onnx.models import evaluators
 from cp_onnx.models.evaluators import Batches, ReuseEvaluator
-from cp_onnx.models.scoring import TokenBatch, pack_batch
+from cp_onnx.models.scoring import TokenBatch, pack_batch, sequence_ids
 from support import torch_token_logprob
 
 SEQUENCES = [[1, 5, 9, 13, 17, 21, 25], [1, 6, 10], [1, 7, 11, 15, 19], [1, 8], [1, 30, 31, 32, 33, 34]]
@@ -28,7 +28,8 @@ def test_rows_are_balanced_and_unpacking_gives_each_sequence_its_row():
     assert batch.attention_mask.sum() == sum(map(len, SEQUENCES))
     flat = batch.input_ids.reshape(-1)
     assert all(flat[position + 1] == target for position, target in zip(batch.positions, batch.targets))  # predictor, then its target
-    assert (batch.sequences >= 0).sum() == batch.attention_mask.sum() and batch.sequences.max() == 2
+    sequences = sequence_ids(batch.position_ids, batch.attention_mask)
+    assert (sequences >= 0).sum() == batch.attention_mask.sum() and sequences.max() == 2
     alone = batch.unpacked()
     assert alone.input_ids.shape == (5, 7) and alone.position_ids is None
     rows = [alone.input_ids[r, : alone.attention_mask[r].sum()].tolist() for r in range(5)]
@@ -56,7 +57,7 @@ def test_a_graph_that_cannot_run_them_packed_runs_them_unpacked_with_the_same_sc
     evaluator = ReuseEvaluator(onnx_path, Batches([batch]), 1)
     path = [0, *range(evaluator.num_layers)]  # layer 0 run twice
     packed = evaluator.path_scores(path)[0]
-    monkeypatch.setattr(evaluators.ReuseEvaluator, "_packing_masks", lambda self: [])
+    monkeypatch.setattr(evaluators.ReuseEvaluator, "_packs_as_alone", lambda self: False)
     fallback = ReuseEvaluator(onnx_path, Batches([batch]), 1)
     assert fallback.batches[0].position_ids is None and fallback.batches[0].input_ids.shape == (5, 7)
     unpacked = fallback.path_scores(path)[0]
@@ -73,7 +74,7 @@ def test_the_prediction_replans_padded_batches_where_the_graph_cannot_run_packed
     texts = ["If 3x + 5 = 20, then x = 5.", "2, 4, 6, 8: the next is 10."]
     packed = predict(model, texts, ["Some general text."], questions=questions, block_sizes=(1, 2))
     ran = []
-    monkeypatch.setattr(evaluators.ReuseEvaluator, "_packing_masks", lambda self: [])
+    monkeypatch.setattr(evaluators.ReuseEvaluator, "_packs_as_alone", lambda self: False)
     original = evaluators.ReuseEvaluator.replan
     monkeypatch.setattr(evaluators.ReuseEvaluator, "replan", lambda self, plan: (ran.extend(plan.batches), original(self, plan))[1])
     padded = predict(model, texts, ["Some general text."], questions=questions, block_sizes=(1, 2))

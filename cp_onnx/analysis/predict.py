@@ -209,11 +209,15 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     cost_plan = ProbePlan([], encode, texts, max_length=max_length)
     if len(cost_plan.continuations) != len(texts):
         raise CpOnnxError("a calibration text tokenizes to a single token, which leaves nothing to predict; give longer texts")
+
+    def plan(regime: str, packed: bool = True) -> Units:
+        return (_question_units(questions, encode, packed=packed) if regime == ZERO_SHOT else
+                _digit_units(model, reasoning, kinds, encode, max_length, packed=packed))
+
     units: dict[str, Units] = {}
     for regime in (r for r in REGIMES if r in regimes):
         try:
-            units[regime] = (_question_units(questions, encode) if regime == ZERO_SHOT else
-                             _digit_units(model, reasoning, kinds, encode, max_length))
+            units[regime] = plan(regime)
         except NoNumbersError as exc:
             if len(regimes) == 1:
                 raise
@@ -221,8 +225,7 @@ def predict(model: ModelFolder, reasoning: Sequence[str], general: Sequence[str]
     batches = [batch for u in units.values() for batch in u.batches]
     evaluator = ReuseEvaluator(model.onnx_path, Batches([*batches, *cost_plan.batches]), threads)
     if not evaluator.packs:  # a graph that cannot mask packed rows (fused attention): padded rows, split where padding grows
-        units = {regime: (_question_units(questions, encode, packed=False) if regime == ZERO_SHOT else
-                          _digit_units(model, reasoning, kinds, encode, max_length, packed=False)) for regime in units}
+        units = {regime: plan(regime, packed=False) for regime in units}
         batches = [batch for u in units.values() for batch in u.batches]
         evaluator.replan(Batches([*batches, *cost_plan.batches]))
     candidates = candidate_blocks(evaluator.num_layers, tuple(block_sizes))

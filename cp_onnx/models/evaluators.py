@@ -90,7 +90,6 @@ class ReuseEvaluator:
         if not parts.past and any(batch.prefix for batch in plan.batches):
             raise CpOnnxError(f"{onnx_path} has no KV cache, so shared prefixes cannot be reused; plan the batches without share_prefixes")
         self.num_layers, self.plan, self.resid_in, self.past, self.embed = len(parts.layers), plan, parts.resid_in, parts.past, parts.embed
-        self.batches = list(plan.batches)  # packed ones unpacked below where the graph cannot run them packed
         self.layer_tokens = 0  # tokens (padding included) times layers run so far: the work, for benchmarks
         models = [parts.preamble, *parts.layers, parts.head]
         # Every segment reads the one mapping of the weights and allocates from the one shared arena.
@@ -106,12 +105,11 @@ class ReuseEvaluator:
         del parts
         vocab = self.head.get_outputs()[0].shape[-1]
         self.head_rows = max(1, HEAD_BYTES // (4 * vocab)) if isinstance(vocab, int) and vocab > 0 else 256
-        self.preamble_outputs = {o.name for o in self.preamble.get_outputs()}
-        self.masks: list[str] = []  # preamble outputs masked per sequence for packed batches (_packing_masks)
-        self.masks = self._packing_masks() if any(batch.position_ids is not None for batch in self.batches) else []
-        self.packs = bool(self.masks)  # whether packed batches run packed (else unpacked: whoever planned them may replan)
-        if not self.packs:
-            self.batches = [batch.unpacked() for batch in self.batches]
+        # The preamble outputs masked per sequence for packed batches: found, then checked (else none: they run unpacked).
+        self.masks = self._mask_outputs() if any(batch.position_ids is not None for batch in plan.batches) else []
+        if self.masks and not self._packs_as_alone():
+            self.masks = []
+        self.batches = self._runnable(plan.batches)
         self.prefixes = {}  # prefix tokens -> (context, every layer's (output, keys and values)) of the base model
         for prefix in dict.fromkeys(batch.prefix for batch in plan.batches if batch.prefix):
             ids = np.asarray([prefix], dtype=np.int64)
@@ -121,11 +119,19 @@ class ReuseEvaluator:
         self.contexts: dict[int, dict] = {}  # per batch run so far: context tensors
         self.outputs = KeptOutputs()  # per batch run so far: every layer's output along base_path
 
+    @property
+    def packs(self) -> bool:
+        """Whether packed batches run packed (else unpacked: whoever planned them may replan)."""
+        return bool(self.masks)
+
+    def _runnable(self, batches: Sequence[TokenBatch]) -> list[TokenBatch]:
+        return list(batches) if self.packs else [batch.unpacked() for batch in batches]
+
     def replan(self, plan: ProbePlan) -> None:
         """Run ``plan``'s batches instead of the ones given (before any has run: e.g. padded where packed rows cannot run)."""
         if self.contexts or any(batch.prefix for batch in plan.batches):
             raise CpOnnxError("replan needs an evaluator that has run nothing yet and batches without shared prefixes")
-        self.plan, self.batches = plan, [batch.unpacked() for batch in plan.batches] if not self.packs else list(plan.batches)
+        self.plan, self.batches = plan, self._runnable(plan.batches)
 
     def base_context(self, b: int) -> dict:
         """Batch ``b``'s context, its layer outputs along ``base_path`` run at first use (a race may never need some batches)."""
@@ -158,37 +164,39 @@ class ReuseEvaluator:
                 context[name] = np.where(apart, closed, table)
         return context
 
-    def _packing_masks(self) -> list[str]:
-        """The preamble outputs that are attention masks ([.., query, key] tables, causal), when masking them per sequence
-        runs two packed sequences as the model runs each alone; [] otherwise (a graph that masks inside its layers, like
-        fused attention's sequence lengths, or a KV-cache graph: its packed batches run unpacked)."""
-        self.masks = []
+    # Two sequences the packing checks run packed in one row and each alone.
+    _CHECK = ([3, 5, 7, 11, 13], [17, 19, 23])
+
+    def _mask_outputs(self) -> list[str]:
+        """The preamble outputs that are attention masks: [.., query, key] tables whose future keys hold one value that no
+        present or past key holds. None on a KV-cache graph, or one that masks inside its layers (fused attention)."""
         if self.past:
             return []
-        first, second = [3, 5, 7, 11, 13], [17, 19, 23]
-        ids = np.asarray([first + second], dtype=np.int64)
-        plain = self._context(ids, np.ones_like(ids), None)
-        future = np.triu(np.ones((8, 8), dtype=bool), 1)
-        for name, table in plain.items():
-            if name not in self.preamble_outputs or table.ndim != 4 or table.shape[-2:] != (8, 8):
-                continue
-            if all(len(np.unique(t[future])) == 1 and not np.isin(t[~future], t[future]).any() for t in table.reshape(-1, 8, 8)):
-                self.masks.append(name)
-        if not self.masks:
-            return []
+        ids = np.asarray([[*self._CHECK[0], *self._CHECK[1]]], dtype=np.int64)
+        size = ids.shape[1]
+        context = self._context(ids, np.ones_like(ids), None)
+        future = np.triu(np.ones((size, size), dtype=bool), 1)
+        return [output.name for output in self.preamble.get_outputs()
+                if (table := context[output.name]).ndim == 4 and table.shape[-2:] == (size, size)
+                and all(len(np.unique(t[future])) == 1 and not np.isin(t[~future], t[future]).any() for t in table.reshape(-1, size, size))]
+
+    def _packs_as_alone(self) -> bool:
+        """Whether the two check sequences, packed in one row with ``masks`` closed between them, leave the last layer as
+        each run alone does."""
+        first, second = self._CHECK
 
         def last_layer(ids: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
             context = self._context(ids, np.ones_like(ids), None, positions)
             return self._run(range(self.num_layers), context[self.embed], context, None)[-1][0][0]
 
         try:
-            packed = last_layer(ids, np.asarray([[*range(len(first)), *range(len(second))]]))
+            packed = last_layer(np.asarray([[*first, *second]]), np.asarray([[*range(len(first)), *range(len(second))]]))
             alone = np.concatenate([last_layer(np.asarray([part]), None) for part in (first, second)])
         except _ORT_ERRORS:
-            return []
+            return False
         finally:
             self.layer_tokens = 0  # the check is not part of any path's work
-        return self.masks if np.allclose(packed, alone, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(alone).max()))) else []
+        return bool(np.allclose(packed, alone, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(alone).max()))))
 
     def _past_feeds(self, layer: int, kv: tuple | None, rows: int) -> dict[str, np.ndarray]:
         """Layer ``layer``'s cache inputs: the prefix's keys and values repeated for every row, or empty (no prefix)."""

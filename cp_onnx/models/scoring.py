@@ -87,18 +87,11 @@ class TokenBatch:
     prefix: tuple[int, ...] = ()
     position_ids: np.ndarray | None = None  # [rows, seq], packed batches only: each sequence counts from 0
 
-    @property
-    def sequences(self) -> np.ndarray:
-        """[rows, seq]: which sequence of its row each token belongs to (padding: -1)."""
-        if self.position_ids is None:
-            return np.where(self.attention_mask > 0, 0, -1)
-        return sequence_ids(self.position_ids, self.attention_mask)
-
     def unpacked(self) -> "TokenBatch":
         """The same sequences and targets (in the same order), one sequence per right-padded row."""
         if self.position_ids is None:
             return self
-        sequences, width = self.sequences, self.input_ids.shape[1]
+        sequences, width = sequence_ids(self.position_ids, self.attention_mask), self.input_ids.shape[1]
         spans = [(row, np.flatnonzero(sequences[row] == k)) for row in range(len(sequences)) for k in range(sequences[row].max() + 1)]
         ids, mask = pad_batch([self.input_ids[row, cols] for row, cols in spans])
         new_row, new_col = np.full(self.input_ids.size, -1), np.full(self.input_ids.size, -1)
